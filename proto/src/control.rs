@@ -1,0 +1,135 @@
+//! Control messages between nodes, as prost messages.
+//!
+//! They travel as UDP datagrams on the cluster network (one message per datagram). The schema
+//! is written with prost's derive macros rather than generated from a `.proto` file, so the
+//! build needs no `protoc`; the equivalent schema is:
+//!
+//! ```proto
+//! message Envelope {
+//!   uint32 from = 1;            // sender's node id
+//!   uint64 term = 2;            // sender's view of the election term
+//!   oneof body {
+//!     NodeReport report = 10;   // liveness + load, every report interval
+//!     bytes raft = 11;          // an opaque raft-rs message (reserved for the election)
+//!   }
+//! }
+//! message NodeReport {
+//!   uint32 established = 1;     // ESTABLISHED TCP sockets on the VIP
+//!   uint32 syn_recv = 2;        // SYN-RECV request sockets on the VIP
+//!   uint64 seq = 3;             // report sequence number (monotonic per daemon run)
+//!   bool draining = 4;          // the node asks for no new connections
+//! }
+//! ```
+
+use prost::Message;
+
+/// Largest datagram a node will accept; anything longer is refused unread.
+pub const MAX_DATAGRAM: usize = 64 * 1024;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Envelope {
+    #[prost(uint32, tag = "1")]
+    pub from: u32,
+    #[prost(uint64, tag = "2")]
+    pub term: u64,
+    #[prost(oneof = "Body", tags = "10, 11")]
+    pub body: Option<Body>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Body {
+    #[prost(message, tag = "10")]
+    Report(NodeReport),
+    #[prost(bytes, tag = "11")]
+    Raft(Vec<u8>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct NodeReport {
+    #[prost(uint32, tag = "1")]
+    pub established: u32,
+    #[prost(uint32, tag = "2")]
+    pub syn_recv: u32,
+    #[prost(uint64, tag = "3")]
+    pub seq: u64,
+    #[prost(bool, tag = "4")]
+    pub draining: bool,
+}
+
+/// Why a control datagram was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("datagram is not a valid envelope")]
+    Decode(#[from] prost::DecodeError),
+    #[error("envelope from node {from} has no body")]
+    Empty { from: u32 },
+}
+
+impl Envelope {
+    pub fn report(from: u32, term: u64, report: NodeReport) -> Self {
+        Envelope {
+            from,
+            term,
+            body: Some(Body::Report(report)),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    /// Decodes one datagram. An envelope without a body is refused: every sender sets one.
+    pub fn from_bytes(buf: &[u8]) -> Result<Self, ControlError> {
+        let env = Envelope::decode(buf)?;
+        if env.body.is_none() {
+            return Err(ControlError::Empty { from: env.from });
+        }
+        Ok(env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_round_trip() {
+        let r = NodeReport {
+            established: 12,
+            syn_recv: 3,
+            seq: 99,
+            draining: true,
+        };
+        let env = Envelope::report(2, 5, r);
+        let back = Envelope::from_bytes(&env.to_bytes()).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(back.body, Some(Body::Report(r)));
+    }
+
+    #[test]
+    fn raft_bytes_are_carried_opaquely() {
+        let env = Envelope {
+            from: 1,
+            term: 9,
+            body: Some(Body::Raft(vec![0, 1, 2, 255])),
+        };
+        assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
+    }
+
+    #[test]
+    fn garbage_and_empty_are_refused() {
+        assert!(matches!(
+            Envelope::from_bytes(&[0xff, 0xff, 0xff]),
+            Err(ControlError::Decode(_))
+        ));
+        let empty = Envelope {
+            from: 4,
+            term: 0,
+            body: None,
+        };
+        assert!(matches!(
+            Envelope::from_bytes(&empty.to_bytes()),
+            Err(ControlError::Empty { from: 4 })
+        ));
+    }
+}
