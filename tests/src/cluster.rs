@@ -1,0 +1,675 @@
+//! The tcp-dsc cluster on top of a realised lab: per-node tdscd configs, the daemons, and an
+//! HTTP server on every cluster node and on the baseline server.
+//!
+//! Roles come from the topology's `tdsc.role` labels; a cluster node's configuration is the
+//! file its topology entry binds to `/etc/tdsc/tdscd.toml`. The harness copies that file into
+//! the lab's work directory, changing only `[control].socket` (one socket per node, per lab)
+//! and, if asked, `[scheduler].policy`. Everything else (VIP, port, node list, master) is read
+//! from it.
+//!
+//! [`Cluster`] owns the [`Lab`]; dropping it stops every daemon and server and removes every
+//! namespace.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::bins::{BinDir, BinError};
+use crate::lab::{Lab, LabError, TeardownError};
+use crate::netns::{self, NetnsError};
+use crate::status::Status;
+use crate::topology::{Role, Topology, TopologyError, DAEMON_CONFIG_PATH};
+
+/// Lines of a daemon's log quoted in errors.
+const LOG_TAIL_LINES: usize = 30;
+
+/// Why the cluster could not be started or queried.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error(transparent)]
+    Bin(#[from] BinError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("cluster node {node} binds no {DAEMON_CONFIG_PATH}")]
+    NoConfig { node: String },
+    #[error("config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`tdscd --check-config` rejected {path}: {output}")]
+    CheckConfig { path: PathBuf, output: String },
+    #[error("{what} on {node} not ready after {waited:?}: {last}\n--- log tail ---\n{log}")]
+    NotReady {
+        what: String,
+        node: String,
+        waited: Duration,
+        last: String,
+        log: String,
+    },
+    #[error("{what} on {node} exited ({status})\n--- log tail ---\n{log}")]
+    Exited {
+        what: String,
+        node: String,
+        status: String,
+        log: String,
+    },
+    #[error("`tdscctl status` on {node}: {reason}")]
+    Status { node: String, reason: String },
+    #[error("no cluster node named {node:?}")]
+    NoSuchNode { node: String },
+    #[error("topology has no cluster node (label tdsc.role: node)")]
+    NoNodes,
+}
+
+/// How to start the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Topology file; default: `deploy/containerlab/tdsc.clab.yml` of this repository.
+    pub topology: PathBuf,
+    /// Lab name; default: the topology's own name.
+    pub lab_name: Option<String>,
+    /// Scheduler policy to put in every node's config instead of the file's.
+    pub policy: Option<String>,
+    /// Start tdscd on the cluster nodes. Without it the lab has HTTP servers only, and only
+    /// the baseline server is reachable.
+    pub daemons: bool,
+    /// `RUST_LOG` for the daemons.
+    pub rust_log: String,
+    /// How long each daemon and server may take to become ready.
+    pub ready_timeout: Duration,
+    /// Remove namespaces left by an earlier lab of the same name before starting.
+    pub remove_stale: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            topology: default_topology_path(),
+            lab_name: None,
+            policy: None,
+            daemons: true,
+            rust_log: "info".to_owned(),
+            ready_timeout: Duration::from_secs(15),
+            remove_stale: false,
+        }
+    }
+}
+
+/// The repository's lab topology.
+pub fn default_topology_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/tdsc.clab.yml")
+}
+
+/// A lab name unique to this process and call: `<prefix>-<pid>-<n>`.
+pub fn unique_lab_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A node running tdscd.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// Topology name (`node1`).
+    pub name: String,
+    /// `node_id` from its config.
+    pub id: u32,
+    /// Its generated config file.
+    pub config: PathBuf,
+    /// Its control socket.
+    pub socket: PathBuf,
+    /// Its address on the cluster network, from the topology's exec lines.
+    pub cluster_addr: Option<Ipv4Addr>,
+}
+
+/// A client or the baseline server: a name and an address.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    pub addr: Ipv4Addr,
+}
+
+/// A running cluster. See the module docs.
+#[derive(Debug)]
+pub struct Cluster {
+    lab: Lab,
+    bins: BinDir,
+    nodes: Vec<ClusterNode>,
+    clients: Vec<Host>,
+    baseline: Option<Host>,
+    vip: Ipv4Addr,
+    port: u16,
+    master_id: Option<u32>,
+    daemons: bool,
+}
+
+impl Cluster {
+    /// Realises the lab, writes the node configs, starts the HTTP servers and (if asked) the
+    /// daemons, and waits until all of them answer.
+    pub fn start(opts: &ClusterOptions) -> Result<Cluster, ClusterError> {
+        let bins = BinDir::locate()?;
+        let httpd = bins.path("tdsc-lab-httpd")?;
+        let tdscd = if opts.daemons {
+            // Both must exist before anything is built; tdscctl is looked up again per call.
+            bins.path("tdscctl")?;
+            Some(bins.path("tdscd")?)
+        } else {
+            None
+        };
+        let mut topology = Topology::load(&opts.topology)?;
+        if let Some(name) = &opts.lab_name {
+            topology = topology.renamed(name)?;
+        }
+        if opts.remove_stale {
+            for name in Lab::remove_stale(&topology)? {
+                eprintln!("tdsc-lab: removed stale namespace {name}");
+            }
+        }
+        let lab = Lab::realise(topology)?;
+        let topo = lab.topology().clone();
+
+        // Node configs.
+        let mut nodes = Vec::new();
+        let mut vip = None;
+        let mut port = None;
+        let mut master_id = None;
+        for name in topo.nodes_with_role(Role::ClusterNode) {
+            let node = &topo.nodes[name];
+            let src = node
+                .bind_for(DAEMON_CONFIG_PATH)
+                .ok_or_else(|| ClusterError::NoConfig {
+                    node: name.to_owned(),
+                })?;
+            let socket = lab.workdir().join(format!("{name}.sock"));
+            let config = lab.workdir().join(format!("{name}.toml"));
+            let facts = write_node_config(src, &config, &socket, opts.policy.as_deref())?;
+            vip.get_or_insert(facts.vip);
+            port.get_or_insert(facts.port);
+            if facts.master.is_some() {
+                master_id = facts.master;
+            }
+            nodes.push(ClusterNode {
+                name: name.to_owned(),
+                id: facts.node_id,
+                config,
+                socket,
+                cluster_addr: node
+                    .ipv4_addresses()
+                    .iter()
+                    .find(|(_, _, dev)| dev == "eth1")
+                    .map(|(a, _, _)| *a),
+            });
+        }
+        let (Some(vip), Some(port)) = (vip, port) else {
+            return Err(ClusterError::NoNodes);
+        };
+        let host = |name: &str| {
+            topo.nodes[name].first_ipv4().map(|addr| Host {
+                name: name.to_owned(),
+                addr,
+            })
+        };
+        let clients = topo
+            .nodes_with_role(Role::Client)
+            .into_iter()
+            .filter_map(host)
+            .collect();
+        let baseline = topo
+            .nodes_with_role(Role::Baseline)
+            .into_iter()
+            .find_map(host);
+
+        let mut cluster = Cluster {
+            lab,
+            bins,
+            nodes,
+            clients,
+            baseline,
+            vip,
+            port,
+            master_id,
+            daemons: opts.daemons,
+        };
+
+        // HTTP servers: on every cluster node (listening on the wildcard address, so it does
+        // not matter whether the daemon added the VIP yet) and on the baseline server.
+        let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).to_string();
+        let mut servers: Vec<(String, u32)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.id))
+            .collect();
+        if let Some(b) = &cluster.baseline {
+            servers.push((b.name.clone(), 0));
+        }
+        for (name, id) in &servers {
+            let args = vec![
+                "--listen".to_owned(),
+                listen.clone(),
+                "--id".to_owned(),
+                id.to_string(),
+                "--fastopen".to_owned(),
+            ];
+            cluster
+                .lab
+                .spawn(name, &format!("httpd-{name}"), &httpd, &args, &[])?;
+        }
+        for (name, _) in &servers {
+            cluster.wait_httpd(name, opts.ready_timeout)?;
+        }
+
+        if let Some(tdscd) = tdscd {
+            for node in cluster.nodes.clone() {
+                check_config(&tdscd, &node.config)?;
+                let args = vec!["--config".to_owned(), node.config.display().to_string()];
+                cluster.lab.spawn(
+                    &node.name,
+                    &format!("tdscd-{}", node.name),
+                    &tdscd,
+                    &args,
+                    &[("RUST_LOG", opts.rust_log.as_str())],
+                )?;
+            }
+            for node in cluster.nodes.clone() {
+                cluster.wait_daemon(&node.name, opts.ready_timeout)?;
+            }
+            cluster.wait_all_alive(Duration::from_secs(5));
+        }
+        Ok(cluster)
+    }
+
+    fn wait_httpd(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
+        let label = format!("httpd-{node}");
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let start = Instant::now();
+        loop {
+            let probe = netns::run_in(&self.lab.netns(node), || {
+                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
+            })?;
+            let last = match probe {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if let Some(status) = self.lab.exited(&label)? {
+                return Err(ClusterError::Exited {
+                    what: "tdsc-lab-httpd".into(),
+                    node: node.to_owned(),
+                    status,
+                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
+                });
+            }
+            if start.elapsed() > timeout {
+                return Err(ClusterError::NotReady {
+                    what: "tdsc-lab-httpd".into(),
+                    node: node.to_owned(),
+                    waited: start.elapsed(),
+                    last,
+                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls `tdscctl status` until the daemon answers: by then it has installed its
+    /// nftables table, VIP and MAC.
+    fn wait_daemon(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
+        let label = format!("tdscd-{node}");
+        let start = Instant::now();
+        loop {
+            let last = match self.status(node) {
+                Ok(_) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if let Some(status) = self.lab.exited(&label)? {
+                return Err(ClusterError::Exited {
+                    what: "tdscd".into(),
+                    node: node.to_owned(),
+                    status,
+                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
+                });
+            }
+            if start.elapsed() > timeout {
+                return Err(ClusterError::NotReady {
+                    what: "tdscd".into(),
+                    node: node.to_owned(),
+                    waited: start.elapsed(),
+                    last,
+                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (best effort) until the master reports every node alive, so that the first
+    /// requests are spread over all of them. Warns and goes on after `timeout`.
+    fn wait_all_alive(&self, timeout: Duration) {
+        let Ok(master) = self.master() else { return };
+        let master = master.name.clone();
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            match self.status(&master) {
+                Ok(s) if !s.nodes.is_empty() && s.nodes.iter().all(|n| n.alive) => return,
+                Ok(s) => last = Some(format!("{:?}", s.nodes)),
+                Err(e) => last = Some(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "tdsc-lab: warning: master {master} does not report every node alive after \
+             {timeout:?}: {}",
+            last.unwrap_or_default()
+        );
+    }
+
+    /// `tdscctl status --json` of a node.
+    pub fn status(&self, node: &str) -> Result<Status, ClusterError> {
+        let n = self.node(node)?;
+        let tdscctl = self.bins.path("tdscctl")?;
+        let out = Command::new(&tdscctl)
+            .arg("--socket")
+            .arg(&n.socket)
+            .args(["status", "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!("cannot run {}: {e}", tdscctl.display()),
+            })?;
+        if !out.status.success() {
+            return Err(ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| ClusterError::Status {
+            node: node.to_owned(),
+            reason: format!(
+                "unparsable JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        })
+    }
+
+    /// Fails if any daemon has exited, quoting its log.
+    pub fn check_daemons(&mut self) -> Result<(), ClusterError> {
+        if !self.daemons {
+            return Ok(());
+        }
+        for node in self.nodes.clone() {
+            let label = format!("tdscd-{}", node.name);
+            if let Some(status) = self.lab.exited(&label)? {
+                return Err(ClusterError::Exited {
+                    what: "tdscd".into(),
+                    node: node.name,
+                    status,
+                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests a node's HTTP server served so far (asked over its own loopback).
+    pub fn served(&self, node: &str) -> Result<u64, ClusterError> {
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let reply = netns::run_in(&self.lab.netns(node), || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(&crate::http::request_bytes("/__served"))?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw)?;
+            Ok::<_, std::io::Error>(raw)
+        })?
+        .map_err(|e| ClusterError::Status {
+            node: node.to_owned(),
+            reason: format!("/__served: {e}"),
+        })?;
+        reply
+            .lines()
+            .find_map(|l| l.strip_prefix("served="))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!("/__served reply without a count: {reply:?}"),
+            })
+    }
+
+    /// A cluster node by topology name.
+    pub fn node(&self, name: &str) -> Result<&ClusterNode, ClusterError> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                node: name.to_owned(),
+            })
+    }
+
+    /// A cluster node by node id.
+    pub fn node_by_id(&self, id: u32) -> Option<&ClusterNode> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The node the static election config names master.
+    pub fn master(&self) -> Result<&ClusterNode, ClusterError> {
+        self.master_id
+            .and_then(|id| self.node_by_id(id))
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                node: format!("master (id {:?})", self.master_id),
+            })
+    }
+
+    /// Every cluster node, in topology order.
+    pub fn nodes(&self) -> &[ClusterNode] {
+        &self.nodes
+    }
+
+    /// The clients, in topology order.
+    pub fn clients(&self) -> &[Host] {
+        &self.clients
+    }
+
+    /// The baseline server, if the topology has one.
+    pub fn baseline(&self) -> Option<&Host> {
+        self.baseline.as_ref()
+    }
+
+    /// The VIP and service port.
+    pub fn vip(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.vip, self.port)
+    }
+
+    /// The baseline server's address and the service port.
+    pub fn baseline_addr(&self) -> Option<SocketAddrV4> {
+        self.baseline
+            .as_ref()
+            .map(|b| SocketAddrV4::new(b.addr, self.port))
+    }
+
+    /// Namespace of a topology node.
+    pub fn netns(&self, node: &str) -> String {
+        self.lab.netns(node)
+    }
+
+    /// Pid of a node's tdscd.
+    pub fn daemon_pid(&self, node: &str) -> Result<u32, ClusterError> {
+        Ok(self.lab.pid(&format!("tdscd-{node}"))?)
+    }
+
+    /// Last lines of a node's tdscd log.
+    pub fn daemon_log_tail(&self, node: &str, lines: usize) -> String {
+        self.lab.log_tail(&format!("tdscd-{node}"), lines)
+    }
+
+    /// The lab underneath.
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// The lab underneath, to attach hosts or start processes.
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+
+    /// Stops everything and removes the lab, reporting every failure.
+    pub fn teardown(self) -> Result<(), TeardownError> {
+        self.lab.teardown()
+    }
+}
+
+/// What the harness needs to know from a node's config.
+#[derive(Debug)]
+struct NodeFacts {
+    node_id: u32,
+    vip: Ipv4Addr,
+    port: u16,
+    master: Option<u32>,
+}
+
+/// Copies a node config to `dst`, pointing `[control].socket` at `socket` and optionally
+/// replacing the policy.
+fn write_node_config(
+    src: &Path,
+    dst: &Path,
+    socket: &Path,
+    policy: Option<&str>,
+) -> Result<NodeFacts, ClusterError> {
+    let bad = |reason: String| ClusterError::Config {
+        path: src.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(src).map_err(|e| bad(e.to_string()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+    let node_id = table
+        .get("node_id")
+        .and_then(toml::Value::as_integer)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| bad("no node_id".into()))?;
+    let cluster = table
+        .get("cluster")
+        .and_then(toml::Value::as_table)
+        .ok_or_else(|| bad("no [cluster]".into()))?;
+    let vip = cluster
+        .get("vip")
+        .and_then(toml::Value::as_str)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("no IPv4 cluster.vip".into()))?;
+    let port = cluster
+        .get("tcp_ports")
+        .and_then(toml::Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(toml::Value::as_integer)
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| bad("no cluster.tcp_ports".into()))?;
+    let master = table
+        .get("election")
+        .and_then(|e| e.get("master"))
+        .and_then(toml::Value::as_integer)
+        .and_then(|m| u32::try_from(m).ok());
+    let control = table
+        .entry("control")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| bad("[control] is not a table".into()))?;
+    control.insert(
+        "socket".into(),
+        toml::Value::String(socket.display().to_string()),
+    );
+    if let Some(policy) = policy {
+        let scheduler = table
+            .entry("scheduler")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| bad("[scheduler] is not a table".into()))?;
+        scheduler.insert("policy".into(), toml::Value::String(policy.to_owned()));
+    }
+    let out = toml::to_string(&table).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(dst, out).map_err(|source| ClusterError::Write {
+        path: dst.to_owned(),
+        source,
+    })?;
+    Ok(NodeFacts {
+        node_id,
+        vip,
+        port,
+        master,
+    })
+}
+
+fn check_config(tdscd: &Path, config: &Path) -> Result<(), ClusterError> {
+    let out = Command::new(tdscd)
+        .arg("--config")
+        .arg(config)
+        .arg("--check-config")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ClusterError::CheckConfig {
+            path: config.to_owned(),
+            output: format!("cannot run {}: {e}", tdscd.display()),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::CheckConfig {
+            path: config.to_owned(),
+            output: format!(
+                "{}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_config_is_rewritten_and_read() {
+        let dir = std::env::temp_dir().join(unique_lab_name("tdsc-unit"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/node2.toml");
+        let dst = dir.join("node2.toml");
+        let facts =
+            write_node_config(&src, &dst, &dir.join("n2.sock"), Some("least-connections")).unwrap();
+        assert_eq!(facts.node_id, 2);
+        assert_eq!(facts.vip, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(facts.port, 80);
+        assert_eq!(facts.master, Some(1));
+        let written: toml::Table = std::fs::read_to_string(&dst).unwrap().parse().unwrap();
+        assert_eq!(
+            written["control"]["socket"].as_str(),
+            Some(dir.join("n2.sock").to_str().unwrap())
+        );
+        assert_eq!(
+            written["scheduler"]["policy"].as_str(),
+            Some("least-connections")
+        );
+        assert_eq!(written["nodes"].as_array().unwrap().len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,123 @@
+//! A minimal HTTP/1.0 client for the lab's servers, and the reply format they share.
+//!
+//! `tdsc-lab-httpd` answers every request with a `text/plain` body of `key=value` lines:
+//! `node=<id>` first, then `len=<n>` and `fnv=<hex>`: the length and FNV-1a 64 digest of the
+//! request bytes it read (up to the end of the headers), so a test can check that a request
+//! carried in a forwarded SYN (TCP Fast Open) arrived intact.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("connect to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("exchange with {addr}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reply from {addr} has no `node=` line: {reply:?}")]
+    BadReply { addr: SocketAddr, reply: String },
+}
+
+/// A parsed reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Id of the node that served the request (0 for the baseline server).
+    pub node: u32,
+    /// Length of the request as the server read it.
+    pub request_len: Option<usize>,
+    /// FNV-1a 64 digest of the request as the server read it.
+    pub request_fnv: Option<u64>,
+    /// Time spent in `connect()` alone.
+    pub connect_time: Duration,
+}
+
+/// FNV-1a, 64 bit: a cheap digest to compare request bytes end to end.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The request line and headers a lab client sends.
+pub fn request_bytes(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.0\r\nHost: tdsc-lab\r\nUser-Agent: tdsc-lab\r\n\r\n").into_bytes()
+}
+
+/// Parses a full HTTP response (status line, headers, body).
+pub fn parse_reply(
+    addr: SocketAddr,
+    raw: &[u8],
+    connect_time: Duration,
+) -> Result<Reply, HttpError> {
+    let text = String::from_utf8_lossy(raw);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let field = |key: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let node = field("node")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| HttpError::BadReply {
+            addr,
+            reply: text.chars().take(200).collect(),
+        })?;
+    Ok(Reply {
+        node,
+        request_len: field("len").and_then(|v| v.parse().ok()),
+        request_fnv: field("fnv").and_then(|v| u64::from_str_radix(&v, 16).ok()),
+        connect_time,
+    })
+}
+
+/// One `GET path` over a fresh connection; `connect_time` is measured around `connect()`.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply, HttpError> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|source| HttpError::Connect { addr, source })?;
+    let connect_time = start.elapsed();
+    let io = |source| HttpError::Io { addr, source };
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.set_nodelay(true).map_err(io)?;
+    s.write_all(&request_bytes(path)).map_err(io)?;
+    let mut raw = Vec::with_capacity(256);
+    s.read_to_end(&mut raw).map_err(io)?;
+    parse_reply(addr, &raw, connect_time)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_lab_reply() {
+        let addr: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        let raw =
+            b"HTTP/1.0 200 OK\r\nContent-Length: 27\r\n\r\nnode=3\nlen=60\nfnv=00000000000000ff\n";
+        let r = parse_reply(addr, raw, Duration::ZERO).unwrap();
+        assert_eq!(r.node, 3);
+        assert_eq!(r.request_len, Some(60));
+        assert_eq!(r.request_fnv, Some(0xff));
+        assert!(parse_reply(addr, b"HTTP/1.0 200 OK\r\n\r\nhello", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn fnv_matches_reference_values() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,93 @@
+//! The JSON that `tdscctl status --json` prints, as far as the lab reads it. Unknown fields are
+//! ignored and missing ones default, so the lab keeps working while the daemon grows.
+
+use serde::Deserialize;
+
+/// A node's view of the cluster.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Status {
+    pub node_id: u32,
+    /// `master` or `member`.
+    pub role: String,
+    pub master_id: Option<u32>,
+    pub policy: String,
+    pub nodes: Vec<NodeStatus>,
+    pub counters: Counters,
+}
+
+/// One peer as a node sees it.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct NodeStatus {
+    pub id: u32,
+    pub address: String,
+    pub alive: bool,
+    pub connections: u64,
+}
+
+/// Data-path counters of one node.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Counters {
+    pub syns_dispatched: u64,
+    pub forwarded_out: u64,
+    pub accepted_locally: u64,
+    pub received_forwarded: u64,
+    pub reinjected: u64,
+    pub retransmit_hits: u64,
+    pub forward_send_errors: u64,
+    pub forward_rejected: Rejected,
+}
+
+/// Why received proto-253 packets were refused.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Rejected {
+    pub malformed: u64,
+    pub unknown_peer: u64,
+    pub wrong_vip: u64,
+    pub not_syn: u64,
+    pub bad_port: u64,
+    pub ruleset_foreign: u64,
+}
+
+impl Rejected {
+    /// All rejections together.
+    pub fn total(&self) -> u64 {
+        self.malformed
+            + self.unknown_peer
+            + self.wrong_vip
+            + self.not_syn
+            + self.bad_port
+            + self.ruleset_foreign
+    }
+}
+
+impl Status {
+    /// Whether this node says it is the master.
+    pub fn is_master(&self) -> bool {
+        self.role == "master"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_shape_and_tolerates_extras() {
+        let json = r#"{"node_id":1,"role":"master","master_id":1,"policy":"round-robin",
+            "nodes":[{"id":1,"address":"198.51.100.11","alive":true,"connections":0,"extra":1}],
+            "counters":{"syns_dispatched":5,"forwarded_out":3,"accepted_locally":2,
+            "received_forwarded":0,"reinjected":0,"retransmit_hits":1,"forward_send_errors":0,
+            "forward_rejected":{"malformed":1,"unknown_peer":0,"wrong_vip":2,"not_syn":0,
+            "bad_port":0,"ruleset_foreign":0},"new_counter":7},"uptime":3}"#;
+        let s: Status = serde_json::from_str(json).unwrap();
+        assert!(s.is_master());
+        assert_eq!(s.master_id, Some(1));
+        assert_eq!(s.nodes[0].address, "198.51.100.11");
+        assert_eq!(s.counters.syns_dispatched, 5);
+        assert_eq!(s.counters.forward_rejected.total(), 3);
+    }
+}
