@@ -22,10 +22,26 @@
 //! assert_eq!(topo.renamed("tdsc-doc").unwrap().netns_name("node1"), "clab-tdsc-doc-node1");
 //! ```
 
+pub mod bench;
 pub mod bins;
 pub mod cluster;
 pub mod http;
 pub mod lab;
+pub mod load;
 pub mod netns;
+pub mod nft;
+pub mod packet;
 pub mod status;
 pub mod topology;
+
+/// An error and all its sources, `: `-separated, for one-line reports.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

@@ -1,1 +1,327 @@
-fn main() {}
+//! `tdsc-lab`: run the tcp-dsc lab by hand.
+//!
+//! * `tdsc-lab demo` — build the lab, start a 3-node cluster, send HTTP requests to the VIP
+//!   from both clients and show which node served how many; then tear everything down.
+//! * `tdsc-lab bench-connect` — connect() latency through tcp-dsc vs. a plain server, and the
+//!   master's CPU cost per dispatched SYN.
+//!
+//! What it changes: network namespaces `clab-<lab>-*` (and nothing in the host namespace),
+//! processes inside them, and `/tmp/<lab>/`. All of it is removed on exit, on Ctrl-C and on
+//! SIGTERM. After a SIGKILL, `ip netns del` each `clab-<lab>-*` namespace by hand (or run the
+//! command again: it removes stale namespaces of the same lab first).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tdsc_lab::bench;
+use tdsc_lab::cluster::{default_topology_path, Cluster, ClusterOptions};
+use tdsc_lab::{load, netns};
+
+#[derive(Parser, Debug)]
+#[command(about = "The tcp-dsc lab: a 3-node cluster in network namespaces")]
+struct Cli {
+    /// containerlab topology to realise.
+    #[arg(long, global = true, default_value_os_t = default_topology_path())]
+    topology: PathBuf,
+    /// Lab name (namespaces are called clab-<lab>-<node>); default: the topology's name.
+    #[arg(long, global = true)]
+    lab_name: Option<String>,
+    /// RUST_LOG for the daemons (their logs go to /tmp/<lab>/tdscd-<node>.log).
+    #[arg(long, global = true, default_value = "info")]
+    daemon_log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Send HTTP requests to the VIP from both clients and show the per-node distribution.
+    Demo {
+        /// Total number of requests (split evenly between the clients).
+        #[arg(long, default_value_t = 600)]
+        requests: u64,
+        /// Scheduling policy: round-robin, least-connections or static-hash.
+        #[arg(long, default_value = "round-robin")]
+        policy: String,
+    },
+    /// connect() latency via tcp-dsc (master-local vs. forwarded) and to a plain server, and
+    /// daemon CPU per dispatched SYN under a SYN flood.
+    BenchConnect {
+        /// Measured connections to the VIP, and as many to the plain server.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        /// Unmeasured warm-up connections to each target first.
+        #[arg(long, default_value_t = 500)]
+        warmup: usize,
+        /// Crafted SYNs to blast at the VIP for the CPU measurement (0 skips it).
+        #[arg(long, default_value_t = 200_000)]
+        syns: u64,
+        /// Upper bound on the SYN blast's duration, in seconds.
+        #[arg(long, default_value_t = 20)]
+        max_seconds: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if !netns::is_root() {
+        bail!("tdsc-lab needs root: it creates network namespaces (try sudo)");
+    }
+    // Ctrl-C and SIGTERM only raise this flag: the work loops stop, and the cluster is torn
+    // down on the normal path.
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\ntdsc-lab: still tearing down, please wait");
+            } else {
+                eprintln!("\ntdsc-lab: interrupted, tearing down");
+            }
+        })
+        .context("install the Ctrl-C/SIGTERM handler")?;
+    }
+    match &cli.command {
+        Cmd::Demo { requests, policy } => demo(&cli, *requests, policy, &stop),
+        Cmd::BenchConnect {
+            count,
+            warmup,
+            syns,
+            max_seconds,
+        } => {
+            let cluster = start(&cli, None)?;
+            let result = run_bench(
+                &cluster,
+                &bench::BenchOptions {
+                    count: *count,
+                    warmup: *warmup,
+                    syns: *syns,
+                    max_duration: std::time::Duration::from_secs(*max_seconds),
+                },
+                &stop,
+            );
+            finish(cluster, result)
+        }
+    }
+}
+
+fn start(cli: &Cli, policy: Option<&str>) -> anyhow::Result<Cluster> {
+    let opts = ClusterOptions {
+        topology: cli.topology.clone(),
+        lab_name: cli.lab_name.clone(),
+        policy: policy.map(str::to_owned),
+        daemons: true,
+        rust_log: cli.daemon_log.clone(),
+        remove_stale: true,
+        ..ClusterOptions::default()
+    };
+    println!(
+        "Realising the lab from {} as network namespaces, then starting tdscd and an HTTP \
+         server on every cluster node ...",
+        cli.topology.display()
+    );
+    let cluster = Cluster::start(&opts).context("start the cluster")?;
+    let names: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("{} (id {})", n.name, n.id))
+        .collect();
+    println!(
+        "Lab {:?} is up: cluster nodes {}, VIP {}, master {}.",
+        cluster.lab().name(),
+        names.join(", "),
+        cluster.vip(),
+        cluster.master().map(|m| m.name.as_str()).unwrap_or("?"),
+    );
+    println!(
+        "  (namespaces clab-{}-*: try `ip netns exec clab-{}-node1 nft list ruleset` from \
+         another shell while it runs)",
+        cluster.lab().name(),
+        cluster.lab().name()
+    );
+    Ok(cluster)
+}
+
+/// Tears down, then reports the run's result; teardown errors are reported too.
+fn finish(cluster: Cluster, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("Tearing down the lab (processes, namespaces, /tmp files) ...");
+    let down = cluster.teardown();
+    match (&result, &down) {
+        (_, Ok(())) => println!("Done: nothing left behind."),
+        (_, Err(e)) => eprintln!("tdsc-lab: {e}"),
+    }
+    result?;
+    down.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn demo(cli: &Cli, requests: u64, policy: &str, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    println!("tcp-dsc demo: one virtual IP served by three nodes; policy {policy}.\n");
+    let mut cluster = start(cli, Some(policy))?;
+    let result = run_demo(&mut cluster, requests, stop);
+    finish(cluster, result)
+}
+
+fn run_demo(cluster: &mut Cluster, requests: u64, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    if stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let clients: Vec<String> = cluster.clients().iter().map(|c| c.name.clone()).collect();
+    let per_client = requests / clients.len().max(1) as u64;
+    let target = std::net::SocketAddr::V4(cluster.vip());
+    println!(
+        "\nSending {} HTTP GETs to {target}: {per_client} sequential requests from each of {} \
+         at the same time ...",
+        per_client * clients.len() as u64,
+        clients.join(" and ")
+    );
+    let client_ns: Vec<String> = clients.iter().map(|c| cluster.netns(c)).collect();
+    let started = std::time::Instant::now();
+    let tally = load::run(&client_ns, target, per_client, stop)?;
+    let elapsed = started.elapsed();
+    cluster.check_daemons()?;
+
+    println!(
+        "\n{} of {} requests answered in {:.2?}. Each reply names the node that served it:\n",
+        tally.ok(),
+        tally.ok() + tally.failures,
+        elapsed
+    );
+    println!("  {:<8} {:>4} {:>8} {:>7}", "node", "id", "served", "share");
+    let total = tally.ok().max(1);
+    for node in cluster.nodes() {
+        let n = tally.by_node.get(&node.id).copied().unwrap_or(0);
+        #[allow(clippy::cast_precision_loss)]
+        let share = 100.0 * n as f64 / total as f64;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let bar = "#".repeat((share / 2.5).round() as usize);
+        println!(
+            "  {:<8} {:>4} {:>8} {:>6.1}%  {bar}",
+            node.name, node.id, n, share
+        );
+    }
+    for (id, n) in &tally.by_node {
+        if cluster.node_by_id(*id).is_none() {
+            println!("  (unknown node id {id}: {n} replies)");
+        }
+    }
+    if tally.failures > 0 {
+        println!("\n  {} request(s) failed, e.g.:", tally.failures);
+        for e in &tally.sample_errors {
+            println!("    {e}");
+        }
+    }
+
+    let master = cluster.master()?.name.clone();
+    let s = cluster.status(&master)?;
+    let c = s.counters;
+    println!(
+        "\nThe master ({master}, role {:?}) saw every SYN and decided who gets it:",
+        s.role
+    );
+    println!(
+        "  SYNs dispatched {:>6}   kept and accepted locally {:>6}   forwarded (proto 253) {:>6}",
+        c.syns_dispatched, c.accepted_locally, c.forwarded_out
+    );
+    println!(
+        "  retransmitted SYNs recognised {:>4}   forward send errors {:>4}",
+        c.retransmit_hits, c.forward_send_errors
+    );
+    for node in cluster.nodes().to_vec() {
+        if node.name == master {
+            continue;
+        }
+        if let Ok(m) = cluster.status(&node.name) {
+            println!(
+                "  {} ({}): received {} forwarded SYNs, re-injected {}, rejected {}",
+                node.name,
+                m.role,
+                m.counters.received_forwarded,
+                m.counters.reinjected,
+                m.counters.forward_rejected.total()
+            );
+        }
+    }
+    println!();
+    if tally.failures > 0 {
+        bail!("{} request(s) failed", tally.failures);
+    }
+    Ok(())
+}
+
+fn row(name: &str, s: Option<bench::Summary>) -> String {
+    match s {
+        Some(s) => format!(
+            "  {name:<14} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
+            s.n, s.min, s.p50, s.mean, s.p99, s.max
+        ),
+        None => format!("  {name:<14} {:>6}   (no samples)", 0),
+    }
+}
+
+fn ratio(a: Option<bench::Summary>, b: Option<bench::Summary>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.p50 > 0.0 && b.mean > 0.0 => {
+            format!("p50 {:.2}x, mean {:.2}x", a.p50 / b.p50, a.mean / b.mean)
+        }
+        _ => "n/a".into(),
+    }
+}
+
+/// Runs both benchmark phases and prints the tables.
+fn run_bench(
+    cluster: &Cluster,
+    opts: &bench::BenchOptions,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let client = cluster.clients().first().map(|c| c.name.clone());
+    println!(
+        "\nconnect() latency from {} to the VIP {} and to the plain server {} \
+         ({} measured connects each, after {} warm-up):",
+        client.as_deref().unwrap_or("?"),
+        cluster.vip(),
+        cluster
+            .baseline_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        opts.count,
+        opts.warmup
+    );
+    let lat = bench::latency(cluster, opts, stop)?;
+    println!(
+        "  {:<14} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "µs", "n", "min", "p50", "mean", "p99", "max"
+    );
+    println!("{}", row("master-local", lat.master_local));
+    println!("{}", row("forwarded", lat.forwarded));
+    println!("{}", row("plain", lat.plain));
+    println!(
+        "  ratios: forwarded/plain {}; master-local/plain {}",
+        ratio(lat.forwarded, lat.plain),
+        ratio(lat.master_local, lat.plain)
+    );
+    if opts.syns == 0 {
+        return Ok(());
+    }
+    println!(
+        "\nSYN flood: up to {} crafted SYNs (random source ports) to the VIP, at most {:?} ...",
+        opts.syns, opts.max_duration
+    );
+    let cpu = bench::syn_cpu(cluster, opts, stop)?;
+    #[allow(clippy::cast_precision_loss)]
+    let (rate, per_syn) = (
+        cpu.sent as f64 / cpu.send_time.as_secs_f64().max(1e-9),
+        cpu.cpu.as_secs_f64() * 1e6 / (cpu.dispatched.max(1) as f64),
+    );
+    println!(
+        "  sent {} SYNs in {:.2?} ({:.0} SYN/s offered); master dispatched {}",
+        cpu.sent, cpu.send_time, rate, cpu.dispatched
+    );
+    println!(
+        "  master tdscd CPU (utime+stime): {:.3?} => {per_syn:.2} µs per dispatched SYN",
+        cpu.cpu
+    );
+    Ok(())
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job: bring up a local 3-node tcp-dsc cluster in network namespaces, send real HTTP
+# traffic from two clients to the cluster IP, print which node served what, tear it all down.
+# Needs root. Installs its own dependencies. Extra arguments go to `tdsc-lab demo`
+# (e.g. --requests 3000 --policy least-connections).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash tests/scripts/deps.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+cargo build --workspace --release --quiet
+exec target/release/tdsc-lab demo "$@"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every tcp-dsc test: lint, unit, golden, namespace end-to-end. Needs root for the
+# namespace tests (they print SKIP otherwise). Installs its own dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash tests/scripts/deps.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+# Leftovers from an interrupted earlier run would clash with fresh labs.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(clab-tdsc|tdsc-)' || true); do
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns del "$ns" 2>/dev/null || true
+done
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+echo "== build"
+cargo build --workspace --release
+
+echo "== unit, fixture and golden tests"
+cargo test --workspace --release --exclude tdsc-lab
+
+echo "== namespace end-to-end tests (one lab at a time)"
+cargo test --release -p tdsc-lab -- --test-threads=1

@@ -1,0 +1,302 @@
+//! The connect benchmark (after the TCP-DSC paper's Table 2) and the master's CPU cost per
+//! dispatched SYN.
+//!
+//! 1. **connect() latency.** From the first client, `count` connections to the VIP and
+//!    `count` to the baseline server, each after `warmup` unmeasured ones. Only `connect()` is
+//!    timed; each VIP connection then sends a GET whose reply names the serving node, which
+//!    classifies the sample as *master-local* (the master kept the SYN) or *forwarded* (the
+//!    SYN went to a member over protocol 253).
+//! 2. **CPU per SYN.** Crafted SYNs from the client's own address with random source ports
+//!    and ISNs, blasted at the VIP through a raw socket (the client's RSTs for the resulting
+//!    SYN/ACKs are dropped in its namespace). The master tdscd's `utime + stime` from
+//!    `/proc/<pid>/stat` and its `syns_dispatched` counter, before and after, give CPU µs per
+//!    dispatched SYN.
+//!
+//! Both phases are bounded in count and in time, and stop early when `stop` is raised.
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{Cluster, ClusterError};
+use crate::netns::{self, NetnsError};
+use crate::nft::{self, NftError};
+use crate::packet::{RawIpSender, Syn};
+
+/// How long the counters may keep moving after the blast before they are read.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    #[error("the topology has no {what}")]
+    Missing { what: &'static str },
+    #[error("connection {index} to {target}: {reason}")]
+    Connect {
+        index: usize,
+        target: SocketAddr,
+        reason: String,
+    },
+    #[error("cannot read /proc/{pid}/stat: {reason}")]
+    ProcStat { pid: u32, reason: String },
+    #[error("raw socket: {0}")]
+    Raw(#[source] std::io::Error),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Measured connections per target.
+    pub count: usize,
+    /// Unmeasured connections per target first.
+    pub warmup: usize,
+    /// SYNs to blast for the CPU measurement (0 skips it).
+    pub syns: u64,
+    /// Upper bound on the blast's duration.
+    pub max_duration: Duration,
+}
+
+/// Summary of latency samples, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub n: usize,
+    pub min: f64,
+    pub p50: f64,
+    pub mean: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    /// Summarises samples; `None` if there are none.
+    pub fn of(samples: &[Duration]) -> Option<Summary> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+        us.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
+            let idx = ((us.len() - 1) as f64 * p).round() as usize;
+            us[idx]
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let mean = us.iter().sum::<f64>() / us.len() as f64;
+        Some(Summary {
+            n: us.len(),
+            min: us[0],
+            p50: pct(0.50),
+            mean,
+            p99: pct(0.99),
+            max: us[us.len() - 1],
+        })
+    }
+}
+
+/// Results of the latency phase.
+#[derive(Debug, Clone)]
+pub struct LatencyReport {
+    pub master_local: Option<Summary>,
+    pub forwarded: Option<Summary>,
+    pub plain: Option<Summary>,
+}
+
+/// Results of the SYN blast.
+#[derive(Debug, Clone)]
+pub struct CpuReport {
+    pub sent: u64,
+    pub send_time: Duration,
+    pub dispatched: u64,
+    pub cpu: Duration,
+}
+
+/// Times `count` connects after `warmup`, returning `(serving node, connect time)` per
+/// measured one. Runs in the calling thread's namespace.
+fn connect_samples(
+    target: SocketAddrV4,
+    warmup: usize,
+    count: usize,
+    stop: &AtomicBool,
+) -> Result<Vec<(u32, Duration)>, BenchError> {
+    use std::io::{Read, Write};
+    let target = SocketAddr::V4(target);
+    let request = crate::http::request_bytes("/");
+    let mut out = Vec::with_capacity(count);
+    for index in 0..warmup + count {
+        if stop.load(Ordering::Relaxed) {
+            return Err(BenchError::Interrupted);
+        }
+        let fail = |reason: String| BenchError::Connect {
+            index,
+            target,
+            reason,
+        };
+        let start = Instant::now();
+        let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+            .map_err(|e| fail(format!("connect: {e}")))?;
+        let took = start.elapsed();
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .and_then(|()| s.set_nodelay(true))
+            .and_then(|()| s.write_all(&request))
+            .map_err(|e| fail(format!("request: {e}")))?;
+        let mut raw = Vec::with_capacity(256);
+        s.read_to_end(&mut raw)
+            .map_err(|e| fail(format!("reply: {e}")))?;
+        let reply =
+            crate::http::parse_reply(target, &raw, took).map_err(|e| fail(e.to_string()))?;
+        if index >= warmup {
+            out.push((reply.node, took));
+        }
+    }
+    Ok(out)
+}
+
+/// Phase 1: connect() latency.
+pub fn latency(
+    cluster: &Cluster,
+    opts: &BenchOptions,
+    stop: &AtomicBool,
+) -> Result<LatencyReport, BenchError> {
+    let client = cluster
+        .clients()
+        .first()
+        .ok_or(BenchError::Missing { what: "client" })?;
+    let plain = cluster.baseline_addr().ok_or(BenchError::Missing {
+        what: "baseline server",
+    })?;
+    let master_id = cluster.master()?.id;
+    let ns = cluster.netns(&client.name);
+    let vip = cluster.vip();
+    let (via_vip, via_plain) = netns::run_in(&ns, || {
+        let v = connect_samples(vip, opts.warmup, opts.count, stop)?;
+        let p = connect_samples(plain, opts.warmup, opts.count, stop)?;
+        Ok::<_, BenchError>((v, p))
+    })??;
+    let pick = |local: bool| -> Vec<Duration> {
+        via_vip
+            .iter()
+            .filter(|(node, _)| (*node == master_id) == local)
+            .map(|(_, d)| *d)
+            .collect()
+    };
+    let plain_samples: Vec<Duration> = via_plain.iter().map(|(_, d)| *d).collect();
+    Ok(LatencyReport {
+        master_local: Summary::of(&pick(true)),
+        forwarded: Summary::of(&pick(false)),
+        plain: Summary::of(&plain_samples),
+    })
+}
+
+/// utime + stime of a process.
+pub fn process_cpu(pid: u32) -> Result<Duration, BenchError> {
+    let bad = |reason: String| BenchError::ProcStat { pid, reason };
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| bad(e.to_string()))?;
+    // Fields after the `(comm)`, which may itself contain spaces: state is field 3, utime 14
+    // and stime 15 (proc(5)).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| bad("no comm".into()))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64, BenchError> {
+        fields
+            .get(i - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(format!("no field {i}")))
+    };
+    let total = ticks(14)? + ticks(15)?;
+    // SAFETY: sysconf(3) has no memory-safety preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Ok(Duration::from_micros(total * 1_000_000 / hz.max(1)))
+}
+
+/// Phase 2: CPU per dispatched SYN.
+pub fn syn_cpu(
+    cluster: &Cluster,
+    opts: &BenchOptions,
+    stop: &Arc<AtomicBool>,
+) -> Result<CpuReport, BenchError> {
+    let client = cluster
+        .clients()
+        .first()
+        .ok_or(BenchError::Missing { what: "client" })?;
+    let ns = cluster.netns(&client.name);
+    nft::drop_outgoing_rsts(&ns)?;
+    let master = cluster.master()?.name.clone();
+    let pid = cluster.daemon_pid(&master)?;
+    let before_cpu = process_cpu(pid)?;
+    let before = cluster.status(&master)?.counters.syns_dispatched;
+
+    let src = client.addr;
+    let vip = cluster.vip();
+    let (count, limit) = (opts.syns, opts.max_duration);
+    let stop2 = Arc::clone(stop);
+    let (sent, send_time) = netns::run_in(&ns, move || {
+        let sender = RawIpSender::new().map_err(BenchError::Raw)?;
+        // xorshift64: cheap, varied source ports and ISNs.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+        let mut syn = Syn {
+            src,
+            dst: *vip.ip(),
+            sport: 0,
+            dport: vip.port(),
+            seq: 0,
+            payload: Vec::new(),
+        };
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while sent < count {
+            if sent & 1023 == 0 && (start.elapsed() > limit || stop2.load(Ordering::Relaxed)) {
+                break;
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bits = x.to_le_bytes();
+            // Ports 1024..=65535 and any ISN.
+            syn.sport = 1024 + u16::from_le_bytes([bits[0], bits[1]]) % (65535 - 1024);
+            syn.seq = u32::from_le_bytes([bits[2], bits[3], bits[4], bits[5]]);
+            match sender.send(&syn.ipv4_packet(), *vip.ip()) {
+                Ok(_) => sent += 1,
+                // The qdisc is full: give the receivers a moment.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(e) => return Err(BenchError::Raw(e)),
+            }
+        }
+        Ok((sent, start.elapsed()))
+    })??;
+
+    // Wait until the master has worked through its queue.
+    let mut last = before;
+    let settle_start = Instant::now();
+    let mut stable = 0;
+    while settle_start.elapsed() < SETTLE_TIMEOUT && stable < 3 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = cluster.status(&master)?.counters.syns_dispatched;
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+    }
+    let after_cpu = process_cpu(pid)?;
+    Ok(CpuReport {
+        sent,
+        send_time,
+        dispatched: last.saturating_sub(before),
+        cpu: after_cpu.saturating_sub(before_cpu),
+    })
+}
