@@ -115,7 +115,8 @@ impl ForwardHeader {
         buf[0] = VERSION;
         buf[1] = family;
         // `need` is at most MAX_HEADER_LEN (48), so it fits in a u16.
-        buf[2..4].copy_from_slice(&(need as u16).to_be_bytes());
+        let need16 = u16::try_from(need).expect("header length fits in u16");
+        buf[2..4].copy_from_slice(&need16.to_be_bytes());
         buf[4..12].copy_from_slice(&self.term.to_be_bytes());
         buf[12..16].copy_from_slice(&self.origin.to_be_bytes());
         let mut at = FIXED_LEN;
@@ -187,13 +188,21 @@ impl<'a> ForwardPacket<'a> {
         let origin = u32::from_be_bytes(buf[12..16].try_into().expect("4 bytes"));
         let (client, vip) = if alen == 4 {
             (
-                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&buf[16..20]).expect("4"))),
-                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&buf[20..24]).expect("4"))),
+                IpAddr::V4(Ipv4Addr::from(
+                    <[u8; 4]>::try_from(&buf[16..20]).expect("4"),
+                )),
+                IpAddr::V4(Ipv4Addr::from(
+                    <[u8; 4]>::try_from(&buf[20..24]).expect("4"),
+                )),
             )
         } else {
             (
-                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&buf[16..32]).expect("16"))),
-                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&buf[32..48]).expect("16"))),
+                IpAddr::V6(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(&buf[16..32]).expect("16"),
+                )),
+                IpAddr::V6(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(&buf[32..48]).expect("16"),
+                )),
             )
         };
         let segment = &buf[hdr_len..];

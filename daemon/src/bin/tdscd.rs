@@ -1,1 +1,78 @@
-fn main() {}
+//! `tdscd`: run one tcp-dsc node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tdscd::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "tcp-dsc node daemon: one node of a distributed single-IP TCP cluster"
+)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, default_value = "/etc/tdsc/tdsc.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit: 0 when valid.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tdscd: {}: {}", args.config.display(), chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!(
+            "{}: ok (node {}, {} nodes, vip {})",
+            args.config.display(),
+            cfg.node_id,
+            cfg.nodes.len(),
+            cfg.vip
+        );
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tdscd: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(tdscd::node::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tdscd: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The whole error chain, once: "outer: inner: root cause".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,647 @@
+//! The node configuration: one TOML file, the same on every node but for `node_id`.
+//!
+//! Parsing is two steps. serde reads the TOML shape (unknown keys are refused, so a typo is
+//! an error, not a silently ignored setting); then [`Config::validate`] checks meaning and
+//! names the offending key in every error, e.g. `cluster.vip: "192.0.2.300" is not an IP
+//! address`.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_id: u32,
+    cluster: RawCluster,
+    #[serde(default)]
+    scheduler: RawScheduler,
+    #[serde(default)]
+    election: RawElection,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    vip: String,
+    vip_prefix_len: Option<u8>,
+    #[serde(default)]
+    tcp_ports: Vec<i64>,
+    client_interface: String,
+    cluster_interface: String,
+    cluster_mac: Option<String>,
+    l2_mode: Option<String>,
+    queue_num: Option<u16>,
+    control_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    policy: Option<String>,
+    syn_record_window_ms: Option<u64>,
+    syn_record_capacity: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawElection {
+    mode: Option<String>,
+    master: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    report_interval_ms: Option<u64>,
+    dead_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: u32,
+    address: String,
+}
+
+/// How every node gets every client frame behind a learning switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2Mode {
+    /// Frames leaving the client interface carry a per-node source MAC (as Windows NLB's
+    /// unicast mode does), so the switch never learns the cluster MAC and floods frames for it
+    /// to every port.
+    MaskedMac,
+    /// No masking: the operator makes the switch deliver every frame to every node (port
+    /// mirroring, a hub, a static multicast MAC entry, …).
+    SharedMac,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyName {
+    RoundRobin,
+    LeastConnections,
+    StaticHash,
+}
+
+impl PolicyName {
+    pub const ALL: [(&'static str, PolicyName); 3] = [
+        ("round-robin", PolicyName::RoundRobin),
+        ("least-connections", PolicyName::LeastConnections),
+        ("static-hash", PolicyName::StaticHash),
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, p)| *p)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(n, _)| *n)
+            .expect("every policy is listed")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElectionMode {
+    Static { master: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub id: u32,
+    pub address: IpAddr,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: u32,
+    pub vip: IpAddr,
+    pub vip_prefix_len: u8,
+    /// Sorted, unique; empty means every port.
+    pub tcp_ports: Vec<u16>,
+    pub client_interface: String,
+    pub cluster_interface: String,
+    pub cluster_mac: Option<[u8; 6]>,
+    pub l2_mode: L2Mode,
+    pub queue_num: u16,
+    pub control_port: u16,
+    pub policy: PolicyName,
+    pub syn_record_window: Duration,
+    pub syn_record_capacity: usize,
+    pub election: ElectionMode,
+    pub control_socket: PathBuf,
+    pub report_interval: Duration,
+    pub dead_after: Duration,
+    /// Sorted by id.
+    pub nodes: Vec<Node>,
+}
+
+/// Default UDP port of the control messages on the cluster network.
+pub const DEFAULT_CONTROL_PORT: u16 = 7400;
+/// A retransmitted SYN arrives 1, 3, 7, 15 and 31 s after the first with Linux defaults
+/// (`tcp_syn_retries` = 6 spans 127 s, but a server's SYN-RECV entry lives about 63 s with
+/// `tcp_synack_retries` = 5). Remember each forward for 64 s so every retransmission the
+/// owner could still answer finds its way back.
+pub const DEFAULT_SYN_RECORD_WINDOW_MS: u64 = 64_000;
+pub const DEFAULT_SYN_RECORD_CAPACITY: usize = 1 << 16;
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let c = raw.cluster;
+        let vip: IpAddr = c
+            .vip
+            .parse()
+            .map_err(|_| invalid("cluster.vip", format!("{:?} is not an IP address", c.vip)))?;
+        if vip.is_unspecified() || vip.is_multicast() || vip.is_loopback() {
+            return Err(invalid(
+                "cluster.vip",
+                format!("{vip} cannot be a cluster address"),
+            ));
+        }
+        let max_prefix = if vip.is_ipv4() { 32 } else { 128 };
+        let vip_prefix_len = c.vip_prefix_len.unwrap_or(max_prefix);
+        if vip_prefix_len == 0 || vip_prefix_len > max_prefix {
+            return Err(invalid(
+                "cluster.vip_prefix_len",
+                format!("{vip_prefix_len} is not a prefix length for {vip} (1..={max_prefix})"),
+            ));
+        }
+        let mut ports = BTreeSet::new();
+        for p in &c.tcp_ports {
+            match u16::try_from(*p) {
+                Ok(port) if port != 0 => {
+                    if !ports.insert(port) {
+                        return Err(invalid(
+                            "cluster.tcp_ports",
+                            format!("port {port} is listed twice"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        "cluster.tcp_ports",
+                        format!("{p} is not a TCP port (1..=65535)"),
+                    ))
+                }
+            }
+        }
+        check_ifname("cluster.client_interface", &c.client_interface)?;
+        check_ifname("cluster.cluster_interface", &c.cluster_interface)?;
+        if c.client_interface == c.cluster_interface {
+            return Err(invalid(
+                "cluster.cluster_interface",
+                "must differ from cluster.client_interface: forwarded SYNs and client frames \
+                 are told apart by interface",
+            ));
+        }
+        let cluster_mac = c
+            .cluster_mac
+            .as_deref()
+            .map(|s| {
+                parse_mac(s).ok_or_else(|| {
+                    invalid(
+                        "cluster.cluster_mac",
+                        format!("{s:?} is not a MAC address like 02:bf:c0:00:02:01"),
+                    )
+                })
+            })
+            .transpose()?;
+        if let Some(m) = cluster_mac {
+            if m[0] & 1 == 1 {
+                return Err(invalid(
+                    "cluster.cluster_mac",
+                    "is a multicast address; an interface needs a unicast MAC",
+                ));
+            }
+        }
+        let l2_mode = match c.l2_mode.as_deref().unwrap_or("masked-mac") {
+            "masked-mac" => L2Mode::MaskedMac,
+            "shared-mac" => L2Mode::SharedMac,
+            other => {
+                return Err(invalid(
+                    "cluster.l2_mode",
+                    format!("unknown mode {other:?}; expected \"masked-mac\" or \"shared-mac\""),
+                ))
+            }
+        };
+
+        let policy_s = raw.scheduler.policy.as_deref().unwrap_or("round-robin");
+        let policy = PolicyName::parse(policy_s).ok_or_else(|| {
+            let names: Vec<_> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
+            invalid(
+                "scheduler.policy",
+                format!(
+                    "unknown policy {policy_s:?}; expected one of {}",
+                    names.join(", ")
+                ),
+            )
+        })?;
+        let window_ms = raw
+            .scheduler
+            .syn_record_window_ms
+            .unwrap_or(DEFAULT_SYN_RECORD_WINDOW_MS);
+        if window_ms == 0 {
+            return Err(invalid(
+                "scheduler.syn_record_window_ms",
+                "must be positive: retransmitted SYNs must reach the node that took the first",
+            ));
+        }
+        let capacity = raw
+            .scheduler
+            .syn_record_capacity
+            .unwrap_or(DEFAULT_SYN_RECORD_CAPACITY);
+        if !(1024..=(1 << 24)).contains(&capacity) {
+            return Err(invalid(
+                "scheduler.syn_record_capacity",
+                format!("{capacity} is outside 1024..=16777216"),
+            ));
+        }
+
+        let mut nodes = Vec::new();
+        let mut ids = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        for (i, n) in raw.nodes.iter().enumerate() {
+            let key = format!("nodes[{i}]");
+            if n.id == 0 {
+                return Err(invalid(format!("{key}.id"), "node ids start at 1"));
+            }
+            if !ids.insert(n.id) {
+                return Err(invalid(
+                    format!("{key}.id"),
+                    format!("node id {} is used twice", n.id),
+                ));
+            }
+            let address: IpAddr = n.address.parse().map_err(|_| {
+                invalid(
+                    format!("{key}.address"),
+                    format!("{:?} is not an IP address", n.address),
+                )
+            })?;
+            if address == vip {
+                return Err(invalid(
+                    format!("{key}.address"),
+                    "is the VIP; nodes need their own cluster-network addresses",
+                ));
+            }
+            if !addrs.insert(address) {
+                return Err(invalid(
+                    format!("{key}.address"),
+                    format!("{address} is used by two nodes"),
+                ));
+            }
+            nodes.push(Node { id: n.id, address });
+        }
+        if nodes.is_empty() {
+            return Err(invalid("nodes", "at least one [[nodes]] entry is needed"));
+        }
+        nodes.sort_by_key(|n| n.id);
+        if !ids.contains(&raw.node_id) {
+            return Err(invalid(
+                "node_id",
+                format!("{} is not among the [[nodes]] ids {ids:?}", raw.node_id),
+            ));
+        }
+
+        let election = match raw.election.mode.as_deref().unwrap_or("static") {
+            "static" => {
+                let master = raw.election.master.ok_or_else(|| {
+                    invalid(
+                        "election.master",
+                        "mode \"static\" needs the master's node id",
+                    )
+                })?;
+                if !ids.contains(&master) {
+                    return Err(invalid(
+                        "election.master",
+                        format!("{master} is not among the [[nodes]] ids {ids:?}"),
+                    ));
+                }
+                ElectionMode::Static { master }
+            }
+            "raft" => {
+                return Err(invalid(
+                    "election.mode",
+                    "\"raft\" is not available in this build yet; use \"static\"",
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    "election.mode",
+                    format!("unknown mode {other:?}; expected \"static\""),
+                ))
+            }
+        };
+
+        let report_ms = raw.health.report_interval_ms.unwrap_or(200);
+        let dead_ms = raw.health.dead_after_ms.unwrap_or(1000);
+        if report_ms == 0 {
+            return Err(invalid("health.report_interval_ms", "must be positive"));
+        }
+        if dead_ms < 2 * report_ms {
+            return Err(invalid(
+                "health.dead_after_ms",
+                format!(
+                    "{dead_ms} ms is less than two report intervals ({} ms): one lost report \
+                     would mark a healthy node dead",
+                    2 * report_ms
+                ),
+            ));
+        }
+
+        Ok(Config {
+            node_id: raw.node_id,
+            vip,
+            vip_prefix_len,
+            tcp_ports: ports.into_iter().collect(),
+            client_interface: c.client_interface,
+            cluster_interface: c.cluster_interface,
+            cluster_mac,
+            l2_mode,
+            queue_num: c.queue_num.unwrap_or(0),
+            control_port: c.control_port.unwrap_or(DEFAULT_CONTROL_PORT),
+            policy,
+            syn_record_window: Duration::from_millis(window_ms),
+            syn_record_capacity: capacity,
+            election,
+            control_socket: raw
+                .control
+                .socket
+                .unwrap_or_else(|| PathBuf::from("/run/tdsc/tdscd.sock")),
+            report_interval: Duration::from_millis(report_ms),
+            dead_after: Duration::from_millis(dead_ms),
+            nodes,
+        })
+    }
+
+    /// This node's index in the id-sorted node list.
+    pub fn self_index(&self) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.id == self.node_id)
+            .expect("validated: node_id is among the nodes")
+    }
+
+    pub fn self_address(&self) -> IpAddr {
+        self.nodes[self.self_index()].address
+    }
+
+    /// The per-node source MAC used on egress in masked-MAC mode, after Windows NLB's
+    /// unicast mode: `02:<node id>:<4 bytes>` where the 4 bytes are the IPv4 VIP (or the last
+    /// 4 bytes of an IPv6 one). Locally administered (bit 1 of the first octet), unicast.
+    pub fn egress_mac(&self) -> Option<[u8; 6]> {
+        if self.l2_mode != L2Mode::MaskedMac {
+            return None;
+        }
+        let tail = match self.vip {
+            IpAddr::V4(a) => a.octets(),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                [o[12], o[13], o[14], o[15]]
+            }
+        };
+        // Node ids above 255 share the low byte; the mask only has to differ from the
+        // cluster MAC and between neighbours on one switch, so the id's low byte plus the
+        // VIP suffices for any cluster of up to 255 nodes.
+        let id = self.node_id.to_le_bytes()[0];
+        Some([0x02, id, tail[0], tail[1], tail[2], tail[3]])
+    }
+}
+
+fn check_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
+    // IFNAMSIZ is 16 including the terminating NUL.
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', '\0'])
+        || name == "."
+        || name == ".."
+    {
+        return Err(invalid(
+            key,
+            format!("{name:?} is not a valid interface name (1..15 characters, no '/' or spaces)"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 2
+[cluster]
+vip = "192.0.2.1"
+vip_prefix_len = 24
+tcp_ports = [443, 80]
+client_interface = "eth0"
+cluster_interface = "eth1"
+cluster_mac = "02:bf:c0:00:02:01"
+[scheduler]
+policy = "least-connections"
+[election]
+mode = "static"
+master = 1
+[control]
+socket = "/tmp/x.sock"
+[[nodes]]
+id = 3
+address = "198.51.100.13"
+[[nodes]]
+id = 1
+address = "198.51.100.11"
+[[nodes]]
+id = 2
+address = "198.51.100.12"
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.tcp_ports, vec![80, 443]);
+        assert_eq!(c.policy, PolicyName::LeastConnections);
+        assert_eq!(c.election, ElectionMode::Static { master: 1 });
+        assert_eq!(
+            c.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(c.self_index(), 1);
+        assert_eq!(c.cluster_mac, Some([2, 0xbf, 0xc0, 0, 2, 1]));
+        assert_eq!(c.egress_mac(), Some([2, 2, 192, 0, 2, 1]));
+        assert_eq!(c.syn_record_window, Duration::from_secs(64));
+    }
+
+    /// Each bad edit must fail and name its key.
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "vip = \"192.0.2.1\"",
+                "vip = \"192.0.2.300\"",
+                "cluster.vip",
+            ),
+            (
+                "vip_prefix_len = 24",
+                "vip_prefix_len = 33",
+                "cluster.vip_prefix_len",
+            ),
+            (
+                "tcp_ports = [443, 80]",
+                "tcp_ports = [80, 70000]",
+                "cluster.tcp_ports",
+            ),
+            (
+                "tcp_ports = [443, 80]",
+                "tcp_ports = [80, 80]",
+                "cluster.tcp_ports",
+            ),
+            (
+                "cluster_interface = \"eth1\"",
+                "cluster_interface = \"eth0\"",
+                "cluster.cluster_interface",
+            ),
+            (
+                "client_interface = \"eth0\"",
+                "client_interface = \"a-very-long-interface-name\"",
+                "cluster.client_interface",
+            ),
+            (
+                "cluster_mac = \"02:bf:c0:00:02:01\"",
+                "cluster_mac = \"zz\"",
+                "cluster.cluster_mac",
+            ),
+            (
+                "cluster_mac = \"02:bf:c0:00:02:01\"",
+                "cluster_mac = \"01:00:5e:00:00:01\"",
+                "cluster.cluster_mac",
+            ),
+            (
+                "policy = \"least-connections\"",
+                "policy = \"random\"",
+                "scheduler.policy",
+            ),
+            ("master = 1", "master = 9", "election.master"),
+            ("mode = \"static\"", "mode = \"paxos\"", "election.mode"),
+            ("node_id = 2", "node_id = 7", "node_id"),
+            (
+                "address = \"198.51.100.13\"",
+                "address = \"198.51.100.11\"",
+                "nodes[1].address",
+            ),
+            (
+                "address = \"198.51.100.13\"",
+                "address = \"192.0.2.1\"",
+                "nodes[0].address",
+            ),
+            ("id = 3", "id = 1", "nodes[1].id"),
+            (
+                "vip = \"192.0.2.1\"",
+                "vip = \"192.0.2.1\"\nbogus = 1",
+                "bogus",
+            ),
+            ("node_id = 2", "", "node_id"),
+        ];
+        for (from, to, key) in cases {
+            assert!(GOOD.contains(from), "fixture lacks {from}");
+            let text = GOOD.replacen(from, to, 1);
+            let err = Config::parse(&text).expect_err(&format!("accepted {to:?}"));
+            let msg = err.to_string();
+            assert!(
+                msg.contains(key),
+                "error for {to:?} does not name {key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_timing_must_tolerate_one_lost_report() {
+        let text = format!("{GOOD}\n[health]\nreport_interval_ms = 500\ndead_after_ms = 600\n");
+        let msg = Config::parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("health.dead_after_ms"), "{msg}");
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02-BF-c0-00-02-01"),
+            Some([2, 0xbf, 0xc0, 0, 2, 1])
+        );
+        assert_eq!(parse_mac("02:bf:c0:00:02"), None);
+        assert_eq!(parse_mac("02:bf:c0:00:02:01:07"), None);
+        assert_eq!(format_mac(&[2, 0xbf, 0xc0, 0, 2, 1]), "02:bf:c0:00:02:01");
+    }
+}

@@ -1,0 +1,146 @@
+//! The node-local control socket (Unix stream, JSON lines). See [`crate::status`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::node::Shared;
+use crate::status::{NodeStatus, Rejected, Reply, Request, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("another daemon answers on {path}")]
+    InUse { path: PathBuf },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket, replacing a stale file left by a crashed daemon but never a live one.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let err = |source| ControlError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::InUse {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    UnixListener::bind(path).map_err(err)
+}
+
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = session(stream, &shared).await {
+                        tracing::debug!(error = %e, "control session ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
+            Err(e) => Reply::Error {
+                error: format!("bad request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+pub fn status(s: &Shared) -> Status {
+    let l = *s.leadership.borrow();
+    let c = s.counters.snapshot();
+    let now = s.epoch.elapsed().as_millis();
+    let ruleset_foreign = s.firewall_counter().unwrap_or(0);
+    Status {
+        node_id: s.config.node_id,
+        role: l.role.as_str().to_string(),
+        master_id: l.master_id,
+        term: l.term,
+        policy: s.policy_name().as_str().to_string(),
+        vip: s.config.vip.to_string(),
+        tcp_ports: s.config.tcp_ports.clone(),
+        queue_backend: s.queue_backend.to_string(),
+        l2_mode: match s.config.l2_mode {
+            crate::config::L2Mode::MaskedMac => "masked-mac".into(),
+            crate::config::L2Mode::SharedMac => "shared-mac".into(),
+        },
+        nodes: s
+            .view
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let seen = n.last_seen_ms.load(Relaxed);
+                let is_self = i == s.view.self_index;
+                NodeStatus {
+                    id: n.id,
+                    address: n.address.to_string(),
+                    alive: is_self || n.alive.load(Relaxed),
+                    draining: n.draining.load(Relaxed),
+                    connections: n.established.load(Relaxed),
+                    syn_recv: n.syn_recv.load(Relaxed),
+                    is_self,
+                    last_report_ms_ago: (!is_self && seen > 0)
+                        .then(|| u64::try_from(now).unwrap_or(u64::MAX).saturating_sub(seen)),
+                }
+            })
+            .collect(),
+        counters: crate::status::Counters {
+            syns_dispatched: c.syns_dispatched,
+            forwarded_out: c.forwarded_out,
+            accepted_locally: c.accepted_locally,
+            retransmit_hits: c.retransmit_hits,
+            dropped_no_node: c.dropped_no_node,
+            dropped_not_master: c.dropped_not_master,
+            queue_rejected: c.queue_rejected,
+            forward_send_errors: c.forward_send_errors,
+            received_forwarded: c.received_forwarded,
+            reinjected: c.reinjected,
+            reinject_errors: c.reinject_errors,
+            records_evicted_live: c.records_evicted_live,
+            forward_rejected: Rejected {
+                malformed: c.rejected_malformed,
+                unknown_peer: c.rejected_unknown_peer,
+                wrong_vip: c.rejected_wrong_vip,
+                not_syn: c.rejected_not_syn,
+                bad_port: c.rejected_bad_port,
+                ruleset_foreign,
+            },
+            reports_sent: s.reports.sent.load(Relaxed),
+            reports_received: s.reports.received.load(Relaxed),
+            reports_rejected: s.reports.rejected.load(Relaxed),
+        },
+    }
+}

@@ -1,0 +1,254 @@
+//! The master's decision for one SYN: accept here, forward to a node, or drop. Sans-IO.
+//!
+//! Order of questions:
+//! 1. Is this a retransmission of a SYN we already dispatched (same client address, port and
+//!    ISN within the record window)? Then it goes where the first copy went, whatever the
+//!    policy says (paper §3.5) — unless that node has died since.
+//! 2. Otherwise the policy picks among the candidates. In-flight dispatches since each node's
+//!    last report are added to its reported connection count.
+//! 3. The choice is recorded.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::classify::Syn;
+use crate::policy::{Candidate, FlowKey, Policy};
+use crate::records::{Lookup, SynRecords};
+use crate::view::ClusterView;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The master takes the connection itself: accept the queued packet.
+    Local,
+    /// Forward to the node at this index of the cluster view; drop the queued packet.
+    Forward { index: usize },
+    /// No node can take it; drop (the client retransmits).
+    NoNode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub decision: Decision,
+    pub retransmit: bool,
+}
+
+#[derive(Debug)]
+pub struct Dispatcher {
+    policy: Box<dyn Policy>,
+    records: SynRecords,
+    /// Reused for every decision: no allocation per SYN.
+    candidates: Vec<Candidate>,
+    inflight: Vec<u32>,
+    seen_gen: Vec<u64>,
+}
+
+impl Dispatcher {
+    pub fn new(policy: Box<dyn Policy>, records: SynRecords, nodes: usize) -> Self {
+        Dispatcher {
+            policy,
+            records,
+            candidates: Vec::with_capacity(nodes),
+            inflight: vec![0; nodes],
+            seen_gen: vec![0; nodes],
+        }
+    }
+
+    pub fn set_policy(&mut self, policy: Box<dyn Policy>) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> &dyn Policy {
+        &*self.policy
+    }
+
+    pub fn records(&self) -> &SynRecords {
+        &self.records
+    }
+
+    pub fn decide(&mut self, syn: &Syn<'_>, view: &ClusterView, now_ms: u64) -> Outcome {
+        let n = view.nodes.len();
+        // Refresh candidates from the shared view. A new report supersedes the in-flight
+        // count: the reported figure now includes those connections.
+        self.candidates.clear();
+        for (i, slot) in view.nodes.iter().enumerate() {
+            let generation = slot.report_gen.load(Relaxed);
+            if generation != self.seen_gen[i] {
+                self.seen_gen[i] = generation;
+                self.inflight[i] = 0;
+            }
+            let reported = slot.established.load(Relaxed) + slot.syn_recv.load(Relaxed);
+            self.candidates.push(Candidate {
+                id: slot.id,
+                alive: i == view.self_index || slot.alive.load(Relaxed),
+                draining: slot.draining.load(Relaxed),
+                connections: reported.saturating_add(self.inflight[i]),
+            });
+        }
+
+        let mut retransmit = false;
+        let chosen = match self
+            .records
+            .lookup(&syn.client, syn.client_port, syn.isn, now_ms)
+        {
+            Lookup::Retransmit { node }
+                if usize::from(node) < n && self.candidates[usize::from(node)].alive =>
+            {
+                retransmit = true;
+                Some(usize::from(node))
+            }
+            _ => {
+                let key = FlowKey {
+                    client: syn.client,
+                    client_port: syn.client_port,
+                    isn: syn.isn,
+                };
+                self.policy.pick(&key, &self.candidates)
+            }
+        };
+        let Some(index) = chosen else {
+            return Outcome {
+                decision: Decision::NoNode,
+                retransmit,
+            };
+        };
+        if !retransmit {
+            // Node indices are bounded by the cluster size, far below u16::MAX.
+            let node = u16::try_from(index).unwrap_or(u16::MAX);
+            self.records
+                .insert(&syn.client, syn.client_port, syn.isn, node, now_ms);
+            self.inflight[index] = self.inflight[index].saturating_add(1);
+        }
+        Outcome {
+            decision: if index == view.self_index {
+                Decision::Local
+            } else {
+                Decision::Forward { index }
+            },
+            retransmit,
+        }
+    }
+
+    /// Live records pushed out since the last call.
+    pub fn take_evictions(&mut self) -> u64 {
+        std::mem::take(&mut self.records.evicted_live)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Node, PolicyName};
+    use crate::policy::build;
+
+    fn view(self_id: u32) -> ClusterView {
+        let nodes: Vec<Node> = (1..=3)
+            .map(|id| Node {
+                id,
+                address: format!("198.51.100.1{id}").parse().unwrap(),
+            })
+            .collect();
+        let v = ClusterView::new(&nodes, self_id);
+        for s in v.nodes.iter() {
+            s.alive.store(true, Relaxed);
+        }
+        v
+    }
+
+    fn syn(port: u16, isn: u32) -> Syn<'static> {
+        Syn {
+            client: "192.0.2.101".parse().unwrap(),
+            client_port: port,
+            vip: "192.0.2.1".parse().unwrap(),
+            port: 80,
+            isn,
+            segment: &[],
+        }
+    }
+
+    fn dispatcher(p: PolicyName) -> Dispatcher {
+        Dispatcher::new(build(p), SynRecords::new(1024, 64_000), 3)
+    }
+
+    #[test]
+    fn master_is_a_candidate() {
+        let v = view(1);
+        let mut d = dispatcher(PolicyName::RoundRobin);
+        let got: Vec<_> = (0..3)
+            .map(|i| d.decide(&syn(i, i.into()), &v, 0).decision)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Decision::Local,
+                Decision::Forward { index: 1 },
+                Decision::Forward { index: 2 }
+            ]
+        );
+    }
+
+    #[test]
+    fn retransmitted_syn_goes_to_the_first_node() {
+        let v = view(1);
+        let mut d = dispatcher(PolicyName::RoundRobin);
+        let first = d.decide(&syn(40000, 77), &v, 0);
+        assert_eq!(first.decision, Decision::Local);
+        let again = d.decide(&syn(40000, 77), &v, 1000);
+        assert_eq!(
+            again,
+            Outcome {
+                decision: Decision::Local,
+                retransmit: true
+            }
+        );
+        // A new ISN on the same port is a new connection: the policy decides.
+        let fresh = d.decide(&syn(40000, 78), &v, 2000);
+        assert!(!fresh.retransmit);
+        assert_eq!(fresh.decision, Decision::Forward { index: 1 });
+        // Once that node dies, a retransmission is re-dispatched rather than black-holed.
+        v.nodes[1].alive.store(false, Relaxed);
+        let after = d.decide(&syn(40000, 78), &v, 3000);
+        assert!(!after.retransmit);
+        assert_ne!(after.decision, Decision::Forward { index: 1 });
+    }
+
+    #[test]
+    fn dead_and_draining_nodes_get_nothing() {
+        let v = view(2);
+        v.nodes[0].alive.store(false, Relaxed);
+        v.nodes[2].draining.store(true, Relaxed);
+        let mut d = dispatcher(PolicyName::RoundRobin);
+        for i in 0..10 {
+            assert_eq!(d.decide(&syn(i, 0), &v, 0).decision, Decision::Local);
+        }
+        // Even with every peer dead the master counts itself alive.
+        v.nodes[2].draining.store(false, Relaxed);
+        v.nodes[2].alive.store(false, Relaxed);
+        assert_eq!(d.decide(&syn(99, 0), &v, 0).decision, Decision::Local);
+    }
+
+    #[test]
+    fn least_connections_counts_inflight_until_the_next_report() {
+        let v = view(1);
+        v.nodes[0].established.store(10, Relaxed);
+        v.nodes[1].established.store(10, Relaxed);
+        v.nodes[2].established.store(0, Relaxed);
+        let mut d = dispatcher(PolicyName::LeastConnections);
+        let mut to_idle = 0;
+        for i in 0..30 {
+            if d.decide(&syn(i, 0), &v, 0).decision == (Decision::Forward { index: 2 }) {
+                to_idle += 1;
+            }
+        }
+        // 10 to catch up, then a third of the other 20; without in-flight counting, all 30.
+        assert!(
+            (16..=17).contains(&to_idle),
+            "herded {to_idle} of 30 onto the idle node"
+        );
+        // A fresh report resets the in-flight estimate for that node.
+        v.nodes[2].established.store(0, Relaxed);
+        v.nodes[2].report_gen.fetch_add(1, Relaxed);
+        assert_eq!(
+            d.decide(&syn(500, 0), &v, 0).decision,
+            Decision::Forward { index: 2 }
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! The master path: a dedicated thread takes SYNs off the NFQUEUE, asks the dispatcher, and
+//! either accepts the SYN locally or forwards it as protocol 253 and drops the original.
+//!
+//! The hot path (one loop iteration) does not allocate and takes no lock: the packet buffer
+//! belongs to the nfq crate and is reused while every message is given its verdict before the
+//! next `recv`; the forward buffer and the destination addresses are prepared once; shared
+//! state is atomics; commands from the control socket arrive through a channel polled with
+//! `try_recv`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nfq::{Queue, Verdict};
+use tdsc_proto::forward::{ForwardHeader, MAX_HEADER_LEN};
+
+use crate::classify::classify;
+use crate::dispatch::{Decision, Dispatcher};
+use crate::policy::Policy;
+use crate::rawsock::{Dest, RawSocket};
+use crate::view::{add, ClusterView, Counters};
+
+/// Whether this node dispatches right now, and under which term. Written by the role task,
+/// read per packet by the master thread.
+#[derive(Debug, Default)]
+pub struct RoleCell {
+    pub master: AtomicBool,
+    pub term: AtomicU64,
+}
+
+/// Commands for the master thread.
+#[derive(Debug)]
+pub enum MasterCommand {
+    SetPolicy(Box<dyn Policy>),
+}
+
+/// Kernel queue length before new SYNs are dropped: about 20 ms of SYNs at 200k/s.
+pub const QUEUE_MAX_LEN: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("cannot open or configure NFQUEUE {queue}")]
+    Queue {
+        queue: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the forward socket")]
+    Socket(#[source] std::io::Error),
+}
+
+pub struct MasterPath {
+    queue: Queue,
+    queue_num: u16,
+    vip: IpAddr,
+    ports: Vec<u16>,
+    self_id: u32,
+    view: Arc<ClusterView>,
+    counters: Arc<Counters>,
+    role: Arc<RoleCell>,
+    commands: Receiver<MasterCommand>,
+    dispatcher: Dispatcher,
+    dests: Vec<Dest>,
+    socket_v4: Option<RawSocket>,
+    socket_v6: Option<RawSocket>,
+    is_v6: Vec<bool>,
+    buf: Box<[u8]>,
+}
+
+impl std::fmt::Debug for MasterPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterPath")
+            .field("queue_num", &self.queue_num)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MasterPath {
+    /// Binds the queue now, so that a failure shows at start-up rather than at first SYN.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        queue_num: u16,
+        vip: IpAddr,
+        ports: Vec<u16>,
+        self_id: u32,
+        view: Arc<ClusterView>,
+        counters: Arc<Counters>,
+        role: Arc<RoleCell>,
+        commands: Receiver<MasterCommand>,
+        dispatcher: Dispatcher,
+    ) -> Result<Self, MasterError> {
+        let q = |source| MasterError::Queue {
+            queue: queue_num,
+            source,
+        };
+        let mut queue = Queue::open().map_err(q)?;
+        queue.bind(queue_num).map_err(q)?;
+        // Room for the largest SYN (TCP Fast Open data up to the MTU, or more with GRO).
+        queue.set_copy_range(queue_num, 0xffff).map_err(q)?;
+        queue
+            .set_queue_max_len(queue_num, QUEUE_MAX_LEN)
+            .map_err(q)?;
+        // Fail closed: when the queue is full the kernel drops the SYN (the client
+        // retransmits) instead of accepting it on this node behind the policy's back.
+        queue.set_fail_open(queue_num, false).map_err(q)?;
+        let dests = view.nodes.iter().map(|n| Dest::new(&n.address)).collect();
+        let is_v6: Vec<bool> = view.nodes.iter().map(|n| n.address.is_ipv6()).collect();
+        let socket_v4 = if is_v6.iter().any(|v| !v) {
+            Some(RawSocket::forward(&IpAddr::from([0u8; 4])).map_err(MasterError::Socket)?)
+        } else {
+            None
+        };
+        let socket_v6 = if is_v6.iter().any(|v| *v) {
+            Some(RawSocket::forward(&IpAddr::from([0u8; 16])).map_err(MasterError::Socket)?)
+        } else {
+            None
+        };
+        Ok(MasterPath {
+            queue,
+            queue_num,
+            vip,
+            ports,
+            self_id,
+            view,
+            counters,
+            role,
+            commands,
+            dispatcher,
+            dests,
+            socket_v4,
+            socket_v6,
+            is_v6,
+            buf: vec![0u8; MAX_HEADER_LEN + 0x10000].into_boxed_slice(),
+        })
+    }
+
+    /// Runs for the life of the process. While this node is a member nothing is queued and the
+    /// thread sleeps in `recv`.
+    pub fn run(mut self) {
+        let epoch = Instant::now();
+        tracing::info!(queue = self.queue_num, "master path ready");
+        loop {
+            let mut msg = match self.queue.recv() {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "nfqueue receive failed");
+                    continue;
+                }
+            };
+            while let Ok(cmd) = self.commands.try_recv() {
+                match cmd {
+                    MasterCommand::SetPolicy(p) => {
+                        tracing::info!(policy = p.name().as_str(), "policy switched");
+                        self.dispatcher.set_policy(p);
+                    }
+                }
+            }
+            let verdict = self.handle(msg.get_payload(), epoch);
+            msg.set_verdict(verdict);
+            if let Err(e) = self.queue.verdict(msg) {
+                tracing::warn!(error = %e, "nfqueue verdict failed");
+            }
+        }
+    }
+
+    fn handle(&mut self, pkt: &[u8], epoch: Instant) -> Verdict {
+        if !self.role.master.load(Relaxed) {
+            // Queued in the instant before the ruleset turned member: someone else dispatches.
+            add(&self.counters.dropped_not_master);
+            return Verdict::Drop;
+        }
+        let syn = match classify(pkt, self.vip, &self.ports) {
+            Ok(s) => s,
+            Err(_) => {
+                add(&self.counters.queue_rejected);
+                return Verdict::Drop;
+            }
+        };
+        // Milliseconds since start fit in u64 for 584 million years.
+        let now_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let out = self.dispatcher.decide(&syn, &self.view, now_ms);
+        add(&self.counters.syns_dispatched);
+        if out.retransmit {
+            add(&self.counters.retransmit_hits);
+        }
+        let evicted = self.dispatcher.take_evictions();
+        if evicted > 0 {
+            self.counters
+                .records_evicted_live
+                .fetch_add(evicted, Relaxed);
+        }
+        match out.decision {
+            Decision::Local => {
+                add(&self.counters.accepted_locally);
+                Verdict::Accept
+            }
+            Decision::NoNode => {
+                add(&self.counters.dropped_no_node);
+                Verdict::Drop
+            }
+            Decision::Forward { index } => {
+                let header = ForwardHeader {
+                    term: self.role.term.load(Relaxed),
+                    origin: self.self_id,
+                    client: syn.client,
+                    vip: syn.vip,
+                };
+                let sent = header
+                    .encode_packet(syn.segment, &mut self.buf)
+                    .ok()
+                    .and_then(|n| {
+                        let sock = if self.is_v6[index] {
+                            &self.socket_v6
+                        } else {
+                            &self.socket_v4
+                        };
+                        sock.as_ref()?
+                            .send_to(&self.buf[..n], &self.dests[index])
+                            .ok()
+                    });
+                if sent.is_some() {
+                    add(&self.counters.forwarded_out);
+                } else {
+                    add(&self.counters.forward_send_errors);
+                }
+                // Dropped here either way: if the forward failed the client retransmits,
+                // and the record sends the retransmission to the same node.
+                Verdict::Drop
+            }
+        }
+    }
+}

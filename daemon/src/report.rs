@@ -1,0 +1,174 @@
+//! Liveness and load reports between nodes (UDP, prost [`Envelope`]s).
+//!
+//! Every `health.report_interval_ms` each node counts its sockets on the VIP (sock_diag) and
+//! sends a [`NodeReport`] to every other node. A node whose reports stop for
+//! `health.dead_after_ms` is marked dead, and the master stops dispatching to it; its next
+//! report brings it back. Reports are accepted only from a member's address with that
+//! member's id.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tdsc_proto::control::{Body, Envelope, NodeReport, MAX_DATAGRAM};
+use tokio::net::UdpSocket;
+
+use crate::master::RoleCell;
+use crate::sockdiag::SockDiag;
+use crate::view::ClusterView;
+
+#[derive(Debug, Default)]
+pub struct ReportCounters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Reporter {
+    pub node_id: u32,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub interval: Duration,
+    pub dead_after: Duration,
+    pub view: Arc<ClusterView>,
+    pub role: Arc<RoleCell>,
+    pub counters: Arc<ReportCounters>,
+    pub epoch: Instant,
+}
+
+/// Milliseconds since `epoch`, never 0 (0 means "never seen").
+fn now_ms(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl Reporter {
+    pub async fn bind(&self) -> std::io::Result<UdpSocket> {
+        let me = &self.view.nodes[self.view.self_index];
+        UdpSocket::bind(SocketAddr::new(me.address, self.port)).await
+    }
+
+    /// Applies one received datagram to the view. Returns whether it was accepted.
+    pub fn accept(&self, from: SocketAddr, buf: &[u8]) -> bool {
+        let Ok(env) = Envelope::from_bytes(buf) else {
+            return false;
+        };
+        let Some(i) = self.view.index_of_address(&from.ip()) else {
+            return false;
+        };
+        let slot = &self.view.nodes[i];
+        if slot.id != env.from || i == self.view.self_index {
+            return false;
+        }
+        if let Some(Body::Report(r)) = env.body {
+            slot.established.store(r.established, Relaxed);
+            slot.syn_recv.store(r.syn_recv, Relaxed);
+            slot.draining.store(r.draining, Relaxed);
+            slot.last_seen_ms.store(now_ms(self.epoch), Relaxed);
+            slot.report_gen.fetch_add(1, Relaxed);
+            if !slot.alive.swap(true, Relaxed) {
+                tracing::info!(node = slot.id, "node is alive");
+            }
+        }
+        true
+    }
+
+    /// Marks nodes dead whose reports stopped.
+    pub fn sweep(&self) {
+        let now = now_ms(self.epoch);
+        let dead_ms = u64::try_from(self.dead_after.as_millis()).unwrap_or(u64::MAX);
+        for (i, slot) in self.view.nodes.iter().enumerate() {
+            if i == self.view.self_index {
+                continue;
+            }
+            let seen = slot.last_seen_ms.load(Relaxed);
+            if slot.alive.load(Relaxed) && (seen == 0 || now.saturating_sub(seen) > dead_ms) {
+                slot.alive.store(false, Relaxed);
+                tracing::warn!(
+                    node = slot.id,
+                    "no report for {dead_ms} ms: node marked dead"
+                );
+            }
+        }
+    }
+
+    pub async fn run(self, sock: UdpSocket) {
+        let sock = Arc::new(sock);
+        let rx = {
+            let sock = sock.clone();
+            let me = Arc::new(self);
+            let me2 = me.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                loop {
+                    match sock.recv_from(&mut buf).await {
+                        Ok((n, from)) => {
+                            let c = if me2.accept(from, &buf[..n]) {
+                                &me2.counters.received
+                            } else {
+                                &me2.counters.rejected
+                            };
+                            c.fetch_add(1, Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "report receive failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+            me
+        };
+        let me = rx;
+        let mut diag = match SockDiag::open() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::error!(error = %e, "sock_diag unavailable: connection counts will read 0");
+                None
+            }
+        };
+        let peers: Vec<SocketAddr> = me
+            .view
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != me.view.self_index)
+            .map(|(_, n)| SocketAddr::new(n.address, me.port))
+            .collect();
+        let mut tick = tokio::time::interval(me.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            tick.tick().await;
+            let counts = diag
+                .as_mut()
+                .and_then(|d| d.count(&me.vip).ok())
+                .unwrap_or_default();
+            let own = &me.view.nodes[me.view.self_index];
+            own.established.store(counts.established, Relaxed);
+            own.syn_recv.store(counts.syn_recv, Relaxed);
+            own.report_gen.fetch_add(1, Relaxed);
+            seq += 1;
+            let env = Envelope::report(
+                me.node_id,
+                me.role.term.load(Relaxed),
+                NodeReport {
+                    established: counts.established,
+                    syn_recv: counts.syn_recv,
+                    seq,
+                    draining: own.draining.load(Relaxed),
+                },
+            );
+            let bytes = env.to_bytes();
+            for p in &peers {
+                if sock.send_to(&bytes, p).await.is_ok() {
+                    me.counters.sent.fetch_add(1, Relaxed);
+                }
+            }
+            me.sweep();
+        }
+    }
+}
