@@ -1,0 +1,680 @@
+//! The pure core: role + configuration + host facts → ruleset value → `nft` text.
+//!
+//! Nothing here touches the kernel. The value is lowered to netlink by `lower.rs`; the text is
+//! what `nft list ruleset` prints for the same ruleset (nft 1.0.6 syntax), which the namespace
+//! tests check.
+
+use std::fmt::{self, Write as _};
+use std::net::IpAddr;
+
+use crate::{Error, EGRESS_PRIORITY, FORWARD_PROTO, INET_PRIORITY, TABLE_NAME};
+
+/// The node's part in the cluster. One event loop in the daemon owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Takes client SYNs for the VIP off the NFQUEUE and dispatches each new connection.
+    Master,
+    /// Drops client SYNs; serves the connections the master forwards to it.
+    Member,
+}
+
+/// How the master's SYN rule hands packets to the NFQUEUE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueBackend {
+    /// The nftables `queue` expression (`CONFIG_NFT_QUEUE`).
+    Native,
+    /// The xtables `NFQUEUE` target (revision 3) run through `nft_compat`, for kernels built
+    /// without `CONFIG_NFT_QUEUE`. `nft list ruleset` prints it as `queue num N`, but feeding
+    /// that text back through `nft -f` asks for the native expression, so on such a kernel the
+    /// master's text cannot be loaded by `nft`; only [`crate::Firewall::apply`] can install it.
+    Compat,
+}
+
+/// Facts about the host that generation depends on, resolved before generation by
+/// [`crate::Firewall::probe`] so that [`ruleset`] stays pure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HostFacts {
+    /// Which queue expression the kernel supports.
+    pub queue: QueueBackend,
+}
+
+/// This node's bucket of the static hash that splits flows the master does not dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StaticHash {
+    /// This node's bucket, `0..count`. Every node must have a different one.
+    pub index: u32,
+    /// Number of buckets (nodes). With 1 the hash rules are left out.
+    pub count: u32,
+    /// jhash seed. Every node must use the same one, or a flow could hash to no node or to
+    /// two. It is always sent to the kernel, because without one nft_hash picks a random seed
+    /// per node.
+    pub seed: u32,
+}
+
+/// The cluster configuration the ruleset is generated from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClusterSpec {
+    /// The shared virtual IP. An IPv6 VIP produces the `ip6` equivalents of every rule.
+    pub vip: IpAddr,
+    /// TCP ports the master dispatches; empty means every port.
+    pub tcp_ports: Vec<u16>,
+    /// Interface that receives client frames (every node sees every frame here).
+    pub client_interface: String,
+    /// Interface of the cluster network, where forwarded SYNs arrive.
+    pub cluster_interface: String,
+    /// Cluster-network address of every node, this one included.
+    pub members: Vec<IpAddr>,
+    /// NFQUEUE number the master's daemon reads SYNs from.
+    pub queue_num: u16,
+    /// Some(mac): rewrite the source MAC of frames leaving `client_interface` (NLB-style layer-2
+    /// mode), so a learning bridge never learns the shared cluster MAC.
+    pub egress_mac: Option<[u8; 6]>,
+    /// This node's bucket for flows the master does not dispatch.
+    pub static_hash: StaticHash,
+}
+
+impl ClusterSpec {
+    /// Checks what [`ruleset`] assumes: interface names the kernel accepts and a hash bucket
+    /// that exists. [`ruleset`] itself never fails; call this when the configuration is loaded.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_iface("client_interface", &self.client_interface)?;
+        check_iface("cluster_interface", &self.cluster_interface)?;
+        check_hash(&self.static_hash)?;
+        if self.vip.is_unspecified() {
+            return Err(invalid("vip", "must not be the unspecified address"));
+        }
+        if self.members.is_empty() {
+            return Err(invalid("members", "must list at least this node"));
+        }
+        if self.tcp_ports.contains(&0) {
+            return Err(invalid("tcp_ports", "port 0 is not a port"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidSpec {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Linux interface names are at most `IFNAMSIZ - 1` = 15 bytes; `meta iifname` compares all
+/// 16 bytes of the NUL-padded name. A `"` would also break the `nft` text.
+fn check_iface(field: &'static str, name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(invalid(field, format!("{name:?} is not 1-15 bytes long")));
+    }
+    if name
+        .bytes()
+        .any(|b| b == 0 || b == b'"' || b == b'/' || b.is_ascii_whitespace())
+    {
+        return Err(invalid(
+            field,
+            format!("{name:?} is not a valid interface name"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_hash(hash: &StaticHash) -> Result<(), Error> {
+    if hash.count == 0 {
+        return Err(invalid("static_hash.count", "must be at least 1"));
+    }
+    if hash.index >= hash.count {
+        return Err(invalid(
+            "static_hash.index",
+            format!("{} is not below count {}", hash.index, hash.count),
+        ));
+    }
+    Ok(())
+}
+
+/// Layer-3 family of an address match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    /// IPv4 (`ip`, `NFPROTO_IPV4`).
+    V4,
+    /// IPv6 (`ip6`, `NFPROTO_IPV6`).
+    V6,
+}
+
+impl IpFamily {
+    /// The family of an address.
+    pub fn of(addr: &IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    fn keyword(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+}
+
+/// Transport protocol of a port-based hash input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum L4Proto {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+}
+
+impl L4Proto {
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            L4Proto::Tcp => IPPROTO_TCP,
+            L4Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    fn keyword(self) -> &'static str {
+        match self {
+            L4Proto::Tcp => "tcp",
+            L4Proto::Udp => "udp",
+        }
+    }
+}
+
+pub(crate) const IPPROTO_ICMP: u8 = 1;
+pub(crate) const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_ICMPV6: u8 = 58;
+
+/// What a static hash is computed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HashInput {
+    /// Source address only (ICMP echo: there are no ports).
+    Saddr(IpFamily),
+    /// Source address and source port, so one client's flows spread over the nodes.
+    SaddrSport(IpFamily, L4Proto),
+}
+
+/// One condition of a rule. Each knows its `nft` text and (in `lower.rs`) its expressions,
+/// including the implicit dependencies nft adds (`meta nfproto`, `meta l4proto`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    /// `iifname "NAME"`.
+    IifName(String),
+    /// `oifname "NAME"`.
+    OifName(String),
+    /// `ip daddr A` / `ip6 daddr A`.
+    Daddr(IpAddr),
+    /// `ip saddr A` / `ip6 saddr A`.
+    Saddr(IpAddr),
+    /// `meta l4proto P`.
+    L4Proto(u8),
+    /// `tcp dport P`, `tcp dport { P, … }`, or their `!=` forms. Ports are sorted and unique.
+    TcpDport {
+        /// The ports.
+        ports: Vec<u16>,
+        /// Match ports *not* in the list.
+        negate: bool,
+    },
+    /// `tcp flags syn / fin,syn,rst,ack`, i.e. `flags & (fin|syn|rst|ack) == syn`: a first SYN,
+    /// but not the SYN/ACK that plain `tcp flags syn` would also match.
+    TcpSynOnly,
+    /// `tcp flags rst`: the RST bit is set.
+    TcpRst,
+    /// `ct state invalid`.
+    CtStateInvalid,
+    /// `icmp type echo-request` / `icmpv6 type echo-request`.
+    EchoRequest(IpFamily),
+    /// `jhash INPUT mod COUNT seed SEED != INDEX`: the flow belongs to another node.
+    HashNotMine {
+        /// Fields hashed.
+        input: HashInput,
+        /// This node's bucket.
+        hash: StaticHash,
+    },
+}
+
+/// What a rule does with a matching packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `accept`.
+    Accept,
+    /// `drop`.
+    Drop,
+    /// Hand the packet to NFQUEUE `num`, without the bypass flag.
+    Queue {
+        /// Queue number.
+        num: u16,
+        /// Expression used.
+        backend: QueueBackend,
+    },
+    /// `ether saddr set MAC` (not a verdict: the frame continues).
+    SetEtherSaddr([u8; 6]),
+}
+
+/// A rule: conditions, an optional counter, an action and a comment that names its purpose in
+/// `nft list ruleset` (and lets [`crate::Firewall::foreign_forward_drops`] find its counter).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    /// All must hold.
+    pub matches: Vec<Match>,
+    /// Count matching packets.
+    pub counter: bool,
+    /// What to do with them.
+    pub action: Action,
+    /// Short purpose, shown as `comment "…"`.
+    pub comment: &'static str,
+}
+
+/// Our chains. Each is a base chain with a fixed hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChainName {
+    /// `inet tdsc input`, hook input.
+    Input,
+    /// `inet tdsc output`, hook output.
+    Output,
+    /// `netdev tdsc egress`, hook egress on the client interface.
+    Egress,
+}
+
+impl ChainName {
+    /// The chain's name in the kernel.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChainName::Input => "input",
+            ChainName::Output => "output",
+            ChainName::Egress => "egress",
+        }
+    }
+}
+
+/// A base chain of one of our tables. All are `type filter` with `policy accept`: they only
+/// ever remove packets (or rewrite a MAC), everything else goes on to the host's own rules.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    /// Name, which also fixes the hook.
+    pub name: ChainName,
+    /// Device, for the netdev egress hook.
+    pub device: Option<String>,
+    /// Hook priority.
+    pub priority: i32,
+    /// Rules, evaluated in order.
+    pub rules: Vec<Rule>,
+}
+
+/// Family of one of our tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// `table inet tdsc`: IPv4 and IPv6 input/output filtering.
+    Inet,
+    /// `table netdev tdsc`: the layer-2 egress rewrite.
+    Netdev,
+}
+
+impl Family {
+    /// Every family we may own a table in; `apply` and `remove` clear all of them.
+    pub const ALL: [Family; 2] = [Family::Inet, Family::Netdev];
+
+    /// The nft keyword.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Inet => "inet",
+            Family::Netdev => "netdev",
+        }
+    }
+}
+
+/// One of our tables (always named [`TABLE_NAME`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Table {
+    /// Family.
+    pub family: Family,
+    /// Chains, in the order they are created and printed.
+    pub chains: Vec<Chain>,
+}
+
+/// The whole ruleset for one node: the value [`crate::Firewall::apply`] installs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ruleset {
+    /// Our tables. A family absent here is removed by `apply`.
+    pub tables: Vec<Table>,
+}
+
+/// Comment of the rule whose counter [`crate::Firewall::foreign_forward_drops`] reads.
+pub(crate) const FOREIGN_DROP_COMMENT: &str = "tdsc: proto 253 from a non-member";
+
+/// Builds the ruleset for `role`. Pure and deterministic: the same inputs give the same value,
+/// byte for byte, on every node. Assumes [`ClusterSpec::validate`] passed.
+///
+/// `table inet tdsc`, chain `input` (hook input, priority `filter - 10`):
+///
+/// 1. Client SYNs for the VIP (`tcp flags & (fin|syn|rst|ack) == syn`, on dispatched ports):
+///    the master queues them to its daemon, a member drops them, because the master forwards
+///    each one to exactly one node.
+/// 2. Flows the master does not dispatch (UDP, TCP on other ports, ICMP echo): a static jhash
+///    picks exactly one node; the others drop. Left out with one node.
+/// 3. Other TCP segments for the VIP that conntrack finds INVALID are dropped: with
+///    `nf_conntrack_tcp_loose = 0` a segment with no conntrack entry is another node's
+///    connection, and dropping it before TCP means this node never answers it with an RST.
+/// 4. Protocol 253 (forwarded SYNs) is accepted from each member over the cluster interface,
+///    and dropped (and counted) from anyone else.
+///
+/// Every input rule matches the client or cluster interface. A forwarded SYN is re-injected
+/// through a raw socket and arrives again via `lo`, addressed to the VIP; because no rule
+/// matches `lo`, it is never queued or dropped a second time.
+///
+/// Chain `output` (hook output): an RST from the VIP that conntrack finds INVALID belongs to no
+/// connection this node tracks, so it is never ours to send.
+///
+/// `table netdev tdsc` (only with `egress_mac`): the egress hook on the client interface
+/// rewrites the source MAC, so a learning bridge learns per-node MACs and keeps flooding frames
+/// for the shared cluster MAC to every node.
+pub fn ruleset(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Ruleset {
+    let mut tables = vec![Table {
+        family: Family::Inet,
+        chains: vec![
+            Chain {
+                name: ChainName::Input,
+                device: None,
+                priority: INET_PRIORITY,
+                rules: input_rules(role, spec, facts),
+            },
+            Chain {
+                name: ChainName::Output,
+                device: None,
+                priority: INET_PRIORITY,
+                rules: output_rules(spec),
+            },
+        ],
+    }];
+    if let Some(mac) = spec.egress_mac {
+        tables.push(Table {
+            family: Family::Netdev,
+            chains: vec![Chain {
+                name: ChainName::Egress,
+                device: Some(spec.client_interface.clone()),
+                priority: EGRESS_PRIORITY,
+                rules: vec![Rule {
+                    matches: vec![],
+                    counter: false,
+                    action: Action::SetEtherSaddr(mac),
+                    comment: "tdsc: per-node source MAC",
+                }],
+            }],
+        });
+    }
+    Ruleset { tables }
+}
+
+fn input_rules(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Vec<Rule> {
+    let family = IpFamily::of(&spec.vip);
+    let mut ports = spec.tcp_ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    // Every rule below starts here: only frames that arrived on the client interface. A SYN
+    // re-injected through the raw socket arrives via `lo` and so passes untouched.
+    let to_vip = || {
+        vec![
+            Match::IifName(spec.client_interface.clone()),
+            Match::Daddr(spec.vip),
+        ]
+    };
+    let mut rules = Vec::new();
+
+    let mut syn = to_vip();
+    if !ports.is_empty() {
+        syn.push(Match::TcpDport {
+            ports: ports.clone(),
+            negate: false,
+        });
+    }
+    syn.push(Match::TcpSynOnly);
+    rules.push(match role {
+        // No bypass flag: if the daemon is not reading the queue, the kernel drops the SYN
+        // instead of accepting it. Fail closed: with bypass every node would accept every SYN
+        // while the master is down, and each would build its own half of the same connection.
+        Role::Master => Rule {
+            matches: syn,
+            counter: true,
+            action: Action::Queue {
+                num: spec.queue_num,
+                backend: facts.queue,
+            },
+            comment: "tdsc: new connection, to the dispatcher",
+        },
+        // The master forwards each SYN to exactly one node over proto 253.
+        Role::Member => Rule {
+            matches: syn,
+            counter: true,
+            action: Action::Drop,
+            comment: "tdsc: new connection, the master dispatches it",
+        },
+    });
+
+    let hash = spec.static_hash;
+    if hash.count > 1 {
+        // jhash is deterministic given the seed, so every node computes the same bucket for a
+        // flow and exactly one of them (the one whose index it is) keeps it.
+        let not_mine = |input| Match::HashNotMine { input, hash };
+        let mut udp = to_vip();
+        udp.push(not_mine(HashInput::SaddrSport(family, L4Proto::Udp)));
+        rules.push(drop_rule(udp, "tdsc: UDP flow of another node"));
+        if !ports.is_empty() {
+            let mut tcp = to_vip();
+            tcp.push(Match::TcpDport {
+                ports: ports.clone(),
+                negate: true,
+            });
+            tcp.push(not_mine(HashInput::SaddrSport(family, L4Proto::Tcp)));
+            rules.push(drop_rule(
+                tcp,
+                "tdsc: undispatched TCP flow of another node",
+            ));
+        }
+        let mut echo = to_vip();
+        echo.push(Match::EchoRequest(family));
+        echo.push(not_mine(HashInput::Saddr(family)));
+        rules.push(drop_rule(echo, "tdsc: echo request for another node"));
+    }
+
+    let mut invalid = to_vip();
+    invalid.push(Match::L4Proto(IPPROTO_TCP));
+    invalid.push(Match::CtStateInvalid);
+    rules.push(Rule {
+        matches: invalid,
+        counter: true,
+        action: Action::Drop,
+        comment: "tdsc: segment of a connection this node does not own",
+    });
+
+    for member in &spec.members {
+        rules.push(Rule {
+            matches: vec![
+                Match::IifName(spec.cluster_interface.clone()),
+                Match::Saddr(*member),
+                Match::L4Proto(FORWARD_PROTO),
+            ],
+            counter: false,
+            action: Action::Accept,
+            comment: "tdsc: forwarded SYN from a member",
+        });
+    }
+    // Anyone else could inject SYNs that bypass the master's dispatch (and its policies).
+    rules.push(Rule {
+        matches: vec![Match::L4Proto(FORWARD_PROTO)],
+        counter: true,
+        action: Action::Drop,
+        comment: FOREIGN_DROP_COMMENT,
+    });
+    rules
+}
+
+fn drop_rule(matches: Vec<Match>, comment: &'static str) -> Rule {
+    Rule {
+        matches,
+        counter: false,
+        action: Action::Drop,
+        comment,
+    }
+}
+
+fn output_rules(spec: &ClusterSpec) -> Vec<Rule> {
+    vec![Rule {
+        matches: vec![
+            Match::OifName(spec.client_interface.clone()),
+            Match::Saddr(spec.vip),
+            Match::TcpRst,
+            Match::CtStateInvalid,
+        ],
+        counter: true,
+        action: Action::Drop,
+        comment: "tdsc: RST for a connection this node does not own",
+    }]
+}
+
+impl Ruleset {
+    /// Renders the ruleset as `nft list ruleset` prints it once installed (nft 1.0.6 syntax,
+    /// counters at zero). It loads with `nft -f`, except a master rule using
+    /// [`QueueBackend::Compat`]: nft prints that target as `queue num N`, but parses that text
+    /// as the native `queue` expression, which kernels without `CONFIG_NFT_QUEUE` reject.
+    pub fn to_nft_text(&self) -> String {
+        self.to_string()
+    }
+
+    /// The table of `family`, if the ruleset has one.
+    pub fn table(&self, family: Family) -> Option<&Table> {
+        self.tables.iter().find(|t| t.family == family)
+    }
+}
+
+impl fmt::Display for Ruleset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for table in &self.tables {
+            writeln!(f, "table {} {TABLE_NAME} {{", table.family.as_str())?;
+            for (i, chain) in table.chains.iter().enumerate() {
+                if i > 0 {
+                    writeln!(f)?;
+                }
+                write_chain(f, chain)?;
+            }
+            writeln!(f, "}}")?;
+        }
+        Ok(())
+    }
+}
+
+fn write_chain(f: &mut fmt::Formatter<'_>, chain: &Chain) -> fmt::Result {
+    writeln!(f, "\tchain {} {{", chain.name.as_str())?;
+    let hook = match chain.name {
+        ChainName::Input => "input".to_string(),
+        ChainName::Output => "output".to_string(),
+        ChainName::Egress => format!(
+            "egress device \"{}\"",
+            chain.device.as_deref().unwrap_or_default()
+        ),
+    };
+    writeln!(
+        f,
+        "\t\ttype filter hook {hook} priority {}; policy accept;",
+        priority_text(chain.priority)
+    )?;
+    for rule in &chain.rules {
+        writeln!(f, "\t\t{}", rule_text(rule))?;
+    }
+    writeln!(f, "\t}}")
+}
+
+/// nft prints a filter chain's priority relative to the named `filter` priority (0).
+fn priority_text(priority: i32) -> String {
+    match priority {
+        0 => "filter".to_string(),
+        p if p < 0 => format!("filter - {}", p.unsigned_abs()),
+        p => format!("filter + {p}"),
+    }
+}
+
+/// One rule as nft prints it: conditions, `counter packets 0 bytes 0`, action, comment.
+pub(crate) fn rule_text(rule: &Rule) -> String {
+    let mut words: Vec<String> = rule.matches.iter().map(match_text).collect();
+    if rule.counter {
+        words.push("counter packets 0 bytes 0".to_string());
+    }
+    words.push(action_text(&rule.action));
+    words.push(format!("comment \"{}\"", rule.comment));
+    words.join(" ")
+}
+
+fn match_text(m: &Match) -> String {
+    match m {
+        Match::IifName(name) => format!("iifname \"{name}\""),
+        Match::OifName(name) => format!("oifname \"{name}\""),
+        Match::Daddr(addr) => format!("{} daddr {addr}", IpFamily::of(addr).keyword()),
+        Match::Saddr(addr) => format!("{} saddr {addr}", IpFamily::of(addr).keyword()),
+        Match::L4Proto(proto) => format!("meta l4proto {}", proto_name(*proto)),
+        Match::TcpDport { ports, negate } => {
+            let op = if *negate { "!= " } else { "" };
+            match ports.as_slice() {
+                [port] => format!("tcp dport {op}{port}"),
+                _ => {
+                    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                    format!("tcp dport {op}{{ {} }}", list.join(", "))
+                }
+            }
+        }
+        Match::TcpSynOnly => "tcp flags syn / fin,syn,rst,ack".to_string(),
+        Match::TcpRst => "tcp flags rst".to_string(),
+        Match::CtStateInvalid => "ct state invalid".to_string(),
+        Match::EchoRequest(IpFamily::V4) => "icmp type echo-request".to_string(),
+        Match::EchoRequest(IpFamily::V6) => "icmpv6 type echo-request".to_string(),
+        Match::HashNotMine { input, hash } => {
+            let mut text = String::from("jhash ");
+            match input {
+                HashInput::Saddr(fam) => {
+                    let _ = write!(text, "{} saddr", fam.keyword());
+                }
+                HashInput::SaddrSport(fam, l4) => {
+                    let _ = write!(text, "{} saddr . {} sport", fam.keyword(), l4.keyword());
+                }
+            }
+            let _ = write!(
+                text,
+                " mod {} seed {:#x} != {}",
+                hash.count, hash.seed, hash.index
+            );
+            text
+        }
+    }
+}
+
+/// nft prints protocol names from /etc/protocols for the common ones, numbers otherwise.
+fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_ICMP => "icmp".to_string(),
+        IPPROTO_TCP => "tcp".to_string(),
+        IPPROTO_UDP => "udp".to_string(),
+        IPPROTO_ICMPV6 => "ipv6-icmp".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn action_text(action: &Action) -> String {
+    match action {
+        Action::Accept => "accept".to_string(),
+        Action::Drop => "drop".to_string(),
+        // nft 1.0.6 prints the native expression in its `queue to N` syntax, and the xtables
+        // target through libxtables' translation, `queue num N`.
+        Action::Queue {
+            num,
+            backend: QueueBackend::Native,
+        } => format!("queue to {num}"),
+        Action::Queue {
+            num,
+            backend: QueueBackend::Compat,
+        } => format!("queue num {num}"),
+        Action::SetEtherSaddr(mac) => {
+            let hex: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+            format!("ether saddr set {}", hex.join(":"))
+        }
+    }
+}
