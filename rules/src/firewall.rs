@@ -210,6 +210,25 @@ impl Firewall {
             })
     }
 
+    /// The kernel's nf_tables generation id, which every committed transaction (ours or anyone
+    /// else's) increments. Two reads around [`Firewall::apply`] that differ by exactly one show
+    /// the replacement was a single transaction; a change between two of our own applies shows
+    /// someone else touched the ruleset.
+    pub fn generation(&mut self) -> Result<u32, Error> {
+        let mut id = None;
+        // NFT_MSG_GETGEN is a plain request (not a dump); its NEWGEN reply carries
+        // NFTA_GEN_ID, a big-endian u32.
+        self.dump(libc::NFT_MSG_GETGEN, Family::Inet, 0, |msg| {
+            id = id.or(attribute(msg, NFTA_GEN_ID)
+                .and_then(|v| v.try_into().ok())
+                .map(u32::from_be_bytes));
+            Ok(())
+        })?;
+        id.ok_or(Error::Malformed {
+            reason: "generation reply without NFTA_GEN_ID",
+        })
+    }
+
     /// Sends a finished batch and checks that every message was acknowledged without error.
     fn run(&mut self, plan: &Plan) -> Result<(), Error> {
         self.send(&plan.bytes())?;
@@ -301,6 +320,7 @@ impl Firewall {
         &mut self,
         msg_type: libc::c_int,
         family: Family,
+        flags: libc::c_int,
         mut each: impl FnMut(&NlMsg<'_>) -> Result<(), Error>,
     ) -> Result<(), Error> {
         self.dump_seq = self.dump_seq.wrapping_add(1);
@@ -313,7 +333,7 @@ impl Firewall {
                 request.as_mut_ptr().cast::<c_char>(),
                 c16(msg_type),
                 lower::proto_family(family) as u16,
-                c16(libc::NLM_F_DUMP | libc::NLM_F_ACK),
+                c16(flags | libc::NLM_F_ACK),
                 seq,
             )
         };
@@ -354,7 +374,7 @@ impl Firewall {
 
     fn dump_tables(&mut self, family: Family) -> Result<Vec<String>, Error> {
         let mut names = Vec::new();
-        self.dump(libc::NFT_MSG_GETTABLE, family, |msg| {
+        self.dump(libc::NFT_MSG_GETTABLE, family, libc::NLM_F_DUMP, |msg| {
             if msg.family() == Some(family_byte(family)) {
                 names.push(msg.table_name()?);
             }
@@ -365,7 +385,7 @@ impl Firewall {
 
     fn dump_chains(&mut self, family: Family) -> Result<Vec<KernelChain>, Error> {
         let mut chains = Vec::new();
-        self.dump(libc::NFT_MSG_GETCHAIN, family, |msg| {
+        self.dump(libc::NFT_MSG_GETCHAIN, family, libc::NLM_F_DUMP, |msg| {
             let chain = KernelChain::parse(msg)?;
             if chain.table == TABLE_NAME && msg.family() == Some(family_byte(family)) {
                 chains.push(chain);
@@ -377,7 +397,7 @@ impl Firewall {
 
     fn dump_rules(&mut self, family: Family) -> Result<Vec<KernelRule>, Error> {
         let mut rules = Vec::new();
-        self.dump(libc::NFT_MSG_GETRULE, family, |msg| {
+        self.dump(libc::NFT_MSG_GETRULE, family, libc::NLM_F_DUMP, |msg| {
             let rule = KernelRule::parse(msg)?;
             if rule.table == TABLE_NAME && rule.family == u32::from(family_byte(family)) {
                 rules.push(rule);
@@ -442,6 +462,28 @@ fn family_byte(family: Family) -> u8 {
 /// `socklen_t` of a small option value.
 fn socklen_of<T>() -> libc::socklen_t {
     libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
+}
+
+/// `NFTA_GEN_ID` (linux/netfilter/nf_tables.h, `enum nft_gen_attributes`).
+const NFTA_GEN_ID: u16 = 1;
+
+/// The payload of the first top-level attribute of type `ty` in an nfnetlink message.
+fn attribute<'a>(msg: &NlMsg<'a>, ty: u16) -> Option<&'a [u8]> {
+    let b = msg.bytes;
+    let mut at = NLMSG_HDRLEN + 4; // nlmsghdr + nfgenmsg
+    while at + 4 <= b.len() {
+        let len = usize::from(u16::from_ne_bytes([b[at], b[at + 1]]));
+        // Mask NLA_F_NESTED / NLA_F_NET_BYTEORDER.
+        let kind = u16::from_ne_bytes([b[at + 2], b[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > b.len() {
+            return None;
+        }
+        if kind == ty {
+            return Some(&b[at + 4..at + len]);
+        }
+        at += len.next_multiple_of(4);
+    }
+    None
 }
 
 fn mismatch(diff: String) -> Error {

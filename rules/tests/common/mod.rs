@@ -141,7 +141,8 @@ pub struct NetNs {
 static NEXT_NS: AtomicU32 = AtomicU32::new(0);
 
 impl NetNs {
-    pub fn new() -> NetNs {
+    /// An empty namespace with `lo` up.
+    pub fn empty() -> NetNs {
         let name = format!(
             "tdsc-rules-test-{}-{}",
             std::process::id(),
@@ -150,13 +151,18 @@ impl NetNs {
         run("ip", &["netns", "add", &name]);
         // From here on, Drop removes the namespace whatever happens.
         let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn new() -> NetNs {
+        let ns = NetNs::empty();
         for dev in ["eth0", "eth1"] {
             let peer = format!("{dev}p");
             ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer]);
             ns.ip(&["link", "set", dev, "up"]);
             ns.ip(&["link", "set", &peer, "up"]);
         }
-        ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
 
@@ -237,4 +243,97 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The packet counter of the rule whose comment contains `comment`, from an `nft list` text.
+pub fn counter_of(listing: &str, comment: &str) -> u64 {
+    let line = listing
+        .lines()
+        .find(|l| l.contains(comment))
+        .unwrap_or_else(|| panic!("no rule commented {comment:?} in\n{listing}"));
+    let rest = line
+        .split("counter packets ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no counter in {line}"));
+    rest.split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("packet count")
+}
+
+/// Internet checksum (RFC 1071) over `data`, starting from `sum`.
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).expect("folded to 16 bits")
+}
+
+/// An IPv4 packet (header checksum left 0: the kernel fills it for IP_HDRINCL sockets).
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + payload.len()).unwrap();
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TCP SYN from `src:sport` to `dst:dport` with a correct TCP checksum (a wrong one would be
+/// dropped by TCP and make a test pass for the wrong reason).
+pub fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
+    tcp.extend_from_slice(&0u32.to_be_bytes()); // ack
+    tcp.extend_from_slice(&[5 << 4, 0x02]); // data offset 5 words, SYN
+    tcp.extend_from_slice(&65535u16.to_be_bytes()); // window
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo, 0);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    ipv4_packet(src, dst, 6, &tcp)
+}
+
+/// Sends a complete IPv4 packet through an `IPPROTO_RAW` socket (IP_HDRINCL implied), in the
+/// calling thread's namespace, the way the daemon re-injects forwarded SYNs.
+pub fn send_raw(packet: &[u8], dst: Ipv4Addr) {
+    // SAFETY: plain socket creation; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let addr = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: valid fd, buffer and address of the right size.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+    assert_eq!(usize::try_from(n).ok(), Some(packet.len()), "sendto: {err}");
 }
