@@ -920,6 +920,172 @@ fn mask_set_name(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{ruleset, ClusterSpec, Role, StaticHash};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn master(queue: QueueBackend) -> Ruleset {
+        let spec = ClusterSpec {
+            vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            tcp_ports: vec![80, 443],
+            client_interface: "eth0".into(),
+            cluster_interface: "eth1".into(),
+            members: vec![IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11))],
+            queue_num: 3,
+            egress_mac: Some([2, 0, 0, 0, 0, 1]),
+            static_hash: StaticHash {
+                index: 0,
+                count: 2,
+                seed: 0x2a,
+            },
+        };
+        ruleset(Role::Master, &spec, &HostFacts { queue })
+    }
+
+    /// The expressions of rule 1 of `inet tdsc input`, parsed back out of the batch bytes.
+    fn syn_rule(queue: QueueBackend) -> Vec<(String, Vec<u8>)> {
+        let plan = lower::apply_plan(&master(queue));
+        let bytes = plan.bytes();
+        let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `aligned` has room for `bytes`; no overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                aligned.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            )
+        };
+        // SAFETY: initialised just above.
+        let view =
+            unsafe { std::slice::from_raw_parts(aligned.as_ptr().cast::<u8>(), bytes.len()) };
+        let newrule = c16((libc::NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_NEWRULE);
+        let msg = messages(view)
+            .map(Result::unwrap)
+            .find(|m| m.ty == newrule)
+            .expect("a rule");
+        let r = Owned::new(
+            // SAFETY: plain allocation.
+            unsafe { sys::nftnl_rule_alloc() },
+            // SAFETY: frees it once.
+            |r| unsafe { sys::nftnl_rule_free(r) },
+        );
+        // SAFETY: complete, aligned message.
+        assert!(unsafe { sys::nftnl_rule_nlmsg_parse(msg.header(), r.ptr()) } >= 0);
+        let iter = Owned::new(
+            // SAFETY: iterator over a parsed rule, destroyed before it.
+            unsafe { sys::nftnl_expr_iter_create(r.ptr()) },
+            // SAFETY: destroys it once.
+            |i| unsafe { sys::nftnl_expr_iter_destroy(i) },
+        );
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: live iterator.
+            let expr = unsafe { sys::nftnl_expr_iter_next(iter.ptr()) };
+            if expr.is_null() {
+                return out;
+            }
+            // SAFETY: the name is always set.
+            let name = cstr(unsafe { sys::nftnl_expr_get_str(expr, attr(sys::NFTNL_EXPR_NAME)) });
+            let info = if name == "target" {
+                let mut len = 0u32;
+                // SAFETY: the target's info, owned by the expression, `len` bytes long.
+                let p =
+                    unsafe { sys::nftnl_expr_get(expr, attr(sys::NFTNL_EXPR_TG_INFO), &mut len) };
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec()
+            } else if name == "queue" {
+                // SAFETY: getters of a queue expression.
+                let (num, total, flags) = unsafe {
+                    (
+                        sys::nftnl_expr_get_u16(expr, attr(sys::NFTNL_EXPR_QUEUE_NUM)),
+                        sys::nftnl_expr_get_u16(expr, attr(sys::NFTNL_EXPR_QUEUE_TOTAL)),
+                        sys::nftnl_expr_get_u16(expr, attr(sys::NFTNL_EXPR_QUEUE_FLAGS)),
+                    )
+                };
+                [num, total, flags]
+                    .iter()
+                    .flat_map(|v| v.to_ne_bytes())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            out.push((name, info));
+        }
+    }
+
+    #[test]
+    fn compat_queue_is_nfqueue_v3_without_bypass() {
+        let exprs = syn_rule(QueueBackend::Compat);
+        let (name, info) = exprs.last().unwrap();
+        assert_eq!(name, "target");
+        // xt_NFQ_info_v3 { queuenum 3, queues_total 1, flags 0 }, host order, padded to 8.
+        let mut want = Vec::new();
+        for v in [3u16, 1, 0, 0] {
+            want.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(info, &want);
+        assert!(exprs.iter().any(|(n, _)| n == "counter"));
+    }
+
+    #[test]
+    fn native_queue_has_no_flags() {
+        let exprs = syn_rule(QueueBackend::Native);
+        let (name, info) = exprs.last().unwrap();
+        assert_eq!(name, "queue");
+        let want: Vec<u8> = [3u16, 1, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        assert_eq!(info, &want);
+    }
+
+    #[test]
+    fn apply_batch_replaces_both_tables_and_labels_every_message() {
+        let plan = lower::apply_plan(&master(QueueBackend::Compat));
+        assert_eq!(
+            &plan.labels[..6],
+            &[
+                "add table inet tdsc",
+                "delete table inet tdsc",
+                "add table inet tdsc",
+                "add chain inet tdsc input",
+                "the port set of rule 1 of inet tdsc input",
+                "the port set elements of rule 1 of inet tdsc input",
+            ]
+            .map(String::from)
+        );
+        assert!(plan.labels.iter().any(|l| l == "delete table netdev tdsc"));
+        assert!(plan
+            .labels
+            .iter()
+            .any(|l| l == "add chain netdev tdsc egress"));
+        let seqs = plan.batch.sequence_numbers();
+        assert!(seqs.len() == plan.labels.len() || seqs.len() == plan.labels.len() + 2);
+    }
+
+    #[test]
+    fn remove_batch_only_touches_our_tables() {
+        let plan = lower::remove_plan();
+        assert_eq!(
+            plan.labels,
+            [
+                "add table inet tdsc",
+                "delete table inet tdsc",
+                "add table netdev tdsc",
+                "delete table netdev tdsc",
+            ]
+            .map(String::from)
+        );
+    }
+
+    #[test]
+    fn probe_batch_is_sent_without_its_end() {
+        let plan = lower::probe_plan();
+        let bytes = plan.bytes();
+        let cut = strip_batch_end(&bytes).unwrap();
+        assert!(cut.len() < bytes.len());
+        let last = messages(cut).last().unwrap().unwrap();
+        assert_eq!(
+            last.ty,
+            c16((libc::NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_NEWRULE)
+        );
+    }
 
     #[test]
     fn set_names_are_masked_both_ways() {

@@ -678,3 +678,228 @@ fn action_text(action: &Action) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn spec() -> ClusterSpec {
+        ClusterSpec {
+            vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            tcp_ports: vec![443, 80, 443],
+            client_interface: "eth0".into(),
+            cluster_interface: "eth1".into(),
+            members: vec![
+                IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11)),
+                IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)),
+            ],
+            queue_num: 7,
+            egress_mac: None,
+            static_hash: StaticHash {
+                index: 0,
+                count: 2,
+                seed: 9,
+            },
+        }
+    }
+
+    const COMPAT: HostFacts = HostFacts {
+        queue: QueueBackend::Compat,
+    };
+
+    fn input(rs: &Ruleset) -> &[Rule] {
+        &rs.table(Family::Inet).unwrap().chains[0].rules
+    }
+
+    #[test]
+    fn roles_differ_only_in_the_syn_rule_action() {
+        let master = ruleset(Role::Master, &spec(), &COMPAT);
+        let member = ruleset(Role::Member, &spec(), &COMPAT);
+        let (m, n) = (input(&master), input(&member));
+        assert_eq!(m.len(), n.len());
+        assert_eq!(m[0].matches, n[0].matches);
+        assert_eq!(
+            m[0].action,
+            Action::Queue {
+                num: 7,
+                backend: QueueBackend::Compat
+            }
+        );
+        assert_eq!(n[0].action, Action::Drop);
+        assert_eq!(m[1..], n[1..]);
+    }
+
+    #[test]
+    fn every_input_rule_but_the_catch_all_is_bound_to_our_interfaces() {
+        // A re-injected SYN arrives via `lo`; only interface-bound rules can leave it alone,
+        // and the one unbound rule only matches protocol 253, never TCP.
+        let rs = ruleset(Role::Master, &spec(), &COMPAT);
+        let rules = input(&rs);
+        let (last, rest) = rules.split_last().unwrap();
+        for rule in rest {
+            match &rule.matches[0] {
+                Match::IifName(name) => assert!(name == "eth0" || name == "eth1"),
+                other => panic!("rule {:?} starts with {other:?}", rule.comment),
+            }
+        }
+        assert_eq!(last.matches, vec![Match::L4Proto(FORWARD_PROTO)]);
+        assert_eq!(last.comment, FOREIGN_DROP_COMMENT);
+    }
+
+    #[test]
+    fn ports_are_sorted_and_deduplicated_and_negated_for_the_hash() {
+        let rs = ruleset(Role::Member, &spec(), &COMPAT);
+        let dports: Vec<&Match> = input(&rs)
+            .iter()
+            .flat_map(|r| &r.matches)
+            .filter(|m| matches!(m, Match::TcpDport { .. }))
+            .collect();
+        assert_eq!(
+            dports,
+            vec![
+                &Match::TcpDport {
+                    ports: vec![80, 443],
+                    negate: false
+                },
+                &Match::TcpDport {
+                    ports: vec![80, 443],
+                    negate: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn all_ports_means_no_dport_match_and_no_tcp_hash() {
+        let spec = ClusterSpec {
+            tcp_ports: vec![],
+            ..spec()
+        };
+        let rs = ruleset(Role::Member, &spec, &COMPAT);
+        let text = rs.to_nft_text();
+        assert!(!text.contains("dport"), "{text}");
+        assert!(!text.contains("tcp sport"), "{text}");
+        assert!(text.contains("udp sport"), "{text}");
+    }
+
+    #[test]
+    fn one_node_has_no_hash_rules() {
+        let spec = ClusterSpec {
+            static_hash: StaticHash {
+                index: 0,
+                count: 1,
+                seed: 0,
+            },
+            ..spec()
+        };
+        let text = ruleset(Role::Member, &spec, &COMPAT).to_nft_text();
+        assert!(!text.contains("jhash"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_vip_uses_ip6_everywhere() {
+        let spec = ClusterSpec {
+            vip: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            ..spec()
+        };
+        let text = ruleset(Role::Member, &spec, &COMPAT).to_nft_text();
+        assert!(text.contains("ip6 daddr 2001:db8::1"), "{text}");
+        assert!(text.contains("jhash ip6 saddr . udp sport"), "{text}");
+        assert!(text.contains("icmpv6 type echo-request"), "{text}");
+        assert!(!text.contains("ip daddr"), "{text}");
+        // Members keep their own family (here IPv4 cluster network).
+        assert!(
+            text.contains("ip saddr 198.51.100.11 meta l4proto 253"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn layer2_mode_adds_the_egress_table_only_when_asked() {
+        let plain = ruleset(Role::Member, &spec(), &COMPAT);
+        assert!(plain.table(Family::Netdev).is_none());
+        let l2 = ruleset(
+            Role::Member,
+            &ClusterSpec {
+                egress_mac: Some([2, 0, 0, 0, 0, 0xab]),
+                ..spec()
+            },
+            &COMPAT,
+        );
+        let text = l2.to_nft_text();
+        assert!(
+            text.contains("hook egress device \"eth0\" priority filter;"),
+            "{text}"
+        );
+        assert!(text.contains("ether saddr set 02:00:00:00:00:ab"), "{text}");
+    }
+
+    #[test]
+    fn queue_text_follows_the_backend() {
+        let native = HostFacts {
+            queue: QueueBackend::Native,
+        };
+        let master = ruleset(Role::Master, &spec(), &native).to_nft_text();
+        assert!(master.contains(" queue to 7 "), "{master}");
+        let compat = ruleset(Role::Master, &spec(), &COMPAT).to_nft_text();
+        assert!(compat.contains(" queue num 7 "), "{compat}");
+        assert!(!compat.contains("bypass") && !master.contains("bypass"));
+    }
+
+    #[test]
+    fn priorities_print_relative_to_filter() {
+        assert_eq!(priority_text(-10), "filter - 10");
+        assert_eq!(priority_text(0), "filter");
+        assert_eq!(priority_text(5), "filter + 5");
+    }
+
+    #[test]
+    fn validate_rejects_what_the_kernel_or_the_hash_cannot_take() {
+        assert!(spec().validate().is_ok());
+        let bad = [
+            ClusterSpec {
+                client_interface: "a-very-long-interface".into(),
+                ..spec()
+            },
+            ClusterSpec {
+                cluster_interface: "eth\"1".into(),
+                ..spec()
+            },
+            ClusterSpec {
+                static_hash: StaticHash {
+                    index: 2,
+                    count: 2,
+                    seed: 0,
+                },
+                ..spec()
+            },
+            ClusterSpec {
+                static_hash: StaticHash {
+                    index: 0,
+                    count: 0,
+                    seed: 0,
+                },
+                ..spec()
+            },
+            ClusterSpec {
+                members: vec![],
+                ..spec()
+            },
+            ClusterSpec {
+                tcp_ports: vec![0],
+                ..spec()
+            },
+            ClusterSpec {
+                vip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                ..spec()
+            },
+        ];
+        for spec in bad {
+            assert!(
+                matches!(spec.validate(), Err(Error::InvalidSpec { .. })),
+                "{spec:?}"
+            );
+        }
+    }
+}
