@@ -66,7 +66,26 @@
 //!   conntrack picks up a mid-stream segment as a new ESTABLISHED connection, so another node's
 //!   segments would not be INVALID and this node's TCP stack would answer them with RSTs.
 //! * The socket [`Firewall::open`] creates works in the network namespace of the calling thread
-//!   at the time of the call.
+//!   at the time of the call. To manage another namespace, `setns(CLONE_NEWNET)` on a
+//!   dedicated thread and open the `Firewall` there; afterwards it may move to any thread
+//!   (`Firewall` is `Send`) and keeps talking to that namespace.
+//! * `CAP_NET_ADMIN` in that namespace.
+//!
+//! # Things worth knowing
+//!
+//! * The tables have no `owner` flag on purpose: if the daemon dies, the member rules stay and
+//!   keep dropping client SYNs, rather than every node accepting them.
+//! * With [`QueueBackend::Compat`], `nft list ruleset` also prints
+//!   `# Warning: table inet tdsc is managed by iptables-nft, do not touch!` and a libxtables
+//!   note on stderr. That is nft noticing the xtables target; the listing itself is correct.
+//! * `nft_compat` makes a new xtables target wait for the previous transaction's deferred
+//!   destructors, i.e. an RCU grace period (about 15 ms here). Replacing a ruleset that
+//!   contains the compat target right after another replacement therefore takes ~15 ms instead
+//!   of ~0.2 ms (`examples/apply_bench.rs` shows both). Role changes are rare; it does not matter
+//!   unless applies are issued back to back.
+//! * Anonymous port sets are bound to their rule and constant, so the kernel refuses to change
+//!   their elements later; [`Firewall::verify`] compares the rules that reference them but not
+//!   the elements.
 
 mod error;
 mod expr;
@@ -101,3 +120,13 @@ pub const INET_PRIORITY: i32 = -10;
 /// Priority of the netdev `egress` base chain (`filter`, 0). It is the only chain on that hook
 /// that we install; the number only orders it against other egress chains.
 pub const EGRESS_PRIORITY: i32 = 0;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn firewall_can_move_to_the_daemon_task() {
+        fn assert_send<T: Send>() {}
+        assert_send::<crate::Firewall>();
+        assert_send::<crate::Error>();
+    }
+}
