@@ -35,6 +35,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The ruleset generator has its own invariants (interface names, addresses, hash
+    // buckets); check them now so --check-config catches everything start-up would.
+    if let Err(e) = tdscd::node::cluster_spec(&cfg).validate() {
+        eprintln!("tdscd: {}: {}", args.config.display(), chain(&e));
+        return ExitCode::from(2);
+    }
     if args.check_config {
         println!(
             "{}: ok (node {}, {} nodes, vip {})",
