@@ -107,7 +107,9 @@ impl Default for ClusterOptions {
 
 /// The repository's lab topology.
 pub fn default_topology_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/tdsc.clab.yml")
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/tdsc.clab.yml");
+    // Readable in messages; the unresolved path still works if this fails.
+    path.canonicalize().unwrap_or(path)
 }
 
 /// A lab name unique to this process and call: `<prefix>-<pid>-<n>`.

@@ -272,7 +272,7 @@ impl Lab {
     /// returned pid is the program's own). Its stdout and stderr go to `<workdir>/<label>.log`.
     /// The child is also given `PR_SET_PDEATHSIG(SIGKILL)`, so it dies if the thread that
     /// started it dies without tearing down (e.g. the test process is killed): start
-    /// processes from the thread that owns the lab.
+    /// processes from the thread that owns the lab. It runs in a process group of its own.
     pub fn spawn(
         &mut self,
         node: &str,
@@ -311,11 +311,16 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: the closure runs between fork and exec and calls only prctl(2), which is
-        // async-signal-safe and touches no memory of the parent.
+        // SAFETY: the closure runs between fork and exec and calls only prctl(2) and
+        // setpgid(2), which are async-signal-safe and touch no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A process group of its own: a Ctrl-C in the terminal reaches only the lab's
+                // owner, which then stops the children in order.
+                if libc::setpgid(0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
