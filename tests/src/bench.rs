@@ -2,10 +2,10 @@
 //! dispatched SYN.
 //!
 //! 1. **connect() latency.** From the first client, `count` connections to the VIP and
-//!    `count` to the baseline server, each after `warmup` unmeasured ones. Only `connect()` is
-//!    timed; each VIP connection then sends a GET whose reply names the serving node, which
-//!    classifies the sample as *master-local* (the master kept the SYN) or *forwarded* (the
-//!    SYN went to a member over protocol 253).
+//!    `count` to the baseline server, alternating, after `warmup` unmeasured pairs. Only
+//!    `connect()` is timed; each connection then sends a GET whose reply names the serving
+//!    node, which classifies a VIP sample as *master-local* (the master kept the SYN) or
+//!    *forwarded* (the SYN went to a member over protocol 253).
 //! 2. **CPU per SYN.** Crafted SYNs from the client's own address with random source ports
 //!    and ISNs, blasted at the VIP through a raw socket (the client's RSTs for the resulting
 //!    SYN/ACKs are dropped in its namespace). The master tdscd's `utime + stime` from
@@ -123,45 +123,55 @@ pub struct CpuReport {
     pub cpu: Duration,
 }
 
-/// Times `count` connects after `warmup`, returning `(serving node, connect time)` per
-/// measured one. Runs in the calling thread's namespace.
+/// One connection: times `connect()` alone, then sends a GET and returns the serving node
+/// from the reply. Runs in the calling thread's namespace.
+fn connect_once(target: SocketAddrV4, index: usize) -> Result<(u32, Duration), BenchError> {
+    use std::io::{Read, Write};
+    let target = SocketAddr::V4(target);
+    let fail = |reason: String| BenchError::Connect {
+        index,
+        target,
+        reason,
+    };
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .map_err(|e| fail(format!("connect: {e}")))?;
+    let took = start.elapsed();
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .and_then(|()| s.set_nodelay(true))
+        .and_then(|()| s.write_all(&crate::http::request_bytes("/")))
+        .map_err(|e| fail(format!("request: {e}")))?;
+    let mut raw = Vec::with_capacity(256);
+    s.read_to_end(&mut raw)
+        .map_err(|e| fail(format!("reply: {e}")))?;
+    let reply = crate::http::parse_reply(target, &raw, took).map_err(|e| fail(e.to_string()))?;
+    Ok((reply.node, took))
+}
+
+/// Alternates connections to `vip` and `plain` (`warmup` unmeasured pairs, then `count`
+/// measured ones), so both see the same conditions. Returns `(node, connect time)` samples
+/// for each target.
+#[allow(clippy::type_complexity)]
 fn connect_samples(
-    target: SocketAddrV4,
+    vip: SocketAddrV4,
+    plain: SocketAddrV4,
     warmup: usize,
     count: usize,
     stop: &AtomicBool,
-) -> Result<Vec<(u32, Duration)>, BenchError> {
-    use std::io::{Read, Write};
-    let target = SocketAddr::V4(target);
-    let request = crate::http::request_bytes("/");
-    let mut out = Vec::with_capacity(count);
+) -> Result<(Vec<(u32, Duration)>, Vec<(u32, Duration)>), BenchError> {
+    let (mut v, mut p) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for index in 0..warmup + count {
         if stop.load(Ordering::Relaxed) {
             return Err(BenchError::Interrupted);
         }
-        let fail = |reason: String| BenchError::Connect {
-            index,
-            target,
-            reason,
-        };
-        let start = Instant::now();
-        let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
-            .map_err(|e| fail(format!("connect: {e}")))?;
-        let took = start.elapsed();
-        s.set_read_timeout(Some(Duration::from_secs(3)))
-            .and_then(|()| s.set_nodelay(true))
-            .and_then(|()| s.write_all(&request))
-            .map_err(|e| fail(format!("request: {e}")))?;
-        let mut raw = Vec::with_capacity(256);
-        s.read_to_end(&mut raw)
-            .map_err(|e| fail(format!("reply: {e}")))?;
-        let reply =
-            crate::http::parse_reply(target, &raw, took).map_err(|e| fail(e.to_string()))?;
+        let a = connect_once(vip, index)?;
+        let b = connect_once(plain, index)?;
         if index >= warmup {
-            out.push((reply.node, took));
+            v.push(a);
+            p.push(b);
         }
     }
-    Ok(out)
+    Ok((v, p))
 }
 
 /// Phase 1: connect() latency.
@@ -181,9 +191,7 @@ pub fn latency(
     let ns = cluster.netns(&client.name);
     let vip = cluster.vip();
     let (via_vip, via_plain) = netns::run_in(&ns, || {
-        let v = connect_samples(vip, opts.warmup, opts.count, stop)?;
-        let p = connect_samples(plain, opts.warmup, opts.count, stop)?;
-        Ok::<_, BenchError>((v, p))
+        connect_samples(vip, plain, opts.warmup, opts.count, stop)
     })??;
     let pick = |local: bool| -> Vec<Duration> {
         via_vip

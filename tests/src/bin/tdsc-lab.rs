@@ -316,8 +316,13 @@ fn run_bench(
         cpu.cpu.as_secs_f64() * 1e6 / (cpu.dispatched.max(1) as f64),
     );
     println!(
-        "  sent {} SYNs in {:.2?} ({:.0} SYN/s offered); master dispatched {}",
-        cpu.sent, cpu.send_time, rate, cpu.dispatched
+        "  sent {} SYNs in {:.2?} ({:.0} SYN/s offered); master dispatched {} ({} not \
+         dispatched: lost before or in the queue, or let through by fail-open)",
+        cpu.sent,
+        cpu.send_time,
+        rate,
+        cpu.dispatched,
+        cpu.sent.saturating_sub(cpu.dispatched)
     );
     println!(
         "  master tdscd CPU (utime+stime): {:.3?} => {per_syn:.2} µs per dispatched SYN",
