@@ -33,6 +33,7 @@ pub mod nft;
 pub mod packet;
 pub mod status;
 pub mod topology;
+pub mod wakeup;
 
 /// An error and all its sources, `: `-separated, for one-line reports.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

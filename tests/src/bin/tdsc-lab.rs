@@ -302,6 +302,12 @@ fn run_bench(
         ratio(lat.forwarded, lat.plain),
         ratio(lat.master_local, lat.plain)
     );
+    let wake = tdsc_lab::wakeup::measure(2000, 100)?;
+    println!("{}", row("thread wake-up", Some(wake)));
+    println!(
+        "  (one blocked thread woken through a socket on this machine: a dispatched SYN pays one, \
+         a forwarded SYN two)"
+    );
     if opts.syns == 0 {
         return Ok(());
     }
