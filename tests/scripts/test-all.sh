@@ -22,5 +22,8 @@ cargo build --workspace --release
 echo "== unit, fixture and golden tests"
 cargo test --workspace --release --exclude tdsc-lab
 
+echo "== Debian package: lintian, install/upgrade/remove/purge in a debootstrap root"
+bash tests/scripts/install-test.sh
+
 echo "== namespace end-to-end tests (one lab at a time)"
 cargo test --release -p tdsc-lab -- --test-threads=1
