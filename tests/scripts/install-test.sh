@@ -128,9 +128,15 @@ check "--check-config rejects a bad file, naming the key" bash -c '
   grep -q "cluster.vip" <<<"$out"' _ "$root"
 # The boot unit's command, with the packaged binary and libraries, in a new network namespace
 # (unshare -n): the host's own firewall is never touched.
-check "tdsc-safe-rules' ExecStart installs the member ruleset (in a throw-away netns)" bash -c '
-  unshare -n bash -c "chroot \"\$0\" tdscd --config /etc/tdsc/tdsc.toml --install-member-rules >/dev/null &&
-    nft list ruleset" "$1" >"$1/tmp/rules.txt" &&
+check "tdsc-safe-rules.service's commands, in a throw-away netns: member ruleset and sysctls" bash -c '
+  unit="$1/usr/lib/systemd/system/tdsc-safe-rules.service"
+  start=$(sed -n "s/^ExecStart=//p" "$unit"); post=$(sed -n "s/^ExecStartPost=//p" "$unit")
+  [ -n "$start" ] && [ -n "$post" ] || exit 1
+  unshare -n chroot "$1" /bin/sh -c "$start >/dev/null && eval \"\$0\" &&
+    cat /proc/sys/net/netfilter/nf_conntrack_tcp_loose /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal" "$post" \
+    >"$1/tmp/sysctl.txt" || exit 1
+  [ "$(tr "\n" " " <"$1/tmp/sysctl.txt")" = "0 1 " ] || { cat "$1/tmp/sysctl.txt"; exit 1; }
+  unshare -n bash -c "chroot \"\$0\" $start >/dev/null && nft list ruleset" "$1" >"$1/tmp/rules.txt" &&
   grep -q "tcp flags syn / fin,syn,rst,ack counter packets 0 bytes 0 drop" "$1/tmp/rules.txt" &&
   ! grep -q "queue" "$1/tmp/rules.txt"' _ "$root"
 if command -v systemd-analyze >/dev/null 2>&1; then
@@ -180,7 +186,7 @@ check "and its automatic dependencies" in_root apt-get autoremove --purge -y -qq
 check "purge deleted /etc/tdsc" test ! -e "$root/etc/tdsc"
 check "purge deleted /var/lib/tdsc" test ! -e "$root/var/lib/tdsc"
 check "dpkg no longer knows tcp-dsc" bash -c '! chroot "$1" dpkg-query -W tcp-dsc 2>/dev/null' _ "$root"
-rm -f "$root/tmp/"*.deb "$root/tmp/"*.toml "$root/tmp/rules.txt"
+rm -f "$root/tmp/"*.deb "$root/tmp/"*.toml "$root/tmp/rules.txt" "$root/tmp/sysctl.txt"
 diff_out=$(diff "$root.before" <(snapshot) || true)
 check "nothing is left behind: the root's files are those before the install" test -z "$diff_out"
 [ -z "$diff_out" ] || printf '%s\n' "$diff_out" | head -30 | sed 's/^/     | /'
