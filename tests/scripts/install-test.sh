@@ -191,5 +191,16 @@ diff_out=$(diff "$root.before" <(snapshot) || true)
 check "nothing is left behind: the root's files are those before the install" test -z "$diff_out"
 [ -z "$diff_out" ] || printf '%s\n' "$diff_out" | head -30 | sed 's/^/     | /'
 
+echo "== containerlab node image"
+check "every COPY source of deploy/containerlab/Dockerfile exists" bash -c '
+  cd "$1" && for src in $(awk "/^COPY/ {print \$2}" deploy/containerlab/Dockerfile); do
+    compgen -G "$src" >/dev/null || { echo "missing: $src"; exit 1; }; done' _ "$repo"
+check "the image entrypoint waits for the links and the cluster address, then runs cmd" \
+  unshare -n sh -c '(sleep 0.3; ip link add eth0 type dummy && ip link add eth1 type dummy &&
+      ip addr add 198.51.100.11/24 dev eth1) &
+    out=$(CLAB_INTFS_WITH_MGMT=2 TDSC_WAIT_ADDRESSES=198.51.100.11 "$0" sh -c \
+      "ip -o addr show | grep -q \" 198.51.100.11/\" && echo ready")
+    [ "$out" = ready ]' "$repo/deploy/containerlab/tdsc-node-entrypoint"
+
 echo "install: $passed passed, $failed failed"
 [ "$failed" = 0 ]
