@@ -196,7 +196,7 @@ check "every COPY source of deploy/containerlab/Dockerfile exists" bash -c '
   cd "$1" && for src in $(awk "/^COPY/ {print \$2}" deploy/containerlab/Dockerfile); do
     compgen -G "$src" >/dev/null || { echo "missing: $src"; exit 1; }; done' _ "$repo"
 check "the image entrypoint waits for the links and the cluster address, then runs cmd" \
-  unshare -n sh -c '(sleep 0.3; ip link add eth0 type dummy && ip link add eth1 type dummy &&
+  unshare -n sh -c '(sleep 0.3; ip link add eth0 type veth peer name eth1 &&
       ip addr add 198.51.100.11/24 dev eth1) &
     out=$(CLAB_INTFS_WITH_MGMT=2 TDSC_WAIT_ADDRESSES=198.51.100.11 "$0" sh -c \
       "ip -o addr show | grep -q \" 198.51.100.11/\" && echo ready")
