@@ -143,8 +143,15 @@ fn install_member_rules_gives_the_member_ruleset_without_egress_and_remove_clear
     let after = ns.ruleset();
     assert!(!after.contains("tdsc"), "{after}");
     assert!(after.contains("table inet mine"), "{after}");
-    // Removing what is absent succeeds.
+    // Removing what is absent succeeds, and needs no (valid) configuration.
     assert!(tdscd(&ns, &cfg, "--remove-rules").status.success());
+    assert!(tdscd(
+        &ns,
+        std::path::Path::new("/nonexistent/tdsc.toml"),
+        "--remove-rules"
+    )
+    .status
+    .success());
     let _ = std::fs::remove_file(cfg);
 }
 

@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, conflicts_with_all = ["check_config", "remove_rules"])]
     install_member_rules: bool,
     /// Delete tcp-dsc's nftables tables (`inet tdsc`, `netdev tdsc`) and exit; no other table
-    /// is touched. Succeeds when they are absent.
+    /// is touched. Succeeds when they are absent; reads no configuration.
     #[arg(long, conflicts_with = "check_config")]
     remove_rules: bool,
 }
@@ -39,6 +39,20 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Removing our tables needs nothing from the configuration, so a broken or missing file
+    // never keeps them in the kernel (package removal runs this).
+    if args.remove_rules {
+        return match remove_rules() {
+            Ok(()) => {
+                println!("tdscd: tcp-dsc tables removed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tdscd: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -52,10 +66,10 @@ fn main() -> ExitCode {
         eprintln!("tdscd: {}: {}", args.config.display(), chain(&e));
         return ExitCode::from(2);
     }
-    if args.install_member_rules || args.remove_rules {
-        return match safe_rules(&cfg, args.install_member_rules) {
-            Ok(what) => {
-                println!("tdscd: {what}");
+    if args.install_member_rules {
+        return match install_member_rules(&cfg) {
+            Ok(()) => {
+                println!("tdscd: member ruleset installed (safe state)");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -94,14 +108,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Installs the member ruleset without the egress table (`install`) or removes our tables,
-/// as one atomic netlink batch each, and reads the result back.
-fn safe_rules(cfg: &Config, install: bool) -> Result<&'static str, tdsc_rules::Error> {
+/// Deletes our tables (`inet tdsc`, `netdev tdsc`) in one atomic netlink batch.
+fn remove_rules() -> Result<(), tdsc_rules::Error> {
+    Firewall::open()?.remove()
+}
+
+/// Installs the member ruleset without the egress table in one atomic netlink batch and reads
+/// it back.
+fn install_member_rules(cfg: &Config) -> Result<(), tdsc_rules::Error> {
     let mut fw = Firewall::open()?;
-    if !install {
-        fw.remove()?;
-        return Ok("tcp-dsc tables removed");
-    }
     let mut spec = tdscd::node::cluster_spec(cfg);
     // The egress device may not exist this early at boot; the daemon adds the table itself.
     spec.egress_mac = None;
@@ -111,8 +126,7 @@ fn safe_rules(cfg: &Config, install: bool) -> Result<&'static str, tdsc_rules::E
     };
     let rs = ruleset(Role::Member, &spec, &facts);
     fw.apply(&rs)?;
-    fw.verify(&rs)?;
-    Ok("member ruleset installed (safe state)")
+    fw.verify(&rs)
 }
 
 /// The whole error chain, once: "outer: inner: root cause".
