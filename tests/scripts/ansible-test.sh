@@ -12,9 +12,9 @@
 # 3. A bad inventory value (a VIP that is no address) fails the run at the template's
 #    validation, naming the key, and leaves the good config in place.
 #
-# Needs root (prints SKIP otherwise). Changes on the host: /var/cache/tdsc-test/ (a venv with
-# ansible from PyPI and cached base roots, kept between runs) and temporary roots under
-# /var/tmp, deleted at exit. Nothing is started: the run sets tcp_dsc_service_state to "" and
+# Needs root (prints SKIP otherwise). Changes on the host: /var/cache/tdsc-test/ (or
+# $TDSC_TEST_CACHE: a venv with ansible from PyPI and cached base roots, kept between runs)
+# and temporary roots under /var/tmp, deleted at exit. Nothing is started: the run sets tcp_dsc_service_state to "" and
 # tcp_dsc_sysctl_set to false, so the host's kernel is never touched. The last line is
 # "ansible: N passed, N failed".
 set -euo pipefail
@@ -45,7 +45,7 @@ check() {
   if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; printf '%s\n' "$out" | sed 's/^/     | /' | tail -25; fi
 }
 
-cache=/var/cache/tdsc-test
+cache=${TDSC_TEST_CACHE:-/var/cache/tdsc-test}
 mkdir -p "$cache"
 
 # ---- controller tools, in a venv keyed by the requirements file

@@ -11,9 +11,9 @@
 # member ruleset in a throw-away network namespace, upgrades with an edited conffile, then
 # removes and purges and checks that nothing is left behind.
 #
-# Needs root (prints SKIP otherwise). Changes on the host: /var/cache/tdsc-test/ (the cached
-# base root, kept between runs; delete it to start afresh) and a temporary root under
-# /var/tmp, deleted at exit. The last line is "install: N passed, N failed".
+# Needs root (prints SKIP otherwise). Changes on the host: /var/cache/tdsc-test/ (or
+# $TDSC_TEST_CACHE: the cached base root, kept between runs; delete it to start afresh) and a
+# temporary root under /var/tmp, deleted at exit. The last line is "install: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -55,7 +55,7 @@ check "lintian reports no error and no unexplained warning" \
   bash -c '! grep -qE "^[EW]: " <<<"$1"' _ "$lint"
 
 # ---- the base root, cached
-cache=/var/cache/tdsc-test
+cache=${TDSC_TEST_CACHE:-/var/cache/tdsc-test}
 base=$cache/bookworm-minbase
 mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
 [ -n "$mirror" ] || mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
