@@ -22,5 +22,13 @@ cargo build --workspace --release
 echo "== unit, fixture and golden tests"
 cargo test --workspace --release --exclude tdsc-lab
 
+echo "== Debian package: build, lintian, install/upgrade/remove/purge in a debootstrap root"
+bash deploy/debian/build-deb.sh --no-build
+deb=$(ls -t target/debian/tcp-dsc_*.deb | head -1)
+bash tests/scripts/install-test.sh --deb "$deb"
+
+echo "== Ansible role: ansible-lint, syntax check, a real run against three debootstrap roots"
+bash tests/scripts/ansible-test.sh --deb "$deb"
+
 echo "== namespace end-to-end tests (one lab at a time)"
 cargo test --release -p tdsc-lab -- --test-threads=1

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tdsc_rules::{ruleset, Firewall, HostFacts, QueueBackend, Role};
 use tdscd::config::Config;
 
 #[derive(Debug, Parser)]
@@ -18,6 +19,16 @@ struct Args {
     /// Validate the configuration and exit: 0 when valid.
     #[arg(long)]
     check_config: bool,
+    /// Install the member ruleset (the safe state: no client SYN accepted, no RST for foreign
+    /// segments) and exit. Touches neither VIP, MAC nor sysctls, and leaves out the netdev
+    /// egress table, whose device may not exist yet. Run at boot before the network comes up
+    /// (tdsc-safe-rules.service) and after the daemon stops.
+    #[arg(long, conflicts_with_all = ["check_config", "remove_rules"])]
+    install_member_rules: bool,
+    /// Delete tcp-dsc's nftables tables (`inet tdsc`, `netdev tdsc`) and exit; no other table
+    /// is touched. Succeeds when they are absent; reads no configuration.
+    #[arg(long, conflicts_with = "check_config")]
+    remove_rules: bool,
 }
 
 fn main() -> ExitCode {
@@ -28,6 +39,20 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Removing our tables needs nothing from the configuration, so a broken or missing file
+    // never keeps them in the kernel (package removal runs this).
+    if args.remove_rules {
+        return match remove_rules() {
+            Ok(()) => {
+                println!("tdscd: tcp-dsc tables removed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tdscd: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -40,6 +65,18 @@ fn main() -> ExitCode {
     if let Err(e) = tdscd::node::cluster_spec(&cfg).validate() {
         eprintln!("tdscd: {}: {}", args.config.display(), chain(&e));
         return ExitCode::from(2);
+    }
+    if args.install_member_rules {
+        return match install_member_rules(&cfg) {
+            Ok(()) => {
+                println!("tdscd: member ruleset installed (safe state)");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tdscd: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        };
     }
     if args.check_config {
         println!(
@@ -69,6 +106,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Deletes our tables (`inet tdsc`, `netdev tdsc`) in one atomic netlink batch.
+fn remove_rules() -> Result<(), tdsc_rules::Error> {
+    Firewall::open()?.remove()
+}
+
+/// Installs the member ruleset without the egress table in one atomic netlink batch and reads
+/// it back.
+fn install_member_rules(cfg: &Config) -> Result<(), tdsc_rules::Error> {
+    let mut fw = Firewall::open()?;
+    let mut spec = tdscd::node::cluster_spec(cfg);
+    // The egress device may not exist this early at boot; the daemon adds the table itself.
+    spec.egress_mac = None;
+    // The member ruleset has no queue rule, so the queue backend does not matter: no probe.
+    let facts = HostFacts {
+        queue: QueueBackend::Compat,
+    };
+    let rs = ruleset(Role::Member, &spec, &facts);
+    fw.apply(&rs)?;
+    fw.verify(&rs)
 }
 
 /// The whole error chain, once: "outer: inner: root cause".
