@@ -412,6 +412,64 @@ impl Cluster {
         })
     }
 
+    /// Runs `tdscctl --socket <node's socket> ARGS…` and returns its stdout; a non-zero exit is
+    /// an error carrying stderr.
+    pub fn ctl(&self, node: &str, args: &[&str]) -> Result<String, ClusterError> {
+        let n = self.node(node)?;
+        let tdscctl = self.bins.path("tdscctl")?;
+        let out = Command::new(&tdscctl)
+            .arg("--socket")
+            .arg(&n.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!("cannot run {}: {e}", tdscctl.display()),
+            })?;
+        if !out.status.success() {
+            return Err(ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!(
+                    "tdscctl {}: {}: {}",
+                    args.join(" "),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Polls the master's status until `cond` holds for it, or fails after `timeout` with the
+    /// last status seen. Used to wait for a report to carry a change to the master; what is
+    /// then asserted never depends on how long it took.
+    pub fn wait_master(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Status) -> bool,
+    ) -> Result<Status, ClusterError> {
+        let master = self.master()?.name.clone();
+        let start = Instant::now();
+        loop {
+            let s = self.status(&master)?;
+            if cond(&s) {
+                return Ok(s);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClusterError::NotReady {
+                    what: what.to_owned(),
+                    node: master,
+                    waited: start.elapsed(),
+                    last: format!("{:?}", s.nodes),
+                    log: String::new(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Fails if any daemon has exited, quoting its log.
     pub fn check_daemons(&mut self) -> Result<(), ClusterError> {
         if !self.daemons {
