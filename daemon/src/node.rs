@@ -201,7 +201,7 @@ async fn serve(
 
     let load_thread = crate::load::spawn(
         cfg.load_source.clone(),
-        cfg.report_interval,
+        crate::load::sample_period(cfg.report_interval),
         view.clone(),
         stop.clone(),
     )

@@ -155,7 +155,7 @@ impl LongConnection {
             while !f.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
                 ticks += 1;
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     s.write_all(b"X-Still-Here: 1\r\n")?;
                 }
             }

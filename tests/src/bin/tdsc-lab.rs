@@ -46,7 +46,7 @@ enum Cmd {
         /// Total number of requests (split evenly between the clients).
         #[arg(long, default_value_t = 600)]
         requests: u64,
-        /// Scheduling policy: round-robin, least-connections or static-hash.
+        /// Scheduling policy (see README "Policies"), e.g. round-robin or least-connections.
         #[arg(long, default_value = "round-robin")]
         policy: String,
     },
