@@ -72,6 +72,8 @@ struct RawScheduler {
     policy: Option<String>,
     syn_record_window_ms: Option<u64>,
     syn_record_capacity: Option<usize>,
+    load_file: Option<PathBuf>,
+    load_command: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -99,6 +101,7 @@ struct RawHealth {
 struct RawNode {
     id: u32,
     address: String,
+    weight: Option<i64>,
 }
 
 /// How every node gets every client frame behind a learning switch.
@@ -118,13 +121,22 @@ pub enum PolicyName {
     RoundRobin,
     LeastConnections,
     StaticHash,
+    WeightedRoundRobin,
+    LeastLoad,
+    PowerOfTwo,
+    IsnHash,
 }
 
 impl PolicyName {
-    pub const ALL: [(&'static str, PolicyName); 3] = [
+    /// New names go at the end: the daemon stores the current policy as an index into this.
+    pub const ALL: [(&'static str, PolicyName); 7] = [
         ("round-robin", PolicyName::RoundRobin),
         ("least-connections", PolicyName::LeastConnections),
         ("static-hash", PolicyName::StaticHash),
+        ("weighted-round-robin", PolicyName::WeightedRoundRobin),
+        ("least-load", PolicyName::LeastLoad),
+        ("power-of-two", PolicyName::PowerOfTwo),
+        ("isn-hash", PolicyName::IsnHash),
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -138,6 +150,19 @@ impl PolicyName {
             .map(|(n, _)| *n)
             .expect("every policy is listed")
     }
+}
+
+/// Where a node's load figure (for `least-load`) comes from. Every source yields a decimal
+/// number, which the node reports in milli-units (`1.5` → 1500).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadSource {
+    /// The 1-minute run-queue average, first field of `/proc/loadavg`. Per kernel, so nodes in
+    /// network namespaces of one host all report the same figure.
+    Loadavg,
+    /// The first number in this file, re-read every report interval.
+    File(PathBuf),
+    /// The first number this `sh -c` command prints, run every report interval.
+    Command(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +193,10 @@ pub struct Config {
     pub policy: PolicyName,
     pub syn_record_window: Duration,
     pub syn_record_capacity: usize,
+    /// `[scheduler] load_file` / `load_command`; default: run queue.
+    pub load_source: LoadSource,
+    /// Weight of each node in `nodes` order (`[[nodes]] weight`, default 1).
+    pub weights: Vec<u32>,
     pub election: ElectionMode,
     pub control_socket: PathBuf,
     pub report_interval: Duration,
@@ -184,6 +213,10 @@ pub const DEFAULT_CONTROL_PORT: u16 = 7400;
 /// owner could still answer finds its way back.
 pub const DEFAULT_SYN_RECORD_WINDOW_MS: u64 = 64_000;
 pub const DEFAULT_SYN_RECORD_CAPACITY: usize = 1 << 16;
+/// A node's weight when `[[nodes]] weight` is absent.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest weight: keeps weight × connections far inside u64 and a typo (10000000) an error.
+pub const MAX_WEIGHT: u32 = 1000;
 
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
@@ -311,7 +344,26 @@ impl Config {
             ));
         }
 
+        let load_source = match (raw.scheduler.load_file, raw.scheduler.load_command) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "scheduler.load_command",
+                    "give either load_file or load_command, not both",
+                ))
+            }
+            (Some(f), None) if f.as_os_str().is_empty() => {
+                return Err(invalid("scheduler.load_file", "is empty"))
+            }
+            (Some(f), None) => LoadSource::File(f),
+            (None, Some(c)) if c.trim().is_empty() => {
+                return Err(invalid("scheduler.load_command", "is empty"))
+            }
+            (None, Some(c)) => LoadSource::Command(c),
+            (None, None) => LoadSource::Loadavg,
+        };
+
         let mut nodes = Vec::new();
+        let mut weights = Vec::new();
         let mut ids = BTreeSet::new();
         let mut addrs = BTreeSet::new();
         for (i, n) in raw.nodes.iter().enumerate() {
@@ -343,12 +395,28 @@ impl Config {
                     format!("{address} is used by two nodes"),
                 ));
             }
+            let weight = match n.weight.map(u32::try_from) {
+                None => DEFAULT_WEIGHT,
+                Some(Ok(w)) if w <= MAX_WEIGHT => w,
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{key}.weight"),
+                        format!(
+                            "{} is outside 0..={MAX_WEIGHT} (0: no new connections)",
+                            n.weight.unwrap_or(0)
+                        ),
+                    ))
+                }
+            };
             nodes.push(Node { id: n.id, address });
+            weights.push((n.id, weight));
         }
         if nodes.is_empty() {
             return Err(invalid("nodes", "at least one [[nodes]] entry is needed"));
         }
         nodes.sort_by_key(|n| n.id);
+        weights.sort_by_key(|(id, _)| *id);
+        let weights = weights.into_iter().map(|(_, w)| w).collect();
         if !ids.contains(&raw.node_id) {
             return Err(invalid(
                 "node_id",
@@ -416,6 +484,8 @@ impl Config {
             policy,
             syn_record_window: Duration::from_millis(window_ms),
             syn_record_capacity: capacity,
+            load_source,
+            weights,
             election,
             control_socket: raw
                 .control
@@ -543,6 +613,30 @@ address = "198.51.100.12"
         assert_eq!(c.cluster_mac, Some([2, 0xbf, 0xc0, 0, 2, 1]));
         assert_eq!(c.egress_mac(), Some([2, 2, 192, 0, 2, 1]));
         assert_eq!(c.syn_record_window, Duration::from_secs(64));
+        assert_eq!(c.weights, vec![1, 1, 1]);
+        assert_eq!(c.load_source, LoadSource::Loadavg);
+    }
+
+    #[test]
+    fn weights_follow_node_ids_and_load_sources_parse() {
+        let text = GOOD
+            .replace(
+                "address = \"198.51.100.13\"",
+                "address = \"198.51.100.13\"\nweight = 3",
+            )
+            .replace(
+                "policy = \"least-connections\"",
+                "policy = \"least-load\"\nload_file = \"/run/load\"",
+            );
+        let c = Config::parse(&text).unwrap();
+        // Node 3 is listed first in the file but sorts last.
+        assert_eq!(c.weights, vec![1, 1, 3]);
+        assert_eq!(c.policy, PolicyName::LeastLoad);
+        assert_eq!(c.load_source, LoadSource::File("/run/load".into()));
+        for (name, p) in PolicyName::ALL {
+            assert_eq!(PolicyName::parse(name), Some(p));
+            assert_eq!(p.as_str(), name);
+        }
     }
 
     /// Each bad edit must fail and name its key.
@@ -595,6 +689,21 @@ address = "198.51.100.12"
                 "scheduler.policy",
             ),
             ("master = 1", "master = 9", "election.master"),
+            (
+                "address = \"198.51.100.12\"",
+                "address = \"198.51.100.12\"\nweight = -1",
+                "nodes[2].weight",
+            ),
+            (
+                "address = \"198.51.100.12\"",
+                "address = \"198.51.100.12\"\nweight = 1001",
+                "nodes[2].weight",
+            ),
+            (
+                "policy = \"least-connections\"",
+                "policy = \"least-load\"\nload_file = \"/x\"\nload_command = \"echo 1\"",
+                "scheduler.load_command",
+            ),
             ("mode = \"static\"", "mode = \"paxos\"", "election.mode"),
             ("node_id = 2", "node_id = 7", "node_id"),
             (

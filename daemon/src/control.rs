@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::config::{PolicyName, MAX_WEIGHT};
 use crate::node::Shared;
 use crate::status::{NodeStatus, Rejected, Reply, Request, Status};
 
@@ -67,6 +68,10 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
+            Ok(change) => match apply(shared, &change) {
+                Ok(done) => Reply::Done { done },
+                Err(error) => Reply::Error { error },
+            },
             Err(e) => Reply::Error {
                 error: format!("bad request: {e}"),
             },
@@ -76,6 +81,57 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
         w.write_all(&out).await?;
     }
     Ok(())
+}
+
+/// Applies a change request; the text says what happened, the error why not.
+fn apply(s: &Shared, req: &Request) -> Result<String, String> {
+    let own = &s.view.nodes[s.view.self_index];
+    let check_self = |node: u32| {
+        if node == own.id {
+            Ok(())
+        } else {
+            Err(format!(
+                "this is node {}; a node announces its own weight and drain state in its \
+                 reports, so send the request for node {node} to node {node}'s control socket",
+                own.id
+            ))
+        }
+    };
+    match req {
+        Request::Status => Err("not a change".into()),
+        Request::PolicySet { policy } => {
+            let name = PolicyName::parse(policy).ok_or_else(|| {
+                let names: Vec<_> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown policy {policy:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })?;
+            s.set_policy(name)?;
+            Ok(format!("node {}: policy {}", own.id, name.as_str()))
+        }
+        Request::Weight { node, weight } => {
+            check_self(*node)?;
+            if *weight > MAX_WEIGHT {
+                return Err(format!("weight {weight} is outside 0..={MAX_WEIGHT}"));
+            }
+            own.weight.store(*weight, Relaxed);
+            Ok(format!("node {node}: weight {weight}"))
+        }
+        Request::Drain { node } => {
+            check_self(*node)?;
+            own.draining.store(true, Relaxed);
+            Ok(format!(
+                "node {node}: draining (no new connections; {} established)",
+                own.established.load(Relaxed)
+            ))
+        }
+        Request::Undrain { node } => {
+            check_self(*node)?;
+            own.draining.store(false, Relaxed);
+            Ok(format!("node {node}: taking new connections"))
+        }
+    }
 }
 
 pub fn status(s: &Shared) -> Status {
@@ -109,6 +165,8 @@ pub fn status(s: &Shared) -> Status {
                     address: n.address.to_string(),
                     alive: is_self || n.alive.load(Relaxed),
                     draining: n.draining.load(Relaxed),
+                    weight: n.weight.load(Relaxed),
+                    load: n.load.load(Relaxed),
                     connections: n.established.load(Relaxed),
                     syn_recv: n.syn_recv.load(Relaxed),
                     is_self,

@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::classify::Syn;
-use crate::policy::{Candidate, FlowKey, Policy};
+use crate::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
 use crate::records::{Lookup, SynRecords};
 use crate::view::ClusterView;
 
@@ -76,11 +76,17 @@ impl Dispatcher {
                 self.inflight[i] = 0;
             }
             let reported = slot.established.load(Relaxed) + slot.syn_recv.load(Relaxed);
+            let inflight = self.inflight[i];
             self.candidates.push(Candidate {
                 id: slot.id,
                 alive: i == view.self_index || slot.alive.load(Relaxed),
                 draining: slot.draining.load(Relaxed),
-                connections: reported.saturating_add(self.inflight[i]),
+                weight: slot.weight.load(Relaxed),
+                connections: reported.saturating_add(inflight),
+                load: slot
+                    .load
+                    .load(Relaxed)
+                    .saturating_add(inflight.saturating_mul(LOAD_PER_INFLIGHT)),
             });
         }
 
@@ -223,6 +229,42 @@ mod tests {
         v.nodes[2].draining.store(false, Relaxed);
         v.nodes[2].alive.store(false, Relaxed);
         assert_eq!(d.decide(&syn(99, 0), &v, 0).decision, Decision::Local);
+    }
+
+    #[test]
+    fn weight_zero_and_weights_from_the_view_reach_the_policy() {
+        let v = view(1);
+        v.set_weights(&[0, 1, 3]);
+        let mut d = dispatcher(PolicyName::WeightedRoundRobin);
+        let mut count = [0u32; 3];
+        for i in 0..400 {
+            match d.decide(&syn(i, i.into()), &v, 0).decision {
+                Decision::Forward { index } => count[index] += 1,
+                other => panic!("weight 0 master took {other:?}"),
+            }
+        }
+        assert_eq!(count, [0, 100, 300]);
+    }
+
+    /// The herd case end to end through the dispatcher: node 3 reported load 0, the others 4
+    /// busy slots, and no report comes for 30 SYNs.
+    #[test]
+    fn least_load_charges_inflight_until_the_next_report() {
+        let v = view(1);
+        v.nodes[0].load.store(4000, Relaxed);
+        v.nodes[1].load.store(4000, Relaxed);
+        let mut d = dispatcher(PolicyName::LeastLoad);
+        let to_idle = (0..30)
+            .filter(|i| d.decide(&syn(*i, 0), &v, 0).decision == (Decision::Forward { index: 2 }))
+            .count();
+        // 4 to catch up, then a third of 26; without the charge, all 30.
+        assert!((12..=13).contains(&to_idle), "herded {to_idle} of 30");
+        v.nodes[2].report_gen.fetch_add(1, Relaxed);
+        assert_eq!(
+            d.decide(&syn(500, 0), &v, 0).decision,
+            Decision::Forward { index: 2 },
+            "a fresh report of load 0 makes node 3 the lightest again"
+        );
     }
 
     #[test]

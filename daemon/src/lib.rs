@@ -20,6 +20,7 @@ pub mod control;
 pub mod dispatch;
 pub mod host;
 pub mod inject;
+pub mod load;
 pub mod master;
 pub mod member;
 pub mod netlink;

@@ -74,6 +74,23 @@ impl Shared {
         PolicyName::ALL[usize::from(self.policy.load(Relaxed)) % PolicyName::ALL.len()].1
     }
 
+    /// Records the new policy and hands the master thread a fresh instance of it.
+    pub fn set_policy(&self, name: PolicyName) -> Result<(), String> {
+        let tx = self
+            .master_commands
+            .lock()
+            .map_err(|_| "master command channel poisoned".to_owned())?;
+        tx.send(MasterCommand::SetPolicy(crate::policy::build(name)))
+            .map_err(|_| "the master thread has stopped".to_owned())?;
+        let index = PolicyName::ALL
+            .iter()
+            .position(|(_, p)| *p == name)
+            .and_then(|i| u8::try_from(i).ok())
+            .unwrap_or(0);
+        self.policy.store(index, Relaxed);
+        Ok(())
+    }
+
     pub fn firewall_counter(&self) -> Option<u64> {
         let mut g = self.counter_fw.lock().ok()?;
         g.as_mut()?.foreign_forward_drops().ok()
@@ -161,6 +178,7 @@ async fn serve(
     facts: HostFacts,
 ) -> Result<(), NodeError> {
     let view = Arc::new(ClusterView::new(&cfg.nodes, cfg.node_id));
+    view.set_weights(&cfg.weights);
     let counters = Arc::new(Counters::default());
     let role = Arc::new(RoleCell::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -180,6 +198,14 @@ async fn serve(
         .name("tdsc-member".into())
         .spawn(move || member.run())
         .map_err(NodeError::Member)?;
+
+    let load_thread = crate::load::spawn(
+        cfg.load_source.clone(),
+        crate::load::sample_period(cfg.report_interval),
+        view.clone(),
+        stop.clone(),
+    )
+    .map_err(NodeError::Member)?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let dispatcher = Dispatcher::new(
@@ -285,6 +311,7 @@ async fn serve(
     report_task.abort();
     stop.store(true, Relaxed);
     let _ = member_thread.join();
+    let _ = load_thread.join();
     let _ = std::fs::remove_file(&socket_path);
     drop(shared);
     result

@@ -3,10 +3,30 @@
 //! A policy sees one [`FlowKey`] and the candidate nodes, and names one of them. It never
 //! sees packets or sockets, and it must not allocate: it runs once per SYN on the master's
 //! hot path. The master itself is one of the candidates.
+//!
+//! | policy | decides by | state |
+//! |---|---|---|
+//! | `round-robin` | turn | next index |
+//! | `weighted-round-robin` | turn, in proportion to weight (smooth, nginx-style) | one counter per node |
+//! | `least-connections` | fewest connections per unit of weight | tie rotation |
+//! | `least-load` | lowest reported load figure per unit of weight | tie rotation |
+//! | `power-of-two` | two random eligible nodes, the one with fewer connections per weight | xorshift state |
+//! | `static-hash` | client address and port (Windows NLB) | none |
+//! | `isn-hash` | the SYN's initial sequence number (the paper's baseline) | none |
+//!
+//! **Stale reports.** Load and connection figures arrive every report interval (200 ms). Between
+//! two reports the dispatcher adds every connection it has sent to a node since that node's
+//! last report (in-flight) to both figures (see [`Candidate`]), so a node that reported itself
+//! idle stops looking idle after its fair share, instead of receiving every new connection
+//! until its next report.
 
 use std::net::IpAddr;
 
 use crate::config::PolicyName;
+
+/// Load units one in-flight dispatch adds to a node's reported load figure (one unit of the
+/// figure, which is itself in milli-units: one runnable task, one busy worker slot, …).
+pub const LOAD_PER_INFLIGHT: u32 = 1000;
 
 /// What a policy may know about a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +44,20 @@ pub struct Candidate {
     pub alive: bool,
     /// The operator asked for no new connections.
     pub draining: bool,
+    /// Relative share of new connections; 0 takes none (like draining).
+    pub weight: u32,
     /// Connections the node last reported plus those dispatched to it since that report.
     /// Counting in-flight dispatches keeps a stale report from herding every new connection
     /// onto the node that looked idle when it reported.
     pub connections: u32,
+    /// The node's last reported load figure (milli-units) plus [`LOAD_PER_INFLIGHT`] for each
+    /// connection dispatched to it since, for the same reason.
+    pub load: u32,
 }
 
 impl Candidate {
     pub fn eligible(&self) -> bool {
-        self.alive && !self.draining
+        self.alive && !self.draining && self.weight > 0
     }
 }
 
@@ -47,8 +72,12 @@ pub trait Policy: Send + std::fmt::Debug {
 pub fn build(name: PolicyName) -> Box<dyn Policy> {
     match name {
         PolicyName::RoundRobin => Box::new(RoundRobin::default()),
+        PolicyName::WeightedRoundRobin => Box::new(WeightedRoundRobin::default()),
         PolicyName::LeastConnections => Box::new(LeastConnections::default()),
+        PolicyName::LeastLoad => Box::new(LeastLoad::default()),
+        PolicyName::PowerOfTwo => Box::new(PowerOfTwo::default()),
         PolicyName::StaticHash => Box::new(StaticHash),
+        PolicyName::IsnHash => Box::new(IsnHash),
     }
 }
 
@@ -76,8 +105,8 @@ impl Policy for RoundRobin {
     }
 }
 
-/// The eligible node with the fewest connections; ties go round robin, so that an idle
-/// cluster still spreads new connections instead of filling the lowest id first.
+/// The eligible node with the fewest connections per unit of weight; ties go round robin, so
+/// that an idle cluster still spreads new connections instead of filling the lowest id first.
 #[derive(Debug, Default)]
 pub struct LeastConnections {
     next: usize,
@@ -89,20 +118,200 @@ impl Policy for LeastConnections {
     }
 
     fn pick(&mut self, _key: &FlowKey, nodes: &[Candidate]) -> Option<usize> {
-        let n = nodes.len();
+        least_per_weight(&mut self.next, nodes, |c| c.connections)
+    }
+}
+
+/// The eligible node with the lowest load figure per unit of weight (the figure each node
+/// reports, plus its in-flight dispatches); ties go round robin.
+#[derive(Debug, Default)]
+pub struct LeastLoad {
+    next: usize,
+}
+
+impl Policy for LeastLoad {
+    fn name(&self) -> PolicyName {
+        PolicyName::LeastLoad
+    }
+
+    fn pick(&mut self, _key: &FlowKey, nodes: &[Candidate]) -> Option<usize> {
+        least_per_weight(&mut self.next, nodes, |c| c.load)
+    }
+}
+
+/// `a / wa < b / wb` without division: `a * wb < b * wa` in u64 (both factors are u32, so the
+/// products cannot overflow).
+fn lighter(a: u32, wa: u32, b: u32, wb: u32) -> bool {
+    u64::from(a) * u64::from(wb) < u64::from(b) * u64::from(wa)
+}
+
+/// Scans from `*next` so that ties rotate; strict `lighter` keeps the first of equals.
+fn least_per_weight(
+    next: &mut usize,
+    nodes: &[Candidate],
+    score: impl Fn(&Candidate) -> u32,
+) -> Option<usize> {
+    let n = nodes.len();
+    let mut best: Option<usize> = None;
+    for step in 0..n {
+        let i = (*next + step) % n;
+        let c = &nodes[i];
+        if c.eligible()
+            && best.is_none_or(|b| lighter(score(c), c.weight, score(&nodes[b]), nodes[b].weight))
+        {
+            best = Some(i);
+        }
+    }
+    if let Some(b) = best {
+        *next = (b + 1) % n;
+    }
+    best
+}
+
+/// Smooth weighted round robin (nginx): every pick adds each eligible node's weight to its
+/// counter, takes the node with the largest counter and subtracts the total weight from it.
+/// Over any window of `sum(weights)` picks each node gets exactly its weight, interleaved
+/// (5:1:1 gives a a b a c a a, not a a a a a b c).
+#[derive(Debug, Default)]
+pub struct WeightedRoundRobin {
+    /// One counter per node index. Sized on the first pick and again only if the cluster
+    /// size changes, so steady-state picks do not allocate.
+    current: Vec<i64>,
+}
+
+impl Policy for WeightedRoundRobin {
+    fn name(&self) -> PolicyName {
+        PolicyName::WeightedRoundRobin
+    }
+
+    fn pick(&mut self, _key: &FlowKey, nodes: &[Candidate]) -> Option<usize> {
+        if self.current.len() != nodes.len() {
+            self.current.clear();
+            self.current.resize(nodes.len(), 0);
+        }
+        let mut total = 0i64;
         let mut best: Option<usize> = None;
-        for step in 0..n {
-            let i = (self.next + step) % n;
-            if nodes[i].eligible()
-                && best.is_none_or(|b| nodes[i].connections < nodes[b].connections)
-            {
+        for (i, c) in nodes.iter().enumerate() {
+            if !c.eligible() {
+                // A node that leaves forgets its credit, so it does not burst on return.
+                self.current[i] = 0;
+                continue;
+            }
+            let w = i64::from(c.weight);
+            self.current[i] += w;
+            total += w;
+            if best.is_none_or(|b| self.current[i] > self.current[b]) {
                 best = Some(i);
             }
         }
-        if let Some(b) = best {
-            self.next = (b + 1) % n;
+        let b = best?;
+        self.current[b] -= total;
+        Some(b)
+    }
+}
+
+/// Power of two choices (Mitzenmacher): two distinct eligible nodes drawn at random, the one
+/// with fewer connections per unit of weight wins. It needs no scan for the minimum, so it
+/// stays cheap at large N, and its randomness spreads a burst that arrives between two reports
+/// even without the in-flight correction.
+#[derive(Debug)]
+pub struct PowerOfTwo {
+    state: u64,
+}
+
+impl Default for PowerOfTwo {
+    fn default() -> Self {
+        PowerOfTwo::with_seed(0x7464_7363_7032_6331)
+    }
+}
+
+impl PowerOfTwo {
+    pub fn with_seed(seed: u64) -> Self {
+        // xorshift must not start at 0.
+        PowerOfTwo { state: seed | 1 }
+    }
+
+    /// xorshift64 (Marsaglia): fast, no allocation; quality is ample for sampling.
+    fn next(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state = x;
+        x
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        // n is a node count; the remainder is below n, so both conversions are lossless.
+        usize::try_from(self.next() % u64::try_from(n).unwrap_or(u64::MAX)).unwrap_or(0)
+    }
+}
+
+impl Policy for PowerOfTwo {
+    fn name(&self) -> PolicyName {
+        PolicyName::PowerOfTwo
+    }
+
+    fn pick(&mut self, _key: &FlowKey, nodes: &[Candidate]) -> Option<usize> {
+        let eligible = nodes.iter().filter(|c| c.eligible()).count();
+        match eligible {
+            0 => return None,
+            1 => return nth_eligible(nodes, 0),
+            _ => {}
         }
-        best
+        let a = self.below(eligible);
+        // A second, distinct draw: pick among the other eligible - 1 and skip over `a`.
+        let mut b = self.below(eligible - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (a, b) = (nth_eligible(nodes, a)?, nth_eligible(nodes, b)?);
+        let (ca, cb) = (&nodes[a], &nodes[b]);
+        if lighter(cb.connections, cb.weight, ca.connections, ca.weight) {
+            Some(b)
+        } else {
+            Some(a)
+        }
+    }
+}
+
+/// Index of the `k`-th eligible node.
+fn nth_eligible(nodes: &[Candidate], mut k: usize) -> Option<usize> {
+    nodes.iter().position(|c| {
+        if c.eligible() {
+            if k == 0 {
+                return true;
+            }
+            k -= 1;
+        }
+        false
+    })
+}
+
+/// `h mod eligible`, as the index of an eligible node.
+fn hash_pick(h: u64, nodes: &[Candidate]) -> Option<usize> {
+    let eligible = nodes.iter().filter(|c| c.eligible()).count();
+    if eligible == 0 {
+        return None;
+    }
+    // The remainder is below `eligible`, a usize, so it converts back losslessly.
+    let k = usize::try_from(h % u64::try_from(eligible).unwrap_or(u64::MAX)).unwrap_or(0);
+    nth_eligible(nodes, k)
+}
+
+/// The paper's baseline (TCP-DSC §5.3): the SYN's initial sequence number modulo the node
+/// count. ISNs are random, so this is a load-blind random choice; unlike `static-hash` a
+/// client's next connection may land anywhere.
+#[derive(Debug, Default)]
+pub struct IsnHash;
+
+impl Policy for IsnHash {
+    fn name(&self) -> PolicyName {
+        PolicyName::IsnHash
+    }
+
+    fn pick(&mut self, key: &FlowKey, nodes: &[Candidate]) -> Option<usize> {
+        hash_pick(u64::from(key.isn), nodes)
     }
 }
 
@@ -117,22 +326,7 @@ impl Policy for StaticHash {
     }
 
     fn pick(&mut self, key: &FlowKey, nodes: &[Candidate]) -> Option<usize> {
-        let eligible = nodes.iter().filter(|c| c.eligible()).count();
-        if eligible == 0 {
-            return None;
-        }
-        let h = flow_hash(&key.client, key.client_port);
-        // The remainder is below `eligible`, a usize, so it converts back losslessly.
-        let mut k = usize::try_from(h % u64::try_from(eligible).unwrap_or(u64::MAX)).unwrap_or(0);
-        nodes.iter().position(|c| {
-            if c.eligible() {
-                if k == 0 {
-                    return true;
-                }
-                k -= 1;
-            }
-            false
-        })
+        hash_pick(flow_hash(&key.client, key.client_port), nodes)
     }
 }
 
@@ -166,7 +360,9 @@ mod tests {
                 id,
                 alive: true,
                 draining: false,
+                weight: 1,
                 connections: 0,
+                load: 0,
             })
             .collect()
     }
@@ -264,6 +460,170 @@ mod tests {
         for port in 0..100 {
             assert_ne!(p.pick(&key(port), &dead), Some(0));
         }
+    }
+
+    fn key_isn(isn: u32) -> FlowKey {
+        FlowKey { isn, ..key(40000) }
+    }
+
+    /// Every policy, including weight 0, dead and draining nodes: only eligible picks, and
+    /// `None` when nobody is eligible.
+    #[test]
+    fn no_policy_picks_a_dead_draining_or_zero_weight_node() {
+        for (_, name) in PolicyName::ALL {
+            let mut p = build(name);
+            let mut ns = nodes(4);
+            ns[0].alive = false;
+            ns[1].draining = true;
+            ns[2].weight = 0;
+            for i in 0..200u16 {
+                assert_eq!(
+                    p.pick(&key_isn(u32::from(i) * 7919), &ns),
+                    Some(3),
+                    "{name:?}"
+                );
+                assert_eq!(p.pick(&key(i), &ns), Some(3), "{name:?}");
+            }
+            ns[3].alive = false;
+            assert_eq!(p.pick(&key(1), &ns), None, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_round_robin_is_exact_and_smooth() {
+        let mut p = WeightedRoundRobin::default();
+        let mut ns = nodes(3);
+        ns[0].weight = 5;
+        let picks: Vec<_> = (0..7).map(|i| p.pick(&key(i), &ns).unwrap()).collect();
+        // nginx's example: 5:1:1 interleaves.
+        assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
+        ns[0].weight = 3;
+        ns[1].weight = 2;
+        ns[2].weight = 1;
+        let mut count = [0; 3];
+        for i in 0..600 {
+            count[p.pick(&key(i), &ns).unwrap()] += 1;
+        }
+        assert_eq!(count, [300, 200, 100]);
+        // Equal weights degrade to plain round robin.
+        let mut p = WeightedRoundRobin::default();
+        let ns = nodes(3);
+        let picks: Vec<_> = (0..6).map(|i| p.pick(&key(i), &ns).unwrap()).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn weighted_least_connections_compares_per_unit_of_weight() {
+        let mut p = LeastConnections::default();
+        let mut ns = nodes(3);
+        ns[0].weight = 3;
+        ns[0].connections = 9; // 3 per unit
+        ns[1].connections = 4; // 4 per unit
+        ns[2].connections = 5;
+        assert_eq!(p.pick(&key(0), &ns), Some(0));
+        // Filling by dispatch converges to connections proportional to weight.
+        let mut ns = nodes(3);
+        ns[0].weight = 3;
+        for i in 0..500 {
+            let k = p.pick(&key(i), &ns).unwrap();
+            ns[k].connections += 1;
+        }
+        assert!((299..=301).contains(&ns[0].connections), "{ns:?}");
+        assert!((99..=101).contains(&ns[1].connections), "{ns:?}");
+    }
+
+    #[test]
+    fn least_load_takes_the_lowest_figure_per_weight() {
+        let mut p = LeastLoad::default();
+        let mut ns = nodes(3);
+        ns[0].load = 2000;
+        ns[1].load = 500;
+        ns[2].load = 1500;
+        ns[1].connections = 100; // connections do not matter to this policy
+        assert_eq!(p.pick(&key(0), &ns), Some(1));
+        ns[0].weight = 8; // 250 per unit
+        assert_eq!(p.pick(&key(0), &ns), Some(0));
+    }
+
+    /// The herd case: node 3 reported load 0 while the others reported 4 busy slots, and no
+    /// report arrives for the next 60 SYNs. With the in-flight charge the dispatcher adds
+    /// (`LOAD_PER_INFLIGHT` per dispatch), node 3 takes 4 to catch up and then a third of the
+    /// rest; without it, it would take all 60.
+    #[test]
+    fn least_load_does_not_herd_onto_a_stale_idle_report() {
+        let mut p = LeastLoad::default();
+        let mut ns = nodes(3);
+        ns[0].load = 4000;
+        ns[1].load = 4000;
+        ns[2].load = 0;
+        let mut got = [0u32; 3];
+        for i in 0..60 {
+            let k = p.pick(&key(i), &ns).unwrap();
+            got[k] += 1;
+            ns[k].load += LOAD_PER_INFLIGHT; // what the dispatcher does between reports
+        }
+        assert!((22..=23).contains(&got[2]), "herded: {got:?}");
+        assert!(got[0] >= 18 && got[1] >= 18, "{got:?}");
+    }
+
+    #[test]
+    fn power_of_two_prefers_the_lighter_of_two_and_never_the_heaviest() {
+        let mut p = PowerOfTwo::default();
+        let mut ns = nodes(3);
+        ns[0].connections = 10;
+        ns[1].connections = 20;
+        ns[2].connections = 30;
+        let mut count = [0u32; 3];
+        for i in 0..3000 {
+            count[p.pick(&key(i), &ns).unwrap()] += 1;
+        }
+        // Each of the 3 pairs is drawn about equally often: node 1 wins 2 pairs of 3, node 2
+        // one, node 3 none.
+        assert_eq!(count[2], 0, "{count:?}");
+        assert!((1800..2200).contains(&count[0]), "{count:?}");
+        assert!((800..1200).contains(&count[1]), "{count:?}");
+        // Two eligible nodes: always the lighter.
+        ns[0].alive = false;
+        for i in 0..50 {
+            assert_eq!(p.pick(&key(i), &ns), Some(1));
+        }
+    }
+
+    /// The herd case for power of two: node 3 looked idle in a stale report. The in-flight
+    /// charge (+1 connection per dispatch) makes it lose its draws once it has caught up.
+    #[test]
+    fn power_of_two_does_not_herd_onto_a_stale_idle_report() {
+        let mut p = PowerOfTwo::default();
+        let mut ns = nodes(3);
+        ns[0].connections = 10;
+        ns[1].connections = 10;
+        ns[2].connections = 0;
+        let mut got = [0u32; 3];
+        for i in 0..90 {
+            let k = p.pick(&key(i), &ns).unwrap();
+            got[k] += 1;
+            ns[k].connections += 1;
+        }
+        // Perfect balance would give node 3 about 10 + 70/3 = 33; all 90 would be the herd.
+        assert!(got[2] <= 40, "herded: {got:?}");
+        let spread = ns.iter().map(|c| c.connections).max().unwrap()
+            - ns.iter().map(|c| c.connections).min().unwrap();
+        assert!(spread <= 4, "{ns:?}");
+    }
+
+    #[test]
+    fn isn_hash_is_isn_mod_eligible() {
+        let mut p = IsnHash;
+        let mut ns = nodes(3);
+        for isn in 0..30u32 {
+            assert_eq!(
+                p.pick(&key_isn(isn), &ns),
+                Some(usize::try_from(isn % 3).unwrap())
+            );
+        }
+        ns[0].draining = true;
+        assert_eq!(p.pick(&key_isn(4), &ns), Some(1));
+        assert_eq!(p.pick(&key_isn(5), &ns), Some(2));
     }
 
     #[test]

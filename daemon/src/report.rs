@@ -67,6 +67,10 @@ impl Reporter {
             slot.established.store(r.established, Relaxed);
             slot.syn_recv.store(r.syn_recv, Relaxed);
             slot.draining.store(r.draining, Relaxed);
+            slot.load.store(r.load, Relaxed);
+            if let Some(w) = r.weight {
+                slot.weight.store(w, Relaxed);
+            }
             slot.last_seen_ms.store(now_ms(self.epoch), Relaxed);
             slot.report_gen.fetch_add(1, Relaxed);
             if !slot.alive.swap(true, Relaxed) {
@@ -160,6 +164,8 @@ impl Reporter {
                     syn_recv: counts.syn_recv,
                     seq,
                     draining: own.draining.load(Relaxed),
+                    load: own.load.load(Relaxed),
+                    weight: Some(own.weight.load(Relaxed)),
                 },
             );
             let bytes = env.to_bytes();

@@ -7,6 +7,26 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Switch this node's dispatch policy (takes effect on its next SYN if it is master; a
+    /// member keeps it for when it becomes master). Records of dispatched SYNs survive the
+    /// switch, so retransmissions still go where their first copy went.
+    PolicySet {
+        policy: String,
+    },
+    /// Set this node's weight. `node` must be the receiving node's id: a node announces its
+    /// own weight and drain flag in its reports, so whichever node is master learns them.
+    Weight {
+        node: u32,
+        weight: u32,
+    },
+    /// Stop new connections to this node; existing ones run on (see [`Request::Weight`]).
+    Drain {
+        node: u32,
+    },
+    /// Take new connections again.
+    Undrain {
+        node: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -15,6 +35,12 @@ pub struct NodeStatus {
     pub address: String,
     pub alive: bool,
     pub draining: bool,
+    /// Relative share of new connections (0: none).
+    #[serde(default)]
+    pub weight: u32,
+    /// Load figure in milli-units, as last reported.
+    #[serde(default)]
+    pub load: u32,
     /// ESTABLISHED connections on the VIP, as last reported.
     pub connections: u32,
     pub syn_recv: u32,
@@ -75,5 +101,11 @@ pub struct Status {
 #[serde(untagged)]
 pub enum Reply {
     Status(Box<Status>),
-    Error { error: String },
+    Error {
+        error: String,
+    },
+    /// A change was applied; the text says what.
+    Done {
+        done: String,
+    },
 }

@@ -16,7 +16,14 @@ pub struct NodeSlot {
     pub address: IpAddr,
     /// Reports arrive within `health.dead_after_ms`. This node's own slot is always alive.
     pub alive: AtomicBool,
+    /// The node announced, in its reports, that it takes no new connections (`tdscctl drain`
+    /// on that node). This node's own slot is the source of truth for its own reports.
     pub draining: AtomicBool,
+    /// Relative share of new connections, announced by the node in its reports; starts at the
+    /// configured `[[nodes]] weight`. 0 = no new connections.
+    pub weight: AtomicU32,
+    /// The node's load figure in milli-units (see `[scheduler] load_file`), as last reported.
+    pub load: AtomicU32,
     /// ESTABLISHED and SYN-RECV sockets on the VIP, as last reported.
     pub established: AtomicU32,
     pub syn_recv: AtomicU32,
@@ -41,6 +48,8 @@ impl ClusterView {
                 address: n.address,
                 alive: AtomicBool::new(n.id == self_id),
                 draining: AtomicBool::new(false),
+                weight: AtomicU32::new(crate::config::DEFAULT_WEIGHT),
+                load: AtomicU32::new(0),
                 established: AtomicU32::new(0),
                 syn_recv: AtomicU32::new(0),
                 report_gen: AtomicU64::new(0),
@@ -51,6 +60,13 @@ impl ClusterView {
         ClusterView {
             nodes: slots.into_boxed_slice(),
             self_index,
+        }
+    }
+
+    /// Sets the configured weights, in node order, before any report arrives.
+    pub fn set_weights(&self, weights: &[u32]) {
+        for (slot, w) in self.nodes.iter().zip(weights) {
+            slot.weight.store(*w, Relaxed);
         }
     }
 

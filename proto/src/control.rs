@@ -18,6 +18,8 @@
 //!   uint32 syn_recv = 2;        // SYN-RECV request sockets on the VIP
 //!   uint64 seq = 3;             // report sequence number (monotonic per daemon run)
 //!   bool draining = 4;          // the node asks for no new connections
+//!   uint32 load = 5;            // the node's load figure, milli-units (least-load policy)
+//!   optional uint32 weight = 6; // the node's weight; absent from older senders
 //! }
 //! ```
 
@@ -54,6 +56,10 @@ pub struct NodeReport {
     pub seq: u64,
     #[prost(bool, tag = "4")]
     pub draining: bool,
+    #[prost(uint32, tag = "5")]
+    pub load: u32,
+    #[prost(uint32, optional, tag = "6")]
+    pub weight: Option<u32>,
 }
 
 /// Why a control datagram was refused.
@@ -99,6 +105,8 @@ mod tests {
             syn_recv: 3,
             seq: 99,
             draining: true,
+            load: 2500,
+            weight: Some(0),
         };
         let env = Envelope::report(2, 5, r);
         let back = Envelope::from_bytes(&env.to_bytes()).unwrap();

@@ -89,6 +89,11 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
     /// Remove namespaces left by an earlier lab of the same name before starting.
     pub remove_stale: bool,
+    /// Extra arguments for every node's `tdsc-lab-httpd` (e.g. its CGI mode).
+    pub httpd_args: Vec<String>,
+    /// Give each cluster node a load file (`<workdir>/<node>.load`): its httpd writes it
+    /// (`--load-file`) and its tdscd reads it (`[scheduler] load_file`).
+    pub load_files: bool,
 }
 
 impl Default for ClusterOptions {
@@ -101,6 +106,8 @@ impl Default for ClusterOptions {
             rust_log: "info".to_owned(),
             ready_timeout: Duration::from_secs(15),
             remove_stale: false,
+            httpd_args: Vec::new(),
+            load_files: false,
         }
     }
 }
@@ -135,6 +142,8 @@ pub struct ClusterNode {
     pub socket: PathBuf,
     /// Its address on the cluster network, from the topology's exec lines.
     pub cluster_addr: Option<Ipv4Addr>,
+    /// Its load file, if [`ClusterOptions::load_files`].
+    pub load_file: Option<PathBuf>,
 }
 
 /// A client or the baseline server: a name and an address.
@@ -197,7 +206,16 @@ impl Cluster {
                 })?;
             let socket = lab.workdir().join(format!("{name}.sock"));
             let config = lab.workdir().join(format!("{name}.toml"));
-            let facts = write_node_config(src, &config, &socket, opts.policy.as_deref())?;
+            let load_file = opts
+                .load_files
+                .then(|| lab.workdir().join(format!("{name}.load")));
+            let facts = write_node_config(
+                src,
+                &config,
+                &socket,
+                opts.policy.as_deref(),
+                load_file.as_deref(),
+            )?;
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
             if facts.master.is_some() {
@@ -213,6 +231,7 @@ impl Cluster {
                     .iter()
                     .find(|(_, _, dev)| dev == "eth1")
                     .map(|(a, _, _)| *a),
+                load_file,
             });
         }
         let (Some(vip), Some(port)) = (vip, port) else {
@@ -249,27 +268,32 @@ impl Cluster {
         // HTTP servers: on every cluster node (listening on the wildcard address, so it does
         // not matter whether the daemon added the VIP yet) and on the baseline server.
         let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).to_string();
-        let mut servers: Vec<(String, u32)> = cluster
+        let mut servers: Vec<(String, u32, Option<PathBuf>)> = cluster
             .nodes
             .iter()
-            .map(|n| (n.name.clone(), n.id))
+            .map(|n| (n.name.clone(), n.id, n.load_file.clone()))
             .collect();
         if let Some(b) = &cluster.baseline {
-            servers.push((b.name.clone(), 0));
+            servers.push((b.name.clone(), 0, None));
         }
-        for (name, id) in &servers {
-            let args = vec![
+        for (name, id, load_file) in &servers {
+            let mut args = vec![
                 "--listen".to_owned(),
                 listen.clone(),
                 "--id".to_owned(),
                 id.to_string(),
                 "--fastopen".to_owned(),
             ];
+            args.extend(opts.httpd_args.iter().cloned());
+            if let Some(f) = load_file {
+                args.push("--load-file".to_owned());
+                args.push(f.display().to_string());
+            }
             cluster
                 .lab
                 .spawn(name, &format!("httpd-{name}"), &httpd, &args, &[])?;
         }
-        for (name, _) in &servers {
+        for (name, _, _) in &servers {
             cluster.wait_httpd(name, opts.ready_timeout)?;
         }
 
@@ -410,6 +434,64 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stdout).trim()
             ),
         })
+    }
+
+    /// Runs `tdscctl --socket <node's socket> ARGS…` and returns its stdout; a non-zero exit is
+    /// an error carrying stderr.
+    pub fn ctl(&self, node: &str, args: &[&str]) -> Result<String, ClusterError> {
+        let n = self.node(node)?;
+        let tdscctl = self.bins.path("tdscctl")?;
+        let out = Command::new(&tdscctl)
+            .arg("--socket")
+            .arg(&n.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!("cannot run {}: {e}", tdscctl.display()),
+            })?;
+        if !out.status.success() {
+            return Err(ClusterError::Status {
+                node: node.to_owned(),
+                reason: format!(
+                    "tdscctl {}: {}: {}",
+                    args.join(" "),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Polls the master's status until `cond` holds for it, or fails after `timeout` with the
+    /// last status seen. Used to wait for a report to carry a change to the master; what is
+    /// then asserted never depends on how long it took.
+    pub fn wait_master(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Status) -> bool,
+    ) -> Result<Status, ClusterError> {
+        let master = self.master()?.name.clone();
+        let start = Instant::now();
+        loop {
+            let s = self.status(&master)?;
+            if cond(&s) {
+                return Ok(s);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClusterError::NotReady {
+                    what: what.to_owned(),
+                    node: master,
+                    waited: start.elapsed(),
+                    last: format!("{:?}", s.nodes),
+                    log: String::new(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Fails if any daemon has exited, quoting its log.
@@ -555,6 +637,7 @@ fn write_node_config(
     dst: &Path,
     socket: &Path,
     policy: Option<&str>,
+    load_file: Option<&Path>,
 ) -> Result<NodeFacts, ClusterError> {
     let bad = |reason: String| ClusterError::Config {
         path: src.to_owned(),
@@ -599,13 +682,21 @@ fn write_node_config(
         "socket".into(),
         toml::Value::String(socket.display().to_string()),
     );
-    if let Some(policy) = policy {
+    if policy.is_some() || load_file.is_some() {
         let scheduler = table
             .entry("scheduler")
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
             .ok_or_else(|| bad("[scheduler] is not a table".into()))?;
-        scheduler.insert("policy".into(), toml::Value::String(policy.to_owned()));
+        if let Some(policy) = policy {
+            scheduler.insert("policy".into(), toml::Value::String(policy.to_owned()));
+        }
+        if let Some(f) = load_file {
+            scheduler.insert(
+                "load_file".into(),
+                toml::Value::String(f.display().to_string()),
+            );
+        }
     }
     let out = toml::to_string(&table).map_err(|e| bad(e.to_string()))?;
     std::fs::write(dst, out).map_err(|source| ClusterError::Write {
@@ -656,8 +747,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/node2.toml");
         let dst = dir.join("node2.toml");
-        let facts =
-            write_node_config(&src, &dst, &dir.join("n2.sock"), Some("least-connections")).unwrap();
+        let facts = write_node_config(
+            &src,
+            &dst,
+            &dir.join("n2.sock"),
+            Some("least-connections"),
+            None,
+        )
+        .unwrap();
         assert_eq!(facts.node_id, 2);
         assert_eq!(facts.vip, Ipv4Addr::new(192, 0, 2, 1));
         assert_eq!(facts.port, 80);

@@ -31,6 +31,7 @@ pub mod load;
 pub mod netns;
 pub mod nft;
 pub mod packet;
+pub mod policybench;
 pub mod status;
 pub mod topology;
 pub mod wakeup;

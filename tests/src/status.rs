@@ -24,6 +24,10 @@ pub struct NodeStatus {
     pub address: String,
     pub alive: bool,
     pub connections: u64,
+    pub draining: bool,
+    pub weight: u32,
+    /// Load figure in milli-units.
+    pub load: u32,
 }
 
 /// Data-path counters of one node.

@@ -27,6 +27,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The dispatch policy of the node behind the socket (send it to the master).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// Set NODE's weight (0: no new connections). Send it to NODE's own socket: each node
+    /// announces its weight in its reports to the master.
+    Weight { node: u32, weight: u32 },
+    /// Stop new connections to NODE while its existing ones finish (NODE's own socket).
+    Drain { node: u32 },
+    /// Let NODE take new connections again (NODE's own socket).
+    Undrain { node: u32 },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyAction {
+    /// Switch to NAME (round-robin, weighted-round-robin, least-connections, least-load,
+    /// power-of-two, static-hash, isn-hash). Established connections are not touched.
+    Set { name: String },
 }
 
 fn call(socket: &PathBuf, req: &Request) -> anyhow::Result<Reply> {
@@ -43,6 +62,17 @@ fn call(socket: &PathBuf, req: &Request) -> anyhow::Result<Reply> {
     serde_json::from_str(&reply).with_context(|| format!("unreadable reply {reply:?}"))
 }
 
+fn change(socket: &PathBuf, req: &Request) -> anyhow::Result<()> {
+    match call(socket, req)? {
+        Reply::Done { done } => {
+            println!("{done}");
+            Ok(())
+        }
+        Reply::Error { error } => bail!("daemon: {error}"),
+        Reply::Status(_) => bail!("unexpected status reply"),
+    }
+}
+
 fn print_table(s: &Status) {
     println!(
         "node {} is {} (master: {}, term {}), policy {}, vip {}, queue {}",
@@ -55,17 +85,19 @@ fn print_table(s: &Status) {
         s.queue_backend
     );
     println!(
-        "{:>4}  {:<16} {:<6} {:>11} {:>8}",
-        "id", "address", "alive", "connections", "syn-recv"
+        "{:>4}  {:<16} {:<6} {:>11} {:>8} {:>6} {:>8}",
+        "id", "address", "alive", "connections", "syn-recv", "weight", "load"
     );
     for n in &s.nodes {
         println!(
-            "{:>4}  {:<16} {:<6} {:>11} {:>8}{}{}",
+            "{:>4}  {:<16} {:<6} {:>11} {:>8} {:>6} {:>8.3}{}{}",
             n.id,
             n.address,
             if n.alive { "yes" } else { "NO" },
             n.connections,
             n.syn_recv,
+            n.weight,
+            f64::from(n.load) / 1000.0,
             if n.is_self { "  (self)" } else { "" },
             if n.draining { "  draining" } else { "" }
         );
@@ -99,7 +131,16 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Reply::Error { error } => bail!("daemon: {error}"),
+            Reply::Done { done } => bail!("unexpected reply: {done}"),
         },
+        Command::Policy {
+            action: PolicyAction::Set { name },
+        } => change(&args.socket, &Request::PolicySet { policy: name })?,
+        Command::Weight { node, weight } => {
+            change(&args.socket, &Request::Weight { node, weight })?;
+        }
+        Command::Drain { node } => change(&args.socket, &Request::Drain { node })?,
+        Command::Undrain { node } => change(&args.socket, &Request::Undrain { node })?,
     }
     Ok(())
 }

@@ -4,6 +4,9 @@
 //!   from both clients and show which node served how many; then tear everything down.
 //! * `tdsc-lab bench-connect` — connect() latency through tcp-dsc vs. a plain server, and the
 //!   master's CPU cost per dispatched SYN.
+//! * `tdsc-lab bench-policies` — the paper's Table 4: a CGI workload under open-loop Poisson
+//!   arrivals at 70 % and 90 % of capacity, every policy in turn; reply and connect times,
+//!   node utilisation, connections per node.
 //!
 //! What it changes: network namespaces `clab-<lab>-*` (and nothing in the host namespace),
 //! processes inside them, and `/tmp/<lab>/`. All of it is removed on exit, on Ctrl-C and on
@@ -16,8 +19,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tdsc_lab::bench;
 use tdsc_lab::cluster::{default_topology_path, Cluster, ClusterOptions};
+use tdsc_lab::{bench, policybench};
 use tdsc_lab::{load, netns};
 
 #[derive(Parser, Debug)]
@@ -43,7 +46,7 @@ enum Cmd {
         /// Total number of requests (split evenly between the clients).
         #[arg(long, default_value_t = 600)]
         requests: u64,
-        /// Scheduling policy: round-robin, least-connections or static-hash.
+        /// Scheduling policy (see README "Policies"), e.g. round-robin or least-connections.
         #[arg(long, default_value = "round-robin")]
         policy: String,
     },
@@ -62,6 +65,40 @@ enum Cmd {
         /// Upper bound on the SYN blast's duration, in seconds.
         #[arg(long, default_value_t = 20)]
         max_seconds: u64,
+    },
+    /// Every policy under the same CGI workload (paper Table 4, Fig. 8/9).
+    BenchPolicies {
+        /// Policies, comma-separated, in order of running.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "static-hash,isn-hash,round-robin,least-connections,power-of-two,least-load"
+        )]
+        policies: Vec<String>,
+        /// Offered loads as fractions of capacity, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.7,0.9")]
+        loads: Vec<f64>,
+        /// Seconds per policy and load.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Worker slots per node.
+        #[arg(long, default_value_t = 2)]
+        slots: u32,
+        /// Short service time (ms), long service time (ms), and the long ones' fraction.
+        #[arg(long, default_value_t = 20)]
+        short_ms: u64,
+        #[arg(long, default_value_t = 250)]
+        long_ms: u64,
+        #[arg(long, default_value_t = 0.15)]
+        long_frac: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Directory for summary.csv and util.csv.
+        #[arg(long, default_value = "bench-policies-out")]
+        out: PathBuf,
+        /// Also run the baselines without tcp-dsc: HAProxy leastconn and xt_cluster.
+        #[arg(long)]
+        baselines: bool,
     },
 }
 
@@ -105,7 +142,154 @@ fn main() -> anyhow::Result<()> {
             );
             finish(cluster, result)
         }
+        Cmd::BenchPolicies {
+            policies,
+            loads,
+            seconds,
+            slots,
+            short_ms,
+            long_ms,
+            long_frac,
+            seed,
+            out,
+            baselines,
+        } => {
+            let opts = policybench::PolicyBenchOptions {
+                policies: policies.clone(),
+                loads: loads.clone(),
+                duration: std::time::Duration::from_secs(*seconds),
+                slots: *slots,
+                short_ms: *short_ms,
+                long_ms: *long_ms,
+                long_frac: *long_frac,
+                seed: *seed,
+            };
+            let cluster = Cluster::start(&ClusterOptions {
+                topology: cli.topology.clone(),
+                lab_name: cli.lab_name.clone(),
+                policy: Some("round-robin".into()),
+                rust_log: cli.daemon_log.clone(),
+                remove_stale: true,
+                httpd_args: opts.httpd_args(),
+                load_files: true,
+                ..ClusterOptions::default()
+            })?;
+            let mut all = Vec::new();
+            let result = bench_policies(&cluster, &opts, &mut all, &stop);
+            finish(cluster, result)?;
+            if *baselines && !stop.load(Ordering::Relaxed) {
+                println!("\nbaselines without tcp-dsc (servers only, same workload):");
+                let mut cluster = Cluster::start(&ClusterOptions {
+                    topology: cli.topology.clone(),
+                    lab_name: cli.lab_name.clone(),
+                    daemons: false,
+                    remove_stale: true,
+                    httpd_args: opts.httpd_args(),
+                    load_files: true,
+                    ..ClusterOptions::default()
+                })?;
+                let result = policybench::run_baselines(&mut cluster, &opts, &stop)
+                    .map(|r| all.extend(r))
+                    .map_err(anyhow::Error::from);
+                finish(cluster, result)?;
+            }
+            report_policies(&opts, &all, out)
+        }
     }
+}
+
+fn bench_policies(
+    cluster: &Cluster,
+    opts: &policybench::PolicyBenchOptions,
+    all: &mut Vec<policybench::RunResult>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    println!(
+        "bench-policies: {} nodes x {} slots, service {} ms ({:.0} %) / {} ms ({:.0} %), mean {:.1} ms; \
+         capacity {:.1} req/s; {} s per run; open-loop Poisson arrivals from {} clients",
+        cluster.nodes().len(),
+        opts.slots,
+        opts.short_ms,
+        (1.0 - opts.long_frac) * 100.0,
+        opts.long_ms,
+        opts.long_frac * 100.0,
+        opts.mean_service() * 1000.0,
+        f64::from(u32::try_from(cluster.nodes().len()).unwrap_or(0)) * f64::from(opts.slots)
+            / opts.mean_service(),
+        opts.duration.as_secs(),
+        cluster.clients().len()
+    );
+    println!("{}", policybench::header());
+    all.extend(policybench::run(cluster, opts, stop)?);
+    Ok(())
+}
+
+fn report_policies(
+    opts: &policybench::PolicyBenchOptions,
+    results: &[policybench::RunResult],
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    println!("\nall runs:\n{}", policybench::header());
+    for r in results {
+        println!("{}", policybench::row(r));
+    }
+    policybench::write_csv(out, results)
+        .with_context(|| format!("write results to {}", out.display()))?;
+    for load in &opts.loads {
+        let at = |p: &str| {
+            results
+                .iter()
+                .find(|r| r.policy == p && (r.load - load).abs() < 1e-9)
+        };
+        let rr = at("round-robin");
+        println!("\nat {:.0} % of capacity:", load * 100.0);
+        if let (Some(rr), Some(sh)) = (rr, at("static-hash")) {
+            println!(
+                "  round-robin / static-hash reply time: {:.2} (paper: 214.5 / 435.3 = 0.49)",
+                rr.reply.mean / sh.reply.mean
+            );
+        }
+        if let (Some(rr), Some(ih)) = (rr, at("isn-hash")) {
+            println!(
+                "  round-robin / isn-hash reply time:    {:.2}",
+                rr.reply.mean / ih.reply.mean
+            );
+        }
+        let best = results
+            .iter()
+            .filter(|r| {
+                (r.load - load).abs() < 1e-9
+                    && ![
+                        "round-robin",
+                        "static-hash",
+                        "isn-hash",
+                        "haproxy-leastconn",
+                        "xt_cluster",
+                    ]
+                    .contains(&r.policy.as_str())
+            })
+            .min_by(|a, b| a.reply.mean.total_cmp(&b.reply.mean));
+        if let (Some(rr), Some(best)) = (rr, best) {
+            println!(
+                "  best dynamic ({}) / round-robin reply time: {:.2}",
+                best.policy,
+                best.reply.mean / rr.reply.mean
+            );
+        }
+        if let (Some(best), Some(hap)) = (best, at("haproxy-leastconn")) {
+            println!(
+                "  best dynamic ({}) / haproxy-leastconn reply time: {:.2}",
+                best.policy,
+                best.reply.mean / hap.reply.mean
+            );
+        }
+    }
+    println!(
+        "\nresults: {}/summary.csv, {}/util.csv",
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn start(cli: &Cli, policy: Option<&str>) -> anyhow::Result<Cluster> {

@@ -1,0 +1,326 @@
+//! Runtime control on a running 3-node cluster in network namespaces (root only; prints SKIP
+//! otherwise): `tdscctl policy set`, `weight`, `drain` and `undrain`. Each test builds its own
+//! lab (`tdsc-ctl-<pid>-<n>`) and removes it, also on failure.
+//!
+//! Changes of weight and drain travel in the node's reports to the master, so each test
+//! waits until the master's status shows the change before it sends the traffic whose split
+//! it asserts; no assertion depends on how long anything took.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use tdsc_lab::cluster::{unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::{http, load, netns, nft};
+
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// How long a change may take to reach the master before the test gives up (reports go every
+/// 200 ms).
+const PROPAGATION: Duration = Duration::from_secs(10);
+
+fn setup(test: &str) -> Option<MutexGuard<'static, ()>> {
+    if !netns::is_root() {
+        eprintln!("SKIP {test}: needs root to create network namespaces");
+        return None;
+    }
+    Some(
+        ONE_LAB_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    )
+}
+
+fn start(policy: &str) -> anyhow::Result<Cluster> {
+    Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-ctl")),
+        policy: Some(policy.to_owned()),
+        ..ClusterOptions::default()
+    })
+    .context("start the cluster")
+}
+
+fn teardown(cluster: Cluster) -> anyhow::Result<()> {
+    cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn client_namespaces(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .clients()
+        .iter()
+        .map(|c| cluster.netns(&c.name))
+        .collect()
+}
+
+fn rsts_and_synacks(clients: &[String]) -> anyhow::Result<(u64, u64)> {
+    let (mut rsts, mut synacks) = (0, 0);
+    for ns in clients {
+        let (r, s) = nft::client_counters(ns)?;
+        rsts += r;
+        synacks += s;
+    }
+    Ok((rsts, synacks))
+}
+
+/// `tdscctl policy set` on the master while two clients send 3,000 requests: every policy in
+/// turn, then back to round robin. No request fails, no client sees an RST, every connection
+/// got exactly one SYN/ACK, and the master's status names each policy as it is set.
+#[test]
+fn policy_switch_mid_traffic_loses_no_connection() -> anyhow::Result<()> {
+    let Some(_lock) = setup("policy_switch_mid_traffic_loses_no_connection") else {
+        return Ok(());
+    };
+    let mut cluster = start("round-robin")?;
+    let clients = client_namespaces(&cluster);
+    for ns in &clients {
+        nft::install_client_probe(ns)?;
+    }
+    let master = cluster.master()?.name.clone();
+    let vip = SocketAddr::V4(cluster.vip());
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let clients = clients.clone();
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || load::run(&clients, vip, 1500, &stop))
+    };
+    // Switch only once traffic flows, so the switches really happen under load.
+    cluster.wait_master("traffic to start", PROPAGATION, |s| {
+        s.counters.syns_dispatched >= 50
+    })?;
+    let policies = [
+        "least-connections",
+        "power-of-two",
+        "least-load",
+        "weighted-round-robin",
+        "isn-hash",
+        "static-hash",
+        "round-robin",
+    ];
+    let mut dispatched_at = Vec::new();
+    for p in policies {
+        let out = cluster.ctl(&master, &["policy", "set", p])?;
+        ensure!(out.contains(p), "tdscctl said {out:?}");
+        let s = cluster.status(&master)?;
+        ensure!(s.policy == p, "status names policy {:?}, not {p}", s.policy);
+        dispatched_at.push(s.counters.syns_dispatched);
+    }
+    let tally = traffic
+        .join()
+        .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+    cluster.check_daemons()?;
+    // The last switch came before the last request: the whole sequence ran under traffic.
+    let total = cluster.status(&master)?.counters.syns_dispatched;
+    ensure!(
+        dispatched_at.last().copied().unwrap_or(0) < total,
+        "switches did not overlap traffic: {dispatched_at:?}, total {total}"
+    );
+    assert_eq!(
+        tally.failures, 0,
+        "failed requests, e.g. {:?}",
+        tally.sample_errors
+    );
+    assert_eq!(tally.ok(), 3000);
+    let (rsts, synacks) = rsts_and_synacks(&clients)?;
+    assert_eq!(rsts, 0, "clients received TCP RSTs");
+    assert_eq!(synacks, 3000, "SYN/ACKs != connections");
+    // An unknown name is refused and changes nothing.
+    ensure!(cluster.ctl(&master, &["policy", "set", "random"]).is_err());
+    ensure!(cluster.status(&master)?.policy == "round-robin");
+    teardown(cluster)
+}
+
+/// A client connection that stays open: it sends its request line, then one header line a
+/// second (the lab server waits for the end of the headers), until told to finish; then it
+/// ends the headers and returns the serving node's reply.
+struct LongConnection {
+    finish: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<anyhow::Result<http::Reply>, netns::NetnsError>>,
+}
+
+impl LongConnection {
+    fn open(ns: &str, vip: SocketAddr) -> Self {
+        let finish = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&finish);
+        let handle = netns::spawn_in(ns, move || -> anyhow::Result<http::Reply> {
+            let started = std::time::Instant::now();
+            let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+            let connect_time = started.elapsed();
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /long HTTP/1.0\r\n")?;
+            let mut ticks = 0u32;
+            while !f.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    s.write_all(b"X-Still-Here: 1\r\n")?;
+                }
+            }
+            s.write_all(b"\r\n")?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw)?;
+            Ok(http::parse_reply(vip, &raw, connect_time)?)
+        });
+        LongConnection { finish, handle }
+    }
+
+    fn finish(self) -> anyhow::Result<http::Reply> {
+        self.finish.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("long connection thread panicked"))??
+    }
+}
+
+/// `tdscctl drain` on the node that holds a long-lived connection: the master's status shows
+/// it draining, 90 new requests go only to the other two nodes, the long connection still
+/// completes on the drained node, its connection count goes to zero; `undrain` brings it back
+/// into the rotation.
+#[test]
+fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result<()> {
+    let Some(_lock) = setup("drain_stops_new_connections_and_lets_existing_ones_finish") else {
+        return Ok(());
+    };
+    let mut cluster = start("round-robin")?;
+    let clients = client_namespaces(&cluster);
+    for ns in &clients {
+        nft::install_client_probe(ns)?;
+    }
+    let vip = SocketAddr::V4(cluster.vip());
+    let long = LongConnection::open(&clients[0], vip);
+    // The node whose report shows the one connection owns it.
+    let s = cluster.wait_master("the long connection to be reported", PROPAGATION, |s| {
+        s.nodes.iter().map(|n| n.connections).sum::<u64>() == 1
+    })?;
+    let owner_id = s
+        .nodes
+        .iter()
+        .find(|n| n.connections == 1)
+        .map(|n| n.id)
+        .context("no owner")?;
+    let owner = cluster
+        .node_by_id(owner_id)
+        .context("owner not in cluster")?
+        .name
+        .clone();
+
+    // Drain is announced by the node itself; another node's socket refuses it.
+    let other = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.id != owner_id)
+        .context("no other node")?
+        .name
+        .clone();
+    ensure!(
+        cluster
+            .ctl(&other, &["drain", &owner_id.to_string()])
+            .is_err(),
+        "a node accepted a drain for another node"
+    );
+    cluster.ctl(&owner, &["drain", &owner_id.to_string()])?;
+    cluster.wait_master("drain to reach the master", PROPAGATION, |s| {
+        s.nodes.iter().any(|n| n.id == owner_id && n.draining)
+    })?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = load::run(&clients, vip, 45, &stop)?;
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    assert_eq!(tally.ok(), 90);
+    assert_eq!(
+        tally.by_node.get(&owner_id).copied().unwrap_or(0),
+        0,
+        "the draining node {owner_id} got new connections: {:?}",
+        tally.by_node
+    );
+    ensure!(
+        tally.by_node.len() == 2,
+        "expected the two other nodes to serve: {:?}",
+        tally.by_node
+    );
+
+    // The existing connection on the draining node still completes there.
+    let reply = long.finish()?;
+    assert_eq!(reply.node, owner_id, "the long connection moved");
+    let s = cluster.wait_master("the drained node's count to reach 0", PROPAGATION, |s| {
+        s.nodes
+            .iter()
+            .any(|n| n.id == owner_id && n.draining && n.connections == 0)
+    })?;
+    ensure!(s.nodes.iter().all(|n| n.alive), "{:?}", s.nodes);
+
+    cluster.ctl(&owner, &["undrain", &owner_id.to_string()])?;
+    cluster.wait_master("undrain to reach the master", PROPAGATION, |s| {
+        s.nodes.iter().any(|n| n.id == owner_id && !n.draining)
+    })?;
+    let tally = load::run(&clients, vip, 45, &stop)?;
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    let back = tally.by_node.get(&owner_id).copied().unwrap_or(0);
+    assert!(
+        (28..=32).contains(&back),
+        "after undrain node {owner_id} served {back} of 90: {:?}",
+        tally.by_node
+    );
+    let (rsts, _) = rsts_and_synacks(&clients)?;
+    assert_eq!(rsts, 0, "clients received TCP RSTs");
+    cluster.check_daemons()?;
+    teardown(cluster)
+}
+
+/// `tdscctl weight` under weighted round robin: node 2 weight 3, node 3 weight 0 → 120
+/// requests split 30 : 90 : 0. Then node 3 back to 1 and it serves again.
+#[test]
+fn weights_change_the_split_at_run_time() -> anyhow::Result<()> {
+    let Some(_lock) = setup("weights_change_the_split_at_run_time") else {
+        return Ok(());
+    };
+    let mut cluster = start("weighted-round-robin")?;
+    let clients = client_namespaces(&cluster);
+    let vip = SocketAddr::V4(cluster.vip());
+    let name = |id: u32| -> anyhow::Result<String> {
+        Ok(cluster.node_by_id(id).context("node")?.name.clone())
+    };
+    let (n2, n3) = (name(2)?, name(3)?);
+    ensure!(
+        cluster.ctl(&n2, &["weight", "3", "0"]).is_err(),
+        "node 2 accepted a weight for node 3"
+    );
+    ensure!(
+        cluster.ctl(&n2, &["weight", "2", "5000"]).is_err(),
+        "weight above the maximum accepted"
+    );
+    cluster.ctl(&n2, &["weight", "2", "3"])?;
+    cluster.ctl(&n3, &["weight", "3", "0"])?;
+    cluster.wait_master("weights to reach the master", PROPAGATION, |s| {
+        let w: BTreeMap<u32, u32> = s.nodes.iter().map(|n| (n.id, n.weight)).collect();
+        w.get(&2) == Some(&3) && w.get(&3) == Some(&0)
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = load::run(&clients, vip, 60, &stop)?;
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    let got = |id| tally.by_node.get(&id).copied().unwrap_or(0);
+    assert_eq!(got(3), 0, "weight 0 node served: {:?}", tally.by_node);
+    assert!(
+        (88..=92).contains(&got(2)) && (28..=32).contains(&got(1)),
+        "not 30:90:0: {:?}",
+        tally.by_node
+    );
+
+    cluster.ctl(&n3, &["weight", "3", "1"])?;
+    cluster.wait_master("weight 1 to reach the master", PROPAGATION, |s| {
+        s.nodes.iter().any(|n| n.id == 3 && n.weight == 1)
+    })?;
+    let tally = load::run(&clients, vip, 50, &stop)?;
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    let got = |id| tally.by_node.get(&id).copied().unwrap_or(0);
+    assert!(
+        (18..=22).contains(&got(3)) && (58..=62).contains(&got(2)),
+        "not 1:3:1 of 100: {:?}",
+        tally.by_node
+    );
+    cluster.check_daemons()?;
+    teardown(cluster)
+}
