@@ -109,7 +109,7 @@ impl Sim {
                 self.drain(to);
             }
         }
-        if self.now % SETTINGS.tick_ms == 0 {
+        if self.now.is_multiple_of(SETTINGS.tick_ms) {
             let ids: Vec<u64> = self.nodes.keys().copied().collect();
             for id in ids {
                 self.nodes.get_mut(&id).unwrap().tick(self.now);
@@ -265,7 +265,7 @@ fn leases_never_overlap_under_random_loss_and_partitions() {
     for round in 0..60u64 {
         sim.cut.clear();
         let r = sim.rand();
-        if r % 3 != 0 {
+        if !r.is_multiple_of(3) {
             sim.cut.insert(1 + (r >> 8) % 3);
         }
         sim.run_ms(150 + (round * 37) % 400);
