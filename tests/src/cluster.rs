@@ -89,6 +89,9 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
     /// Remove namespaces left by an earlier lab of the same name before starting.
     pub remove_stale: bool,
+    /// Replace each node's `[election]` with `mode = "raft"` (default timing) and a data
+    /// directory of its own in the lab's workdir; the master is then whoever Raft elects.
+    pub raft: bool,
 }
 
 impl Default for ClusterOptions {
@@ -101,6 +104,7 @@ impl Default for ClusterOptions {
             rust_log: "info".to_owned(),
             ready_timeout: Duration::from_secs(15),
             remove_stale: false,
+            raft: false,
         }
     }
 }
@@ -156,6 +160,7 @@ pub struct Cluster {
     port: u16,
     master_id: Option<u32>,
     daemons: bool,
+    rust_log: String,
 }
 
 impl Cluster {
@@ -197,7 +202,16 @@ impl Cluster {
                 })?;
             let socket = lab.workdir().join(format!("{name}.sock"));
             let config = lab.workdir().join(format!("{name}.toml"));
-            let facts = write_node_config(src, &config, &socket, opts.policy.as_deref())?;
+            let raft_dir = opts
+                .raft
+                .then(|| lab.workdir().join(format!("{name}-raft")));
+            let facts = write_node_config(
+                src,
+                &config,
+                &socket,
+                opts.policy.as_deref(),
+                raft_dir.as_deref(),
+            )?;
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
             if facts.master.is_some() {
@@ -244,6 +258,7 @@ impl Cluster {
             port,
             master_id,
             daemons: opts.daemons,
+            rust_log: opts.rust_log.clone(),
         };
 
         // HTTP servers: on every cluster node (listening on the wildcard address, so it does
@@ -276,21 +291,78 @@ impl Cluster {
         if let Some(tdscd) = tdscd {
             for node in cluster.nodes.clone() {
                 check_config(&tdscd, &node.config)?;
-                let args = vec!["--config".to_owned(), node.config.display().to_string()];
-                cluster.lab.spawn(
-                    &node.name,
-                    &format!("tdscd-{}", node.name),
-                    &tdscd,
-                    &args,
-                    &[("RUST_LOG", opts.rust_log.as_str())],
-                )?;
+                cluster.spawn_daemon(&tdscd, &node)?;
             }
             for node in cluster.nodes.clone() {
                 cluster.wait_daemon(&node.name, opts.ready_timeout)?;
             }
+            if cluster.master_id.is_none() {
+                cluster.wait_master(None, opts.ready_timeout)?;
+            }
             cluster.wait_all_alive(Duration::from_secs(5));
         }
         Ok(cluster)
+    }
+
+    fn spawn_daemon(&mut self, tdscd: &Path, node: &ClusterNode) -> Result<u32, ClusterError> {
+        let args = vec!["--config".to_owned(), node.config.display().to_string()];
+        let log = self.rust_log.clone();
+        Ok(self.lab.spawn(
+            &node.name,
+            &format!("tdscd-{}", node.name),
+            tdscd,
+            &args,
+            &[("RUST_LOG", log.as_str())],
+        )?)
+    }
+
+    /// Kills a node's tdscd with SIGKILL, as a crash would: it removes nothing it installed.
+    pub fn kill_daemon(&mut self, node: &str) -> Result<(), ClusterError> {
+        Ok(self.lab.kill(&format!("tdscd-{node}"))?)
+    }
+
+    /// Starts a node's tdscd again (after [`Cluster::kill_daemon`]) and waits until it
+    /// answers `status`.
+    pub fn restart_daemon(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
+        let tdscd = self.bins.path("tdscd")?;
+        let n = self.node(node)?.clone();
+        self.spawn_daemon(&tdscd, &n)?;
+        self.wait_daemon(node, timeout)
+    }
+
+    /// The node that says it is master, if exactly one does (asked of every daemon that
+    /// answers; the others are skipped).
+    pub fn current_master(&self, excluding: Option<&str>) -> Option<ClusterNode> {
+        let masters: Vec<&ClusterNode> = self
+            .nodes
+            .iter()
+            .filter(|n| Some(n.name.as_str()) != excluding)
+            .filter(|n| self.status(&n.name).is_ok_and(|s| s.role == "master"))
+            .collect();
+        match masters.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until exactly one node (other than `excluding`) says it is master.
+    pub fn wait_master(
+        &self,
+        excluding: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ClusterNode, ClusterError> {
+        let start = Instant::now();
+        loop {
+            if let Some(m) = self.current_master(excluding) {
+                return Ok(m);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClusterError::NoSuchNode {
+                    node: format!("master (none elected within {timeout:?})"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_httpd(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
@@ -472,12 +544,16 @@ impl Cluster {
         self.nodes.iter().find(|n| n.id == id)
     }
 
-    /// The node the static election config names master.
+    /// The node the static election config names master, or under Raft the one that says it
+    /// is master now.
     pub fn master(&self) -> Result<&ClusterNode, ClusterError> {
-        self.master_id
-            .and_then(|id| self.node_by_id(id))
+        let id = match self.master_id {
+            Some(id) => Some(id),
+            None => self.current_master(None).map(|n| n.id),
+        };
+        id.and_then(|id| self.node_by_id(id))
             .ok_or_else(|| ClusterError::NoSuchNode {
-                node: format!("master (id {:?})", self.master_id),
+                node: format!("master (id {id:?})"),
             })
     }
 
@@ -549,12 +625,13 @@ struct NodeFacts {
 }
 
 /// Copies a node config to `dst`, pointing `[control].socket` at `socket` and optionally
-/// replacing the policy.
+/// replacing the policy, and the election with Raft keeping its state in `raft_dir`.
 fn write_node_config(
     src: &Path,
     dst: &Path,
     socket: &Path,
     policy: Option<&str>,
+    raft_dir: Option<&Path>,
 ) -> Result<NodeFacts, ClusterError> {
     let bad = |reason: String| ClusterError::Config {
         path: src.to_owned(),
@@ -585,6 +662,15 @@ fn write_node_config(
         .and_then(toml::Value::as_integer)
         .and_then(|p| u16::try_from(p).ok())
         .ok_or_else(|| bad("no cluster.tcp_ports".into()))?;
+    if let Some(dir) = raft_dir {
+        let mut election = toml::Table::new();
+        election.insert("mode".into(), toml::Value::String("raft".into()));
+        election.insert(
+            "data_dir".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
+        table.insert("election".into(), toml::Value::Table(election));
+    }
     let master = table
         .get("election")
         .and_then(|e| e.get("master"))
@@ -656,8 +742,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/node2.toml");
         let dst = dir.join("node2.toml");
-        let facts =
-            write_node_config(&src, &dst, &dir.join("n2.sock"), Some("least-connections")).unwrap();
+        let facts = write_node_config(
+            &src,
+            &dst,
+            &dir.join("n2.sock"),
+            Some("least-connections"),
+            None,
+        )
+        .unwrap();
         assert_eq!(facts.node_id, 2);
         assert_eq!(facts.vip, Ipv4Addr::new(192, 0, 2, 1));
         assert_eq!(facts.port, 80);
