@@ -323,10 +323,11 @@ fn bench_failover() -> anyhow::Result<()> {
     }
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let pick = |q: f64| {
-        // Nearest-rank percentile.
-        let rank = (q * times.len() as f64).ceil().max(1.0) as usize;
-        times[rank.min(times.len()) - 1]
+    let pick = |q: usize| {
+        // Nearest rank in integers: ceil(q_percent * n / 100), at least 1.
+        let n = times.len();
+        let rank = (q * n).div_ceil(100).max(1);
+        times[rank.min(n) - 1]
     };
     println!(
         "failover (SIGKILL master daemon -> first new connection accepted), {} trials, \
@@ -334,12 +335,16 @@ fn bench_failover() -> anyhow::Result<()> {
          min {:.0} ms  p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
         times.len(),
         ms(times[0]),
-        ms(pick(0.5)),
-        ms(pick(0.99)),
+        ms(pick(50)),
+        ms(pick(99)),
         ms(times[times.len() - 1])
     );
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
 }
+
+/// Per connection attempt (client port, acknowledged ISN + 1): the MACs of the nodes that
+/// answered it with a SYN/ACK.
+type SynAcksSeen = std::collections::BTreeMap<(u16, u32), BTreeSet<String>>;
 
 /// Every SYN/ACK a client namespace receives on eth0 from the VIP, keyed by the connection
 /// attempt it answers (client port, acknowledged ISN + 1), with the node MACs that sent one.
@@ -347,15 +352,10 @@ fn capture_synacks(
     ns: &str,
     vip: std::net::Ipv4Addr,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<
-    Result<
-        anyhow::Result<std::collections::BTreeMap<(u16, u32), BTreeSet<String>>>,
-        netns::NetnsError,
-    >,
-> {
+) -> std::thread::JoinHandle<Result<anyhow::Result<SynAcksSeen>, netns::NetnsError>> {
     netns::spawn_in(ns, move || {
         let cap = tdsc_lab::packet::Capture::open("eth0", Duration::from_millis(50))?;
-        let mut seen = std::collections::BTreeMap::<(u16, u32), BTreeSet<String>>::new();
+        let mut seen = SynAcksSeen::new();
         let mut buf = vec![0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
             if let Some(f) = cap
