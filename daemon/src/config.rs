@@ -81,6 +81,10 @@ struct RawScheduler {
 struct RawElection {
     mode: Option<String>,
     master: Option<u32>,
+    tick_ms: Option<u64>,
+    election_tick: Option<usize>,
+    heartbeat_tick: Option<usize>,
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -165,10 +169,21 @@ pub enum LoadSource {
     Command(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ElectionMode {
-    Static { master: u32 },
+    Static {
+        master: u32,
+    },
+    /// The Raft leader is master. `data_dir` holds the node's Raft hard state and log, so a
+    /// restarted node rejoins with its term and vote.
+    Raft {
+        settings: tdsc_election::RaftSettings,
+        data_dir: PathBuf,
+    },
 }
+
+/// Where a node keeps its Raft state unless `election.data_dir` says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/tdsc";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -424,7 +439,7 @@ impl Config {
             ));
         }
 
-        let election = match raw.election.mode.as_deref().unwrap_or("static") {
+        let election = match raw.election.mode.as_deref().unwrap_or("raft") {
             "static" => {
                 let master = raw.election.master.ok_or_else(|| {
                     invalid(
@@ -441,15 +456,36 @@ impl Config {
                 ElectionMode::Static { master }
             }
             "raft" => {
-                return Err(invalid(
-                    "election.mode",
-                    "\"raft\" is not available in this build yet; use \"static\"",
-                ))
+                if raw.election.master.is_some() {
+                    return Err(invalid(
+                        "election.master",
+                        "only mode \"static\" names a master; Raft elects one",
+                    ));
+                }
+                let d = tdsc_election::RaftSettings::default();
+                let settings = tdsc_election::RaftSettings {
+                    tick_ms: raw.election.tick_ms.unwrap_or(d.tick_ms),
+                    election_tick: raw.election.election_tick.unwrap_or(d.election_tick),
+                    heartbeat_tick: raw.election.heartbeat_tick.unwrap_or(d.heartbeat_tick),
+                };
+                settings.validate().map_err(|e| {
+                    invalid(
+                        "election.election_tick",
+                        e.to_string().trim_start_matches("invalid raft settings: "),
+                    )
+                })?;
+                ElectionMode::Raft {
+                    settings,
+                    data_dir: raw
+                        .election
+                        .data_dir
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+                }
             }
             other => {
                 return Err(invalid(
                     "election.mode",
-                    format!("unknown mode {other:?}; expected \"static\""),
+                    format!("unknown mode {other:?}; expected \"raft\" or \"static\""),
                 ))
             }
         };
@@ -741,6 +777,46 @@ address = "198.51.100.12"
         let text = format!("{GOOD}\n[health]\nreport_interval_ms = 500\ndead_after_ms = 600\n");
         let msg = Config::parse(&text).unwrap_err().to_string();
         assert!(msg.contains("health.dead_after_ms"), "{msg}");
+    }
+
+    #[test]
+    fn raft_is_the_default_mode_with_its_timing_and_data_dir() {
+        let text = GOOD.replace("mode = \"static\"\nmaster = 1", "");
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.election,
+            ElectionMode::Raft {
+                settings: tdsc_election::RaftSettings::default(),
+                data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            }
+        );
+        let text = GOOD.replace(
+            "mode = \"static\"\nmaster = 1",
+            "mode = \"raft\"\ntick_ms = 5\nelection_tick = 20\nheartbeat_tick = 2\ndata_dir = \"/tmp/r\"",
+        );
+        let ElectionMode::Raft { settings, data_dir } = Config::parse(&text).unwrap().election
+        else {
+            panic!("not raft");
+        };
+        assert_eq!(
+            (
+                settings.tick_ms,
+                settings.election_tick,
+                settings.heartbeat_tick
+            ),
+            (5, 20, 2)
+        );
+        assert_eq!(settings.lease_ms(), 90);
+        assert_eq!(data_dir, PathBuf::from("/tmp/r"));
+        for bad in [
+            "mode = \"raft\"\nelection_tick = 3\nheartbeat_tick = 3",
+            "mode = \"raft\"\ntick_ms = 0",
+            "mode = \"raft\"\nmaster = 1",
+        ] {
+            let text = GOOD.replace("mode = \"static\"\nmaster = 1", bad);
+            let msg = Config::parse(&text).unwrap_err().to_string();
+            assert!(msg.contains("election."), "{bad}: {msg}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod member;
 pub mod netlink;
 pub mod node;
 pub mod policy;
+pub mod raft;
 pub mod rawsock;
 pub mod records;
 pub mod report;

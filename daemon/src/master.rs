@@ -22,12 +22,37 @@ use crate::policy::Policy;
 use crate::rawsock::{Dest, RawSocket};
 use crate::view::{add, ClusterView, Counters};
 
-/// Whether this node dispatches right now, and under which term. Written by the role task,
-/// read per packet by the master thread.
-#[derive(Debug, Default)]
+/// Whether this node dispatches right now, and under which term. Written by the role task
+/// and the election, read per packet by the master thread.
+#[derive(Debug)]
 pub struct RoleCell {
     pub master: AtomicBool,
     pub term: AtomicU64,
+    /// The election lease: the master thread dispatches only while `epoch.elapsed()` in ms is
+    /// below this. The Raft task writes it (and writes 0 before it says anything that could
+    /// help another node win); static election sets it to `u64::MAX`. See `tdsc_election`'s
+    /// docs for the timing argument.
+    pub lease_until_ms: AtomicU64,
+    /// The clock both the lease and the SYN-forward records are measured on.
+    pub epoch: Instant,
+}
+
+impl Default for RoleCell {
+    fn default() -> Self {
+        RoleCell {
+            master: AtomicBool::new(false),
+            term: AtomicU64::new(0),
+            lease_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl RoleCell {
+    /// Milliseconds on the lease clock.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// Commands for the master thread.
@@ -139,7 +164,7 @@ impl MasterPath {
     /// Runs for the life of the process. While this node is a member nothing is queued and the
     /// thread sleeps in `recv`.
     pub fn run(mut self) {
-        let epoch = Instant::now();
+        let epoch = self.role.epoch;
         tracing::info!(queue = self.queue_num, "master path ready");
         loop {
             let mut msg = match self.queue.recv() {
@@ -166,8 +191,11 @@ impl MasterPath {
     }
 
     fn handle(&mut self, pkt: &[u8], epoch: Instant) -> Verdict {
-        if !self.role.master.load(Relaxed) {
-            // Queued in the instant before the ruleset turned member: someone else dispatches.
+        // Milliseconds since start fit in u64 for 584 million years.
+        let now_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if !self.role.master.load(Relaxed) || now_ms >= self.role.lease_until_ms.load(Relaxed) {
+            // Queued in the instant before the ruleset turned member, or the election lease
+            // has lapsed: another node may be dispatching already.
             add(&self.counters.dropped_not_master);
             return Verdict::Drop;
         }
@@ -178,8 +206,6 @@ impl MasterPath {
                 return Verdict::Drop;
             }
         };
-        // Milliseconds since start fit in u64 for 584 million years.
-        let now_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let out = self.dispatcher.decide(&syn, &self.view, now_ms);
         add(&self.counters.syns_dispatched);
         if out.retransmit {

@@ -26,6 +26,7 @@ use crate::dispatch::Dispatcher;
 use crate::host::HostSetup;
 use crate::master::{MasterCommand, MasterPath, RoleCell};
 use crate::member::MemberPath;
+use crate::raft::RaftTask;
 use crate::records::SynRecords;
 use crate::report::{ReportCounters, Reporter};
 use crate::view::{ClusterView, Counters};
@@ -47,6 +48,8 @@ pub enum NodeError {
     Report(#[source] std::io::Error),
     #[error("control socket")]
     Control(#[from] crate::control::ControlError),
+    #[error("raft election")]
+    Raft(#[from] crate::raft::RaftTaskError),
     #[error("{} errors during shutdown: {}", .0.len(), .0.join("; "))]
     Shutdown(Vec<String>),
 }
@@ -234,15 +237,20 @@ async fn serve(
         .spawn(move || master.run())
         .map_err(NodeError::Member)?;
 
-    // Election.
-    let signal = match cfg.election {
-        ElectionMode::Static { master } => StaticElection {
-            node_id: cfg.node_id,
-            master,
+    // Election. Raft messages share the report socket; the report loop hands them over.
+    let signal = Arc::new(match cfg.election {
+        ElectionMode::Static { master } => {
+            role.lease_until_ms.store(u64::MAX, Relaxed);
+            StaticElection {
+                node_id: cfg.node_id,
+                master,
+            }
+            .start()
         }
-        .start(),
-    };
+        ElectionMode::Raft { .. } => RoleSignal::new(),
+    });
     let mut leadership = signal.subscribe();
+    let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::raft::INBOX_CAPACITY);
 
     let reports = Arc::new(ReportCounters::default());
     let reporter = Reporter {
@@ -255,8 +263,26 @@ async fn serve(
         role: role.clone(),
         counters: reports.clone(),
         epoch,
+        raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
     };
-    let sock = reporter.bind().await.map_err(NodeError::Report)?;
+    let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
+    let raft_task = match &cfg.election {
+        ElectionMode::Raft { settings, data_dir } => {
+            let task = RaftTask::open(
+                cfg.node_id,
+                &cfg.nodes,
+                cfg.control_port,
+                *settings,
+                data_dir,
+                sock.clone(),
+                raft_rx,
+                signal.clone(),
+                role.clone(),
+            )?;
+            Some(tokio::spawn(task.run()))
+        }
+        ElectionMode::Static { .. } => None,
+    };
     let report_task = tokio::spawn(reporter.run(sock));
 
     let listener = crate::control::bind(&cfg.control_socket).await?;
@@ -300,7 +326,12 @@ async fn serve(
     )
     .await;
 
-    // Stop taking SYNs before anything else goes.
+    // Stop taking SYNs before anything else goes: no lease, no election messages, then the
+    // member ruleset.
+    if let Some(t) = raft_task {
+        t.abort();
+    }
+    role.lease_until_ms.store(0, Relaxed);
     if role.master.load(Relaxed) {
         if let Err(e) = apply_role(fw, Role::Member, &spec, &facts) {
             tracing::error!(error = %e, "could not return to member rules at shutdown");

@@ -5,6 +5,10 @@
 //! `health.dead_after_ms` is marked dead, and the master stops dispatching to it; its next
 //! report brings it back. Reports are accepted only from a member's address with that
 //! member's id.
+//!
+//! The same socket carries the Raft election's messages (`Body::Raft`): the receive loop
+//! authenticates them the same way and hands them to the Raft task through a bounded channel
+//! (a full channel drops the message, as a lossy network would; Raft retransmits).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -36,6 +40,8 @@ pub struct Reporter {
     pub role: Arc<RoleCell>,
     pub counters: Arc<ReportCounters>,
     pub epoch: Instant,
+    /// Where `Body::Raft` messages go: (sender id, raft bytes). None in static mode.
+    pub raft_inbox: Option<tokio::sync::mpsc::Sender<(u32, Vec<u8>)>>,
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "never seen").
@@ -62,6 +68,12 @@ impl Reporter {
         let slot = &self.view.nodes[i];
         if slot.id != env.from || i == self.view.self_index {
             return false;
+        }
+        if let Some(Body::Raft(bytes)) = env.body {
+            return match &self.raft_inbox {
+                Some(tx) => tx.try_send((env.from, bytes)).is_ok(),
+                None => false,
+            };
         }
         if let Some(Body::Report(r)) = env.body {
             slot.established.store(r.established, Relaxed);
@@ -99,8 +111,7 @@ impl Reporter {
         }
     }
 
-    pub async fn run(self, sock: UdpSocket) {
-        let sock = Arc::new(sock);
+    pub async fn run(self, sock: Arc<UdpSocket>) {
         let rx = {
             let sock = sock.clone();
             let me = Arc::new(self);

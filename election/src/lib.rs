@@ -2,8 +2,9 @@
 //!
 //! The rest of the daemon never asks *how* the master was chosen; it watches a [`RoleSignal`]
 //! and reacts to each new [`Leadership`] value: it swaps its ruleset between master and member
-//! and starts or idles its SYN dispatcher. Today the value comes from configuration
-//! ([`StaticElection`]); the Raft election will publish into the same signal.
+//! and starts or idles its SYN dispatcher. The value comes from configuration
+//! ([`StaticElection`], `[election] mode = "static"`) or from a Raft group of all nodes
+//! ([`RaftCore`], `mode = "raft"`, the default): the Raft leader is the master.
 //!
 //! ```
 //! use tdsc_election::{Role, StaticElection};
@@ -12,8 +13,60 @@
 //! assert_eq!(now.role, Role::Member);
 //! assert_eq!(now.master_id, Some(1));
 //! ```
+//!
+//! # No two dispatchers, ever
+//!
+//! Raft alone guarantees at most one leader *per term*, not at most one leader *at a time*: a
+//! leader cut off from the cluster network still believes it leads until check-quorum deposes
+//! it, while the others may already have elected a successor. Its client interface still
+//! receives every SYN, so it must stop dispatching on its own, before any successor can start.
+//! The mechanism is a **lease** (see [`raft_core`]):
+//!
+//! * The leader renews it every tick with a read-index heartbeat carrying the send time `s`
+//!   (its monotonic clock). When a quorum (itself included) has acknowledged that heartbeat,
+//!   it may dispatch until `s + L`, with `L = lease_ms = (election_tick - 2) * tick_ms`. The
+//!   NFQUEUE thread compares its clock with that deadline for every packet (one atomic load)
+//!   and drops the SYN once it has passed; the ruleset also turns member when the lease
+//!   lapses, and `check_quorum` deposes the leader after an election timeout without quorum.
+//! * A follower that acknowledged at `r >= s` has reset its election clock, and with
+//!   check-quorum and pre-vote it refuses (pre-)votes of any other candidate until it has
+//!   counted `election_tick` ticks: at least `(election_tick - 1) * tick_ms` of its clock.
+//!   A successor needs votes from a quorum, and every quorum shares a node with the one that
+//!   acknowledged. So no successor can be elected, much less get its own first lease, before
+//!   `r + (election_tick - 1) * tick_ms` as measured by that follower.
+//! * The inequality relied on, with `ρ` the largest relative clock-rate difference between
+//!   two nodes and `δ` the longest time between the dispatcher's lease check and its verdict
+//!   taking effect:
+//!
+//!   ```text
+//!   (s + L) · (1 + ρ) + δ  <  r + (election_tick − 1) · tick_ms
+//!   ⇐  L + δ + ρ·L  <  (election_tick − 1) · tick_ms      (since r ≥ s)
+//!   ⇐  tick_ms  >  δ + ρ · L                               (L = (election_tick − 2) · tick_ms)
+//!   ```
+//!
+//!   With the defaults (10 ms ticks, `election_tick` 10, `L` = 80 ms) that holds for any
+//!   clock-rate error below 10 % with δ ≤ 2 ms; the verdict for one SYN takes microseconds.
+//!   Monotonic clocks (`CLOCK_MONOTONIC`) of one machine's kernels agree far better than that.
+//! * Ticks are never delivered in a burst to catch up (tokio `MissedTickBehavior::Delay`), so
+//!   a stalled node only counts *more* slowly.
+//! * A node that restarts forgets the leader it acknowledged; it therefore ignores vote
+//!   requests for its first `election_tick` ticks ([`StepError::StartupGuard`]).
+//! * Stepping down revokes the lease in the same `ready` call, and the shell stores the
+//!   revoked lease before it sends any message (a vote included).
+//!
+//! Two more fences stand behind the lease. A daemon that crashes on the master leaves the
+//! queue rule without a consumer, and the rule has no bypass: the kernel drops client SYNs
+//! rather than accept them (fail-closed). A daemon that starts installs the member ruleset
+//! before it does anything else, and starts as a Raft follower with no lease.
+//!
+//! What the lease does not cover: a forward already on the wire when the lease lapses still
+//! reaches its member. It was dispatched before the successor could start, so it names a
+//! connection that no other node has been given.
 
 use tokio::sync::watch;
+
+pub mod raft_core;
+pub use raft_core::{Output, Persisted, RaftCore, RaftError, RaftSettings, StepError};
 
 /// A node's part in dispatching new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -94,6 +94,9 @@ pub struct ClusterOptions {
     /// Give each cluster node a load file (`<workdir>/<node>.load`): its httpd writes it
     /// (`--load-file`) and its tdscd reads it (`[scheduler] load_file`).
     pub load_files: bool,
+    /// Replace each node's `[election]` with `mode = "raft"` (default timing) and a data
+    /// directory of its own in the lab's workdir; the master is then whoever Raft elects.
+    pub raft: bool,
 }
 
 impl Default for ClusterOptions {
@@ -108,6 +111,7 @@ impl Default for ClusterOptions {
             remove_stale: false,
             httpd_args: Vec::new(),
             load_files: false,
+            raft: false,
         }
     }
 }
@@ -165,6 +169,7 @@ pub struct Cluster {
     port: u16,
     master_id: Option<u32>,
     daemons: bool,
+    rust_log: String,
 }
 
 impl Cluster {
@@ -209,12 +214,16 @@ impl Cluster {
             let load_file = opts
                 .load_files
                 .then(|| lab.workdir().join(format!("{name}.load")));
+            let raft_dir = opts
+                .raft
+                .then(|| lab.workdir().join(format!("{name}-raft")));
             let facts = write_node_config(
                 src,
                 &config,
                 &socket,
                 opts.policy.as_deref(),
                 load_file.as_deref(),
+                raft_dir.as_deref(),
             )?;
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
@@ -263,6 +272,7 @@ impl Cluster {
             port,
             master_id,
             daemons: opts.daemons,
+            rust_log: opts.rust_log.clone(),
         };
 
         // HTTP servers: on every cluster node (listening on the wildcard address, so it does
@@ -300,21 +310,78 @@ impl Cluster {
         if let Some(tdscd) = tdscd {
             for node in cluster.nodes.clone() {
                 check_config(&tdscd, &node.config)?;
-                let args = vec!["--config".to_owned(), node.config.display().to_string()];
-                cluster.lab.spawn(
-                    &node.name,
-                    &format!("tdscd-{}", node.name),
-                    &tdscd,
-                    &args,
-                    &[("RUST_LOG", opts.rust_log.as_str())],
-                )?;
+                cluster.spawn_daemon(&tdscd, &node)?;
             }
             for node in cluster.nodes.clone() {
                 cluster.wait_daemon(&node.name, opts.ready_timeout)?;
             }
+            if cluster.master_id.is_none() {
+                cluster.wait_master(None, opts.ready_timeout)?;
+            }
             cluster.wait_all_alive(Duration::from_secs(5));
         }
         Ok(cluster)
+    }
+
+    fn spawn_daemon(&mut self, tdscd: &Path, node: &ClusterNode) -> Result<u32, ClusterError> {
+        let args = vec!["--config".to_owned(), node.config.display().to_string()];
+        let log = self.rust_log.clone();
+        Ok(self.lab.spawn(
+            &node.name,
+            &format!("tdscd-{}", node.name),
+            tdscd,
+            &args,
+            &[("RUST_LOG", log.as_str())],
+        )?)
+    }
+
+    /// Kills a node's tdscd with SIGKILL, as a crash would: it removes nothing it installed.
+    pub fn kill_daemon(&mut self, node: &str) -> Result<(), ClusterError> {
+        Ok(self.lab.kill(&format!("tdscd-{node}"))?)
+    }
+
+    /// Starts a node's tdscd again (after [`Cluster::kill_daemon`]) and waits until it
+    /// answers `status`.
+    pub fn restart_daemon(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
+        let tdscd = self.bins.path("tdscd")?;
+        let n = self.node(node)?.clone();
+        self.spawn_daemon(&tdscd, &n)?;
+        self.wait_daemon(node, timeout)
+    }
+
+    /// The node that says it is master, if exactly one does (asked of every daemon that
+    /// answers; the others are skipped).
+    pub fn current_master(&self, excluding: Option<&str>) -> Option<ClusterNode> {
+        let masters: Vec<&ClusterNode> = self
+            .nodes
+            .iter()
+            .filter(|n| Some(n.name.as_str()) != excluding)
+            .filter(|n| self.status(&n.name).is_ok_and(|s| s.role == "master"))
+            .collect();
+        match masters.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until exactly one node (other than `excluding`) says it is master.
+    pub fn wait_master(
+        &self,
+        excluding: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ClusterNode, ClusterError> {
+        let start = Instant::now();
+        loop {
+            if let Some(m) = self.current_master(excluding) {
+                return Ok(m);
+            }
+            if start.elapsed() > timeout {
+                return Err(ClusterError::NoSuchNode {
+                    node: format!("master (none elected within {timeout:?})"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_httpd(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
@@ -468,7 +535,7 @@ impl Cluster {
     /// Polls the master's status until `cond` holds for it, or fails after `timeout` with the
     /// last status seen. Used to wait for a report to carry a change to the master; what is
     /// then asserted never depends on how long it took.
-    pub fn wait_master(
+    pub fn wait_master_status(
         &self,
         what: &str,
         timeout: Duration,
@@ -554,12 +621,16 @@ impl Cluster {
         self.nodes.iter().find(|n| n.id == id)
     }
 
-    /// The node the static election config names master.
+    /// The node the static election config names master, or under Raft the one that says it
+    /// is master now.
     pub fn master(&self) -> Result<&ClusterNode, ClusterError> {
-        self.master_id
-            .and_then(|id| self.node_by_id(id))
+        let id = match self.master_id {
+            Some(id) => Some(id),
+            None => self.current_master(None).map(|n| n.id),
+        };
+        id.and_then(|id| self.node_by_id(id))
             .ok_or_else(|| ClusterError::NoSuchNode {
-                node: format!("master (id {:?})", self.master_id),
+                node: format!("master (id {id:?})"),
             })
     }
 
@@ -631,13 +702,14 @@ struct NodeFacts {
 }
 
 /// Copies a node config to `dst`, pointing `[control].socket` at `socket` and optionally
-/// replacing the policy.
+/// replacing the policy, and the election with Raft keeping its state in `raft_dir`.
 fn write_node_config(
     src: &Path,
     dst: &Path,
     socket: &Path,
     policy: Option<&str>,
     load_file: Option<&Path>,
+    raft_dir: Option<&Path>,
 ) -> Result<NodeFacts, ClusterError> {
     let bad = |reason: String| ClusterError::Config {
         path: src.to_owned(),
@@ -668,6 +740,15 @@ fn write_node_config(
         .and_then(toml::Value::as_integer)
         .and_then(|p| u16::try_from(p).ok())
         .ok_or_else(|| bad("no cluster.tcp_ports".into()))?;
+    if let Some(dir) = raft_dir {
+        let mut election = toml::Table::new();
+        election.insert("mode".into(), toml::Value::String("raft".into()));
+        election.insert(
+            "data_dir".into(),
+            toml::Value::String(dir.display().to_string()),
+        );
+        table.insert("election".into(), toml::Value::Table(election));
+    }
     let master = table
         .get("election")
         .and_then(|e| e.get("master"))

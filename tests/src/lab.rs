@@ -395,6 +395,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills one process with SIGKILL at once (no grace: a crash), reaps it and forgets it,
+    /// so that its label can be spawned again.
+    pub fn kill(&mut self, label: &str) -> Result<(), LabError> {
+        let idx = self
+            .children
+            .iter()
+            .position(|c| c.label == label)
+            .ok_or_else(|| LabError::NoSuchProcess {
+                label: label.to_owned(),
+            })?;
+        let mut c = self.children.remove(idx);
+        let _ = c.child.kill();
+        let _ = c.child.wait();
+        Ok(())
+    }
+
     /// Tears the lab down, returning every error met.
     pub fn teardown(mut self) -> Result<(), TeardownError> {
         self.teardown_inner()

@@ -11,6 +11,8 @@ pub struct Status {
     /// `master` or `member`.
     pub role: String,
     pub master_id: Option<u32>,
+    /// Election term (static election: 1).
+    pub term: u64,
     pub policy: String,
     pub nodes: Vec<NodeStatus>,
     pub counters: Counters,

@@ -88,7 +88,7 @@ fn policy_switch_mid_traffic_loses_no_connection() -> anyhow::Result<()> {
         std::thread::spawn(move || load::run(&clients, vip, 1500, &stop))
     };
     // Switch only once traffic flows, so the switches really happen under load.
-    cluster.wait_master("traffic to start", PROPAGATION, |s| {
+    cluster.wait_master_status("traffic to start", PROPAGATION, |s| {
         s.counters.syns_dispatched >= 50
     })?;
     let policies = [
@@ -192,7 +192,7 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
     let vip = SocketAddr::V4(cluster.vip());
     let long = LongConnection::open(&clients[0], vip);
     // The node whose report shows the one connection owns it.
-    let s = cluster.wait_master("the long connection to be reported", PROPAGATION, |s| {
+    let s = cluster.wait_master_status("the long connection to be reported", PROPAGATION, |s| {
         s.nodes.iter().map(|n| n.connections).sum::<u64>() == 1
     })?;
     let owner_id = s
@@ -222,7 +222,7 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
         "a node accepted a drain for another node"
     );
     cluster.ctl(&owner, &["drain", &owner_id.to_string()])?;
-    cluster.wait_master("drain to reach the master", PROPAGATION, |s| {
+    cluster.wait_master_status("drain to reach the master", PROPAGATION, |s| {
         s.nodes.iter().any(|n| n.id == owner_id && n.draining)
     })?;
 
@@ -245,7 +245,7 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
     // The existing connection on the draining node still completes there.
     let reply = long.finish()?;
     assert_eq!(reply.node, owner_id, "the long connection moved");
-    let s = cluster.wait_master("the drained node's count to reach 0", PROPAGATION, |s| {
+    let s = cluster.wait_master_status("the drained node's count to reach 0", PROPAGATION, |s| {
         s.nodes
             .iter()
             .any(|n| n.id == owner_id && n.draining && n.connections == 0)
@@ -253,7 +253,7 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
     ensure!(s.nodes.iter().all(|n| n.alive), "{:?}", s.nodes);
 
     cluster.ctl(&owner, &["undrain", &owner_id.to_string()])?;
-    cluster.wait_master("undrain to reach the master", PROPAGATION, |s| {
+    cluster.wait_master_status("undrain to reach the master", PROPAGATION, |s| {
         s.nodes.iter().any(|n| n.id == owner_id && !n.draining)
     })?;
     let tally = load::run(&clients, vip, 45, &stop)?;
@@ -294,7 +294,7 @@ fn weights_change_the_split_at_run_time() -> anyhow::Result<()> {
     );
     cluster.ctl(&n2, &["weight", "2", "3"])?;
     cluster.ctl(&n3, &["weight", "3", "0"])?;
-    cluster.wait_master("weights to reach the master", PROPAGATION, |s| {
+    cluster.wait_master_status("weights to reach the master", PROPAGATION, |s| {
         let w: BTreeMap<u32, u32> = s.nodes.iter().map(|n| (n.id, n.weight)).collect();
         w.get(&2) == Some(&3) && w.get(&3) == Some(&0)
     })?;
@@ -310,7 +310,7 @@ fn weights_change_the_split_at_run_time() -> anyhow::Result<()> {
     );
 
     cluster.ctl(&n3, &["weight", "3", "1"])?;
-    cluster.wait_master("weight 1 to reach the master", PROPAGATION, |s| {
+    cluster.wait_master_status("weight 1 to reach the master", PROPAGATION, |s| {
         s.nodes.iter().any(|n| n.id == 3 && n.weight == 1)
     })?;
     let tally = load::run(&clients, vip, 50, &stop)?;

@@ -4,7 +4,9 @@
 //! `node=N\nlen=<request bytes>\nfnv=<FNV-1a 64 of the request, hex>\n` and closes the
 //! connection (HTTP/1.0 semantics, `Connection: close` for 1.1 clients). A request for
 //! `/__served` answers `served=<count>\n` instead, where count is the number of other requests
-//! served so far; it is not counted itself. With `--fastopen` the listener sets
+//! served so far; it is not counted itself. A request for `/__echo` answers the headers and
+//! `node=N\n`, then echoes every byte the client sends until it closes: the long-lived,
+//! two-way connection of the failover tests (counted as one request). With `--fastopen` the listener sets
 //! `TCP_FASTOPEN`, so data in a SYN is accepted when `net.ipv4.tcp_fastopen` allows it.
 //!
 //! **CGI mode** (`--cgi-slots N`, for `tdsc-lab bench-policies`) models a CPU-bound CGI host
@@ -239,6 +241,20 @@ fn serve(
         .ok()
         .and_then(|r| r.split_whitespace().nth(1))
         .unwrap_or("/");
+    if path == "/__echo" {
+        served.fetch_add(1, Ordering::Relaxed);
+        stream.write_all(format!("HTTP/1.0 200 OK\r\n\r\nnode={id}\n").as_bytes())?;
+        // Idle gaps are up to the test; only a closed or reset connection ends the echo.
+        stream.set_read_timeout(None)?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).context("echo read")?;
+            if n == 0 {
+                return Ok(());
+            }
+            stream.write_all(&chunk[..n]).context("echo write")?;
+        }
+    }
     let body = if path == "/__served" {
         format!("served={}\n", served.load(Ordering::Relaxed))
     } else {

@@ -1,0 +1,420 @@
+//! The Raft election as a sans-IO state machine.
+//!
+//! [`RaftCore`] owns the tikv `RawNode` and never touches a socket, a file or a clock: the
+//! daemon's shell feeds it time ([`RaftCore::tick`]) and received bytes ([`RaftCore::step`]),
+//! then calls [`RaftCore::ready`] and carries out the returned [`Output`] **in field order**:
+//!
+//! 1. store [`Output::lease_until_ms`] where the dispatcher reads it (a lapsed or revoked lease
+//!    must be visible before anything this node says can help elect another master),
+//! 2. publish [`Output::leadership`],
+//! 3. write [`Output::persist`] to stable storage (hard state and log; fsync),
+//! 4. send [`Output::messages`].
+//!
+//! Inside `ready` the Ready loop runs in the order raft-rs documents (`examples/five_mem_node`):
+//! messages, snapshot, committed entries, entries, hard state, persisted messages, `advance`,
+//! commit index, light-ready messages and committed entries, `advance_apply`. Messages a leader
+//! may send before persisting and those that must wait are all returned after the one persist
+//! blob, which the shell writes before sending anything: simpler and never less safe.
+//!
+//! ## The lease
+//!
+//! See the crate docs for the argument; the mechanism is raft-rs's safe read-index. On every
+//! tick the leader calls `read_index` with the current time `s` as context, which broadcasts a
+//! heartbeat carrying `s`. When a quorum has answered that heartbeat raft-rs yields a
+//! `ReadState` with context `s`, and the lease runs to `s + lease_ms`. A node that stops being
+//! leader has its lease revoked (0) in the same `ready`.
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Message, MessageType};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, StateRole};
+
+use crate::{Leadership, Role};
+
+/// Timing of the Raft group. One tick is `tick_ms` of the shell's monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftSettings {
+    pub tick_ms: u64,
+    /// A follower that heard nothing from a leader for a random `[election_tick,
+    /// 2 * election_tick)` ticks campaigns; one that heard from a leader less than
+    /// `election_tick` ticks ago refuses (pre-)votes.
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            tick_ms: 10,
+            election_tick: 10,
+            heartbeat_tick: 3,
+        }
+    }
+}
+
+impl RaftSettings {
+    /// How long a quorum's acknowledgement of a heartbeat sent at `s` lets the leader
+    /// dispatch: `(election_tick - 2) * tick_ms`.
+    ///
+    /// A follower that received that heartbeat at `r >= s` refuses votes until it has counted
+    /// `election_tick` ticks, which takes at least `(election_tick - 1) * tick_ms` of its own
+    /// clock (the first tick may fall just after `r`). The one remaining tick is the margin
+    /// for clock-rate differences between nodes and for the time between the dispatcher's
+    /// lease check and its verdict.
+    pub fn lease_ms(&self) -> u64 {
+        u64::try_from(self.election_tick.saturating_sub(2))
+            .unwrap_or(0)
+            .saturating_mul(self.tick_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), RaftError> {
+        if self.tick_ms == 0 {
+            return Err(RaftError::Settings("tick_ms must be at least 1"));
+        }
+        if self.heartbeat_tick == 0 || self.election_tick <= self.heartbeat_tick {
+            return Err(RaftError::Settings(
+                "election_tick must be greater than heartbeat_tick, and heartbeat_tick at least 1",
+            ));
+        }
+        if self.election_tick < 3 {
+            return Err(RaftError::Settings(
+                "election_tick must be at least 3 (the lease is election_tick - 2 ticks)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RaftError {
+    #[error("raft")]
+    Raft(#[from] raft::Error),
+    #[error("invalid raft settings: {0}")]
+    Settings(&'static str),
+    #[error("persisted raft state is corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("persisted raft state cannot be decoded")]
+    Decode(#[from] protobuf::ProtobufError),
+}
+
+/// Why a received message was not stepped.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StepError {
+    #[error("not a raft message")]
+    Malformed,
+    #[error("message claims to be from {claimed}, envelope says {from}")]
+    WrongSender { from: u64, claimed: u64 },
+    #[error("message for node {to}")]
+    NotForUs { to: u64 },
+    #[error("vote request ignored while this node may still honour a lease it acknowledged before it restarted")]
+    StartupGuard,
+    #[error("raft refused the message")]
+    Refused,
+}
+
+/// What survives a restart: hard state (term, vote, commit), voters and the log.
+///
+/// Encoded as `"TDSCRAFT1"`, then length-prefixed (u32 BE) protobuf messages: hard state,
+/// conf state, then each entry. The log is small (an empty entry per election), so the
+/// whole state is rewritten on every change; the shell writes it with an atomic rename.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Persisted {
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    pub entries: Vec<Entry>,
+}
+
+const MAGIC: &[u8] = b"TDSCRAFT1";
+
+impl Persisted {
+    pub fn encode(&self) -> Result<Vec<u8>, RaftError> {
+        let mut out = MAGIC.to_vec();
+        let mut put = |b: Vec<u8>| {
+            let n = u32::try_from(b.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(&b);
+        };
+        put(self.hard_state.write_to_bytes()?);
+        put(self.conf_state.write_to_bytes()?);
+        for e in &self.entries {
+            put(e.write_to_bytes()?);
+        }
+        Ok(out)
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, RaftError> {
+        let mut rest = buf
+            .strip_prefix(MAGIC)
+            .ok_or(RaftError::Corrupt("bad magic"))?;
+        let mut parts = Vec::new();
+        while !rest.is_empty() {
+            let (len, tail) = rest
+                .split_first_chunk::<4>()
+                .ok_or(RaftError::Corrupt("truncated length"))?;
+            let len = usize::try_from(u32::from_be_bytes(*len)).unwrap_or(usize::MAX);
+            if tail.len() < len {
+                return Err(RaftError::Corrupt("truncated record"));
+            }
+            parts.push(&tail[..len]);
+            rest = &tail[len..];
+        }
+        if parts.len() < 2 {
+            return Err(RaftError::Corrupt("missing hard state or conf state"));
+        }
+        let mut p = Persisted {
+            hard_state: HardState::parse_from_bytes(parts[0])?,
+            conf_state: ConfState::parse_from_bytes(parts[1])?,
+            entries: Vec::new(),
+        };
+        for e in &parts[2..] {
+            p.entries.push(Entry::parse_from_bytes(e)?);
+        }
+        Ok(p)
+    }
+
+    /// Appends entries as Raft's log does: a new entry at index i replaces i and all after it.
+    fn append(&mut self, ents: &[Entry]) {
+        let Some(first) = ents.first() else { return };
+        self.entries.retain(|e| e.index < first.index);
+        self.entries.extend_from_slice(ents);
+    }
+}
+
+/// What the shell must do after a `step` or `tick`, in field order (see the module docs).
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Dispatch is allowed while the shell's clock reads less than this (ms). 0: never.
+    pub lease_until_ms: u64,
+    /// A new leadership value, when it changed.
+    pub leadership: Option<Leadership>,
+    /// The state to write before any message goes out, when it changed.
+    pub persist: Option<Persisted>,
+    /// (destination node id, encoded raft message).
+    pub messages: Vec<(u64, Vec<u8>)>,
+}
+
+/// Bridges raft-rs's slog records into `tracing`.
+#[derive(Debug)]
+struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, r: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        match r.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{}", r.msg())
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{}", r.msg()),
+            slog::Level::Info => tracing::info!(target: "raft", "{}", r.msg()),
+            _ => tracing::trace!(target: "raft", "{}", r.msg()),
+        }
+        Ok(())
+    }
+}
+
+pub fn logger() -> slog::Logger {
+    slog::Logger::root(TracingDrain, slog::o!())
+}
+
+/// One node of the Raft group, without I/O.
+pub struct RaftCore {
+    raw: RawNode<MemStorage>,
+    settings: RaftSettings,
+    /// Ticks since this core was created; vote requests are ignored for the first
+    /// `election_tick` of them (see [`StepError::StartupGuard`]).
+    ticks: u64,
+    now_ms: u64,
+    lease_until_ms: u64,
+    published: Option<Leadership>,
+    persisted: Persisted,
+}
+
+impl std::fmt::Debug for RaftCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftCore")
+            .field("id", &self.raw.raft.id)
+            .field("term", &self.raw.raft.term)
+            .field("state", &self.raw.raft.state)
+            .field("lease_until_ms", &self.lease_until_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RaftCore {
+    /// A node with id `id`. With no persisted state the group's voters are `voters` (the same
+    /// list on every node); with persisted state the node resumes its term, vote and log.
+    pub fn new(
+        id: u64,
+        voters: &[u64],
+        settings: RaftSettings,
+        persisted: Option<Persisted>,
+        now_ms: u64,
+        logger: &slog::Logger,
+    ) -> Result<Self, RaftError> {
+        settings.validate()?;
+        let persisted = persisted.unwrap_or_else(|| Persisted {
+            conf_state: ConfState::from((voters.iter().copied(), std::iter::empty())),
+            ..Persisted::default()
+        });
+        let storage = MemStorage::new();
+        {
+            let mut w = storage.wl();
+            w.set_conf_state(persisted.conf_state.clone());
+            w.append(&persisted.entries)?;
+            w.set_hardstate(persisted.hard_state.clone());
+        }
+        let cfg = Config {
+            id,
+            election_tick: settings.election_tick,
+            heartbeat_tick: settings.heartbeat_tick,
+            check_quorum: true,
+            pre_vote: true,
+            ..Config::default()
+        };
+        let raw = RawNode::new(&cfg, storage, logger)?;
+        Ok(RaftCore {
+            raw,
+            settings,
+            ticks: 0,
+            now_ms,
+            lease_until_ms: 0,
+            published: None,
+            persisted,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn lease_until_ms(&self) -> u64 {
+        self.lease_until_ms
+    }
+
+    /// Advances time to `now_ms` (monotonic, ms) by one tick. The shell calls it every
+    /// `tick_ms`, never in a burst to catch up: a follower's refusal to vote is counted in
+    /// ticks, and a burst would shorten it below what the leader's lease assumes.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.ticks += 1;
+        self.raw.tick();
+        if self.is_leader() {
+            // Renews the lease: a heartbeat carrying the send time. Dropped silently by raft-rs
+            // until the leader has committed an entry of its own term.
+            self.raw.read_index(self.now_ms.to_be_bytes().to_vec());
+        }
+    }
+
+    /// Steps one message received from node `from` (already authenticated by address).
+    pub fn step(&mut self, from: u64, bytes: &[u8], now_ms: u64) -> Result<(), StepError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let m = Message::parse_from_bytes(bytes).map_err(|_| StepError::Malformed)?;
+        if m.from != from {
+            return Err(StepError::WrongSender {
+                from,
+                claimed: m.from,
+            });
+        }
+        if m.to != self.id() {
+            return Err(StepError::NotForUs { to: m.to });
+        }
+        let is_vote = matches!(
+            m.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        );
+        // A node that acknowledged a leader's heartbeat and then restarted has forgotten that
+        // leader, so raft-rs would grant a vote at once and the old leader's lease would no
+        // longer be backed by a quorum. Waiting out one election timeout after start restores
+        // the promise the acknowledgement made.
+        if is_vote && self.ticks < u64::try_from(self.settings.election_tick).unwrap_or(u64::MAX) {
+            return Err(StepError::StartupGuard);
+        }
+        self.raw.step(m).map_err(|_| StepError::Refused)
+    }
+
+    /// The current decision as the data plane sees it: master only while leader *and*
+    /// holding a lease (the first lease comes one heartbeat round after winning).
+    pub fn leadership(&self) -> Leadership {
+        let r = &self.raw.raft;
+        let leader = r.state == StateRole::Leader && self.lease_until_ms > self.now_ms;
+        Leadership {
+            role: if leader { Role::Master } else { Role::Member },
+            master_id: u32::try_from(r.leader_id).ok().filter(|id| *id != 0),
+            term: r.term,
+        }
+    }
+
+    /// Runs the Ready loop once and returns what the shell must do.
+    pub fn ready(&mut self) -> Output {
+        let mut out = Output::default();
+        let mut dirty = false;
+        if self.raw.has_ready() {
+            let mut rd = self.raw.ready();
+            self.collect(rd.take_messages(), &mut out);
+            // No snapshots are ever produced (no compaction yet), so none can arrive.
+            for rs in rd.take_read_states() {
+                if let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
+                    let sent = u64::from_be_bytes(ctx);
+                    let until = sent.saturating_add(self.settings.lease_ms());
+                    self.lease_until_ms = self.lease_until_ms.max(until);
+                }
+            }
+            // Committed entries carry nothing yet besides the leader's empty entry.
+            let _ = rd.take_committed_entries();
+            if !rd.entries().is_empty() {
+                if let Err(e) = self.raw.store().wl().append(rd.entries()) {
+                    tracing::error!(error = %e, "raft log append failed");
+                }
+                self.persisted.append(rd.entries());
+                dirty = true;
+            }
+            if let Some(hs) = rd.hs() {
+                self.raw.store().wl().set_hardstate(hs.clone());
+                self.persisted.hard_state = hs.clone();
+                dirty = true;
+            }
+            self.collect(rd.take_persisted_messages(), &mut out);
+            let mut light = self.raw.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                self.raw.store().wl().mut_hard_state().commit = commit;
+                self.persisted.hard_state.commit = commit;
+                dirty = true;
+            }
+            self.collect(light.take_messages(), &mut out);
+            let _ = light.take_committed_entries();
+            self.raw.advance_apply();
+        }
+        if !self.is_leader() {
+            self.lease_until_ms = 0;
+        }
+        out.lease_until_ms = self.lease_until_ms;
+        let l = self.leadership();
+        if self.published != Some(l) {
+            self.published = Some(l);
+            out.leadership = Some(l);
+        }
+        if dirty {
+            out.persist = Some(self.persisted.clone());
+        }
+        out
+    }
+
+    fn collect(&self, msgs: Vec<Message>, out: &mut Output) {
+        for m in msgs {
+            match m.write_to_bytes() {
+                Ok(b) => out.messages.push((m.to, b)),
+                Err(e) => tracing::error!(error = %e, "cannot encode raft message"),
+            }
+        }
+    }
+}

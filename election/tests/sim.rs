@@ -1,0 +1,294 @@
+//! The Raft election on an in-memory network with controlled time.
+//!
+//! Every node shares one simulated clock. Messages are delivered after a fixed delay (a
+//! fraction of a tick) unless a link is cut. After every event the invariant that matters is
+//! checked: at no instant do two nodes hold a lease (may dispatch).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tdsc_election::{Persisted, RaftCore, RaftSettings, Role};
+
+const SETTINGS: RaftSettings = RaftSettings {
+    tick_ms: 10,
+    election_tick: 10,
+    heartbeat_tick: 3,
+};
+
+struct Sim {
+    now: u64,
+    nodes: BTreeMap<u64, RaftCore>,
+    /// Persisted state as the shell would have written it.
+    disk: BTreeMap<u64, Persisted>,
+    /// (deliver_at, from, to, bytes)
+    wire: Vec<(u64, u64, u64, Vec<u8>)>,
+    cut: BTreeSet<u64>,
+    delay_ms: u64,
+    /// Deterministic pseudo-random drops (xorshift state) and drop rate in percent.
+    rng: u64,
+    drop_pct: u64,
+}
+
+impl Sim {
+    fn new(n: u64) -> Sim {
+        let voters: Vec<u64> = (1..=n).collect();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let nodes = voters
+            .iter()
+            .map(|id| {
+                (
+                    *id,
+                    RaftCore::new(*id, &voters, SETTINGS, None, 0, &log).unwrap(),
+                )
+            })
+            .collect();
+        Sim {
+            now: 0,
+            nodes,
+            disk: BTreeMap::new(),
+            wire: Vec::new(),
+            cut: BTreeSet::new(),
+            delay_ms: 1,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            drop_pct: 0,
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn drain(&mut self, id: u64) {
+        let out = self.nodes.get_mut(&id).unwrap().ready();
+        if let Some(p) = out.persist {
+            self.disk.insert(id, p);
+        }
+        for (to, bytes) in out.messages {
+            let lost = self.drop_pct > 0 && self.rand() % 100 < self.drop_pct;
+            if !lost && !self.cut.contains(&id) && !self.cut.contains(&to) {
+                self.wire.push((self.now + self.delay_ms, id, to, bytes));
+            }
+        }
+        self.check();
+    }
+
+    /// At most one node may dispatch at any instant.
+    fn check(&self) {
+        let holders: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.lease_until_ms() > self.now)
+            .map(|(id, _)| *id)
+            .collect();
+        assert!(
+            holders.len() <= 1,
+            "at {} ms nodes {holders:?} all hold a lease",
+            self.now
+        );
+    }
+
+    /// Advances 1 ms: delivers due messages, ticks every node on tick boundaries.
+    fn step_ms(&mut self) {
+        self.now += 1;
+        let due: Vec<_> = {
+            let now = self.now;
+            let (due, later) = std::mem::take(&mut self.wire)
+                .into_iter()
+                .partition(|m| m.0 <= now);
+            self.wire = later;
+            due
+        };
+        for (_, from, to, bytes) in due {
+            if self.cut.contains(&from) || self.cut.contains(&to) {
+                continue;
+            }
+            if let Some(n) = self.nodes.get_mut(&to) {
+                let _ = n.step(from, &bytes, self.now);
+                self.drain(to);
+            }
+        }
+        if self.now.is_multiple_of(SETTINGS.tick_ms) {
+            let ids: Vec<u64> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.nodes.get_mut(&id).unwrap().tick(self.now);
+                self.drain(id);
+            }
+        }
+        self.check();
+    }
+
+    fn run_ms(&mut self, ms: u64) {
+        for _ in 0..ms {
+            self.step_ms();
+        }
+    }
+
+    fn masters(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.leadership().role == Role::Master)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Runs until exactly one node among `among` is master; returns it and the time taken.
+    fn until_master(&mut self, among: &[u64], limit_ms: u64) -> Option<(u64, u64)> {
+        let start = self.now;
+        while self.now - start < limit_ms {
+            self.step_ms();
+            let m: Vec<u64> = self
+                .masters()
+                .into_iter()
+                .filter(|id| among.contains(id))
+                .collect();
+            if m.len() == 1 {
+                return Some((m[0], self.now - start));
+            }
+        }
+        None
+    }
+
+    fn restart(&mut self, id: u64) {
+        let voters: Vec<u64> = self.nodes.keys().copied().collect();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let disk = self.disk.get(&id).cloned();
+        let core = RaftCore::new(id, &voters, SETTINGS, disk, self.now, &log).unwrap();
+        self.nodes.insert(id, core);
+    }
+}
+
+#[test]
+fn three_nodes_elect_one_master_that_all_agree_on() {
+    let mut sim = Sim::new(3);
+    let (m, took) = sim
+        .until_master(&[1, 2, 3], 2_000)
+        .expect("no master elected");
+    assert!(took <= 2_000);
+    sim.run_ms(200);
+    assert_eq!(sim.masters(), vec![m], "leadership is stable");
+    for n in sim.nodes.values() {
+        assert_eq!(n.leadership().master_id, Some(u32::try_from(m).unwrap()));
+    }
+}
+
+#[test]
+fn a_cut_off_master_loses_its_lease_before_a_successor_gets_one() {
+    let mut sim = Sim::new(3);
+    let (old, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    sim.cut.insert(old);
+    let cut_at = sim.now;
+    let others: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    // `check` runs after every event, so reaching a new master proves the leases never
+    // overlapped on the way.
+    let (new, _) = sim
+        .until_master(&others, 3_000)
+        .expect("the majority elects a new master");
+    assert_ne!(new, old);
+    let old_node = &sim.nodes[&old];
+    assert!(old_node.lease_until_ms() <= sim.now);
+    assert_eq!(old_node.leadership().role, Role::Member, "lease lapsed");
+    assert!(sim.now > cut_at);
+
+    // Heal: the old master rejoins as a follower of the new one.
+    sim.cut.clear();
+    sim.run_ms(500);
+    assert_eq!(sim.masters(), vec![new]);
+    assert_eq!(
+        sim.nodes[&old].leadership().master_id,
+        Some(u32::try_from(new).unwrap())
+    );
+    assert_eq!(sim.nodes[&old].term(), sim.nodes[&new].term());
+}
+
+#[test]
+fn a_minority_never_elects_a_master() {
+    let mut sim = Sim::new(5);
+    let (old, _) = sim.until_master(&[1, 2, 3, 4, 5], 2_000).unwrap();
+    // Cut the master and one follower away from each other and from the rest: neither of the
+    // two may become master, while the three others elect one.
+    let other = (1..=5).find(|i| *i != old).unwrap();
+    sim.cut.insert(old);
+    sim.cut.insert(other);
+    sim.run_ms(3_000);
+    let m = sim.masters();
+    assert_eq!(m.len(), 1);
+    assert!(!m.contains(&old) && !m.contains(&other));
+}
+
+#[test]
+fn a_restarted_node_keeps_term_and_vote_and_rejoins() {
+    let mut sim = Sim::new(3);
+    let (m, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let follower = (1..=3).find(|i| *i != m).unwrap();
+    let term = sim.nodes[&follower].term();
+    assert_eq!(sim.disk[&follower].hard_state.term, term);
+    sim.restart(follower);
+    assert_eq!(
+        sim.nodes[&follower].term(),
+        term,
+        "term survives the restart"
+    );
+    sim.run_ms(300);
+    assert_eq!(
+        sim.masters(),
+        vec![m],
+        "a follower's restart does not depose the master"
+    );
+    assert_eq!(
+        sim.nodes[&follower].leadership().master_id,
+        Some(u32::try_from(m).unwrap())
+    );
+}
+
+#[test]
+fn a_restarted_master_is_replaced_without_overlap() {
+    let mut sim = Sim::new(3);
+    let (old, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    // The daemon dies (its messages stop) and comes back at once with its disk state.
+    sim.restart(old);
+    let (new, _) = sim.until_master(&[1, 2, 3], 3_000).unwrap();
+    sim.run_ms(300);
+    assert_eq!(sim.masters(), vec![new]);
+}
+
+#[test]
+fn leases_never_overlap_under_random_loss_and_partitions() {
+    let mut sim = Sim::new(3);
+    sim.drop_pct = 20;
+    sim.delay_ms = 3;
+    let mut masters_seen = BTreeSet::new();
+    for round in 0..60u64 {
+        sim.cut.clear();
+        let r = sim.rand();
+        if !r.is_multiple_of(3) {
+            sim.cut.insert(1 + (r >> 8) % 3);
+        }
+        sim.run_ms(150 + (round * 37) % 400);
+        masters_seen.extend(sim.masters());
+    }
+    sim.cut.clear();
+    sim.drop_pct = 0;
+    assert!(sim.until_master(&[1, 2, 3], 3_000).is_some());
+    assert!(
+        masters_seen.len() > 1,
+        "the scenario moved leadership around"
+    );
+}
+
+#[test]
+fn persisted_state_round_trips() {
+    let mut sim = Sim::new(3);
+    sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(50);
+    for p in sim.disk.values() {
+        let back = Persisted::decode(&p.encode().unwrap()).unwrap();
+        assert_eq!(&back, p);
+    }
+    assert!(Persisted::decode(b"garbage").is_err());
+    assert!(Persisted::decode(b"TDSCRAFT1\x00\x00\x00\x09ab").is_err());
+}
