@@ -245,11 +245,12 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
     // The existing connection on the draining node still completes there.
     let reply = long.finish()?;
     assert_eq!(reply.node, owner_id, "the long connection moved");
-    let s = cluster.wait_master_status("the drained node's count to reach 0", PROPAGATION, |s| {
-        s.nodes
-            .iter()
-            .any(|n| n.id == owner_id && n.draining && n.connections == 0)
-    })?;
+    let s =
+        cluster.wait_master_status("the drained node's count to reach 0", PROPAGATION, |s| {
+            s.nodes
+                .iter()
+                .any(|n| n.id == owner_id && n.draining && n.connections == 0)
+        })?;
     ensure!(s.nodes.iter().all(|n| n.alive), "{:?}", s.nodes);
 
     cluster.ctl(&owner, &["undrain", &owner_id.to_string()])?;
