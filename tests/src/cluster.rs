@@ -834,6 +834,7 @@ mod tests {
             &dir.join("n2.sock"),
             Some("least-connections"),
             None,
+            None,
         )
         .unwrap();
         assert_eq!(facts.node_id, 2);
