@@ -116,6 +116,23 @@ impl Default for ClusterOptions {
     }
 }
 
+/// One lab at a time within a test binary: the end-to-end tests count packets and latencies,
+/// and two labs on two cores would disturb each other. Returns `None` after printing a SKIP
+/// line when not root (namespaces need root). A test that panicked while holding the lock has
+/// already torn its lab down, so a poisoned lock is simply taken over.
+pub fn exclusive_lab(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if !netns::is_root() {
+        eprintln!("SKIP {test}: needs root to create network namespaces");
+        return None;
+    }
+    Some(
+        ONE_LAB_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    )
+}
+
 /// The repository's lab topology.
 pub fn default_topology_path() -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/tdsc.clab.yml");
@@ -659,6 +676,11 @@ impl Cluster {
         self.baseline
             .as_ref()
             .map(|b| SocketAddrV4::new(b.addr, self.port))
+    }
+
+    /// Namespaces of the client hosts.
+    pub fn client_namespaces(&self) -> Vec<String> {
+        self.clients().iter().map(|c| self.netns(&c.name)).collect()
     }
 
     /// Namespace of a topology node.

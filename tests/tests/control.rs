@@ -10,30 +10,16 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use tdsc_lab::cluster::{unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
 use tdsc_lab::{http, load, netns, nft};
-
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// How long a change may take to reach the master before the test gives up (reports go every
 /// 200 ms).
 const PROPAGATION: Duration = Duration::from_secs(10);
-
-fn setup(test: &str) -> Option<MutexGuard<'static, ()>> {
-    if !netns::is_root() {
-        eprintln!("SKIP {test}: needs root to create network namespaces");
-        return None;
-    }
-    Some(
-        ONE_LAB_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    )
-}
 
 fn start(policy: &str) -> anyhow::Result<Cluster> {
     Cluster::start(&ClusterOptions {
@@ -46,14 +32,6 @@ fn start(policy: &str) -> anyhow::Result<Cluster> {
 
 fn teardown(cluster: Cluster) -> anyhow::Result<()> {
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn client_namespaces(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .clients()
-        .iter()
-        .map(|c| cluster.netns(&c.name))
-        .collect()
 }
 
 fn rsts_and_synacks(clients: &[String]) -> anyhow::Result<(u64, u64)> {
@@ -71,11 +49,11 @@ fn rsts_and_synacks(clients: &[String]) -> anyhow::Result<(u64, u64)> {
 /// got exactly one SYN/ACK, and the master's status names each policy as it is set.
 #[test]
 fn policy_switch_mid_traffic_loses_no_connection() -> anyhow::Result<()> {
-    let Some(_lock) = setup("policy_switch_mid_traffic_loses_no_connection") else {
+    let Some(_lock) = exclusive_lab("policy_switch_mid_traffic_loses_no_connection") else {
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
-    let clients = client_namespaces(&cluster);
+    let clients = cluster.client_namespaces();
     for ns in &clients {
         nft::install_client_probe(ns)?;
     }
@@ -181,11 +159,12 @@ impl LongConnection {
 /// into the rotation.
 #[test]
 fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result<()> {
-    let Some(_lock) = setup("drain_stops_new_connections_and_lets_existing_ones_finish") else {
+    let Some(_lock) = exclusive_lab("drain_stops_new_connections_and_lets_existing_ones_finish")
+    else {
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
-    let clients = client_namespaces(&cluster);
+    let clients = cluster.client_namespaces();
     for ns in &clients {
         nft::install_client_probe(ns)?;
     }
@@ -275,11 +254,11 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
 /// requests split 30 : 90 : 0. Then node 3 back to 1 and it serves again.
 #[test]
 fn weights_change_the_split_at_run_time() -> anyhow::Result<()> {
-    let Some(_lock) = setup("weights_change_the_split_at_run_time") else {
+    let Some(_lock) = exclusive_lab("weights_change_the_split_at_run_time") else {
         return Ok(());
     };
     let mut cluster = start("weighted-round-robin")?;
-    let clients = client_namespaces(&cluster);
+    let clients = cluster.client_namespaces();
     let vip = SocketAddr::V4(cluster.vip());
     let name = |id: u32| -> anyhow::Result<String> {
         Ok(cluster.node_by_id(id).context("node")?.name.clone())

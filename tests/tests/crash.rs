@@ -13,17 +13,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use tdsc_lab::cluster::{unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
 use tdsc_lab::{http, netns, nft};
 
 #[test]
 fn master_daemon_crash_is_fail_closed_and_keeps_established_connections() -> anyhow::Result<()> {
-    if !netns::is_root() {
-        eprintln!(
-            "SKIP master_daemon_crash_is_fail_closed: needs root to create network namespaces"
-        );
+    let Some(_lock) = exclusive_lab("master_daemon_crash_is_fail_closed") else {
         return Ok(());
-    }
+    };
     let cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-crash")),
         policy: Some("round-robin".to_owned()),

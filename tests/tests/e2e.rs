@@ -9,30 +9,14 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use tdsc_lab::cluster::{unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
 use tdsc_lab::packet::{self, Capture, RawIpSender, RawProtoSender, Syn};
 use tdsc_lab::{http, load, netns, nft};
 use tdsc_proto::forward::{ForwardHeader, FORWARD_PROTO};
-
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// Takes the lab lock, or returns `None` (after printing SKIP) when not root.
-fn setup(test: &str) -> Option<MutexGuard<'static, ()>> {
-    if !netns::is_root() {
-        eprintln!("SKIP {test}: needs root to create network namespaces");
-        return None;
-    }
-    // A test that panicked while holding the lock has already cleaned up after itself.
-    Some(
-        ONE_LAB_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    )
-}
 
 fn start(policy: &str) -> anyhow::Result<Cluster> {
     Cluster::start(&ClusterOptions {
@@ -47,23 +31,16 @@ fn teardown(cluster: Cluster) -> anyhow::Result<()> {
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn client_namespaces(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .clients()
-        .iter()
-        .map(|c| cluster.netns(&c.name))
-        .collect()
-}
-
 /// a) Round robin over three nodes: 600 requests from two clients all succeed, each node
 /// serves 200 ± 2, no client sees an RST, and each connection got exactly one SYN/ACK.
 #[test]
 fn round_robin_spreads_600_requests_evenly_without_resets() -> anyhow::Result<()> {
-    let Some(_lock) = setup("round_robin_spreads_600_requests_evenly_without_resets") else {
+    let Some(_lock) = exclusive_lab("round_robin_spreads_600_requests_evenly_without_resets")
+    else {
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
-    let clients = client_namespaces(&cluster);
+    let clients = cluster.client_namespaces();
     ensure!(clients.len() == 2, "expected two clients, got {clients:?}");
     for ns in &clients {
         nft::install_client_probe(ns)?;
@@ -130,7 +107,7 @@ fn round_robin_spreads_600_requests_evenly_without_resets() -> anyhow::Result<()
 /// the SYN (TcpExtTCPFastOpenPassive) and echoes the request's exact length and digest.
 #[test]
 fn tcp_fast_open_data_in_the_syn_reaches_a_member_intact() -> anyhow::Result<()> {
-    let Some(_lock) = setup("tcp_fast_open_data_in_the_syn_reaches_a_member_intact") else {
+    let Some(_lock) = exclusive_lab("tcp_fast_open_data_in_the_syn_reaches_a_member_intact") else {
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
@@ -210,7 +187,7 @@ fn tcp_fast_open_data_in_the_syn_reaches_a_member_intact() -> anyhow::Result<()>
 /// SYN sent afterwards.
 #[test]
 fn duplicate_syn_goes_to_the_same_node() -> anyhow::Result<()> {
-    let Some(_lock) = setup("duplicate_syn_goes_to_the_same_node") else {
+    let Some(_lock) = exclusive_lab("duplicate_syn_goes_to_the_same_node") else {
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
@@ -327,7 +304,8 @@ fn forward(origin: u32, vip_in_header: Ipv4Addr, dport: u16, flags: u8) -> Vec<u
 /// keeps serving.
 #[test]
 fn malformed_and_foreign_forwards_are_rejected_and_counted() -> anyhow::Result<()> {
-    let Some(_lock) = setup("malformed_and_foreign_forwards_are_rejected_and_counted") else {
+    let Some(_lock) = exclusive_lab("malformed_and_foreign_forwards_are_rejected_and_counted")
+    else {
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
@@ -438,7 +416,7 @@ fn malformed_and_foreign_forwards_are_rejected_and_counted() -> anyhow::Result<(
     // Nothing of this disturbed the service.
     let stop = Arc::new(AtomicBool::new(false));
     let tally = load::run(
-        &client_namespaces(&cluster),
+        &cluster.client_namespaces(),
         SocketAddr::V4(cluster.vip()),
         30,
         &stop,

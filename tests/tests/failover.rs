@@ -8,26 +8,12 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use tdsc_lab::cluster::{unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
 use tdsc_lab::{load, netns, nft};
-
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn setup(test: &str) -> Option<MutexGuard<'static, ()>> {
-    if !netns::is_root() {
-        eprintln!("SKIP {test}: needs root to create network namespaces");
-        return None;
-    }
-    Some(
-        ONE_LAB_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    )
-}
 
 fn start_raft() -> anyhow::Result<Cluster> {
     Cluster::start(&ClusterOptions {
@@ -37,14 +23,6 @@ fn start_raft() -> anyhow::Result<Cluster> {
         ..ClusterOptions::default()
     })
     .context("start the raft cluster")
-}
-
-fn client_namespaces(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .clients()
-        .iter()
-        .map(|c| cluster.netns(&c.name))
-        .collect()
 }
 
 /// What one long-lived connection saw.
@@ -142,11 +120,11 @@ fn wait_liveness(cluster: &Cluster, observer: &str, id: u32, want: bool) -> anyh
 #[test]
 fn sigkill_of_the_master_keeps_every_connection_and_a_new_master_takes_over() -> anyhow::Result<()>
 {
-    let Some(_lock) = setup("sigkill_of_the_master_keeps_every_connection") else {
+    let Some(_lock) = exclusive_lab("sigkill_of_the_master_keeps_every_connection") else {
         return Ok(());
     };
     let mut cluster = start_raft()?;
-    let clients = client_namespaces(&cluster);
+    let clients = cluster.client_namespaces();
     for ns in &clients {
         nft::install_client_probe(ns)?;
     }
@@ -269,7 +247,7 @@ fn sigkill_of_the_master_keeps_every_connection_and_a_new_master_takes_over() ->
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn bench_failover() -> anyhow::Result<()> {
-    let Some(_lock) = setup("bench_failover") else {
+    let Some(_lock) = exclusive_lab("bench_failover") else {
         return Ok(());
     };
     let trials: usize = std::env::var("TDSC_FAILOVER_TRIALS")
@@ -277,7 +255,7 @@ fn bench_failover() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let mut cluster = start_raft()?;
-    let client = client_namespaces(&cluster)[0].clone();
+    let client = cluster.client_namespaces()[0].clone();
     let vip = SocketAddr::V4(cluster.vip());
     let mut times = Vec::new();
     for trial in 0..trials {
@@ -380,11 +358,12 @@ fn capture_synacks(
 /// is a member that follows the new one.
 #[test]
 fn a_partitioned_master_never_dispatches_beside_its_successor() -> anyhow::Result<()> {
-    let Some(_lock) = setup("a_partitioned_master_never_dispatches_beside_its_successor") else {
+    let Some(_lock) = exclusive_lab("a_partitioned_master_never_dispatches_beside_its_successor")
+    else {
         return Ok(());
     };
     let cluster = start_raft()?;
-    let clients = client_namespaces(&cluster);
+    let clients = cluster.client_namespaces();
     let vip = cluster.vip();
     let old = cluster.master()?.clone();
     let old_ns = cluster.netns(&old.name);
