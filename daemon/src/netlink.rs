@@ -88,30 +88,33 @@ impl Netlink {
     /// A request answered by an ACK (or an error).
     pub fn request_ack(&mut self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
         let seq = self.send(kind, flags | NLM_F_REQUEST | NLM_F_ACK, body)?;
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let n = self.recv_into(&mut buf)?;
-            let mut at = 0;
-            while at + NLMSG_HDRLEN <= n {
-                let (len, kind, mseq) = header(&buf[at..n]);
-                if len < NLMSG_HDRLEN || at + len > n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bad netlink message length",
-                    ));
-                }
-                if mseq == seq && kind == NLMSG_ERROR {
-                    return errno_of(&buf[at + NLMSG_HDRLEN..at + len]);
-                }
-                at += align4(len);
-            }
-        }
+        self.replies(seq, 8192, |kind, msg| {
+            (kind == NLMSG_ERROR).then(|| errno_of(msg))
+        })
     }
 
     /// A dump request; `each` sees the body of every reply message.
     pub fn dump(&mut self, kind: u16, body: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
         let seq = self.send(kind, NLM_F_REQUEST | NLM_F_DUMP, body)?;
-        let mut buf = vec![0u8; 32768];
+        self.replies(seq, 32768, |kind, msg| match kind {
+            NLMSG_DONE => Some(Ok(())),
+            NLMSG_ERROR => Some(errno_of(msg)),
+            _ => {
+                each(msg);
+                None
+            }
+        })
+    }
+
+    /// Reads replies to request `seq` and hands each message's type and body to `on`, until
+    /// `on` returns the outcome. Messages of other requests are skipped.
+    fn replies(
+        &mut self,
+        seq: u32,
+        buf_len: usize,
+        mut on: impl FnMut(u16, &[u8]) -> Option<io::Result<()>>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; buf_len];
         loop {
             let n = self.recv_into(&mut buf)?;
             let mut at = 0;
@@ -124,10 +127,8 @@ impl Netlink {
                     ));
                 }
                 if mseq == seq {
-                    match kind {
-                        NLMSG_DONE => return Ok(()),
-                        NLMSG_ERROR => return errno_of(&buf[at + NLMSG_HDRLEN..at + len]),
-                        _ => each(&buf[at + NLMSG_HDRLEN..at + len]),
+                    if let Some(outcome) = on(kind, &buf[at + NLMSG_HDRLEN..at + len]) {
+                        return outcome;
                     }
                 }
                 at += align4(len);
