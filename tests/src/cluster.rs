@@ -402,51 +402,57 @@ impl Cluster {
     }
 
     fn wait_httpd(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
-        let label = format!("httpd-{node}");
         let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let start = Instant::now();
-        loop {
-            let probe = netns::run_in(&self.lab.netns(node), || {
-                std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
-            })?;
-            let last = match probe {
-                Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
-            };
-            if let Some(status) = self.lab.exited(&label)? {
-                return Err(ClusterError::Exited {
-                    what: "tdsc-lab-httpd".into(),
-                    node: node.to_owned(),
-                    status,
-                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
-                });
-            }
-            if start.elapsed() > timeout {
-                return Err(ClusterError::NotReady {
-                    what: "tdsc-lab-httpd".into(),
-                    node: node.to_owned(),
-                    waited: start.elapsed(),
-                    last,
-                    log: self.lab.log_tail(&label, LOG_TAIL_LINES),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ns = self.lab.netns(node);
+        self.wait_ready(
+            node,
+            "tdsc-lab-httpd",
+            "httpd",
+            timeout,
+            Duration::from_millis(20),
+            |_| {
+                let probe = netns::run_in(&ns, || {
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
+                })?;
+                Ok(probe.map(drop).map_err(|e| e.to_string()))
+            },
+        )
     }
 
     /// Polls `tdscctl status` until the daemon answers: by then it has installed its
     /// nftables table, VIP and MAC.
     fn wait_daemon(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
-        let label = format!("tdscd-{node}");
+        self.wait_ready(
+            node,
+            "tdscd",
+            "tdscd",
+            timeout,
+            Duration::from_millis(50),
+            |c| Ok(c.status(node).map(drop).map_err(|e| e.to_string())),
+        )
+    }
+
+    /// Polls `probe` until it succeeds; fails early, with the log tail, if the process
+    /// labelled `<label>-<node>` exits, and after `timeout` with the last probe error.
+    fn wait_ready(
+        &mut self,
+        node: &str,
+        what: &str,
+        label: &str,
+        timeout: Duration,
+        poll: Duration,
+        probe: impl Fn(&Self) -> Result<Result<(), String>, ClusterError>,
+    ) -> Result<(), ClusterError> {
+        let label = format!("{label}-{node}");
         let start = Instant::now();
         loop {
-            let last = match self.status(node) {
-                Ok(_) => return Ok(()),
-                Err(e) => e.to_string(),
+            let last = match probe(self)? {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
             };
             if let Some(status) = self.lab.exited(&label)? {
                 return Err(ClusterError::Exited {
-                    what: "tdscd".into(),
+                    what: what.into(),
                     node: node.to_owned(),
                     status,
                     log: self.lab.log_tail(&label, LOG_TAIL_LINES),
@@ -454,14 +460,14 @@ impl Cluster {
             }
             if start.elapsed() > timeout {
                 return Err(ClusterError::NotReady {
-                    what: "tdscd".into(),
+                    what: what.into(),
                     node: node.to_owned(),
                     waited: start.elapsed(),
                     last,
                     log: self.lab.log_tail(&label, LOG_TAIL_LINES),
                 });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(poll);
         }
     }
 
