@@ -116,21 +116,43 @@ impl Default for ClusterOptions {
     }
 }
 
-/// One lab at a time within a test binary: the end-to-end tests count packets and latencies,
-/// and two labs on two cores would disturb each other. Returns `None` after printing a SKIP
-/// line when not root (namespaces need root). A test that panicked while holding the lock has
-/// already torn its lab down, so a poisoned lock is simply taken over.
-pub fn exclusive_lab(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+/// One lab at a time on the machine: the end-to-end tests count packets and latencies, and two
+/// labs on two cores would disturb each other. An in-process mutex orders the tests of one
+/// binary; an exclusive `flock` on [`LAB_LOCK_PATH`] orders test binaries and worktrees. The
+/// kernel drops the `flock` when the holder exits, however it exits. Returns `None` after
+/// printing a SKIP line when not root (namespaces need root). A test that panicked while
+/// holding the mutex has already torn its lab down, so a poisoned mutex is simply taken over.
+pub fn exclusive_lab(test: &str) -> Option<LabLock> {
     static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if !netns::is_root() {
         eprintln!("SKIP {test}: needs root to create network namespaces");
         return None;
     }
-    Some(
-        ONE_LAB_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    )
+    let guard = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LAB_LOCK_PATH)
+        .unwrap_or_else(|e| panic!("cannot open {LAB_LOCK_PATH}: {e}"));
+    file.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {LAB_LOCK_PATH}: {e}"));
+    Some(LabLock {
+        _file: file,
+        _guard: guard,
+    })
+}
+
+/// The machine-wide lab lock file.
+pub const LAB_LOCK_PATH: &str = "/run/tdsc-lab.lock";
+
+/// Held while a test owns the lab; dropping it lets the next test in.
+#[derive(Debug)]
+pub struct LabLock {
+    _file: std::fs::File,
+    _guard: std::sync::MutexGuard<'static, ()>,
 }
 
 /// The repository's lab topology.
