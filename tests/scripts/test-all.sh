@@ -6,8 +6,21 @@ cd "$(dirname "$0")/../.."
 bash tests/scripts/deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
-# Leftovers from an interrupted earlier run would clash with fresh labs.
+# Leftovers from an interrupted earlier run would clash with fresh labs. Test labs embed the
+# creating process's pid in their names (clab-tdsc-e2e-<pid>-<n>-node1, tdsc-rules-test-<pid>-<n>):
+# only those whose process is gone are removed, so a colleague's running lab survives. The
+# demo lab (clab-tdsc-node1, ...) is removed only when no tdsc-lab demo is running.
+stale_namespace() {
+  local ns=$1 pid
+  pid=$(sed -nE 's/^(clab-)?tdsc-[a-z][a-z0-9]*(-[a-z][a-z0-9]*)?-([0-9]+)-[0-9]+(-.*)?$/\3/p' <<<"$ns")
+  if [ -n "$pid" ]; then
+    ! kill -0 "$pid" 2>/dev/null
+  else
+    ! pgrep -x tdsc-lab >/dev/null
+  fi
+}
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^(clab-tdsc|tdsc-)' || true); do
+  stale_namespace "$ns" || { echo "keeping $ns: its lab is still running"; continue; }
   ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
 done
