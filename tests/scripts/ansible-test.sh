@@ -21,29 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
 
-deb=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --deb) deb=$(realpath "$2"); shift 2 ;;
-    *) echo "ansible-test: unknown argument $1" >&2; exit 2 ;;
-  esac
-done
-
-if [ "$(id -u)" != 0 ]; then
-  echo "SKIP ansible-test: needs root (debootstrap, chroot)"
-  echo "ansible: 0 passed, 0 failed, 1 skipped"
-  exit 0
-fi
-
-passed=0
-failed=0
-ok() { passed=$((passed + 1)); echo "ok   $*"; }
-bad() { failed=$((failed + 1)); echo "FAIL $*"; }
-check() {
-  local what=$1; shift
-  local out
-  if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; printf '%s\n' "$out" | sed 's/^/     | /' | tail -25; fi
-}
+. tests/scripts/lib.sh
+harness_start ansible-test ansible "$@"
 
 cache=${TDSC_TEST_CACHE:-/var/cache/tdsc-test}
 mkdir -p "$cache"
@@ -169,5 +148,4 @@ check "a host without tcp_dsc_node_id fails the inventory check" bash -c '
   out=$(ansible-playbook -i "$bad" site.yml --limit node2 2>&1) && { echo "the run succeeded"; exit 1; }
   grep -q "tcp_dsc_node_id" <<<"$out" || { printf "%s\n" "$out" | tail -20; exit 1; }' _ "$inv"
 
-echo "ansible: $passed passed, $failed failed"
-[ "$failed" = 0 ]
+harness_summary

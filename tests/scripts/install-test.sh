@@ -18,30 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
 
-deb=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --deb) deb=$(realpath "$2"); shift 2 ;;
-    *) echo "install-test: unknown argument $1" >&2; exit 2 ;;
-  esac
-done
-
-if [ "$(id -u)" != 0 ]; then
-  echo "SKIP install-test: needs root (debootstrap, chroot)"
-  echo "install: 0 passed, 0 failed, 1 skipped"
-  exit 0
-fi
-
-passed=0
-failed=0
-ok() { passed=$((passed + 1)); echo "ok   $*"; }
-bad() { failed=$((failed + 1)); echo "FAIL $*"; }
-# check DESCRIPTION COMMAND...: runs the command, counts the result, shows output on failure.
-check() {
-  local what=$1; shift
-  local out
-  if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; printf '%s\n' "$out" | sed 's/^/     | /' | tail -20; fi
-}
+. tests/scripts/lib.sh
+harness_start install-test install "$@"
 
 # ---- the package and lintian
 if [ -z "$deb" ]; then
@@ -202,5 +180,4 @@ check "the image entrypoint waits for the links and the cluster address, then ru
       "ip -o addr show | grep -q \" 198.51.100.11/\" && echo ready")
     [ "$out" = ready ]' "$repo/deploy/containerlab/tdsc-node-entrypoint"
 
-echo "install: $passed passed, $failed failed"
-[ "$failed" = 0 ]
+harness_summary
