@@ -27,17 +27,24 @@ fn topology_validates_against_the_containerlab_schema() -> anyhow::Result<()> {
     let validator = jsonschema::draft7::new(&schema)
         .map_err(|e| anyhow::anyhow!("schema does not compile: {e}"))?;
 
-    let topo_text = std::fs::read_to_string(default_topology_path())?;
-    let topo: serde_json::Value = serde_yaml::from_str(&topo_text)?;
-    let errors: Vec<String> = validator
-        .iter_errors(&topo)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "topology violates the schema:\n{}",
-        errors.join("\n")
-    );
+    // Every topology shipped: the IPv4 lab and the IPv6 lab beside it.
+    let ipv6 = default_topology_path().with_file_name("tdsc-v6.clab.yml");
+    let mut topo = serde_json::Value::Null;
+    for path in [default_topology_path(), ipv6] {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        topo = serde_yaml::from_str(&text)?;
+        let errors: Vec<String> = validator
+            .iter_errors(&topo)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{} violates the schema:\n{}",
+            path.display(),
+            errors.join("\n")
+        );
+    }
 
     // The validator really checks: a bad kind and an unknown key are refused.
     let mut broken = topo.clone();

@@ -1,0 +1,212 @@
+//! IPv6 end to end: the IPv6 lab (`deploy/containerlab/tdsc-v6.clab.yml`, addressed from
+//! 2001:db8::/32 only) with an IPv6 VIP and IPv6 cluster addresses. Everything the IPv4
+//! tests rely on has an IPv6 path of its own here: neighbour discovery for a VIP that three
+//! nodes hold (NODAD), the `ip6` rulesets, SYNs forwarded as protocol 253 over IPv6 with the
+//! IPv6 forward header, re-injection through an IPv6 raw socket with the TCP checksum
+//! recomputed over the IPv6 pseudo-header, liveness reports over IPv6 UDP, and the member's
+//! conntrack-INVALID drop of segments of other nodes' connections.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use tdsc_lab::bins::BinDir;
+use tdsc_lab::cluster::{exclusive_lab, unique_lab_name};
+use tdsc_lab::lab::Lab;
+use tdsc_lab::status::Status;
+use tdsc_lab::topology::{Role, Topology};
+use tdsc_lab::{load, nft};
+
+const NODES: [(&str, u32); 3] = [("node1", 1), ("node2", 2), ("node3", 3)];
+const VIP: &str = "[2001:db8::1]:80";
+/// Requests per client; two clients, so 3 × 40 with round robin.
+const PER_CLIENT: u64 = 60;
+
+fn topology_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/containerlab/tdsc-v6.clab.yml")
+}
+
+fn status(tdscctl: &Path, socket: &Path) -> anyhow::Result<Status> {
+    let out = Command::new(tdscctl)
+        .arg("--socket")
+        .arg(socket)
+        .args(["status", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", tdscctl.display()))?;
+    ensure!(
+        out.status.success(),
+        "status via {}: {}",
+        socket.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Waits until `socket`'s daemon is master and sees every node alive.
+fn wait_master_sees_all(tdscctl: &Path, socket: &Path, lab: &mut Lab) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        match status(tdscctl, socket) {
+            Ok(s) if s.role == "master" && s.nodes.iter().all(|n| n.alive) => return Ok(()),
+            Ok(s) if start.elapsed() > Duration::from_secs(15) => {
+                bail!("master not ready within 15 s: {s:?}")
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(15) => {
+                bail!("{e}\n{}", lab.log_tail("tdscd-node1", 30))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+        for (node, _) in NODES {
+            if let Some(how) = lab.exited(&format!("tdscd-{node}"))? {
+                bail!(
+                    "tdscd on {node} exited ({how}):\n{}",
+                    lab.log_tail(&format!("tdscd-{node}"), 30)
+                );
+            }
+        }
+    }
+}
+
+/// Round robin over three IPv6 nodes: every request succeeds, each node serves exactly a
+/// third, the master forwards two thirds over IPv6 and each member re-injects its share,
+/// every connection gets exactly one SYN/ACK, and no client ever sees an RST.
+#[test]
+fn ipv6_vip_round_robin_over_three_nodes() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("ipv6_vip_round_robin_over_three_nodes") else {
+        return Ok(());
+    };
+    let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6"))?;
+    let mut lab = Lab::realise(topology)?;
+    let result = run(&mut lab);
+    let teardown = lab.teardown();
+    result?;
+    teardown.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn run(lab: &mut Lab) -> anyhow::Result<()> {
+    let bins = BinDir::locate()?;
+    let (tdscd, tdscctl, httpd) = (
+        bins.path("tdscd")?,
+        bins.path("tdscctl")?,
+        bins.path("tdsc-lab-httpd")?,
+    );
+    let dir = lab.workdir().to_owned();
+    std::fs::create_dir_all(&dir)?;
+    let mut sockets = BTreeMap::new();
+    for (node, id) in NODES {
+        let args = ["--listen", "[::]:80", "--id", &id.to_string()].map(str::to_owned);
+        lab.spawn(node, &format!("httpd-{node}"), &httpd, &args, &[])?;
+        let source = lab
+            .topology()
+            .nodes
+            .get(node)
+            .and_then(|n| n.bind_for(tdsc_lab::topology::DAEMON_CONFIG_PATH))
+            .with_context(|| format!("{node} binds no tdscd config"))?
+            .to_owned();
+        let socket = dir.join(format!("{node}.sock"));
+        let text = std::fs::read_to_string(&source)?;
+        let rewritten = text.replace(
+            "socket = \"/run/tdsc/tdscd.sock\"",
+            &format!("socket = \"{}\"", socket.display()),
+        );
+        ensure!(
+            rewritten != text,
+            "{} sets no [control] socket",
+            source.display()
+        );
+        let config = dir.join(format!("{node}.toml"));
+        std::fs::write(&config, rewritten)?;
+        let args = ["--config".to_owned(), config.display().to_string()];
+        lab.spawn(
+            node,
+            &format!("tdscd-{node}"),
+            &tdscd,
+            &args,
+            &[("RUST_LOG", "info")],
+        )?;
+        sockets.insert(id, socket);
+    }
+    wait_master_sees_all(&tdscctl, &sockets[&1], lab)?;
+
+    let clients: Vec<String> = lab
+        .topology()
+        .nodes_with_role(Role::Client)
+        .into_iter()
+        .map(|c| lab.netns(c))
+        .collect();
+    ensure!(clients.len() == 2, "expected two clients, got {clients:?}");
+    for ns in &clients {
+        nft::install_client_probe(ns)?;
+    }
+    let vip: SocketAddr = VIP.parse()?;
+    let tally = load::run(&clients, vip, PER_CLIENT, &Arc::new(AtomicBool::new(false)))?;
+
+    let total = PER_CLIENT * 2;
+    assert_eq!(
+        tally.failures,
+        0,
+        "failed IPv6 requests, e.g. {:?}\nnode2 log:\n{}",
+        tally.sample_errors,
+        lab.log_tail("tdscd-node2", 20)
+    );
+    assert_eq!(tally.ok(), total);
+    for (_, id) in NODES {
+        assert_eq!(
+            tally.by_node.get(&id).copied().unwrap_or(0),
+            total / 3,
+            "round robin over three IPv6 nodes: {:?}",
+            tally.by_node
+        );
+    }
+    let (mut rsts, mut synacks) = (0, 0);
+    for ns in &clients {
+        let (r, s) = nft::client_counters(ns)?;
+        rsts += r;
+        synacks += s;
+    }
+    assert_eq!(rsts, 0, "IPv6 clients received TCP RSTs");
+    assert_eq!(synacks, total, "SYN/ACKs received != connections");
+
+    let master = status(&tdscctl, &sockets[&1])?;
+    assert_eq!(
+        master.counters.syns_dispatched, total,
+        "{:?}",
+        master.counters
+    );
+    assert_eq!(
+        master.counters.forwarded_out,
+        total * 2 / 3,
+        "{:?}",
+        master.counters
+    );
+    assert_eq!(master.counters.forward_send_errors, 0);
+    for id in [2, 3] {
+        let s = status(&tdscctl, &sockets[&id])?;
+        assert_eq!(
+            s.counters.reinjected,
+            total / 3,
+            "node {id}: {:?}",
+            s.counters
+        );
+        assert_eq!(
+            s.counters.forward_rejected.total(),
+            0,
+            "node {id}: {:?}",
+            s.counters
+        );
+        let k = nft::kernel_counters(&lab.netns(&format!("node{id}")))?;
+        assert_eq!(
+            // The TCP MIB is shared by IPv4 and IPv6.
+            k.get("TcpInCsumErrors").copied(),
+            Some(0),
+            "node {id}: re-injected IPv6 SYNs with a bad checksum"
+        );
+    }
+    Ok(())
+}
