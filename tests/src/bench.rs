@@ -308,3 +308,122 @@ pub fn syn_cpu(
         cpu: after_cpu.saturating_sub(before_cpu),
     })
 }
+
+/// Results of the flooding ablation: master-local connects with the client frames flooded to
+/// every node's stack (as in normal operation) and with the other nodes' client-side bridge
+/// ports down (only the master's stack sees the frames), interleaved with plain connects.
+#[derive(Debug, Clone)]
+pub struct FloodReport {
+    pub flooded: Option<Summary>,
+    pub master_only: Option<Summary>,
+    pub plain: Option<Summary>,
+}
+
+/// Connections per batch of the ablation; batches of the two conditions alternate.
+const ABLATION_BATCH: usize = 50;
+
+/// Phase 1b: how much of the master-local overhead is the lab's flooding of every client frame
+/// through every node's network stack, one after another in one kernel. The other nodes get
+/// weight 0 (so every connection is master-local), then batches with their client-side bridge
+/// ports up and down alternate; each batch interleaves VIP and plain connects. Weights and
+/// ports are restored before returning, whatever happened.
+pub fn flood_ablation(
+    cluster: &Cluster,
+    opts: &BenchOptions,
+    stop: &AtomicBool,
+) -> Result<FloodReport, BenchError> {
+    let master = cluster.master()?.clone();
+    let others: Vec<_> = cluster
+        .nodes()
+        .iter()
+        .filter(|n| n.id != master.id)
+        .cloned()
+        .collect();
+    // Bridge-side ports of the other nodes' eth0 (the client segment).
+    let topo = cluster.lab().topology();
+    let mut ports = Vec::new();
+    for n in &others {
+        for l in topo.links_of(&n.name) {
+            let (mine, theirs) = if l.a.node == n.name {
+                (&l.a, &l.b)
+            } else {
+                (&l.b, &l.a)
+            };
+            if mine.interface == "eth0" {
+                ports.push((topo.netns_name(&theirs.node), theirs.interface.clone()));
+            }
+        }
+    }
+    let set_ports = |state: &str| -> Result<(), BenchError> {
+        for (ns, port) in &ports {
+            netns::ip(["-n", ns.as_str(), "link", "set", port.as_str(), state])?;
+        }
+        Ok(())
+    };
+    // The weights to restore, as the master sees them now.
+    let before = cluster.status(&master.name)?.nodes;
+    let weight_of = |id: u32| {
+        before
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(1, |s| s.weight)
+            .to_string()
+    };
+    let set_weights = |zero: bool| -> Result<(), BenchError> {
+        for n in &others {
+            let (id, w) = (
+                n.id.to_string(),
+                if zero { "0".into() } else { weight_of(n.id) },
+            );
+            cluster.ctl(&n.name, &["weight", id.as_str(), w.as_str()])?;
+        }
+        Ok(())
+    };
+    set_weights(true)?;
+    // Reports carry the weights to the master.
+    std::thread::sleep(Duration::from_secs(1));
+    let client = cluster
+        .clients()
+        .first()
+        .ok_or(BenchError::Missing { what: "client" })?;
+    let plain = cluster.baseline_addr().ok_or(BenchError::Missing {
+        what: "baseline server",
+    })?;
+    let ns = cluster.netns(&client.name);
+    let vip = cluster.vip();
+    let batches = opts.count.div_ceil(ABLATION_BATCH).max(1);
+    let run = || -> Result<FloodReport, BenchError> {
+        let (mut flooded, mut master_only, mut plains) = (Vec::new(), Vec::new(), Vec::new());
+        for b in 0..2 * batches {
+            let isolate = b % 2 == 1;
+            set_ports(if isolate { "down" } else { "up" })?;
+            let (v, p) = netns::run_in(&ns, || {
+                connect_samples(vip, plain, ABLATION_BATCH / 5, ABLATION_BATCH, stop)
+            })??;
+            if let Some((node, _)) = v.iter().find(|(node, _)| *node != master.id) {
+                return Err(BenchError::Connect {
+                    index: 0,
+                    target: SocketAddr::V4(vip),
+                    reason: format!("node {node} served a connection despite weight 0"),
+                });
+            }
+            let into = if isolate {
+                &mut master_only
+            } else {
+                &mut flooded
+            };
+            into.extend(v.into_iter().map(|(_, d)| d));
+            plains.extend(p.into_iter().map(|(_, d)| d));
+        }
+        Ok(FloodReport {
+            flooded: Summary::of(&flooded),
+            master_only: Summary::of(&master_only),
+            plain: Summary::of(&plains),
+        })
+    };
+    let result = run();
+    let restored = set_ports("up").and_then(|()| set_weights(false));
+    let report = result?;
+    restored?;
+    Ok(report)
+}

@@ -492,6 +492,22 @@ fn run_bench(
         "  (one blocked thread woken through a socket on this machine: a dispatched SYN pays one, \
          a forwarded SYN two)"
     );
+    println!(
+        "\nWhere the master-local overhead goes: the other nodes at weight 0, batches of {} \
+         connects with their client-side bridge ports up (every client frame flooded through \
+         all three stacks, as above) and down (only the master's stack), alternating:",
+        50
+    );
+    let flood = bench::flood_ablation(cluster, opts, stop)?;
+    println!("{}", row("flooded", flood.flooded));
+    println!("{}", row("master only", flood.master_only));
+    println!("{}", row("plain", flood.plain));
+    println!(
+        "  ratios: flooded/plain {}; master-only/plain {}; flooded/master-only {}",
+        ratio(flood.flooded, flood.plain),
+        ratio(flood.master_only, flood.plain),
+        ratio(flood.flooded, flood.master_only)
+    );
     if opts.syns == 0 {
         return Ok(());
     }
