@@ -48,7 +48,15 @@ struct RawConfig {
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
+    threads: RawThreads,
+    #[serde(default)]
     nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawThreads {
+    data_path_cpu: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +224,9 @@ pub struct Config {
     pub control_socket: PathBuf,
     pub report_interval: Duration,
     pub dead_after: Duration,
+    /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
+    /// (see [`crate::affinity`]); `None` leaves them to the scheduler.
+    pub data_path_cpu: Option<usize>,
     /// Sorted by id.
     pub nodes: Vec<Node>,
 }
@@ -228,6 +239,8 @@ pub const DEFAULT_CONTROL_PORT: u16 = 7400;
 /// owner could still answer finds its way back.
 pub const DEFAULT_SYN_RECORD_WINDOW_MS: u64 = 64_000;
 pub const DEFAULT_SYN_RECORD_CAPACITY: usize = 1 << 16;
+/// CPU numbers the kernel's affinity mask can name (`CPU_SETSIZE`).
+pub const MAX_CPU: usize = 1024;
 /// A node's weight when `[[nodes]] weight` is absent.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest weight: keeps weight × connections far inside u64 and a typo (10000000) an error.
@@ -506,6 +519,21 @@ impl Config {
             ));
         }
 
+        let data_path_cpu = match raw.threads.data_path_cpu {
+            None => None,
+            Some(cpu) => Some(
+                usize::try_from(cpu)
+                    .ok()
+                    .filter(|c| *c < MAX_CPU)
+                    .ok_or_else(|| {
+                        invalid(
+                            "threads.data_path_cpu",
+                            format!("{cpu} is not a CPU number (0 to {})", MAX_CPU - 1),
+                        )
+                    })?,
+            ),
+        };
+
         Ok(Config {
             node_id: raw.node_id,
             vip,
@@ -529,6 +557,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/run/tdsc/tdscd.sock")),
             report_interval: Duration::from_millis(report_ms),
             dead_after: Duration::from_millis(dead_ms),
+            data_path_cpu,
             nodes,
         })
     }
@@ -777,6 +806,19 @@ address = "198.51.100.12"
         let text = format!("{GOOD}\n[health]\nreport_interval_ms = 500\ndead_after_ms = 600\n");
         let msg = Config::parse(&text).unwrap_err().to_string();
         assert!(msg.contains("health.dead_after_ms"), "{msg}");
+    }
+
+    #[test]
+    fn data_path_cpu_is_optional_and_checked() {
+        assert_eq!(Config::parse(GOOD).unwrap().data_path_cpu, None);
+        let c = Config::parse(&format!("{GOOD}\n[threads]\ndata_path_cpu = 1\n")).unwrap();
+        assert_eq!(c.data_path_cpu, Some(1));
+        for bad in ["-1", "1024"] {
+            let msg = Config::parse(&format!("{GOOD}\n[threads]\ndata_path_cpu = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("threads.data_path_cpu"), "{msg}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! the queue thread between master and member; [`report`] exchanges liveness and load; the
 //! control socket ([`control`], [`status`]) serves `tdscctl`.
 
+pub mod affinity;
 pub mod classify;
 pub mod config;
 pub mod control;

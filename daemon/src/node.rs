@@ -50,6 +50,8 @@ pub enum NodeError {
     Control(#[from] crate::control::ControlError),
     #[error("raft election")]
     Raft(#[from] crate::raft::RaftTaskError),
+    #[error("[threads] data_path_cpu")]
+    Affinity(#[from] crate::affinity::AffinityError),
     #[error("{} errors during shutdown: {}", .0.len(), .0.join("; "))]
     Shutdown(Vec<String>),
 }
@@ -197,9 +199,16 @@ async fn serve(
         stop.clone(),
     )
     .map_err(NodeError::Member)?;
+    let cpu = cfg.data_path_cpu;
+    if let Some(c) = cpu {
+        crate::affinity::check(c)?;
+    }
     let member_thread = std::thread::Builder::new()
         .name("tdsc-member".into())
-        .spawn(move || member.run())
+        .spawn(move || {
+            pin_data_path_thread(cpu);
+            member.run()
+        })
         .map_err(NodeError::Member)?;
 
     let load_thread = crate::load::spawn(
@@ -234,7 +243,10 @@ async fn serve(
     // that need orderly release (the kernel unbinds the queue when the socket closes).
     std::thread::Builder::new()
         .name("tdsc-master".into())
-        .spawn(move || master.run())
+        .spawn(move || {
+            pin_data_path_thread(cpu);
+            master.run()
+        })
         .map_err(NodeError::Member)?;
 
     // Election. Raft messages share the report socket; the report loop hands them over.
@@ -346,6 +358,17 @@ async fn serve(
     let _ = std::fs::remove_file(&socket_path);
     drop(shared);
     result
+}
+
+/// Pins the calling data-path thread to `[threads] data_path_cpu`, if set. The CPU was checked
+/// at start, so a failure here is unexpected; the thread then runs unpinned.
+fn pin_data_path_thread(cpu: Option<usize>) {
+    if let Some(c) = cpu {
+        match crate::affinity::pin_current_thread(c) {
+            Ok(()) => tracing::info!(cpu = c, "data-path thread pinned"),
+            Err(e) => tracing::error!(error = %e, "data-path thread left unpinned"),
+        }
+    }
 }
 
 async fn follow_roles(
