@@ -106,7 +106,7 @@ all:
         tcp_dsc_sysctl_set: false
       hosts:
         node1: { ansible_host: $work/node1, tcp_dsc_node_id: 1, tcp_dsc_cluster_address: 198.51.100.11 }
-        node2: { ansible_host: $work/node2, tcp_dsc_node_id: 2, tcp_dsc_cluster_address: 198.51.100.12 }
+        node2: { ansible_host: $work/node2, tcp_dsc_node_id: 2, tcp_dsc_cluster_address: 198.51.100.12, tcp_dsc_threads: { data_path_cpu: 0 } }
         node3: { ansible_host: $work/node3, tcp_dsc_node_id: 3, tcp_dsc_cluster_address: 198.51.100.13 }
 EOF
 
@@ -121,6 +121,10 @@ for n in 1 2 3; do
     bash -c 'chroot "$1" /usr/sbin/tdscd --config /etc/tdsc/tdsc.toml --check-config | grep -q "(node $2, 3 nodes, vip 192.0.2.1)"' _ "$r" "$n"
   check "node$n: the election keys reach the config (raft, data_dir, timing)" \
     bash -c 'f="$1/etc/tdsc/tdsc.toml"; grep -qx "mode = \"raft\"" "$f" && grep -qx "data_dir = \"/var/lib/tdsc\"" "$f" && grep -qx "election_tick = 10" "$f"' _ "$r"
+  check "node$n: [threads] only where the host sets it (node2)" bash -c '
+    f="$1/etc/tdsc/tdsc.toml"
+    if [ "$2" = 2 ]; then grep -qx "\[threads\]" "$f" && grep -qx "data_path_cpu = 0" "$f"
+    else ! grep -q "threads" "$f"; fi' _ "$r" "$n"
   check "node$n: node_id = $n, three [[nodes]] with their addresses" bash -c '
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "node_id = $2" "$f" && [ "$(grep -c "^\[\[nodes\]\]" "$f")" = 3 ] &&
