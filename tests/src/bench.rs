@@ -148,17 +148,18 @@ fn connect_once(target: SocketAddrV4, index: usize) -> Result<(u32, Duration), B
     Ok((reply.node, took))
 }
 
+/// `(serving node, connect time)` of each measured connection.
+type Samples = Vec<(u32, Duration)>;
+
 /// Alternates connections to `vip` and `plain` (`warmup` unmeasured pairs, then `count`
-/// measured ones), so both see the same conditions. Returns `(node, connect time)` samples
-/// for each target.
-#[allow(clippy::type_complexity)]
+/// measured ones), so both see the same conditions. Returns the samples of each target.
 fn connect_samples(
     vip: SocketAddrV4,
     plain: SocketAddrV4,
     warmup: usize,
     count: usize,
     stop: &AtomicBool,
-) -> Result<(Vec<(u32, Duration)>, Vec<(u32, Duration)>), BenchError> {
+) -> Result<(Samples, Samples), BenchError> {
     let (mut v, mut p) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for index in 0..warmup + count {
         if stop.load(Ordering::Relaxed) {
@@ -193,19 +194,26 @@ pub fn latency(
     let (via_vip, via_plain) = netns::run_in(&ns, || {
         connect_samples(vip, plain, opts.warmup, opts.count, stop)
     })??;
-    let pick = |local: bool| -> Vec<Duration> {
-        via_vip
-            .iter()
-            .filter(|(node, _)| (*node == master_id) == local)
-            .map(|(_, d)| *d)
-            .collect()
-    };
-    let plain_samples: Vec<Duration> = via_plain.iter().map(|(_, d)| *d).collect();
-    Ok(LatencyReport {
-        master_local: Summary::of(&pick(true)),
-        forwarded: Summary::of(&pick(false)),
-        plain: Summary::of(&plain_samples),
-    })
+    Ok(LatencyReport::split(&via_vip, &via_plain, master_id))
+}
+
+impl LatencyReport {
+    /// Splits VIP samples by whether the master served them.
+    fn split(via_vip: &Samples, via_plain: &Samples, master_id: u32) -> LatencyReport {
+        let pick = |local: bool| -> Vec<Duration> {
+            via_vip
+                .iter()
+                .filter(|(node, _)| (*node == master_id) == local)
+                .map(|(_, d)| *d)
+                .collect()
+        };
+        let plain: Vec<Duration> = via_plain.iter().map(|(_, d)| *d).collect();
+        LatencyReport {
+            master_local: Summary::of(&pick(true)),
+            forwarded: Summary::of(&pick(false)),
+            plain: Summary::of(&plain),
+        }
+    }
 }
 
 /// utime + stime of a process.
@@ -423,6 +431,146 @@ pub fn flood_ablation(
     };
     let result = run();
     let restored = set_ports("up").and_then(|()| set_weights(false));
+    let report = result?;
+    restored?;
+    Ok(report)
+}
+
+/// Results of the placement comparison: the same connects with the scheduler placing every
+/// thread, and with the client's thread and every daemon's data-path threads (`tdsc-master`,
+/// `tdsc-member`) pinned to one CPU, in alternating batches.
+#[derive(Debug, Clone)]
+pub struct PlacementReport {
+    pub cpu: usize,
+    pub placed: LatencyReport,
+    pub colocated: LatencyReport,
+}
+
+/// Sets the CPU affinity of thread `tid` (of any process) to `cpus`.
+fn set_thread_affinity(tid: u32, cpus: &[usize]) -> std::io::Result<()> {
+    let tid = libc::pid_t::try_from(tid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: cpu_set_t is plain data for which all-zero is the empty set; CPU_SET writes
+    // within it (indices are checked against CPU_SETSIZE first), and sched_setaffinity reads
+    // exactly size_of::<cpu_set_t>() bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            if c >= libc::CPU_SETSIZE as usize {
+                return Err(std::io::ErrorKind::InvalidInput.into());
+            }
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `(thread id, thread name)` of every thread of a process.
+fn threads(pid: u32) -> Result<Vec<(u32, String)>, BenchError> {
+    let bad = |reason: String| BenchError::ProcStat { pid, reason };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| bad(e.to_string()))? {
+        let entry = entry.map_err(|e| bad(e.to_string()))?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) {
+            out.push((tid, comm.trim().to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+fn all_threads(pid: u32) -> Result<Vec<u32>, BenchError> {
+    Ok(threads(pid)?.into_iter().map(|(tid, _)| tid).collect())
+}
+
+/// Thread ids of a process's threads named `tdsc-master` or `tdsc-member`.
+fn data_path_threads(pid: u32) -> Result<Vec<u32>, BenchError> {
+    let tids: Vec<u32> = threads(pid)?
+        .into_iter()
+        .filter(|(_, name)| matches!(name.as_str(), "tdsc-master" | "tdsc-member"))
+        .map(|(tid, _)| tid)
+        .collect();
+    let bad = |reason: String| BenchError::ProcStat { pid, reason };
+    if tids.len() != 2 {
+        return Err(bad(format!("expected 2 data-path threads, found {tids:?}")));
+    }
+    Ok(tids)
+}
+
+/// Phase 1c: the connects of phase 1, scheduler-placed and co-located on `cpu`, alternating in
+/// batches. Co-located pins what `[threads] data_path_cpu` pins (the daemons' queue and
+/// forward-receive threads), the HTTP servers (cluster nodes and baseline alike), and the
+/// client's connecting thread, whose CPU runs the softirq of its packets through the lab's
+/// veths. Affinities are restored (to every CPU) before returning.
+pub fn placement(
+    cluster: &Cluster,
+    opts: &BenchOptions,
+    cpu: usize,
+    stop: &AtomicBool,
+) -> Result<PlacementReport, BenchError> {
+    let all: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let mut tids = Vec::new();
+    for n in cluster.nodes() {
+        tids.extend(data_path_threads(cluster.daemon_pid(&n.name)?)?);
+    }
+    // The HTTP servers too, on the cluster nodes and the baseline alike: the application
+    // shares the CPU as it would on a tuned server.
+    let servers = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.name.clone())
+        .chain(cluster.baseline().map(|b| b.name.clone()));
+    for name in servers {
+        let pid = cluster
+            .lab()
+            .pid(&format!("httpd-{name}"))
+            .map_err(ClusterError::from)?;
+        tids.extend(all_threads(pid)?);
+    }
+    let pin_daemons = |cpus: &[usize]| -> Result<(), BenchError> {
+        for &t in &tids {
+            set_thread_affinity(t, cpus).map_err(BenchError::Raw)?;
+        }
+        Ok(())
+    };
+    let client = cluster
+        .clients()
+        .first()
+        .ok_or(BenchError::Missing { what: "client" })?;
+    let plain = cluster.baseline_addr().ok_or(BenchError::Missing {
+        what: "baseline server",
+    })?;
+    let master_id = cluster.master()?.id;
+    let ns = cluster.netns(&client.name);
+    let vip = cluster.vip();
+    let batches = opts.count.div_ceil(ABLATION_BATCH).max(1);
+    let run = || -> Result<PlacementReport, BenchError> {
+        let mut samples: [(Samples, Samples); 2] = Default::default();
+        for b in 0..2 * batches {
+            let colocate = b % 2 == 1;
+            let one = [cpu];
+            pin_daemons(if colocate { &one } else { &all })?;
+            let (v, p) = netns::run_in(&ns, || {
+                if colocate {
+                    crate::wakeup::pin_current_thread(cpu).map_err(BenchError::Raw)?;
+                }
+                connect_samples(vip, plain, ABLATION_BATCH / 5, ABLATION_BATCH, stop)
+            })??;
+            let slot = &mut samples[usize::from(colocate)];
+            slot.0.extend(v);
+            slot.1.extend(p);
+        }
+        Ok(PlacementReport {
+            cpu,
+            placed: LatencyReport::split(&samples[0].0, &samples[0].1, master_id),
+            colocated: LatencyReport::split(&samples[1].0, &samples[1].1, master_id),
+        })
+    };
+    let result = run();
+    let restored = pin_daemons(&all);
     let report = result?;
     restored?;
     Ok(report)

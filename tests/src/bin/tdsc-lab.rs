@@ -438,10 +438,10 @@ fn run_demo(cluster: &mut Cluster, requests: u64, stop: &Arc<AtomicBool>) -> any
 fn row(name: &str, s: Option<bench::Summary>) -> String {
     match s {
         Some(s) => format!(
-            "  {name:<14} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
+            "  {name:<16} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
             s.n, s.min, s.p50, s.mean, s.p99, s.max
         ),
-        None => format!("  {name:<14} {:>6}   (no samples)", 0),
+        None => format!("  {name:<16} {:>6}   (no samples)", 0),
     }
 }
 
@@ -475,7 +475,7 @@ fn run_bench(
     );
     let lat = bench::latency(cluster, opts, stop)?;
     println!(
-        "  {:<14} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "  {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "µs", "n", "min", "p50", "mean", "p99", "max"
     );
     println!("{}", row("master-local", lat.master_local));
@@ -508,6 +508,30 @@ fn run_bench(
         ratio(flood.master_only, flood.plain),
         ratio(flood.flooded, flood.master_only)
     );
+    let cpu = 0;
+    println!(
+        "\nPlacement: the same connects, in alternating batches of 50, with the scheduler placing \
+         every thread and co-located on CPU {cpu}: the client's thread (whose CPU runs its \
+         packets' softirq), the HTTP servers, and every daemon's data-path threads, as \
+         [threads] data_path_cpu pins them:"
+    );
+    let place = bench::placement(cluster, opts, cpu, stop)?;
+    for (name, r) in [("placed", &place.placed), ("co-located", &place.colocated)] {
+        println!("{}", row(&format!("{name} local"), r.master_local));
+        println!("{}", row(&format!("{name} fwd"), r.forwarded));
+        println!("{}", row(&format!("{name} plain"), r.plain));
+    }
+    println!(
+        "  ratios: co-located/placed master-local {}; forwarded {}",
+        ratio(place.colocated.master_local, place.placed.master_local),
+        ratio(place.colocated.forwarded, place.placed.forwarded)
+    );
+    let same = tdsc_lab::wakeup::measure_pinned(2000, 100, (cpu, cpu))?;
+    println!("{}", row("wake same CPU", Some(same)));
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        let cross = tdsc_lab::wakeup::measure_pinned(2000, 100, (cpu, cpu + 1))?;
+        println!("{}", row("wake cross CPU", Some(cross)));
+    }
     if opts.syns == 0 {
         return Ok(());
     }
