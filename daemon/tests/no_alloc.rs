@@ -5,7 +5,8 @@
 //! `master::MasterPath::run` does.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use tdsc_proto::forward::{ForwardHeader, MAX_HEADER_LEN};
 use tdscd::classify::classify;
@@ -16,13 +17,25 @@ use tdscd::records::SynRecords;
 use tdscd::view::ClusterView;
 
 struct Counting;
-static COUNTING: AtomicBool = AtomicBool::new(false);
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Counting is per thread: the test harness's own threads may allocate meanwhile.
+    /// (`const` initialisation: reading it never allocates.)
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn counting() -> bool {
+    COUNTING.try_with(Cell::get).unwrap_or(false)
+}
+
+fn set_counting(on: bool) {
+    COUNTING.with(|c| c.set(on));
+}
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if COUNTING.load(Relaxed) {
+        if counting() {
             ALLOCS.fetch_add(1, Relaxed);
         }
         // SAFETY: same contract as our caller's.
@@ -33,7 +46,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if COUNTING.load(Relaxed) {
+        if counting() {
             ALLOCS.fetch_add(1, Relaxed);
         }
         // SAFETY: same contract as our caller's.
@@ -83,7 +96,7 @@ fn per_syn_path_does_not_allocate() {
         let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len());
         let mut forwarded = 0u32;
         ALLOCS.store(0, Relaxed);
-        COUNTING.store(true, Relaxed);
+        set_counting(true);
         for (i, p) in packets.iter().enumerate() {
             let s = classify(p, vip, &[80]).expect("a SYN");
             let out = d.decide(&s, &view, i as u64);
@@ -97,7 +110,7 @@ fn per_syn_path_does_not_allocate() {
                 forwarded += u32::from(h.encode_packet(s.segment, &mut buf).is_ok());
             }
         }
-        COUNTING.store(false, Relaxed);
+        set_counting(false);
         assert!(
             forwarded > 0,
             "{policy:?} forwarded nothing: the test would prove nothing"
