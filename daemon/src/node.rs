@@ -194,6 +194,7 @@ async fn serve(
         cfg.tcp_ports.clone(),
         view.clone(),
         counters.clone(),
+        role.clone(),
         stop.clone(),
     )
     .map_err(NodeError::Member)?;
