@@ -311,17 +311,43 @@ fn wait_follows(cluster: &Cluster, node: &ClusterNode, master: u32) -> anyhow::R
     }
 }
 
-/// Every node's daemon is restarted one at a time — SIGTERM, wait for exit, start again,
-/// wait until it is back in the cluster and serving — while two clients send short HTTP
-/// requests without pause. The master is restarted too (second in line, so that a
-/// restarted node is among the candidates it hands leadership to). No request fails, no
-/// client sees an RST, and every node receives connections again after its restart.
+/// How long a stopped daemon stays down before it is started again (an upgrade's install).
+/// Longer than the clients' 3 s request timeout: a connection the stopping node dropped
+/// would not be saved by TCP retransmitting into the restarted node.
+const RESTART_DOWNTIME: Duration = Duration::from_secs(4);
+
+/// Every node's daemon is restarted one at a time — SIGTERM, wait for exit, stay down for
+/// [`RESTART_DOWNTIME`], start again, wait until it is back in the cluster and serving —
+/// while six client threads send short HTTP requests without pause. The servers take 30–150
+/// ms per request, so every node has requests in flight whenever its daemon is told to stop.
+/// The master is restarted too (second in line, so that a restarted node is among the
+/// candidates it hands leadership to). No request fails, no client sees an RST, and every
+/// node receives connections again after its restart.
 #[test]
 fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
     let Some(_lock) = exclusive_lab("a_rolling_restart_under_load_fails_no_request") else {
         return Ok(());
     };
-    with_cluster(start_raft("tdsc-rs")?, |cluster| {
+    let cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-rs")),
+        policy: Some("round-robin".to_owned()),
+        raft: true,
+        httpd_args: [
+            "--cgi-slots",
+            "64",
+            "--short-ms",
+            "30",
+            "--long-ms",
+            "150",
+            "--long-frac",
+            "0.3",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOptions::default()
+    })
+    .context("start the raft cluster")?;
+    with_cluster(cluster, |cluster| {
         let clients = cluster.client_namespaces();
         for ns in &clients {
             nft::install_client_probe(ns)?;
@@ -338,9 +364,10 @@ fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
 
         let stop_load = Arc::new(AtomicBool::new(false));
         let load = {
-            let clients = clients.clone();
+            // Three request threads in each client namespace.
+            let threads: Vec<String> = clients.iter().cycle().take(6).cloned().collect();
             let stop = stop_load.clone();
-            std::thread::spawn(move || load::run(&clients, vip, 1_000_000, &stop))
+            std::thread::spawn(move || load::run(&threads, vip, 1_000_000, &stop))
         };
         std::thread::sleep(Duration::from_millis(500));
 
@@ -356,6 +383,19 @@ fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
                     "{} exited with {status}:\n{log}",
                     node.name
                 );
+                // It stopped because its connections were done, not because time ran out;
+                // a master handed leadership over rather than leaving the group to time out.
+                ensure!(
+                    log.contains("drained: no connection left"),
+                    "{} did not drain:\n{log}",
+                    node.name
+                );
+                ensure!(
+                    !was_master || log.contains("leadership handed over"),
+                    "master {} did not hand leadership over:\n{log}",
+                    node.name
+                );
+                std::thread::sleep(RESTART_DOWNTIME);
                 cluster.restart_daemon(&node.name, Duration::from_secs(15))?;
                 let served_at_restart = cluster.served(&node.name)?;
                 let m = cluster.wait_master(None, Duration::from_secs(10))?;
@@ -397,7 +437,7 @@ fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
             tally.failures,
             tally.sample_errors
         );
-        ensure!(tally.ok() > 100, "too little traffic to prove anything");
+        ensure!(tally.ok() > 300, "too little traffic to prove anything");
         assert_eq!(
             tally.failures, 0,
             "client requests failed during the rolling restart: {:?}",
