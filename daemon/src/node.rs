@@ -429,7 +429,10 @@ async fn graceful_stop(
                 })
                 .map(|(_, n)| u64::from(n.id))
                 .collect();
-            let to = raft.transfer(candidates).await;
+            let Some(to) = raft.transfer(candidates).await else {
+                tracing::warn!("no live follower to hand leadership to; stopping as leader");
+                return drain_unless(cfg, &mut again).await;
+            };
             let wait = transfer_wait(cfg);
             let me = cfg.node_id;
             let handed_over = async {
@@ -445,8 +448,8 @@ async fn graceful_stop(
             };
             tokio::select! {
                 r = tokio::time::timeout(wait, handed_over) => match r {
-                    Ok(l) => tracing::info!(to = ?to, master = ?l.master_id, term = l.term, "leadership handed over"),
-                    Err(_) => tracing::warn!(to = ?to, "no new leader within {wait:?}; stopping anyway"),
+                    Ok(l) => tracing::info!(to, master = ?l.master_id, term = l.term, "leadership handed over"),
+                    Err(_) => tracing::warn!(to, "no new leader within {wait:?}; stopping anyway"),
                 },
                 _ = &mut again => {
                     tracing::info!("second signal: not waiting for the new leader");
@@ -457,10 +460,14 @@ async fn graceful_stop(
     }
 
     // 3. Wait for this node's own connections to finish.
-    let drained = drain(&cfg.vip, cfg.drain_timeout, cfg.report_interval);
+    drain_unless(cfg, &mut again).await;
+}
+
+/// Step 3 of a graceful stop, cut short by `again` (a second signal).
+async fn drain_unless(cfg: &Config, again: &mut (impl std::future::Future<Output = ()> + Unpin)) {
     tokio::select! {
-        () = drained => {}
-        _ = &mut again => tracing::info!("second signal: not waiting for connections"),
+        () = drain(&cfg.vip, cfg.drain_timeout, cfg.report_interval) => {}
+        () = again => tracing::info!("second signal: not waiting for connections"),
     }
 }
 

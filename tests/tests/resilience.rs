@@ -448,3 +448,119 @@ fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Opens an echo connection to `vip` from `ns` and returns it with the id of the node that
+/// took it (from the `node=N` greeting).
+fn open_echo(ns: &str, vip: SocketAddr) -> anyhow::Result<(std::net::TcpStream, u32)> {
+    use std::io::{Read, Write};
+    netns::run_in(ns, || -> anyhow::Result<_> {
+        let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /__echo HTTP/1.0\r\n\r\n")?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !(head.windows(4).any(|w| w == b"\r\n\r\n")
+            && head.ends_with(b"\n")
+            && String::from_utf8_lossy(&head).contains("node="))
+        {
+            ensure!(s.read(&mut b)? == 1, "echo connection closed early");
+            head.push(b[0]);
+        }
+        let node = String::from_utf8_lossy(&head)
+            .lines()
+            .find_map(|l| l.strip_prefix("node=").and_then(|v| v.trim().parse().ok()))
+            .context("no node= in the echo greeting")?;
+        Ok((s, node))
+    })?
+}
+
+/// One echo round trip on an open connection.
+fn echo_once(s: &mut std::net::TcpStream, seq: u64) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let out = [seq.to_be_bytes(); 4].concat();
+    let mut back = [0u8; 32];
+    s.write_all(&out)?;
+    s.read_exact(&mut back)?;
+    ensure!(back[..] == out[..], "echo came back different");
+    Ok(())
+}
+
+/// SIGTERM to the daemon of a node that holds an open connection: the node announces that it
+/// is draining and keeps running — and keeps serving that connection — while the connection
+/// is open; a second SIGTERM ends the wait and the daemon exits cleanly. The others carry on
+/// serving new requests.
+#[test]
+fn a_stopping_node_waits_for_its_connection_until_a_second_sigterm() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("a_stopping_node_waits_for_its_connection") else {
+        return Ok(());
+    };
+    with_cluster(start_raft("tdsc-rs")?, |cluster| {
+        let vip = SocketAddr::V4(cluster.vip());
+        let clients = cluster.client_namespaces();
+        let (mut conn, id) = open_echo(&clients[0], vip)?;
+        let node = cluster
+            .node_by_id(id)
+            .cloned()
+            .context("the echo greeting names a cluster node")?;
+        echo_once(&mut conn, 1)?;
+
+        let pid = libc::pid_t::try_from(cluster.daemon_pid(&node.name)?)?;
+        // SAFETY: kill(2) on a pid this test's lab started; no memory is involved.
+        let r = unsafe { libc::kill(pid, libc::SIGTERM) };
+        ensure!(
+            r == 0,
+            "kill -TERM {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+
+        // Draining is announced to the others (whoever is master now, or soon).
+        let start = Instant::now();
+        loop {
+            let seen = cluster
+                .nodes()
+                .iter()
+                .filter(|n| n.id != id)
+                .filter_map(|n| cluster.status(&n.name).ok())
+                .any(|s| s.nodes.iter().any(|n| n.id == id && n.draining));
+            if seen {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "no other node saw node {id} draining"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Well past the point where it would have drained an idle node, it still runs and
+        // still serves the connection it holds.
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster
+            .check_daemons()
+            .context("the daemon exited with a connection still open")?;
+        for seq in 2..12 {
+            echo_once(&mut conn, seq).context("the held connection during the drain")?;
+        }
+        // New requests meanwhile go to the others.
+        let stop = Arc::new(AtomicBool::new(false));
+        let during = load::run(&clients, vip, 15, &stop)?;
+        assert_eq!(during.failures, 0, "{:?}", during.sample_errors);
+        assert!(
+            !during.by_node.contains_key(&id),
+            "the draining node got new connections: {:?}",
+            during.by_node
+        );
+
+        let (status, log) = cluster.stop_daemon(&node.name, Duration::from_secs(10))?;
+        ensure!(status.contains("exit status: 0"), "{status}:\n{log}");
+        ensure!(
+            log.contains("second signal"),
+            "the second SIGTERM did not cut the wait short:\n{log}"
+        );
+        drop(conn);
+        let m = cluster.wait_master(Some(&node.name), Duration::from_secs(10))?;
+        cluster.wait_liveness(&m.name, id, false)?;
+        let after = load::run(&clients, vip, 15, &stop)?;
+        assert_eq!(after.failures, 0, "{:?}", after.sample_errors);
+        Ok(())
+    })
+}
