@@ -50,6 +50,8 @@ struct RawConfig {
     #[serde(default)]
     threads: RawThreads,
     #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
     nodes: Vec<RawNode>,
 }
 
@@ -106,6 +108,12 @@ struct RawControl {
 struct RawHealth {
     report_interval_ms: Option<u64>,
     dead_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,6 +235,9 @@ pub struct Config {
     /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
     /// (see [`crate::affinity`]); `None` leaves them to the scheduler.
     pub data_path_cpu: Option<usize>,
+    /// `[shutdown] drain_timeout_ms`: on SIGTERM, how long the node waits for its own
+    /// connections on the VIP to finish before it removes the VIP (0: not at all).
+    pub drain_timeout: Duration,
     /// Sorted by id.
     pub nodes: Vec<Node>,
 }
@@ -241,6 +252,11 @@ pub const DEFAULT_SYN_RECORD_WINDOW_MS: u64 = 64_000;
 pub const DEFAULT_SYN_RECORD_CAPACITY: usize = 1 << 16;
 /// CPU numbers the kernel's affinity mask can name (`CPU_SETSIZE`).
 pub const MAX_CPU: usize = 1024;
+/// How long a stopping node waits for its connections by default: well inside systemd's
+/// `TimeoutStopSec=45` of the packaged unit, long enough for ordinary request/response traffic.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+/// Longest drain wait accepted: an hour (a typo of 3600000000 is an error, not a hung stop).
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
 /// A node's weight when `[[nodes]] weight` is absent.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest weight: keeps weight × connections far inside u64 and a typo (10000000) an error.
@@ -533,6 +549,18 @@ impl Config {
                     })?,
             ),
         };
+        let drain_ms = raw
+            .shutdown
+            .drain_timeout_ms
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS);
+        if drain_ms > MAX_DRAIN_TIMEOUT_MS {
+            return Err(invalid(
+                "shutdown.drain_timeout_ms",
+                format!(
+                    "{drain_ms} ms is more than the maximum of {MAX_DRAIN_TIMEOUT_MS} ms (an hour)"
+                ),
+            ));
+        }
 
         Ok(Config {
             node_id: raw.node_id,
@@ -558,6 +586,7 @@ impl Config {
             report_interval: Duration::from_millis(report_ms),
             dead_after: Duration::from_millis(dead_ms),
             data_path_cpu,
+            drain_timeout: Duration::from_millis(drain_ms),
             nodes,
         })
     }
@@ -799,6 +828,23 @@ address = "198.51.100.12"
                 "error for {to:?} does not name {key}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn drain_timeout_has_a_default_and_an_upper_bound() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(
+            c.drain_timeout,
+            Duration::from_millis(DEFAULT_DRAIN_TIMEOUT_MS)
+        );
+        let c = Config::parse(&format!("{GOOD}\n[shutdown]\ndrain_timeout_ms = 0\n")).unwrap();
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+        let text = format!("{GOOD}\n[shutdown]\ndrain_timeout_ms = 3600001\n");
+        let msg = Config::parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("shutdown.drain_timeout_ms"), "{msg}");
+        let text = format!("{GOOD}\n[shutdown]\ndrain_timeout = 5\n");
+        let msg = Config::parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("drain_timeout"), "{msg}");
     }
 
     #[test]

@@ -194,6 +194,7 @@ pub fn status(s: &Shared) -> Status {
                 wrong_vip: c.rejected_wrong_vip,
                 not_syn: c.rejected_not_syn,
                 bad_port: c.rejected_bad_port,
+                stale_term: c.rejected_stale_term,
                 ruleset_foreign,
             },
             reports_sent: s.reports.sent.load(Relaxed),

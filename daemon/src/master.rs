@@ -27,6 +27,8 @@ use crate::view::{add, ClusterView, Counters};
 #[derive(Debug)]
 pub struct RoleCell {
     pub master: AtomicBool,
+    /// The highest election term this node knows: stamped on every forward while master, and
+    /// the member path's fence against forwards from older terms (see `crate::member`).
     pub term: AtomicU64,
     /// The election lease: the master thread dispatches only while `epoch.elapsed()` in ms is
     /// below this. The Raft task writes it (and writes 0 before it says anything that could

@@ -4,7 +4,13 @@
 //! forward is accepted only if it comes from a cluster member's address on the cluster
 //! interface (the ruleset already enforces that; we check again and count), decodes, names
 //! the dispatching node consistently, is for our VIP, carries a bare SYN and a dispatched
-//! port. Everything else is counted by reason and dropped.
+//! port, and was dispatched in a term no older than the newest this node knows. Everything
+//! else is counted by reason and dropped.
+//!
+//! The term check is the member's half of the no-two-dispatchers argument (see
+//! `tdsc_election`'s docs, *Fencing at members*): a master whose lease should have stopped
+//! it but did not (a clock far off, a stalled thread) stamps its forwards with its old
+//! term, and every member that has heard of a newer term refuses them.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -15,6 +21,7 @@ use tdsc_proto::forward::ForwardPacket;
 
 use crate::classify::{ACK, FIN, RST, SYN};
 use crate::inject;
+use crate::master::RoleCell;
 use crate::rawsock::{Dest, RawSocket};
 use crate::view::{add, ClusterView, Counters};
 
@@ -28,14 +35,18 @@ pub enum Rejection {
     WrongVip,
     NotSyn,
     BadPort,
+    /// Dispatched in a term older than the newest this node knows: a deposed master's.
+    StaleTerm,
 }
 
 /// Checks one received forward. Pure: `src` is the outer IP source, `payload` what follows
-/// the outer IP header.
+/// the outer IP header, `known_term` the highest election term this node has seen (0 before
+/// any; a static election is term 1 forever, so its forwards always pass).
 pub fn check<'a>(
     view: &ClusterView,
     vip: IpAddr,
     ports: &[u16],
+    known_term: u64,
     src: IpAddr,
     payload: &'a [u8],
 ) -> Result<ForwardPacket<'a>, Rejection> {
@@ -45,6 +56,11 @@ pub fn check<'a>(
     let p = ForwardPacket::decode(payload).map_err(|_| Rejection::Malformed)?;
     if p.header.origin != view.nodes[peer].id {
         return Err(Rejection::UnknownPeer);
+    }
+    // Equal terms pass: the master of the current term stamps exactly that term. A newer
+    // term than ours also passes: the master heard of it first, and our Raft task will too.
+    if p.header.term < known_term {
+        return Err(Rejection::StaleTerm);
     }
     if p.header.vip != vip {
         return Err(Rejection::WrongVip);
@@ -70,10 +86,13 @@ pub struct MemberPath {
     pub ports: Vec<u16>,
     pub view: Arc<ClusterView>,
     pub counters: Arc<Counters>,
+    /// `term`: the highest election term this node knows, for the stale-term fence.
+    pub role: Arc<RoleCell>,
     pub stop: Arc<AtomicBool>,
 }
 
 impl MemberPath {
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         self_addr: IpAddr,
         cluster_interface: &str,
@@ -81,6 +100,7 @@ impl MemberPath {
         ports: Vec<u16>,
         view: Arc<ClusterView>,
         counters: Arc<Counters>,
+        role: Arc<RoleCell>,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<Self> {
         Ok(MemberPath {
@@ -90,6 +110,7 @@ impl MemberPath {
             ports,
             view,
             counters,
+            role,
             stop,
         })
     }
@@ -121,7 +142,8 @@ impl MemberPath {
             } else {
                 pkt
             };
-            match check(&self.view, self.vip, &self.ports, src, payload) {
+            let known_term = self.role.term.load(Relaxed);
+            match check(&self.view, self.vip, &self.ports, known_term, src, payload) {
                 Ok(p) => {
                     add(&self.counters.received_forwarded);
                     let res = inject::build(p.header.client, p.header.vip, p.segment, &mut obuf)
@@ -143,6 +165,7 @@ impl MemberPath {
                         Rejection::WrongVip => &c.rejected_wrong_vip,
                         Rejection::NotSyn => &c.rejected_not_syn,
                         Rejection::BadPort => &c.rejected_bad_port,
+                        Rejection::StaleTerm => &c.rejected_stale_term,
                     });
                     tracing::debug!(%src, reason = ?r, "forward rejected");
                 }
@@ -168,8 +191,12 @@ mod tests {
     }
 
     fn wire(origin: u32, vip: &str, flags: u8, port: u16) -> Vec<u8> {
+        wire_in_term(1, origin, vip, flags, port)
+    }
+
+    fn wire_in_term(term: u64, origin: u32, vip: &str, flags: u8, port: u16) -> Vec<u8> {
         let h = ForwardHeader {
-            term: 1,
+            term,
             origin,
             client: "192.0.2.101".parse().unwrap(),
             vip: vip.parse().unwrap(),
@@ -249,8 +276,53 @@ mod tests {
             ),
         ];
         for (what, src, payload, want) in table {
-            let got = check(&v, vip, &[80], src, &payload).map(|_| ());
+            let got = check(&v, vip, &[80], 1, src, &payload).map(|_| ());
             assert_eq!(got, want, "{what}");
         }
+    }
+
+    /// Fixture table of the term fence: (forward's term, highest term this node knows).
+    #[test]
+    fn stale_term_fixture_table() {
+        let v = view();
+        let vip: IpAddr = "192.0.2.1".parse().unwrap();
+        let master: IpAddr = "198.51.100.11".parse().unwrap();
+        let table: &[(&str, u64, u64, Result<(), Rejection>)] = &[
+            ("static election: term 1 on both sides", 1, 1, Ok(())),
+            ("node knows no term yet (starting)", 1, 0, Ok(())),
+            ("current Raft term", 7, 7, Ok(())),
+            ("master knows a newer term first", 8, 7, Ok(())),
+            (
+                "deposed master, one term behind",
+                6,
+                7,
+                Err(Rejection::StaleTerm),
+            ),
+            (
+                "deposed master, far behind",
+                1,
+                900,
+                Err(Rejection::StaleTerm),
+            ),
+            (
+                "term 0 once any term is known",
+                0,
+                1,
+                Err(Rejection::StaleTerm),
+            ),
+        ];
+        for (what, term, known, want) in table {
+            let payload = wire_in_term(*term, 1, "192.0.2.1", SYN, 80);
+            let got = check(&v, vip, &[80], *known, master, &payload).map(|_| ());
+            assert_eq!(got, *want, "{what}");
+        }
+        // The fence comes after the sender checks: a stale forward from a stranger still
+        // counts as unknown_peer, not stale_term.
+        let rogue: IpAddr = "198.51.100.99".parse().unwrap();
+        let payload = wire_in_term(1, 1, "192.0.2.1", SYN, 80);
+        assert_eq!(
+            check(&v, vip, &[80], 5, rogue, &payload).map(|_| ()),
+            Err(Rejection::UnknownPeer)
+        );
     }
 }

@@ -12,10 +12,23 @@
 //!
 //! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
 //! the VIP without the rules that keep it from accepting SYNs.
+//!
+//! SIGTERM or SIGINT first stops the node *gracefully* ([`graceful_stop`]), so that no
+//! connection is lost:
+//! 1. it announces `draining` in its reports: the master gives it no new connections;
+//! 2. under Raft it resigns (lease revoked for good, member ruleset, master flag off) and
+//!    only then, if it was the leader, hands leadership to an up-to-date live follower and
+//!    waits a bounded time for the new leader (the order is argued in `tdsc_election`,
+//!    *Leadership transfer*);
+//! 3. it waits until its own connections on the VIP are gone, or `[shutdown]
+//!    drain_timeout_ms` has passed; the member path keeps re-injecting forwards meanwhile;
+//! 4. then it tears down as below.
+//!
+//! A second SIGTERM or SIGINT skips the waits of 2 and 3 (not the resignation).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tdsc_election::{Leadership, Role, RoleSignal, StaticElection};
 use tdsc_rules::{ClusterSpec, Firewall, HostFacts, QueueBackend, StaticHash};
@@ -26,7 +39,7 @@ use crate::dispatch::Dispatcher;
 use crate::host::HostSetup;
 use crate::master::{MasterCommand, MasterPath, RoleCell};
 use crate::member::MemberPath;
-use crate::raft::RaftTask;
+use crate::raft::{RaftHandle, RaftTask};
 use crate::records::SynRecords;
 use crate::report::{ReportCounters, Reporter};
 use crate::view::{ClusterView, Counters};
@@ -196,6 +209,7 @@ async fn serve(
         cfg.tcp_ports.clone(),
         view.clone(),
         counters.clone(),
+        role.clone(),
         stop.clone(),
     )
     .map_err(NodeError::Member)?;
@@ -278,6 +292,7 @@ async fn serve(
         raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
     };
     let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
+    let mut raft_handle = None;
     let raft_task = match &cfg.election {
         ElectionMode::Raft { settings, data_dir } => {
             let task = RaftTask::open(
@@ -291,6 +306,7 @@ async fn serve(
                 signal.clone(),
                 role.clone(),
             )?;
+            raft_handle = Some(task.handle());
             Some(tokio::spawn(task.run()))
         }
         ElectionMode::Static { .. } => None,
@@ -337,6 +353,18 @@ async fn serve(
         &mut term,
     )
     .await;
+    if result.is_ok() {
+        graceful_stop(
+            &shared,
+            raft_handle.as_ref(),
+            &mut leadership,
+            fw,
+            &spec,
+            &facts,
+            &mut term,
+        )
+        .await;
+    }
 
     // Stop taking SYNs before anything else goes: no lease, no election messages, then the
     // member ruleset.
@@ -368,6 +396,160 @@ fn pin_data_path_thread(cpu: Option<usize>) {
             Ok(()) => tracing::info!(cpu = c, "data-path thread pinned"),
             Err(e) => tracing::error!(error = %e, "data-path thread left unpinned"),
         }
+    }
+}
+
+/// How often the drain wait counts this node's connections.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Steps 1–3 of a graceful stop (see the module docs). Never fails: whatever goes wrong, the
+/// teardown that follows still runs.
+async fn graceful_stop(
+    shared: &Shared,
+    raft: Option<&RaftHandle>,
+    leadership: &mut watch::Receiver<Leadership>,
+    fw: &mut Firewall,
+    spec: &ClusterSpec,
+    facts: &HostFacts,
+    term: &mut tokio::signal::unix::Signal,
+) {
+    let cfg = &shared.config;
+    let view = &shared.view;
+    let role = &shared.role;
+    let own = &view.nodes[view.self_index];
+    // 1. Announce: every report from now on says draining.
+    own.draining.store(true, Relaxed);
+    tracing::info!(
+        drain_timeout_ms = cfg.drain_timeout.as_millis(),
+        "stopping gracefully: draining (a second SIGTERM or SIGINT skips the waits)"
+    );
+    let mut again = std::pin::pin!(async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    });
+
+    // 2. Stop dispatching for good, then (if leader) hand leadership over.
+    if let Some(raft) = raft {
+        let old_term = leadership.borrow().term;
+        let was_leader = raft.resign().await.unwrap_or(false);
+        // The task has stored the revoked lease; now the ruleset and the master flag, both
+        // before any MsgTimeoutNow can leave.
+        if role.master.load(Relaxed) {
+            if let Err(e) = apply_role(fw, Role::Member, spec, facts) {
+                tracing::error!(error = %e, "could not return to member rules");
+            }
+            role.master.store(false, Relaxed);
+        }
+        if was_leader {
+            let candidates: Vec<u64> = view
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| {
+                    *i != view.self_index && n.alive.load(Relaxed) && !n.draining.load(Relaxed)
+                })
+                .map(|(_, n)| u64::from(n.id))
+                .collect();
+            let Some(to) = raft.transfer(candidates).await else {
+                tracing::warn!("no live follower to hand leadership to; stopping as leader");
+                return drain_unless(cfg, &mut again).await;
+            };
+            let wait = transfer_wait(cfg);
+            let me = cfg.node_id;
+            let handed_over = async {
+                loop {
+                    let l = *leadership.borrow_and_update();
+                    if l.term > old_term && l.master_id.is_some_and(|m| m != me) {
+                        return l;
+                    }
+                    if leadership.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                r = tokio::time::timeout(wait, handed_over) => match r {
+                    Ok(l) => tracing::info!(to, master = ?l.master_id, term = l.term, "leadership handed over"),
+                    Err(_) => tracing::warn!(to, "no new leader within {wait:?}; stopping anyway"),
+                },
+                _ = &mut again => {
+                    tracing::info!("second signal: not waiting for the new leader");
+                    return;
+                }
+            }
+        }
+    }
+
+    // 3. Wait for this node's own connections to finish.
+    drain_unless(cfg, &mut again).await;
+}
+
+/// Step 3 of a graceful stop, cut short by `again` (a second signal).
+async fn drain_unless(cfg: &Config, again: &mut (impl std::future::Future<Output = ()> + Unpin)) {
+    tokio::select! {
+        () = drain(&cfg.vip, cfg.drain_timeout, cfg.report_interval) => {}
+        () = again => tracing::info!("second signal: not waiting for connections"),
+    }
+}
+
+/// How long a stopping leader waits for its successor: ten election timeouts (1 s with the
+/// defaults), far more than a transfer to a live follower takes.
+fn transfer_wait(cfg: &Config) -> Duration {
+    match &cfg.election {
+        ElectionMode::Raft { settings, .. } => Duration::from_millis(
+            settings
+                .tick_ms
+                .saturating_mul(u64::try_from(settings.election_tick).unwrap_or(u64::MAX))
+                .saturating_mul(10),
+        ),
+        ElectionMode::Static { .. } => Duration::ZERO,
+    }
+}
+
+/// Waits until no ESTABLISHED or SYN-RECV socket on the VIP is left, or `timeout`.
+///
+/// The master learns of the drain from this node's next report, and may forward a SYN here
+/// until then; so the count is trusted only after two report intervals.
+async fn drain(vip: &std::net::IpAddr, timeout: Duration, report_interval: Duration) {
+    if timeout.is_zero() {
+        return;
+    }
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
+    tokio::time::sleep_until(deadline.min(start + 2 * report_interval + DRAIN_POLL)).await;
+    let mut diag = match crate::sockdiag::SockDiag::open() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "sock_diag unavailable: not waiting for connections");
+            return;
+        }
+    };
+    loop {
+        match diag.count(vip) {
+            Ok(c) if c.established == 0 && c.syn_recv == 0 => {
+                tracing::info!(
+                    waited_ms = start.elapsed().as_millis(),
+                    "drained: no connection left"
+                );
+                return;
+            }
+            Ok(c) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(
+                    established = c.established,
+                    syn_recv = c.syn_recv,
+                    "drain timeout: stopping with connections still open"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count connections: not waiting for them");
+                return;
+            }
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }
 

@@ -6,6 +6,12 @@
 //! Raft messages travel as `Body::Raft` envelopes on the report socket (`control_port`), so
 //! they share its address check: a message is stepped only if it came from a configured
 //! member's address with that member's id.
+//!
+//! A graceful stop talks to the task through a [`RaftHandle`]: first [`RaftHandle::resign`]
+//! (from then on the task stores a revoked lease and publishes this node as member, whatever
+//! the core says), then, once the node's dispatcher and ruleset are member,
+//! [`RaftHandle::transfer`]. The task keeps running as a follower (a voter) until the node
+//! exits, and hands leadership on again if it should win an election meanwhile.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,10 +21,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdsc_election::{Persisted, RaftCore, RaftError, RaftSettings, RoleSignal};
+use tdsc_election::{Leadership, Persisted, RaftCore, RaftError, RaftSettings, Role, RoleSignal};
 use tdsc_proto::control::{Body, Envelope};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Node;
 use crate::master::RoleCell;
@@ -27,6 +33,49 @@ use crate::master::RoleCell;
 pub const INBOX_CAPACITY: usize = 1024;
 /// The file in `data_dir` that holds the hard state and log.
 pub const STATE_FILE: &str = "raft.state";
+
+/// Requests from the rest of the daemon to the Raft task.
+#[derive(Debug)]
+pub enum RaftCommand {
+    /// Never dispatch again: the lease is revoked now and stays revoked, and this node is
+    /// published as member. Replies whether it was the leader.
+    Resign { was_leader: oneshot::Sender<bool> },
+    /// Hand leadership to one of these nodes, now and whenever this node leads again. Only
+    /// after `Resign` and after the dispatcher has stopped (see `tdsc_election`, *Leadership
+    /// transfer*); ignored before `Resign`. Replies with the transferee picked, if any.
+    Transfer {
+        candidates: Vec<u64>,
+        picked: oneshot::Sender<Option<u64>>,
+    },
+}
+
+/// A cloneable way to send [`RaftCommand`]s; `None` replies mean the task has ended.
+#[derive(Debug, Clone)]
+pub struct RaftHandle {
+    tx: mpsc::Sender<RaftCommand>,
+}
+
+impl RaftHandle {
+    /// See [`RaftCommand::Resign`]. `None` if the task has ended.
+    pub async fn resign(&self) -> Option<bool> {
+        let (was_leader, rx) = oneshot::channel();
+        self.tx
+            .send(RaftCommand::Resign { was_leader })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// See [`RaftCommand::Transfer`].
+    pub async fn transfer(&self, candidates: Vec<u64>) -> Option<u64> {
+        let (picked, rx) = oneshot::channel();
+        self.tx
+            .send(RaftCommand::Transfer { candidates, picked })
+            .await
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RaftTaskError {
@@ -57,6 +106,12 @@ pub struct RaftTask {
     signal: Arc<RoleSignal>,
     role: Arc<RoleCell>,
     state_path: PathBuf,
+    commands: mpsc::Receiver<RaftCommand>,
+    command_tx: mpsc::Sender<RaftCommand>,
+    /// Set by `Resign`: the lease stays revoked and the role member until the process exits.
+    resigned: bool,
+    /// Set by `Transfer` (after `Resign`): hand leadership to one of these whenever leader.
+    transfer_to: Option<Vec<u64>>,
 }
 
 impl RaftTask {
@@ -117,6 +172,7 @@ impl RaftTask {
             .filter(|n| n.id != node_id)
             .map(|n| (u64::from(n.id), SocketAddr::new(n.address, port)))
             .collect();
+        let (command_tx, commands) = mpsc::channel(4);
         Ok(RaftTask {
             core,
             node_id,
@@ -127,7 +183,47 @@ impl RaftTask {
             signal,
             role,
             state_path,
+            commands,
+            command_tx,
+            resigned: false,
+            transfer_to: None,
         })
+    }
+
+    /// A handle for [`RaftCommand`]s to this task.
+    pub fn handle(&self) -> RaftHandle {
+        RaftHandle {
+            tx: self.command_tx.clone(),
+        }
+    }
+
+    fn command(&mut self, cmd: RaftCommand) {
+        match cmd {
+            RaftCommand::Resign { was_leader } => {
+                self.resigned = true;
+                // Revoked before anything else this task does; flush keeps it revoked.
+                self.role.lease_until_ms.store(0, Relaxed);
+                self.signal.publish(Leadership {
+                    role: Role::Member,
+                    ..self.core.leadership()
+                });
+                tracing::info!(
+                    leader = self.core.is_leader(),
+                    "raft: resigned; this node will not dispatch again"
+                );
+                let _ = was_leader.send(self.core.is_leader());
+            }
+            RaftCommand::Transfer { candidates, picked } => {
+                if !self.resigned {
+                    let _ = picked.send(None);
+                    return;
+                }
+                let to = self.core.transfer_leadership(&candidates);
+                tracing::info!(?to, ?candidates, "raft: leadership transfer requested");
+                self.transfer_to = Some(candidates);
+                let _ = picked.send(to);
+            }
+        }
     }
 
     pub async fn run(mut self) {
@@ -136,7 +232,15 @@ impl RaftTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.core.tick(self.role.now_ms()),
+                _ = tick.tick() => {
+                    self.core.tick(self.role.now_ms());
+                    // A resigned node that leads (again) hands over again; a transfer that
+                    // raft-rs aborted after an election timeout is retried here too.
+                    if let Some(c) = &self.transfer_to {
+                        self.core.transfer_leadership(c);
+                    }
+                }
+                Some(cmd) = self.commands.recv() => self.command(cmd),
                 msg = self.inbox.recv() => {
                     let Some((from, bytes)) = msg else { return };
                     if let Err(e) = self.core.step(u64::from(from), &bytes, self.role.now_ms()) {
@@ -150,11 +254,17 @@ impl RaftTask {
 
     async fn flush(&mut self) {
         let out = self.core.ready();
-        // 1. Lease first: a revoked lease must bind the dispatcher before a vote goes out.
-        self.role.lease_until_ms.store(out.lease_until_ms, Relaxed);
-        // 2. Leadership.
-        if let Some(l) = out.leadership {
+        // 1. Lease first: a revoked lease must bind the dispatcher before a vote goes out (or,
+        //    after `Resign`, before a MsgTimeoutNow does: it stays revoked).
+        let lease = if self.resigned { 0 } else { out.lease_until_ms };
+        self.role.lease_until_ms.store(lease, Relaxed);
+        // 2. Leadership. The term also fences stale forwards at the member path at once.
+        if let Some(mut l) = out.leadership {
+            if self.resigned {
+                l.role = Role::Member;
+            }
             tracing::info!(role = l.role.as_str(), master = ?l.master_id, term = l.term, "raft leadership");
+            self.role.term.fetch_max(l.term, Relaxed);
             self.signal.publish(l);
         }
         // 3. Persist before sending: a vote or an acknowledged entry must survive a crash.

@@ -57,6 +57,10 @@ pub struct Rejected {
     pub wrong_vip: u64,
     pub not_syn: u64,
     pub bad_port: u64,
+    /// Stamped with an election term older than the newest this node knows: sent by a master
+    /// that has been deposed (see `tdsc_election`, *Fencing at members*).
+    #[serde(default)]
+    pub stale_term: u64,
     /// Dropped by the ruleset before reaching the daemon: not from a member address on the
     /// cluster interface.
     pub ruleset_foreign: u64,

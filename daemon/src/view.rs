@@ -125,6 +125,8 @@ counters! {
     rejected_wrong_vip,
     rejected_not_syn,
     rejected_bad_port,
+    /// Forwards stamped with an older election term than this node knows (a deposed master).
+    rejected_stale_term,
     /// Live SYN-forward records pushed out by a full table (SYN flood).
     records_evicted_live,
 }

@@ -74,6 +74,17 @@ fn invalid_configs_exit_nonzero_naming_the_key() {
 }
 
 #[test]
+fn drain_timeout_is_checked_naming_its_key() {
+    let (code, out) = check(&format!("{GOOD}\n[shutdown]\ndrain_timeout_ms = 20000\n"));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = check(&format!(
+        "{GOOD}\n[shutdown]\ndrain_timeout_ms = 99999999\n"
+    ));
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("shutdown.drain_timeout_ms"), "{out}");
+}
+
+#[test]
 fn missing_file_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_tdscd"))
         .args(["--config", "/nonexistent/tdsc.toml", "--check-config"])

@@ -62,6 +62,42 @@
 //! What the lease does not cover: a forward already on the wire when the lease lapses still
 //! reaches its member. It was dispatched before the successor could start, so it names a
 //! connection that no other node has been given.
+//!
+//! # Fencing at members (defence in depth)
+//!
+//! The lease rests on the inequality above. Should it ever fail (a clock running far off, a
+//! dispatcher thread stalled between its lease check and its verdict for longer than a
+//! tick), a deposed master could still forward SYNs beside its successor. Every forward
+//! therefore carries the dispatcher's election term in its header, and a member refuses a
+//! forward whose term is **older than the highest term it knows** (counted as
+//! `rejected_stale_term`; the SYN is dropped and the client retransmits to the real master).
+//! A successor's term is higher than its predecessor's, and a successor exists only once a
+//! quorum has voted in that term; so a lease-violating stale master's forwards are refused by
+//! every member that has heard of the new term — the voters at once, the others from the
+//! successor's first heartbeat. What fencing cannot stop is a stale master accepting a SYN
+//! *itself* (no forward is involved); that case stays with the lease alone. Equal and newer
+//! terms pass (the master may hear of a new term before a member does), and a static
+//! election is term 1 everywhere, so fencing never refuses its forwards.
+//!
+//! # Leadership transfer (graceful stop)
+//!
+//! A leader that is asked to stop hands leadership over instead of leaving the group to time
+//! out ([`RaftCore::transfer_leadership`], raft-rs `transfer_leader`). raft-rs sends the
+//! chosen follower `MsgTimeoutNow`, and that follower campaigns at once with a **forced**
+//! vote request (`CampaignTransfer`): followers grant it even while they still honour the old
+//! leader's lease, so the second bullet of the argument above no longer holds for the
+//! transfer. The order is therefore fixed:
+//!
+//! 1. the old leader stops dispatching for good: its shell stores a revoked lease (0) and
+//!    keeps storing 0 whatever the core computes, publishes itself as member, installs the
+//!    member ruleset and clears the master flag;
+//! 2. only then is `transfer_leadership` called, so the `MsgTimeoutNow` it queues leaves in
+//!    a later `ready`, after the revoked lease is visible to the dispatcher.
+//!
+//! Between 1 and the successor's first lease nobody dispatches, and client SYNs are dropped
+//! (fail-closed; clients retransmit). `election/tests/sim.rs` shows both sides: a transfer
+//! after resigning never overlaps leases even when the old leader hears nothing more, and the
+//! same transfer without resigning first does.
 
 use tokio::sync::watch;
 

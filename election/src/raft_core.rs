@@ -342,6 +342,44 @@ impl RaftCore {
         self.raw.step(m).map_err(|_| StepError::Refused)
     }
 
+    /// Asks raft-rs to hand leadership to one of `candidates` (node ids; others and this
+    /// node are ignored) and returns the one chosen, or `None` when this node is not leader or
+    /// no candidate is known. While a transfer is in flight it returns its target and starts
+    /// nothing new; raft-rs aborts a transfer that has not finished within an election
+    /// timeout, and the shell may then call again.
+    ///
+    /// Preference: a peer that answered within the last election timeout (`recent_active`),
+    /// then one whose log is already complete (raft-rs sends it `MsgTimeoutNow` at once;
+    /// otherwise it first brings the log up to date), then the most complete log, then the
+    /// lowest id.
+    ///
+    /// **Stop dispatching before calling this.** `MsgTimeoutNow` makes the target campaign
+    /// at once with a *forced* vote request, which followers grant even while they still
+    /// honour this leader's lease (the crate docs, *Leadership transfer*). The shell must
+    /// therefore have stored a revoked lease, and must keep it revoked, before the message
+    /// that this call queues leaves in the next [`RaftCore::ready`].
+    pub fn transfer_leadership(&mut self, candidates: &[u64]) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        if let Some(t) = self.raw.raft.lead_transferee {
+            return Some(t);
+        }
+        let me = self.id();
+        let last = self.raw.raft.raft_log.last_index();
+        let prs = self.raw.raft.prs();
+        let (to, ..) = candidates
+            .iter()
+            .copied()
+            .filter(|id| *id != me)
+            .filter_map(|id| prs.get(id).map(|p| (id, p.recent_active, p.matched)))
+            .max_by_key(|(id, active, matched)| {
+                (*active, *matched >= last, *matched, std::cmp::Reverse(*id))
+            })?;
+        self.raw.transfer_leader(to);
+        Some(to)
+    }
+
     /// The current decision as the data plane sees it: master only while leader *and*
     /// holding a lease (the first lease comes one heartbeat round after winning).
     pub fn leadership(&self) -> Leadership {

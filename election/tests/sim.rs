@@ -22,6 +22,11 @@ struct Sim {
     /// (deliver_at, from, to, bytes)
     wire: Vec<(u64, u64, u64, Vec<u8>)>,
     cut: BTreeSet<u64>,
+    /// Nodes that receive nothing (their own messages still go out).
+    deaf: BTreeSet<u64>,
+    /// Nodes whose shell has revoked the lease for good (a graceful stop): the shell stores
+    /// 0 whatever the core says, so they never dispatch again.
+    resigned: BTreeSet<u64>,
     delay_ms: u64,
     /// Deterministic pseudo-random drops (xorshift state) and drop rate in percent.
     rng: u64,
@@ -47,6 +52,8 @@ impl Sim {
             disk: BTreeMap::new(),
             wire: Vec::new(),
             cut: BTreeSet::new(),
+            deaf: BTreeSet::new(),
+            resigned: BTreeSet::new(),
             delay_ms: 1,
             rng: 0x9e37_79b9_7f4a_7c15,
             drop_pct: 0,
@@ -67,7 +74,11 @@ impl Sim {
         }
         for (to, bytes) in out.messages {
             let lost = self.drop_pct > 0 && self.rand() % 100 < self.drop_pct;
-            if !lost && !self.cut.contains(&id) && !self.cut.contains(&to) {
+            if !lost
+                && !self.cut.contains(&id)
+                && !self.cut.contains(&to)
+                && !self.deaf.contains(&to)
+            {
                 self.wire.push((self.now + self.delay_ms, id, to, bytes));
             }
         }
@@ -79,7 +90,7 @@ impl Sim {
         let holders: Vec<u64> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.lease_until_ms() > self.now)
+            .filter(|(id, n)| n.lease_until_ms() > self.now && !self.resigned.contains(id))
             .map(|(id, _)| *id)
             .collect();
         assert!(
@@ -128,7 +139,7 @@ impl Sim {
     fn masters(&self) -> Vec<u64> {
         self.nodes
             .iter()
-            .filter(|(_, n)| n.leadership().role == Role::Master)
+            .filter(|(id, n)| n.leadership().role == Role::Master && !self.resigned.contains(id))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -254,6 +265,67 @@ fn a_restarted_master_is_replaced_without_overlap() {
     let (new, _) = sim.until_master(&[1, 2, 3], 3_000).unwrap();
     sim.run_ms(300);
     assert_eq!(sim.masters(), vec![new]);
+}
+
+/// A graceful stop of the master: its shell revokes the lease for good (`resign`), then the
+/// core hands leadership over with `transfer_leadership`. After `MsgTimeoutNow` has left, the
+/// old master hears nothing more (`deaf`), so it cannot learn of the new term and step down
+/// by itself: only the revoked lease keeps it from dispatching beside its successor.
+fn transfer_from_a_deaf_master(resign_first: bool) -> (Sim, u64, u64) {
+    let mut sim = Sim::new(3);
+    let (old, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    assert!(
+        sim.nodes[&old].lease_until_ms() > sim.now,
+        "a lease to revoke"
+    );
+    if resign_first {
+        sim.resigned.insert(old);
+    }
+    let others: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let to = sim
+        .nodes
+        .get_mut(&old)
+        .unwrap()
+        .transfer_leadership(&others)
+        .expect("a leader with live followers picks a transferee");
+    assert!(others.contains(&to));
+    // Not leader: nothing to transfer.
+    assert_eq!(
+        sim.nodes.get_mut(&to).unwrap().transfer_leadership(&[old]),
+        None
+    );
+    sim.drain(old);
+    sim.deaf.insert(old);
+    let (new, _) = sim
+        .until_master(&others, 1_000)
+        .expect("the transferee takes over");
+    (sim, old, new)
+}
+
+#[test]
+fn a_leadership_transfer_after_resigning_never_overlaps_leases() {
+    let (mut sim, old, new) = transfer_from_a_deaf_master(true);
+    // The forced campaign made the transferee leader with the old master's lease unexpired
+    // in its core; `check` ran after every event and found one dispatcher at a time.
+    assert_eq!(sim.nodes[&new].term(), sim.nodes[&old].term() + 1);
+    sim.deaf.clear();
+    sim.run_ms(300);
+    assert_eq!(sim.masters(), vec![new]);
+    assert_eq!(
+        sim.nodes[&old].leadership().master_id,
+        Some(u32::try_from(new).unwrap()),
+        "the old master follows its successor"
+    );
+}
+
+/// The same transfer without revoking the lease first: the successor is elected by forced
+/// votes while the old master's lease still runs. This is why the shell must stop
+/// dispatching before `MsgTimeoutNow` leaves.
+#[test]
+#[should_panic(expected = "all hold a lease")]
+fn a_leadership_transfer_without_resigning_overlaps_leases() {
+    let _ = transfer_from_a_deaf_master(false);
 }
 
 #[test]

@@ -102,6 +102,7 @@ all:
         tcp_dsc_cluster_mac: "02:bf:c0:00:02:01"
         tcp_dsc_election_master: 1
         tcp_dsc_health: { report_interval_ms: 200, dead_after_ms: 1000 }
+        tcp_dsc_shutdown: { drain_timeout_ms: 20000 }
         tcp_dsc_service_state: ""
         tcp_dsc_sysctl_set: false
       hosts:

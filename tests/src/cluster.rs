@@ -379,6 +379,21 @@ impl Cluster {
         Ok(self.lab.kill(&format!("tdscd-{node}"))?)
     }
 
+    /// Stops a node's tdscd as an operator would (SIGTERM: its graceful stop) and waits up to
+    /// `timeout` for it to exit. Returns its exit status and the last lines of its log; the
+    /// label can then be started again with [`Cluster::restart_daemon`].
+    pub fn stop_daemon(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<(String, String), ClusterError> {
+        let (status, log) = self.lab.terminate(&format!("tdscd-{node}"), timeout)?;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+        Ok((status, tail))
+    }
+
     /// Starts a node's tdscd again (after [`Cluster::kill_daemon`]) and waits until it
     /// answers `status`.
     pub fn restart_daemon(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
@@ -604,6 +619,28 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits up to `timeout` until node `observer` reports node `id` alive (`want`) or not.
+    pub fn wait_liveness(&self, observer: &str, id: u32, want: bool) -> Result<(), ClusterError> {
+        let timeout = Duration::from_secs(10);
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            match self.status(observer) {
+                Ok(s) if s.nodes.iter().any(|n| n.id == id && n.alive == want) => return Ok(()),
+                Ok(s) => last = format!("{:?}", s.nodes),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(ClusterError::NotReady {
+            what: format!("node {id} alive={want}"),
+            node: observer.to_owned(),
+            waited: start.elapsed(),
+            last,
+            log: String::new(),
+        })
     }
 
     /// Fails if any daemon has exited, quoting its log.

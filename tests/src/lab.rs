@@ -68,6 +68,8 @@ pub enum LabError {
     },
     #[error("no process labelled {label:?}")]
     NoSuchProcess { label: String },
+    #[error("{label} still ran {waited:?} after SIGTERM (killed)")]
+    NotStopped { label: String, waited: Duration },
 }
 
 /// Every failure met while tearing a lab down.
@@ -393,6 +395,43 @@ impl Lab {
         let mut c = self.children.remove(idx);
         stop_child(&mut c.child);
         Ok(())
+    }
+
+    /// Sends one process SIGTERM and waits up to `timeout` for it to exit on its own, then
+    /// forgets it (so its label can be spawned again). Returns its exit status and its log
+    /// file. A process still running after `timeout` is killed: [`LabError::NotStopped`].
+    pub fn terminate(
+        &mut self,
+        label: &str,
+        timeout: Duration,
+    ) -> Result<(String, PathBuf), LabError> {
+        let idx = self
+            .children
+            .iter()
+            .position(|c| c.label == label)
+            .ok_or_else(|| LabError::NoSuchProcess {
+                label: label.to_owned(),
+            })?;
+        let mut c = self.children.remove(idx);
+        if let Ok(pid) = libc::pid_t::try_from(c.child.id()) {
+            // SAFETY: kill(2) touches no memory; the pid is our own unreaped child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                return Ok((status.to_string(), c.log));
+            }
+            if start.elapsed() > timeout {
+                let _ = c.child.kill();
+                let _ = c.child.wait();
+                return Err(LabError::NotStopped {
+                    label: label.to_owned(),
+                    waited: start.elapsed(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills one process with SIGKILL at once (no grace: a crash), reaps it and forgets it,

@@ -33,6 +33,7 @@ pub mod nft;
 pub mod packet;
 pub mod policybench;
 pub mod status;
+pub mod streams;
 pub mod topology;
 pub mod wakeup;
 

@@ -55,6 +55,8 @@ pub struct Rejected {
     pub wrong_vip: u64,
     pub not_syn: u64,
     pub bad_port: u64,
+    /// Stamped with an older election term than the receiver knows.
+    pub stale_term: u64,
     pub ruleset_foreign: u64,
 }
 
@@ -66,6 +68,7 @@ impl Rejected {
             + self.wrong_vip
             + self.not_syn
             + self.bad_port
+            + self.stale_term
             + self.ruleset_foreign
     }
 }

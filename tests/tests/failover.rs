@@ -5,7 +5,6 @@
 //! from SIGKILL of the master's daemon to the first new connection accepted.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::streams::stream_from;
 use tdsc_lab::{load, netns, nft};
 
 fn start_raft() -> anyhow::Result<Cluster> {
@@ -23,94 +23,6 @@ fn start_raft() -> anyhow::Result<Cluster> {
         ..ClusterOptions::default()
     })
     .context("start the raft cluster")
-}
-
-/// What one long-lived connection saw.
-#[derive(Debug)]
-struct StreamResult {
-    node: u32,
-    /// Echo round trips that came back intact.
-    rounds: u64,
-    error: Option<String>,
-}
-
-/// Opens `n` echo connections to `vip` from namespace `ns` and streams both ways (32 bytes
-/// out, the same 32 back, every 20 ms) until `stop`; `progress` counts round trips.
-fn stream_from(
-    ns: &str,
-    vip: SocketAddr,
-    n: usize,
-    stop: Arc<AtomicBool>,
-    progress: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<Result<anyhow::Result<Vec<StreamResult>>, netns::NetnsError>> {
-    netns::spawn_in(ns, move || {
-        let mut conns = Vec::new();
-        for _ in 0..n {
-            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.set_nodelay(true)?;
-            s.write_all(b"GET /__echo HTTP/1.0\r\n\r\n")?;
-            // Headers and "node=N\n".
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            let greeted = |h: &[u8]| {
-                h.windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .is_some_and(|end| h.len() > end + 4 && h.ends_with(b"\n"))
-            };
-            while !greeted(&head) {
-                ensure!(s.read(&mut b)? == 1, "echo connection closed early");
-                head.push(b[0]);
-            }
-            let text = String::from_utf8_lossy(&head);
-            let node = text
-                .lines()
-                .find_map(|l| l.strip_prefix("node="))
-                .and_then(|v| v.trim().parse().ok())
-                .context("no node= in echo greeting")?;
-            conns.push((
-                s,
-                StreamResult {
-                    node,
-                    rounds: 0,
-                    error: None,
-                },
-            ));
-        }
-        let mut seq = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            for (s, r) in conns.iter_mut().filter(|(_, r)| r.error.is_none()) {
-                seq += 1;
-                let out = [seq.to_be_bytes(); 4].concat();
-                let mut back = [0u8; 32];
-                let res = s.write_all(&out).and_then(|()| s.read_exact(&mut back));
-                match res {
-                    Ok(()) if back[..] == out[..] => {
-                        r.rounds += 1;
-                        progress.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(()) => r.error = Some("echo came back different".into()),
-                    Err(e) => r.error = Some(e.to_string()),
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(conns.into_iter().map(|(_, r)| r).collect())
-    })
-}
-
-/// Waits until the node `observer` reports node `id` alive (`want`) or not.
-fn wait_liveness(cluster: &Cluster, observer: &str, id: u32, want: bool) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if let Ok(s) = cluster.status(observer) {
-            if s.nodes.iter().any(|n| n.id == id && n.alive == want) {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    anyhow::bail!("{observer} never reported node {id} alive={want}")
 }
 
 /// SIGKILL of the master's daemon while clients keep opening connections and six
@@ -158,7 +70,7 @@ fn sigkill_of_the_master_keeps_every_connection_and_a_new_master_takes_over() ->
     let new_status = cluster.status(&new.name)?;
     ensure!(new_status.term > old_term, "{new_status:?}");
     // The new master stops giving connections to the node whose daemon died.
-    wait_liveness(&cluster, &new.name, old.id, false)?;
+    cluster.wait_liveness(&new.name, old.id, false)?;
     std::thread::sleep(Duration::from_millis(1000));
     stop_load.store(true, Ordering::Relaxed);
     let during = load.join().expect("load thread")?;
@@ -196,7 +108,7 @@ fn sigkill_of_the_master_keeps_every_connection_and_a_new_master_takes_over() ->
 
     // The old node's daemon comes back: member, follows the new master, gets connections.
     cluster.restart_daemon(&old.name, Duration::from_secs(15))?;
-    wait_liveness(&cluster, &new.name, old.id, true)?;
+    cluster.wait_liveness(&new.name, old.id, true)?;
     let rejoined = cluster.status(&old.name)?;
     assert_eq!(rejoined.role, "member", "{rejoined:?}");
     assert_eq!(rejoined.master_id, Some(new.id), "{rejoined:?}");
@@ -262,7 +174,7 @@ fn bench_failover() -> anyhow::Result<()> {
         let old = cluster.wait_master(None, Duration::from_secs(10))?;
         // Everyone alive before the next kill, so each trial starts from the same state.
         for n in cluster.nodes().to_vec() {
-            wait_liveness(&cluster, &old.name, n.id, true)?;
+            cluster.wait_liveness(&old.name, n.id, true)?;
         }
         std::thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();

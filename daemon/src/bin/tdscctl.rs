@@ -114,8 +114,8 @@ fn print_table(s: &Status) {
     );
     let r = &c.forward_rejected;
     println!(
-        "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  by-ruleset {}",
-        r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.ruleset_foreign
+        "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
+        r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
     );
 }
 
