@@ -66,7 +66,10 @@
 use tokio::sync::watch;
 
 pub mod raft_core;
-pub use raft_core::{Output, Persisted, RaftCore, RaftError, RaftSettings, StepError};
+pub use raft_core::{
+    MemberChange, Membership, Output, Persisted, ProposeError, RaftCore, RaftError, RaftSettings,
+    StepError,
+};
 
 /// A node's part in dispatching new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
