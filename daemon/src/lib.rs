@@ -23,6 +23,7 @@ pub mod inject;
 pub mod load;
 pub mod master;
 pub mod member;
+pub mod membership;
 pub mod netlink;
 pub mod node;
 pub mod policy;

@@ -43,7 +43,7 @@ pub fn check<'a>(
         return Err(Rejection::UnknownPeer);
     };
     let p = ForwardPacket::decode(payload).map_err(|_| Rejection::Malformed)?;
-    if p.header.origin != view.nodes[peer].id {
+    if p.header.origin != view.nodes[peer].id() {
         return Err(Rejection::UnknownPeer);
     }
     if p.header.vip != vip {

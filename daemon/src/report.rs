@@ -53,8 +53,7 @@ fn now_ms(epoch: Instant) -> u64 {
 
 impl Reporter {
     pub async fn bind(&self) -> std::io::Result<UdpSocket> {
-        let me = &self.view.nodes[self.view.self_index];
-        UdpSocket::bind(SocketAddr::new(me.address, self.port)).await
+        UdpSocket::bind(SocketAddr::new(self.view.own().address(), self.port)).await
     }
 
     /// Applies one received datagram to the view. Returns whether it was accepted.
@@ -66,7 +65,7 @@ impl Reporter {
             return false;
         };
         let slot = &self.view.nodes[i];
-        if slot.id != env.from || i == self.view.self_index {
+        if slot.id() != env.from || i == self.view.self_index {
             return false;
         }
         if let Some(Body::Raft(bytes)) = env.body {
@@ -86,7 +85,7 @@ impl Reporter {
             slot.last_seen_ms.store(now_ms(self.epoch), Relaxed);
             slot.report_gen.fetch_add(1, Relaxed);
             if !slot.alive.swap(true, Relaxed) {
-                tracing::info!(node = slot.id, "node is alive");
+                tracing::info!(node = slot.id(), "node is alive");
             }
         }
         true
@@ -96,19 +95,30 @@ impl Reporter {
     pub fn sweep(&self) {
         let now = now_ms(self.epoch);
         let dead_ms = u64::try_from(self.dead_after.as_millis()).unwrap_or(u64::MAX);
-        for (i, slot) in self.view.nodes.iter().enumerate() {
-            if i == self.view.self_index {
+        for (i, slot) in self.view.slots().iter().enumerate() {
+            if i == self.view.self_index || !slot.is_present() {
                 continue;
             }
             let seen = slot.last_seen_ms.load(Relaxed);
             if slot.alive.load(Relaxed) && (seen == 0 || now.saturating_sub(seen) > dead_ms) {
                 slot.alive.store(false, Relaxed);
                 tracing::warn!(
-                    node = slot.id,
+                    node = slot.id(),
                     "no report for {dead_ms} ms: node marked dead"
                 );
             }
         }
+    }
+
+    /// Where reports go: every present node but this one.
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.view
+            .slots()
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != self.view.self_index && n.is_present())
+            .map(|(_, n)| SocketAddr::new(n.address(), self.port))
+            .collect()
     }
 
     pub async fn run(self, sock: Arc<UdpSocket>) {
@@ -145,14 +155,6 @@ impl Reporter {
                 None
             }
         };
-        let peers: Vec<SocketAddr> = me
-            .view
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != me.view.self_index)
-            .map(|(_, n)| SocketAddr::new(n.address, me.port))
-            .collect();
         let mut tick = tokio::time::interval(me.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
@@ -162,7 +164,7 @@ impl Reporter {
                 .as_mut()
                 .and_then(|d| d.count(&me.vip).ok())
                 .unwrap_or_default();
-            let own = &me.view.nodes[me.view.self_index];
+            let own = me.view.own();
             own.established.store(counts.established, Relaxed);
             own.syn_recv.store(counts.syn_recv, Relaxed);
             own.report_gen.fetch_add(1, Relaxed);
@@ -180,7 +182,8 @@ impl Reporter {
                 },
             );
             let bytes = env.to_bytes();
-            for p in &peers {
+            // Read every round: membership changes add and remove destinations.
+            for p in me.peers() {
                 if sock.send_to(&bytes, p).await.is_ok() {
                     me.counters.sent.fetch_add(1, Relaxed);
                 }

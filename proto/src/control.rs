@@ -21,6 +21,13 @@
 //!   uint32 load = 5;            // the node's load figure, milli-units (least-load policy)
 //!   optional uint32 weight = 6; // the node's weight; absent from older senders
 //! }
+//! // Not a datagram: the context of a Raft ConfChange that adds a node, replicated in the
+//! // Raft log and persisted with the Raft state.
+//! message MemberInfo {
+//!   uint32 id = 1;              // the node's id
+//!   bytes address = 2;          // its cluster-network address: 4 (IPv4) or 16 (IPv6) bytes
+//!   uint32 weight = 3;          // its weight when it joins
+//! }
 //! ```
 
 use prost::Message;
@@ -60,6 +67,50 @@ pub struct NodeReport {
     pub load: u32,
     #[prost(uint32, optional, tag = "6")]
     pub weight: Option<u32>,
+}
+
+/// The context of a Raft conf change that adds a node: who it is and where it listens.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MemberInfo {
+    #[prost(uint32, tag = "1")]
+    pub id: u32,
+    /// 4 bytes (IPv4) or 16 bytes (IPv6), network order.
+    #[prost(bytes = "vec", tag = "2")]
+    pub address: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub weight: u32,
+}
+
+impl MemberInfo {
+    pub fn new(id: u32, address: std::net::IpAddr, weight: u32) -> Self {
+        let address = match address {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        MemberInfo {
+            id,
+            address,
+            weight,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    pub fn from_bytes(buf: &[u8]) -> Result<Self, ControlError> {
+        Ok(MemberInfo::decode(buf)?)
+    }
+
+    /// The address, or None when it is neither 4 nor 16 bytes long.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        if let Ok(a) = <[u8; 4]>::try_from(self.address.as_slice()) {
+            return Some(a.into());
+        }
+        <[u8; 16]>::try_from(self.address.as_slice())
+            .ok()
+            .map(Into::into)
+    }
 }
 
 /// Why a control datagram was refused.
@@ -122,6 +173,22 @@ mod tests {
             body: Some(Body::Raft(vec![0, 1, 2, 255])),
         };
         assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
+    }
+
+    #[test]
+    fn member_info_round_trip() {
+        for a in ["198.51.100.13", "2001:db8::13"] {
+            let m = MemberInfo::new(3, a.parse().unwrap(), 7);
+            let back = MemberInfo::from_bytes(&m.to_bytes()).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(back.ip(), Some(a.parse().unwrap()));
+        }
+        let bad = MemberInfo {
+            id: 1,
+            address: vec![1, 2, 3],
+            weight: 1,
+        };
+        assert_eq!(bad.ip(), None);
     }
 
     #[test]
