@@ -11,7 +11,8 @@
 //! serves `tdscctl node add|remove` (only on the leader, one change at a time, answered once
 //! the change has committed) and, whenever committed conf changes come out of the core, it
 //! updates its peer table, the dispatch view and the membership watch that the role task
-//! re-applies the ruleset from — after the new state is persisted, before any message is sent.
+//! re-applies the ruleset from — after the new state is persisted and this round's messages
+//! are sent.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -237,10 +238,6 @@ impl RaftTask {
                 return;
             }
         }
-        // Membership: the new state is on disk; update who we talk to before sending.
-        if let Some(m) = &out.membership {
-            self.apply_membership(m);
-        }
         // 4. Send.
         let term = self.core.term();
         for (to, bytes) in out.messages {
@@ -254,6 +251,12 @@ impl RaftTask {
             };
             // Losses are Raft's business: it retransmits on the next heartbeat.
             let _ = self.sock.send_to(&env.to_bytes(), addr).await;
+        }
+        // 5. Membership, after sending: these messages were made before the change applied,
+        // and among them is the commit that tells a removed node it was removed. (Messages for
+        // an added node only come out of the next `ready`.)
+        if let Some(m) = &out.membership {
+            self.apply_membership(m);
         }
         self.answer_pending();
     }
@@ -277,7 +280,7 @@ impl RaftTask {
         tracing::info!(index = members.index, voters = ?members.ids(), "membership");
         if was_member && !is_member {
             tracing::warn!(
-                "this node was removed from the cluster: it takes no new connections and keeps                  the member ruleset (its own connections finish) until it is added again"
+                "this node was removed from the cluster: it takes no new connections and keeps the member ruleset (its own connections finish) until it is added again"
             );
         } else if !was_member && is_member {
             tracing::info!("this node is a member of the cluster again");
@@ -370,16 +373,16 @@ impl RaftTask {
         };
         match e {
             ProposeError::NotLeader { leader: Some(l) } => format!(
-                "node {} is not the Raft leader; the leader is {}: send the request to its                  control socket",
+                "node {} is not the Raft leader; the leader is {}: send the request to its control socket",
                 self.node_id,
                 named(l)
             ),
             ProposeError::NotLeader { leader: None } => format!(
-                "node {} is not the Raft leader and no leader is known (election in progress);                  retry shortly",
+                "node {} is not the Raft leader and no leader is known (election in progress); retry shortly",
                 self.node_id
             ),
             ProposeError::RemovingLeader { id, to } => format!(
-                "node {id} is the Raft leader and cannot remove itself; leadership is being                  transferred to {}: send the request there",
+                "node {id} is the Raft leader and cannot remove itself; leadership is being transferred to {}: send the request there",
                 named(to)
             ),
             other => other.to_string(),
@@ -394,12 +397,12 @@ impl RaftTask {
             Ok(format!("{} (voters now {voters:?})", p.what))
         } else if !self.core.is_leader() {
             Err(format!(
-                "leadership was lost before the change ({}) committed; it may still commit:                  check `tdscctl status`",
+                "leadership was lost before the change ({}) committed; it may still commit: check `tdscctl status`",
                 p.what
             ))
         } else if self.ticks.saturating_sub(p.since_tick) > COMMIT_PATIENCE_TICKS {
             Err(format!(
-                "the change ({}) has not committed after {COMMIT_PATIENCE_TICKS} ticks; is a                  quorum reachable? It may still commit: check `tdscctl status`",
+                "the change ({}) has not committed after {COMMIT_PATIENCE_TICKS} ticks; is a quorum reachable? It may still commit: check `tdscctl status`",
                 p.what
             ))
         } else {
