@@ -264,6 +264,9 @@ async fn serve(
     });
     let mut leadership = signal.subscribe();
     let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::raft::INBOX_CAPACITY);
+    let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::raft::REQUEST_CAPACITY);
+    let member_requests = matches!(cfg.election, ElectionMode::Raft { .. }).then_some(req_tx);
 
     let reports = Arc::new(ReportCounters::default());
     let reporter = Reporter {
@@ -277,14 +280,11 @@ async fn serve(
         counters: reports.clone(),
         epoch,
         raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
+        membership: member_requests.clone().map(|tx| (members_rx.clone(), tx)),
     };
     let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
-    let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
-    let mut member_requests = None;
     let raft_task = match &cfg.election {
         ElectionMode::Raft { settings, data_dir } => {
-            let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::raft::REQUEST_CAPACITY);
-            member_requests = Some(req_tx);
             let task = RaftTask::open(
                 cfg.node_id,
                 &cfg.nodes,

@@ -48,6 +48,13 @@ pub enum MemberRequest {
         id: u32,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// A member (`from`) says this node is not among the voters of its membership at Raft
+    /// log index `index` (a `Body::Removed` notice; see `report::Reporter::removal_notice`).
+    Removed {
+        from: u32,
+        index: u64,
+        voters: Vec<u32>,
+    },
 }
 
 /// Requests waiting for the Raft task; one change runs at a time, so a few are plenty.
@@ -265,6 +272,11 @@ impl RaftTask {
     fn apply_membership(&mut self, m: &Membership) {
         let Some(link) = &self.membership else { return };
         let members = Members::resolve(m, &link.config);
+        self.publish_members(members);
+    }
+
+    fn publish_members(&mut self, members: Members) {
+        let Some(link) = &self.membership else { return };
         if let Err(e) = link.view.set_members(&members.view_slots()) {
             tracing::error!(error = %e, "dispatch view not fully updated");
         }
@@ -288,6 +300,36 @@ impl RaftTask {
         link.members.send_replace(members);
     }
 
+    /// Leaves the group on a member's word, if that word is newer than what this node has
+    /// applied: the commit of this node's removal never reached it. The Raft core is not
+    /// told (it cannot be, short of the log entry); if the node is added again, the leader
+    /// sends it the log and the core's membership takes over from this.
+    fn removed_notice(&mut self, from: u32, index: u64, voters: &[u32]) {
+        let Some(link) = &self.membership else { return };
+        let current = link.members.borrow().clone();
+        if index <= current.index
+            || voters.contains(&self.node_id)
+            || !current.contains(self.node_id)
+        {
+            return;
+        }
+        tracing::warn!(
+            from,
+            index,
+            ?voters,
+            "a member says this node was removed at a later membership change than it has applied"
+        );
+        let members = Members {
+            index,
+            list: current
+                .list
+                .into_iter()
+                .filter(|m| voters.contains(&m.id))
+                .collect(),
+        };
+        self.publish_members(members);
+    }
+
     fn handle_request(&mut self, req: MemberRequest) {
         let (reply, result) = match req {
             MemberRequest::Add {
@@ -297,6 +339,14 @@ impl RaftTask {
                 reply,
             } => (reply, self.propose_add(id, address, weight)),
             MemberRequest::Remove { id, reply } => (reply, self.propose_remove(id)),
+            MemberRequest::Removed {
+                from,
+                index,
+                voters,
+            } => {
+                self.removed_notice(from, index, &voters);
+                return;
+            }
         };
         match result {
             Ok((index, what)) => {

@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tdsc_proto::control::{Body, Envelope, NodeReport, MAX_DATAGRAM};
+use tdsc_proto::control::{Body, Envelope, NodeReport, Removed, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
 
 use crate::master::RoleCell;
+use crate::membership::Members;
+use crate::raft::MemberRequest;
 use crate::sockdiag::SockDiag;
 use crate::view::ClusterView;
 
@@ -42,6 +45,9 @@ pub struct Reporter {
     pub epoch: Instant,
     /// Where `Body::Raft` messages go: (sender id, raft bytes). None in static mode.
     pub raft_inbox: Option<tokio::sync::mpsc::Sender<(u32, Vec<u8>)>>,
+    /// Under Raft: the current members (to tell a removed node so) and the Raft task's
+    /// request channel (to hand it a `Body::Removed` notice about this node).
+    pub membership: Option<(watch::Receiver<Members>, mpsc::Sender<MemberRequest>)>,
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "never seen").
@@ -68,6 +74,18 @@ impl Reporter {
         if slot.id() != env.from || i == self.view.self_index {
             return false;
         }
+        if let Some(Body::Removed(r)) = env.body {
+            return match &self.membership {
+                Some((_, tx)) => tx
+                    .try_send(MemberRequest::Removed {
+                        from: env.from,
+                        index: r.index,
+                        voters: r.voters,
+                    })
+                    .is_ok(),
+                None => false,
+            };
+        }
         if let Some(Body::Raft(bytes)) = env.body {
             return match &self.raft_inbox {
                 Some(tx) => tx.try_send((env.from, bytes)).is_ok(),
@@ -89,6 +107,32 @@ impl Reporter {
             }
         }
         true
+    }
+
+    /// The notice for a datagram from a node that this node has removed (its address and id
+    /// match an absent slot), or None. Such a node missed the commit of its removal; the
+    /// notice lets it leave the group instead of carrying on as a member nobody listens to.
+    pub fn removal_notice(&self, from: SocketAddr, buf: &[u8]) -> Option<Vec<u8>> {
+        let (members, _) = self.membership.as_ref()?;
+        let env = Envelope::from_bytes(buf).ok()?;
+        let known = self.view.slots().iter().any(|s| {
+            !s.is_present()
+                && s.ident()
+                    .is_some_and(|i| i.id == env.from && i.address == from.ip())
+        });
+        let m = members.borrow();
+        if !known || m.contains(env.from) || !m.contains(self.node_id) {
+            return None;
+        }
+        let notice = Envelope {
+            from: self.node_id,
+            term: self.role.term.load(Relaxed),
+            body: Some(Body::Removed(Removed {
+                index: m.index,
+                voters: m.ids(),
+            })),
+        };
+        Some(notice.to_bytes())
     }
 
     /// Marks nodes dead whose reports stopped.
@@ -128,6 +172,9 @@ impl Reporter {
             let me2 = me.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; MAX_DATAGRAM];
+                // When each removed node was last told so (ms): once per report interval.
+                let mut told: std::collections::HashMap<IpAddr, u64> = Default::default();
+                let every = u64::try_from(me2.interval.as_millis()).unwrap_or(u64::MAX);
                 loop {
                     match sock.recv_from(&mut buf).await {
                         Ok((n, from)) => {
@@ -137,6 +184,16 @@ impl Reporter {
                                 &me2.counters.rejected
                             };
                             c.fetch_add(1, Relaxed);
+                            let now = now_ms(me2.epoch);
+                            let due = told
+                                .get(&from.ip())
+                                .is_none_or(|t| now.saturating_sub(*t) >= every);
+                            if due {
+                                if let Some(notice) = me2.removal_notice(from, &buf[..n]) {
+                                    told.insert(from.ip(), now);
+                                    let _ = sock.send_to(&notice, from).await;
+                                }
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "report receive failed");

@@ -11,7 +11,15 @@
 //!   oneof body {
 //!     NodeReport report = 10;   // liveness + load, every report interval
 //!     bytes raft = 11;          // an opaque raft-rs message (reserved for the election)
+//!     Removed removed = 12;     // "you are no longer a member" (see below)
 //!   }
+//! }
+//! // Sent (at most once a report interval) to a node whose reports or Raft messages arrive
+//! // although the sender has applied its removal: such a node missed the commit that removed
+//! // it (it was down, or the one message was lost), and the leader no longer talks to it.
+//! message Removed {
+//!   uint64 index = 1;           // Raft log index of the sender's last membership change
+//!   repeated uint32 voters = 2; // the voters after it
 //! }
 //! message NodeReport {
 //!   uint32 established = 1;     // ESTABLISHED TCP sockets on the VIP
@@ -41,7 +49,7 @@ pub struct Envelope {
     pub from: u32,
     #[prost(uint64, tag = "2")]
     pub term: u64,
-    #[prost(oneof = "Body", tags = "10, 11")]
+    #[prost(oneof = "Body", tags = "10, 11, 12")]
     pub body: Option<Body>,
 }
 
@@ -51,6 +59,17 @@ pub enum Body {
     Report(NodeReport),
     #[prost(bytes, tag = "11")]
     Raft(Vec<u8>),
+    #[prost(message, tag = "12")]
+    Removed(Removed),
+}
+
+/// Tells a node that the sender's membership no longer has it (see the module docs).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Removed {
+    #[prost(uint64, tag = "1")]
+    pub index: u64,
+    #[prost(uint32, repeated, tag = "2")]
+    pub voters: Vec<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
@@ -171,6 +190,19 @@ mod tests {
             from: 1,
             term: 9,
             body: Some(Body::Raft(vec![0, 1, 2, 255])),
+        };
+        assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
+    }
+
+    #[test]
+    fn removed_notice_round_trip() {
+        let env = Envelope {
+            from: 1,
+            term: 3,
+            body: Some(Body::Removed(Removed {
+                index: 42,
+                voters: vec![1, 2],
+            })),
         };
         assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
     }

@@ -233,6 +233,57 @@ fn node3_votes(cluster: &mut Cluster, leader: &str, clients: &[String]) -> anyho
     Ok(())
 }
 
+/// A node whose daemon is down while it is removed misses the commit; restarted with its old
+/// Raft state it still believes it is a voter, and the leader no longer talks to it. The
+/// others answer its first datagrams with a `Removed` notice: it leaves (its status says so),
+/// and when it is added again it catches up from the leader's log and is a member again.
+#[test]
+fn a_node_down_during_its_removal_learns_it_when_it_returns() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("a_node_down_during_its_removal_learns_it_when_it_returns")
+    else {
+        return Ok(());
+    };
+    let mut cluster = start()?;
+    let all = ["node1", "node2", "node3"];
+    wait_all(&cluster, &all, "three voters", |s| s.voters == [1, 2, 3])?;
+    let leader = cluster.wait_master(None, PROPAGATION)?;
+    let victim = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.id != leader.id)
+        .context("a follower")?
+        .clone();
+    let addr = victim.cluster_addr.context("victim address")?.to_string();
+    let others: Vec<&str> = all.into_iter().filter(|n| *n != victim.name).collect();
+    let rest: Vec<u32> = [1, 2, 3].into_iter().filter(|i| *i != victim.id).collect();
+
+    cluster.kill_daemon(&victim.name)?;
+    let id = victim.id.to_string();
+    cluster.ctl(&leader.name, &["node", "remove", &id])?;
+    wait_all(&cluster, &others, "removal applied by the others", |s| {
+        s.voters == rest
+    })?;
+    cluster.restart_daemon(&victim.name, PROPAGATION)?;
+    let told = wait_all(
+        &cluster,
+        &[victim.name.as_str()],
+        "the victim learns",
+        |s| !s.member && s.voters == rest,
+    )?;
+    ensure!(
+        told[0].nodes.iter().all(|n| n.id != victim.id || !n.voter),
+        "the removed node lists itself as a voter: {:?}",
+        told[0].nodes
+    );
+
+    cluster.ctl(&leader.name, &["node", "add", &id, &addr])?;
+    wait_all(&cluster, &all, "the victim back everywhere", |s| {
+        s.voters == [1, 2, 3] && s.member
+    })?;
+    cluster.check_daemons()?;
+    teardown(cluster)
+}
+
 /// A follower refuses and names the leader; the leader refuses bad input with the reason;
 /// the leader asked to remove itself hands leadership on instead. Nothing changes.
 #[test]
