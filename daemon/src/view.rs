@@ -170,11 +170,19 @@ impl ClusterView {
 
     /// Makes exactly `members` present. Only one thread may call it (the membership owner).
     /// A member's weight is set when its slot is first used or it returns after an absence;
-    /// from then on its reports carry it.
+    /// from then on its reports carry it. A member that finds no free slot is left out (and
+    /// reported); every other member and every removal is still applied.
     pub fn set_members(&self, members: &[MemberSlot]) -> Result<(), ViewError> {
         let mut keep = [false; MAX_NODES];
+        let mut full = None;
         for m in members {
-            let i = self.claim(m.id, m.address)?;
+            let i = match self.claim(m.id, m.address) {
+                Ok(i) => i,
+                Err(e) => {
+                    full = Some(e);
+                    continue;
+                }
+            };
             keep[i] = true;
             let slot = &self.nodes[i];
             slot.voter.store(m.voter, Relaxed);
@@ -191,7 +199,7 @@ impl ClusterView {
                 }
             }
         }
-        Ok(())
+        full.map_or(Ok(()), Err)
     }
 
     /// The slot that stands for (id, address), taking a fresh one if there is none.
@@ -331,9 +339,20 @@ mod tests {
             v.set_members(&[member(100 + i, &addr)]).unwrap();
         }
         assert_eq!(v.slots().len(), MAX_NODES);
+        let last = MAX_NODES - 3 + 100 - 1;
+        let last_addr = format!("198.51.101.{}", MAX_NODES - 3);
+        v.set_members(&[member(100, "198.51.101.1")]).unwrap();
         assert_eq!(
-            v.set_members(&[member(7, "198.51.102.7")]),
+            v.set_members(&[
+                member(7, "198.51.102.7"),
+                member(u32::try_from(last).unwrap(), &last_addr)
+            ]),
             Err(ViewError::Full { id: 7 })
         );
+        assert!(
+            v.index_of_id(u32::try_from(last).unwrap()).is_some(),
+            "the members that fit are still applied"
+        );
+        assert_eq!(v.index_of_id(100), None, "and removals too");
     }
 }
