@@ -4,7 +4,9 @@
 //! and reacts to each new [`Leadership`] value: it swaps its ruleset between master and member
 //! and starts or idles its SYN dispatcher. The value comes from configuration
 //! ([`StaticElection`], `[election] mode = "static"`) or from a Raft group of all nodes
-//! ([`RaftCore`], `mode = "raft"`, the default): the Raft leader is the master.
+//! ([`RaftCore`], `mode = "raft"`, the default): the Raft leader is the master. Under Raft the
+//! group's voters change at run time through conf changes ([`RaftCore::propose_membership`],
+//! [`Output::membership`]); the configured nodes are only the bootstrap set.
 //!
 //! ```
 //! use tdsc_election::{Role, StaticElection};

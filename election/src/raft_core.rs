@@ -16,6 +16,15 @@
 //! may send before persisting and those that must wait are all returned after the one persist
 //! blob, which the shell writes before sending anything: simpler and never less safe.
 //!
+//! ## Membership
+//!
+//! [`RaftCore::propose_membership`] proposes one raft-rs `ConfChange` (AddNode with an opaque
+//! context, or RemoveNode) on the leader, one at a time. Committed conf changes are applied in
+//! `ready` (by `RaftCore::apply_conf_entries`, kept apart from normal entries): to raft-rs, to the
+//! stored conf state and to the member contexts, all part of [`Output::persist`]; the result is
+//! [`Output::membership`]. A removed node is no longer promotable, so it never campaigns; the
+//! leader refuses to remove itself and transfers leadership instead.
+//!
 //! ## The lease
 //!
 //! See the crate docs for the argument; the mechanism is raft-rs's safe read-index. On every

@@ -51,10 +51,12 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum NodeAction {
     /// Add node ID with cluster-network ADDRESS as a voter. It takes new connections once
-    /// its daemon runs and reports (start its daemon with the cluster's bootstrap [[nodes]]
-    /// and itself in its configuration).
+    /// its daemon runs and reports. A brand-new node: add it first, then start its daemon with
+    /// the current members and itself as `[[nodes]]` in its configuration.
     Add {
+        /// The node's id (1 or more; not in use).
         id: u32,
+        /// Its address on the cluster interface (same family as the other nodes').
         address: String,
         /// Its share of new connections (0..=1000; default 1).
         #[arg(long)]
@@ -63,7 +65,10 @@ enum NodeAction {
     /// Remove node ID: it gets no new connection from then on, its own connections finish,
     /// and it stops voting. The leader cannot remove itself: it hands leadership to another
     /// voter and names it; send the request there.
-    Remove { id: u32 },
+    Remove {
+        /// The member's id.
+        id: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
