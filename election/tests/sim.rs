@@ -315,6 +315,24 @@ fn persisted_state_round_trips() {
         let back = Persisted::decode(&p.encode().unwrap()).unwrap();
         assert_eq!(&back, p);
     }
+    // A file written before membership changes existed ("TDSCRAFT1": no member record) is
+    // read as the same state with no member contexts.
+    let p = sim.disk.values().next().unwrap();
+    let v2 = p.encode().unwrap();
+    let mut records = Vec::new();
+    let mut rest = &v2[b"TDSCRAFT2".len()..];
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        records.push(&rest[..4 + len]);
+        rest = &rest[4 + len..];
+    }
+    let mut v1 = b"TDSCRAFT1".to_vec();
+    for (i, r) in records.iter().enumerate() {
+        if i != 2 {
+            v1.extend_from_slice(r);
+        }
+    }
+    assert_eq!(&Persisted::decode(&v1).unwrap(), p);
     assert!(Persisted::decode(b"garbage").is_err());
     assert!(Persisted::decode(b"TDSCRAFT1\x00\x00\x00\x09ab").is_err());
 }
