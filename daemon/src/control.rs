@@ -9,6 +9,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::{PolicyName, MAX_WEIGHT};
 use crate::node::Shared;
+use crate::raft::MemberRequest;
 use crate::status::{NodeStatus, Rejected, Reply, Request, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,12 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
+            Ok(req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. })) => {
+                match member_change(shared, req).await {
+                    Ok(done) => Reply::Done { done },
+                    Err(error) => Reply::Error { error },
+                }
+            }
             Ok(change) => match apply(shared, &change) {
                 Ok(done) => Reply::Done { done },
                 Err(error) => Reply::Error { error },
@@ -83,22 +90,56 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Hands `node add|remove` to the Raft task and waits for its answer (after commit).
+async fn member_change(s: &Shared, req: Request) -> Result<String, String> {
+    let tx = s.member_requests.as_ref().ok_or(
+        "membership changes need [election] mode = \"raft\"; under a static election the \
+         members are the configured [[nodes]]",
+    )?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let msg = match req {
+        Request::NodeAdd {
+            id,
+            address,
+            weight,
+        } => {
+            let address = address
+                .parse()
+                .map_err(|_| format!("{address:?} is not an IP address"))?;
+            MemberRequest::Add {
+                id,
+                address,
+                weight: weight.unwrap_or(crate::config::DEFAULT_WEIGHT),
+                reply,
+            }
+        }
+        Request::NodeRemove { id } => MemberRequest::Remove { id, reply },
+        _ => return Err("not a membership change".into()),
+    };
+    tx.try_send(msg)
+        .map_err(|_| "the Raft task is busy or stopped; retry".to_owned())?;
+    rx.await
+        .map_err(|_| "the Raft task stopped before answering".to_owned())?
+}
+
 /// Applies a change request; the text says what happened, the error why not.
 fn apply(s: &Shared, req: &Request) -> Result<String, String> {
     let own = &s.view.nodes[s.view.self_index];
     let check_self = |node: u32| {
-        if node == own.id {
+        if node == own.id() {
             Ok(())
         } else {
             Err(format!(
                 "this is node {}; a node announces its own weight and drain state in its \
                  reports, so send the request for node {node} to node {node}'s control socket",
-                own.id
+                own.id()
             ))
         }
     };
     match req {
-        Request::Status => Err("not a change".into()),
+        Request::Status | Request::NodeAdd { .. } | Request::NodeRemove { .. } => {
+            Err("not a local change".into())
+        }
         Request::PolicySet { policy } => {
             let name = PolicyName::parse(policy).ok_or_else(|| {
                 let names: Vec<_> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
@@ -108,7 +149,7 @@ fn apply(s: &Shared, req: &Request) -> Result<String, String> {
                 )
             })?;
             s.set_policy(name)?;
-            Ok(format!("node {}: policy {}", own.id, name.as_str()))
+            Ok(format!("node {}: policy {}", own.id(), name.as_str()))
         }
         Request::Weight { node, weight } => {
             check_self(*node)?;
@@ -136,6 +177,7 @@ fn apply(s: &Shared, req: &Request) -> Result<String, String> {
 
 pub fn status(s: &Shared) -> Status {
     let l = *s.leadership.borrow();
+    let members = s.members.borrow().clone();
     let c = s.counters.snapshot();
     let now = s.epoch.elapsed().as_millis();
     let ruleset_foreign = s.firewall_counter().unwrap_or(0);
@@ -144,6 +186,15 @@ pub fn status(s: &Shared) -> Status {
         role: l.role.as_str().to_string(),
         master_id: l.master_id,
         term: l.term,
+        leader_id: l.master_id,
+        member: members.contains(s.config.node_id),
+        voters: members
+            .list
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.id)
+            .collect(),
+        membership_index: members.index,
         policy: s.policy_name().as_str().to_string(),
         vip: s.config.vip.to_string(),
         tcp_ports: s.config.tcp_ports.clone(),
@@ -152,17 +203,20 @@ pub fn status(s: &Shared) -> Status {
             crate::config::L2Mode::MaskedMac => "masked-mac".into(),
             crate::config::L2Mode::SharedMac => "shared-mac".into(),
         },
+        // Present nodes, and this node also when it has been removed.
         nodes: s
             .view
-            .nodes
+            .slots()
             .iter()
             .enumerate()
+            .filter(|(i, n)| n.is_present() || *i == s.view.self_index)
             .map(|(i, n)| {
                 let seen = n.last_seen_ms.load(Relaxed);
                 let is_self = i == s.view.self_index;
                 NodeStatus {
-                    id: n.id,
-                    address: n.address.to_string(),
+                    id: n.id(),
+                    address: n.address().to_string(),
+                    voter: n.is_present() && n.voter.load(Relaxed),
                     alive: is_self || n.alive.load(Relaxed),
                     draining: n.draining.load(Relaxed),
                     weight: n.weight.load(Relaxed),

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::classify::Syn;
 use crate::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
 use crate::records::{Lookup, SynRecords};
-use crate::view::ClusterView;
+use crate::view::{ClusterView, MAX_NODES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -42,13 +42,16 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Sized for every slot a view can have ([`MAX_NODES`]), so a membership change never
+    /// makes a decision allocate. `nodes` is a lower bound kept for callers' clarity.
     pub fn new(policy: Box<dyn Policy>, records: SynRecords, nodes: usize) -> Self {
+        let n = nodes.max(MAX_NODES);
         Dispatcher {
             policy,
             records,
-            candidates: Vec::with_capacity(nodes),
-            inflight: vec![0; nodes],
-            seen_gen: vec![0; nodes],
+            candidates: Vec::with_capacity(n),
+            inflight: vec![0; n],
+            seen_gen: vec![0; n],
         }
     }
 
@@ -65,11 +68,13 @@ impl Dispatcher {
     }
 
     pub fn decide(&mut self, syn: &Syn<'_>, view: &ClusterView, now_ms: u64) -> Outcome {
-        let n = view.nodes.len();
+        let slots = view.slots();
+        let n = slots.len();
         // Refresh candidates from the shared view. A new report supersedes the in-flight
-        // count: the reported figure now includes those connections.
+        // count: the reported figure now includes those connections. A slot whose node is no
+        // longer a member stays a candidate (indices are stable) but is never alive.
         self.candidates.clear();
-        for (i, slot) in view.nodes.iter().enumerate() {
+        for (i, slot) in slots.iter().enumerate() {
             let generation = slot.report_gen.load(Relaxed);
             if generation != self.seen_gen[i] {
                 self.seen_gen[i] = generation;
@@ -78,8 +83,8 @@ impl Dispatcher {
             let reported = slot.established.load(Relaxed) + slot.syn_recv.load(Relaxed);
             let inflight = self.inflight[i];
             self.candidates.push(Candidate {
-                id: slot.id,
-                alive: i == view.self_index || slot.alive.load(Relaxed),
+                id: slot.id(),
+                alive: slot.is_present() && (i == view.self_index || slot.alive.load(Relaxed)),
                 draining: slot.draining.load(Relaxed),
                 weight: slot.weight.load(Relaxed),
                 connections: reported.saturating_add(inflight),
@@ -214,6 +219,56 @@ mod tests {
         let after = d.decide(&syn(40000, 78), &v, 3000);
         assert!(!after.retransmit);
         assert_ne!(after.decision, Decision::Forward { index: 1 });
+    }
+
+    /// A removed node is never chosen, not even for a retransmission of a SYN it took; once
+    /// added back it takes its share again.
+    #[test]
+    fn removed_nodes_get_nothing_and_return_when_added() {
+        use crate::view::MemberSlot;
+        let v = view(1);
+        let mut d = dispatcher(PolicyName::RoundRobin);
+        let slot = |id: u32| MemberSlot {
+            id,
+            address: format!("198.51.100.1{id}").parse().unwrap(),
+            weight: 1,
+            voter: true,
+        };
+        // Node 3 (index 2) takes a SYN, then leaves.
+        let mut isn = 0;
+        let to3 = loop {
+            isn += 1;
+            if d.decide(&syn(7, isn), &v, 0).decision == (Decision::Forward { index: 2 }) {
+                break isn;
+            }
+        };
+        v.set_members(&[slot(1), slot(2)]).unwrap();
+        for i in 0..30 {
+            assert_ne!(
+                d.decide(&syn(100 + i, i.into()), &v, 0).decision,
+                Decision::Forward { index: 2 }
+            );
+        }
+        let again = d.decide(&syn(7, to3), &v, 10);
+        assert!(
+            !again.retransmit,
+            "the record of a removed node is not followed"
+        );
+        assert_ne!(again.decision, Decision::Forward { index: 2 });
+        v.set_members(&[slot(1), slot(2), slot(3)]).unwrap();
+        assert_ne!(
+            d.decide(&syn(400, 1), &v, 20).decision,
+            Decision::Forward { index: 2 },
+            "a returning node waits for its first report"
+        );
+        v.nodes[2].alive.store(true, Relaxed);
+        let back = (0..30)
+            .filter(|i| {
+                d.decide(&syn(500 + i, (*i).into()), &v, 20).decision
+                    == (Decision::Forward { index: 2 })
+            })
+            .count();
+        assert_eq!(back, 10, "node 3 takes its third again");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //!
 //! The control path runs beside it: the role signal ([`tdsc_election`]) turns the ruleset and
 //! the queue thread between master and member; [`report`] exchanges liveness and load; the
-//! control socket ([`control`], [`status`]) serves `tdscctl`.
+//! Raft task ([`raft`]) also owns the cluster's [`membership`], which it applies to the
+//! dispatch [`view`] and, through the role task ([`node`]), to the ruleset; the control socket
+//! ([`control`], [`status`]) serves `tdscctl`.
 
 pub mod affinity;
 pub mod classify;
@@ -24,6 +26,7 @@ pub mod inject;
 pub mod load;
 pub mod master;
 pub mod member;
+pub mod membership;
 pub mod netlink;
 pub mod node;
 pub mod policy;

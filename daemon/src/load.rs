@@ -104,7 +104,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("tdsc-load".into())
         .spawn(move || {
-            let own = &view.nodes[view.self_index];
+            let own = view.own();
             let mut failing = false;
             while !stop.load(Relaxed) {
                 match sample(&source) {

@@ -89,10 +89,9 @@ pub struct MasterPath {
     role: Arc<RoleCell>,
     commands: Receiver<MasterCommand>,
     dispatcher: Dispatcher,
-    dests: Vec<Dest>,
+    dests: Vec<Option<Dest>>,
     socket_v4: Option<RawSocket>,
     socket_v6: Option<RawSocket>,
-    is_v6: Vec<bool>,
     buf: Box<[u8]>,
 }
 
@@ -132,8 +131,10 @@ impl MasterPath {
         // Fail closed: when the queue is full the kernel drops the SYN (the client
         // retransmits) instead of accepting it on this node behind the policy's back.
         queue.set_fail_open(queue_num, false).map_err(q)?;
-        let dests = view.nodes.iter().map(|n| Dest::new(&n.address)).collect();
-        let is_v6: Vec<bool> = view.nodes.iter().map(|n| n.address.is_ipv6()).collect();
+        // One destination per slot, filled in on the first forward to it: a slot's address
+        // never changes once set (see `ClusterView`), so it is computed at most once.
+        let dests = vec![None; view.nodes.len()];
+        let is_v6: Vec<bool> = view.slots().iter().map(|n| n.address().is_ipv6()).collect();
         let socket_v4 = if is_v6.iter().any(|v| !v) {
             Some(RawSocket::forward(&IpAddr::from([0u8; 4])).map_err(MasterError::Socket)?)
         } else {
@@ -158,7 +159,6 @@ impl MasterPath {
             dests,
             socket_v4,
             socket_v6,
-            is_v6,
             buf: vec![0u8; MAX_HEADER_LEN + 0x10000].into_boxed_slice(),
         })
     }
@@ -239,14 +239,14 @@ impl MasterPath {
                     .encode_packet(syn.segment, &mut self.buf)
                     .ok()
                     .and_then(|n| {
-                        let sock = if self.is_v6[index] {
+                        let addr = self.view.nodes[index].address();
+                        let sock = if addr.is_ipv6() {
                             &self.socket_v6
                         } else {
                             &self.socket_v4
                         };
-                        sock.as_ref()?
-                            .send_to(&self.buf[..n], &self.dests[index])
-                            .ok()
+                        let dest = self.dests[index].get_or_insert_with(|| Dest::new(&addr));
+                        sock.as_ref()?.send_to(&self.buf[..n], dest).ok()
                     });
                 if sent.is_some() {
                     add(&self.counters.forwarded_out);

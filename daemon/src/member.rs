@@ -54,7 +54,7 @@ pub fn check<'a>(
         return Err(Rejection::UnknownPeer);
     };
     let p = ForwardPacket::decode(payload).map_err(|_| Rejection::Malformed)?;
-    if p.header.origin != view.nodes[peer].id {
+    if p.header.origin != view.nodes[peer].id() {
         return Err(Rejection::UnknownPeer);
     }
     // Equal terms pass: the master of the current term stamps exactly that term. A newer

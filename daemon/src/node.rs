@@ -39,7 +39,8 @@ use crate::dispatch::Dispatcher;
 use crate::host::HostSetup;
 use crate::master::{MasterCommand, MasterPath, RoleCell};
 use crate::member::MemberPath;
-use crate::raft::{RaftHandle, RaftTask};
+use crate::membership::Members;
+use crate::raft::{MemberRequest, MembershipLink, RaftHandle, RaftTask};
 use crate::records::SynRecords;
 use crate::report::{ReportCounters, Reporter};
 use crate::view::{ClusterView, Counters};
@@ -85,6 +86,10 @@ pub struct Shared {
     /// task's batch.
     counter_fw: Mutex<Option<Firewall>>,
     pub master_commands: Mutex<mpsc::Sender<MasterCommand>>,
+    /// The cluster's current members as this node has applied them.
+    pub members: watch::Receiver<Members>,
+    /// `tdscctl node add|remove` go to the Raft task here; None under a static election.
+    pub member_requests: Option<tokio::sync::mpsc::Sender<MemberRequest>>,
 }
 
 impl Shared {
@@ -115,19 +120,27 @@ impl Shared {
     }
 }
 
+/// The ruleset's cluster description for the configured (bootstrap) nodes.
 pub fn cluster_spec(cfg: &Config) -> ClusterSpec {
+    cluster_spec_for(cfg, &Members::bootstrap(cfg))
+}
+
+/// The ruleset's cluster description for the current members: forwards are accepted from
+/// their addresses, and this node's static-hash bucket is its place among them (none when
+/// it is not a member).
+pub fn cluster_spec_for(cfg: &Config, members: &Members) -> ClusterSpec {
+    let (index, count) = members.static_hash(cfg.node_id);
     ClusterSpec {
         vip: cfg.vip,
         tcp_ports: cfg.tcp_ports.clone(),
         client_interface: cfg.client_interface.clone(),
         cluster_interface: cfg.cluster_interface.clone(),
-        members: cfg.nodes.iter().map(|n| n.address).collect(),
+        members: members.addresses(),
         queue_num: cfg.queue_num,
         egress_mac: cfg.egress_mac(),
         static_hash: StaticHash {
-            // Cluster sizes are far below u32::MAX.
-            index: u32::try_from(cfg.self_index()).unwrap_or(0),
-            count: u32::try_from(cfg.nodes.len()).unwrap_or(1),
+            index,
+            count,
             seed: STATIC_HASH_SEED,
         },
     }
@@ -277,6 +290,9 @@ async fn serve(
     });
     let mut leadership = signal.subscribe();
     let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::raft::INBOX_CAPACITY);
+    let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::raft::REQUEST_CAPACITY);
+    let member_requests = matches!(cfg.election, ElectionMode::Raft { .. }).then_some(req_tx);
 
     let reports = Arc::new(ReportCounters::default());
     let reporter = Reporter {
@@ -290,6 +306,7 @@ async fn serve(
         counters: reports.clone(),
         epoch,
         raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
+        membership: member_requests.clone().map(|tx| (members_rx.clone(), tx)),
     };
     let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
     let mut raft_handle = None;
@@ -305,7 +322,13 @@ async fn serve(
                 raft_rx,
                 signal.clone(),
                 role.clone(),
-            )?;
+            )?
+            .with_membership(MembershipLink {
+                config: cfg.clone(),
+                view: view.clone(),
+                members: members_tx,
+                requests: req_rx,
+            });
             raft_handle = Some(task.handle());
             Some(tokio::spawn(task.run()))
         }
@@ -338,6 +361,8 @@ async fn serve(
         epoch,
         counter_fw: Mutex::new(Firewall::open().ok()),
         master_commands: Mutex::new(cmd_tx),
+        members: members_rx.clone(),
+        member_requests,
     });
     let control_task = tokio::spawn(crate::control::serve(listener, shared.clone()));
 
@@ -351,8 +376,15 @@ async fn serve(
         &facts,
         &role,
         &mut term,
+        &mut MembershipRules {
+            cfg: &shared.config,
+            members: &mut members_rx,
+        },
     )
     .await;
+    // The member set may have changed since start: the rules from here on are for the
+    // members now.
+    let spec = cluster_spec_for(&shared.config, &members_rx.borrow());
     if result.is_ok() {
         graceful_stop(
             &shared,
@@ -448,9 +480,12 @@ async fn graceful_stop(
                 .iter()
                 .enumerate()
                 .filter(|(i, n)| {
-                    *i != view.self_index && n.alive.load(Relaxed) && !n.draining.load(Relaxed)
+                    *i != view.self_index
+                        && n.is_present()
+                        && n.alive.load(Relaxed)
+                        && !n.draining.load(Relaxed)
                 })
-                .map(|(_, n)| u64::from(n.id))
+                .map(|(_, n)| u64::from(n.id()))
                 .collect();
             let Some(to) = raft.transfer(candidates).await else {
                 tracing::warn!("no live follower to hand leadership to; stopping as leader");
@@ -553,6 +588,22 @@ async fn drain(vip: &std::net::IpAddr, timeout: Duration, report_interval: Durat
     }
 }
 
+/// Where the role task learns of membership changes, to re-apply the ruleset for them.
+struct MembershipRules<'a> {
+    cfg: &'a Config,
+    members: &'a mut watch::Receiver<Members>,
+}
+
+impl MembershipRules<'_> {
+    /// The spec for the members now, if they changed since `spec` was built.
+    fn updated(&mut self, spec: &ClusterSpec) -> Option<ClusterSpec> {
+        let members = self.members.borrow_and_update().clone();
+        let new = cluster_spec_for(self.cfg, &members);
+        (new != *spec).then_some(new)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn follow_roles(
     _signal: &RoleSignal,
     leadership: &mut watch::Receiver<Leadership>,
@@ -561,9 +612,25 @@ async fn follow_roles(
     facts: &HostFacts,
     role: &RoleCell,
     term: &mut tokio::signal::unix::Signal,
+    membership: &mut MembershipRules<'_>,
 ) -> Result<(), NodeError> {
     let mut current = Role::Member;
+    let mut spec = spec.clone();
+    let spec = &mut spec;
     loop {
+        // Membership first: a role change below then installs the current member set. The
+        // ruleset for the current role is replaced in one atomic batch (see `tdsc_rules`).
+        if let Some(new) = membership.updated(spec) {
+            *spec = new;
+            apply_role(fw, current, spec, facts)?;
+            tracing::info!(
+                members = ?spec.members,
+                bucket = spec.static_hash.index,
+                of = spec.static_hash.count,
+                role = current.as_str(),
+                "ruleset re-applied for the new membership"
+            );
+        }
         let l = *leadership.borrow_and_update();
         role.term.store(l.term, Relaxed);
         if l.role != current {
@@ -594,6 +661,7 @@ async fn follow_roles(
                 tracing::info!("terminated; shutting down");
                 return Ok(());
             }
+            Ok(()) = membership.members.changed() => {}
         }
     }
 }

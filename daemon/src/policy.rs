@@ -172,11 +172,19 @@ fn least_per_weight(
 /// counter, takes the node with the largest counter and subtracts the total weight from it.
 /// Over any window of `sum(weights)` picks each node gets exactly its weight, interleaved
 /// (5:1:1 gives a a b a c a a, not a a a a a b c).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WeightedRoundRobin {
-    /// One counter per node index. Sized on the first pick and again only if the cluster
-    /// size changes, so steady-state picks do not allocate.
+    /// One counter per node index, with room for every slot a view can have
+    /// ([`crate::view::MAX_NODES`]), so no pick allocates, not even after a membership change.
     current: Vec<i64>,
+}
+
+impl Default for WeightedRoundRobin {
+    fn default() -> Self {
+        WeightedRoundRobin {
+            current: Vec::with_capacity(crate::view::MAX_NODES),
+        }
+    }
 }
 
 impl Policy for WeightedRoundRobin {

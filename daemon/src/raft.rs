@@ -4,7 +4,7 @@
 //! send.
 //!
 //! Raft messages travel as `Body::Raft` envelopes on the report socket (`control_port`), so
-//! they share its address check: a message is stepped only if it came from a configured
+//! they share its address check: a message is stepped only if it came from a current
 //! member's address with that member's id.
 //!
 //! A graceful stop talks to the task through a [`RaftHandle`]: first [`RaftHandle::resign`]
@@ -12,22 +12,82 @@
 //! the core says), then, once the node's dispatcher and ruleset are member,
 //! [`RaftHandle::transfer`]. The task keeps running as a follower (a voter) until the node
 //! exits, and hands leadership on again if it should win an election meanwhile.
+//!
+//! **Membership.** The task also owns the cluster's membership ([`MembershipLink`]): it
+//! serves `tdscctl node add|remove` (only on the leader, one change at a time, answered once
+//! the change has committed) and, whenever committed conf changes come out of the core, it
+//! updates its peer table, the dispatch view and the membership watch that the role task
+//! re-applies the ruleset from — after the new state is persisted and this round's messages
+//! are sent.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdsc_election::{Leadership, Persisted, RaftCore, RaftError, RaftSettings, Role, RoleSignal};
+use tdsc_election::{
+    Leadership, MemberChange, Membership, Persisted, ProposeError, RaftCore, RaftError,
+    RaftSettings, Role, RoleSignal,
+};
 use tdsc_proto::control::{Body, Envelope};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Node;
+use crate::config::{Config, Node};
 use crate::master::RoleCell;
+use crate::membership::{check_add, check_remove, Members};
+use crate::view::ClusterView;
+
+/// A `tdscctl node add|remove`, answered (text or error) once it has committed or failed.
+#[derive(Debug)]
+pub enum MemberRequest {
+    Add {
+        id: u32,
+        address: IpAddr,
+        weight: u32,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    Remove {
+        id: u32,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// A member (`from`) says this node is not among the voters of its membership at Raft
+    /// log index `index` (a `Body::Removed` notice; see `report::Reporter::removal_notice`).
+    Removed {
+        from: u32,
+        index: u64,
+        voters: Vec<u32>,
+    },
+}
+
+/// Requests waiting for the Raft task; one change runs at a time, so a few are plenty.
+pub const REQUEST_CAPACITY: usize = 16;
+
+/// Ticks a proposed change may take to commit before the request is answered with an error
+/// (the change itself may still commit later; `status` shows it).
+const COMMIT_PATIENCE_TICKS: u64 = 500;
+
+/// What the Raft task updates when membership changes.
+#[derive(Debug)]
+pub struct MembershipLink {
+    /// The configuration: the bootstrap set's details, the VIP and this node's address.
+    pub config: Config,
+    pub view: Arc<ClusterView>,
+    /// The role task re-applies the ruleset from it; status reads it.
+    pub members: watch::Sender<Members>,
+    pub requests: mpsc::Receiver<MemberRequest>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    index: u64,
+    what: String,
+    since_tick: u64,
+    reply: oneshot::Sender<Result<String, String>>,
+}
 
 /// Messages waiting for the Raft task; beyond this the receive loop drops them.
 pub const INBOX_CAPACITY: usize = 1024;
@@ -112,6 +172,9 @@ pub struct RaftTask {
     resigned: bool,
     /// Set by `Transfer` (after `Resign`): hand leadership to one of these whenever leader.
     transfer_to: Option<Vec<u64>>,
+    membership: Option<MembershipLink>,
+    pending: Option<Pending>,
+    ticks: u64,
 }
 
 impl RaftTask {
@@ -187,6 +250,9 @@ impl RaftTask {
             command_tx,
             resigned: false,
             transfer_to: None,
+            membership: None,
+            pending: None,
+            ticks: 0,
         })
     }
 
@@ -226,6 +292,15 @@ impl RaftTask {
         }
     }
 
+    /// Gives the task the membership to own, and applies the persisted one at once (the
+    /// configured `[[nodes]]` are only the bootstrap set).
+    pub fn with_membership(mut self, link: MembershipLink) -> Self {
+        self.membership = Some(link);
+        let m = self.core.membership();
+        self.apply_membership(&m);
+        self
+    }
+
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.settings.tick_ms));
         // Never catch up in a burst: see RaftCore::tick and the lease argument.
@@ -233,6 +308,7 @@ impl RaftTask {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    self.ticks += 1;
                     self.core.tick(self.role.now_ms());
                     // A resigned node that leads (again) hands over again; a transfer that
                     // raft-rs aborted after an election timeout is retried here too.
@@ -241,6 +317,7 @@ impl RaftTask {
                     }
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd),
+                Some(req) = next_request(&mut self.membership) => self.handle_request(req),
                 msg = self.inbox.recv() => {
                     let Some((from, bytes)) = msg else { return };
                     if let Err(e) = self.core.step(u64::from(from), &bytes, self.role.now_ms()) {
@@ -290,6 +367,216 @@ impl RaftTask {
             // Losses are Raft's business: it retransmits on the next heartbeat.
             let _ = self.sock.send_to(&env.to_bytes(), addr).await;
         }
+        // 5. Membership, after sending: these messages were made before the change applied,
+        // and among them is the commit that tells a removed node it was removed. (Messages for
+        // an added node only come out of the next `ready`.)
+        if let Some(m) = &out.membership {
+            self.apply_membership(m);
+        }
+        self.answer_pending();
+    }
+
+    /// Peer table, dispatch view and membership watch from a committed membership.
+    fn apply_membership(&mut self, m: &Membership) {
+        let Some(link) = &self.membership else { return };
+        let members = Members::resolve(m, &link.config);
+        self.publish_members(members);
+    }
+
+    fn publish_members(&mut self, members: Members) {
+        let Some(link) = &self.membership else { return };
+        if let Err(e) = link.view.set_members(&members.view_slots()) {
+            tracing::error!(error = %e, "dispatch view not fully updated");
+        }
+        let port = link.config.control_port;
+        self.peers = members
+            .list
+            .iter()
+            .filter(|n| n.id != self.node_id)
+            .map(|n| (u64::from(n.id), SocketAddr::new(n.address, port)))
+            .collect();
+        let was_member = link.members.borrow().contains(self.node_id);
+        let is_member = members.contains(self.node_id);
+        tracing::info!(index = members.index, voters = ?members.ids(), "membership");
+        if was_member && !is_member {
+            tracing::warn!(
+                "this node was removed from the cluster: it takes no new connections and keeps the member ruleset (its own connections finish) until it is added again"
+            );
+        } else if !was_member && is_member {
+            tracing::info!("this node is a member of the cluster again");
+        }
+        link.members.send_replace(members);
+    }
+
+    /// Leaves the group on a member's word, if that word is newer than what this node has
+    /// applied: the commit of this node's removal never reached it. The Raft core is not
+    /// told (it cannot be, short of the log entry); if the node is added again, the leader
+    /// sends it the log and the core's membership takes over from this.
+    fn removed_notice(&mut self, from: u32, index: u64, voters: &[u32]) {
+        let Some(link) = &self.membership else { return };
+        let current = link.members.borrow().clone();
+        if index <= current.index
+            || voters.contains(&self.node_id)
+            || !current.contains(self.node_id)
+        {
+            return;
+        }
+        tracing::warn!(
+            from,
+            index,
+            ?voters,
+            "a member says this node was removed at a later membership change than it has applied"
+        );
+        let members = Members {
+            index,
+            list: current
+                .list
+                .into_iter()
+                .filter(|m| voters.contains(&m.id))
+                .collect(),
+        };
+        self.publish_members(members);
+    }
+
+    fn handle_request(&mut self, req: MemberRequest) {
+        let (reply, result) = match req {
+            MemberRequest::Add {
+                id,
+                address,
+                weight,
+                reply,
+            } => (reply, self.propose_add(id, address, weight)),
+            MemberRequest::Remove { id, reply } => (reply, self.propose_remove(id)),
+            MemberRequest::Removed {
+                from,
+                index,
+                voters,
+            } => {
+                self.removed_notice(from, index, &voters);
+                return;
+            }
+        };
+        match result {
+            Ok((index, what)) => {
+                self.pending = Some(Pending {
+                    index,
+                    what,
+                    since_tick: self.ticks,
+                    reply,
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Checks shared by add and remove: this node leads and nothing else is in flight.
+    fn check_can_propose(&self) -> Result<&MembershipLink, String> {
+        let link = self
+            .membership
+            .as_ref()
+            .ok_or("membership is not managed by this node")?;
+        if !self.core.is_leader() {
+            return Err(self.describe(ProposeError::NotLeader {
+                leader: self.core.leader_id(),
+            }));
+        }
+        if self.pending.is_some() {
+            return Err(self.describe(ProposeError::Pending));
+        }
+        Ok(link)
+    }
+
+    fn propose_add(
+        &mut self,
+        id: u32,
+        address: IpAddr,
+        weight: u32,
+    ) -> Result<(u64, String), String> {
+        let link = self.check_can_propose()?;
+        let info = check_add(&link.members.borrow(), &link.config, id, address, weight)
+            .map_err(|e| e.to_string())?;
+        let change = MemberChange::Add {
+            id: u64::from(id),
+            context: info.to_bytes(),
+        };
+        let index = self
+            .core
+            .propose_membership(change)
+            .map_err(|e| self.describe(e))?;
+        tracing::info!(node = id, %address, weight, index, "proposed: add node");
+        Ok((
+            index,
+            format!("node {id} ({address}, weight {weight}) added"),
+        ))
+    }
+
+    fn propose_remove(&mut self, id: u32) -> Result<(u64, String), String> {
+        let link = self.check_can_propose()?;
+        check_remove(&link.members.borrow(), id).map_err(|e| e.to_string())?;
+        let index = self
+            .core
+            .propose_membership(MemberChange::Remove { id: u64::from(id) })
+            .map_err(|e| self.describe(e))?;
+        tracing::info!(node = id, index, "proposed: remove node");
+        Ok((index, format!("node {id} removed")))
+    }
+
+    /// An error text that names, where it helps, a node's control address to retry at.
+    fn describe(&self, e: ProposeError) -> String {
+        let named = |id: u64| match self.peers.get(&id) {
+            Some(a) => format!("node {id} ({})", a.ip()),
+            None => format!("node {id}"),
+        };
+        match e {
+            ProposeError::NotLeader { leader: Some(l) } => format!(
+                "node {} is not the Raft leader; the leader is {}: send the request to its control socket",
+                self.node_id,
+                named(l)
+            ),
+            ProposeError::NotLeader { leader: None } => format!(
+                "node {} is not the Raft leader and no leader is known (election in progress); retry shortly",
+                self.node_id
+            ),
+            ProposeError::RemovingLeader { id, to } => format!(
+                "node {id} is the Raft leader and cannot remove itself; leadership is being transferred to {}: send the request there",
+                named(to)
+            ),
+            other => other.to_string(),
+        }
+    }
+
+    /// Answers the request in flight once its change has committed here, or has failed.
+    fn answer_pending(&mut self) {
+        let Some(p) = &self.pending else { return };
+        let result = if self.core.membership().index >= p.index {
+            let voters = self.core.membership().voters;
+            Ok(format!("{} (voters now {voters:?})", p.what))
+        } else if !self.core.is_leader() {
+            Err(format!(
+                "leadership was lost before the change ({}) committed; it may still commit: check `tdscctl status`",
+                p.what
+            ))
+        } else if self.ticks.saturating_sub(p.since_tick) > COMMIT_PATIENCE_TICKS {
+            Err(format!(
+                "the change ({}) has not committed after {COMMIT_PATIENCE_TICKS} ticks; is a quorum reachable? It may still commit: check `tdscctl status`",
+                p.what
+            ))
+        } else {
+            return;
+        };
+        if let Some(p) = self.pending.take() {
+            let _ = p.reply.send(result);
+        }
+    }
+}
+
+/// The next membership request, or never when membership is not managed here.
+async fn next_request(link: &mut Option<MembershipLink>) -> Option<MemberRequest> {
+    match link {
+        Some(l) => l.requests.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tdsc_proto::control::{Body, Envelope, NodeReport, MAX_DATAGRAM};
+use tdsc_proto::control::{Body, Envelope, NodeReport, Removed, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
 
 use crate::master::RoleCell;
+use crate::membership::Members;
+use crate::raft::MemberRequest;
 use crate::sockdiag::SockDiag;
 use crate::view::ClusterView;
 
@@ -42,6 +45,9 @@ pub struct Reporter {
     pub epoch: Instant,
     /// Where `Body::Raft` messages go: (sender id, raft bytes). None in static mode.
     pub raft_inbox: Option<tokio::sync::mpsc::Sender<(u32, Vec<u8>)>>,
+    /// Under Raft: the current members (to tell a removed node so) and the Raft task's
+    /// request channel (to hand it a `Body::Removed` notice about this node).
+    pub membership: Option<(watch::Receiver<Members>, mpsc::Sender<MemberRequest>)>,
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "never seen").
@@ -53,8 +59,7 @@ fn now_ms(epoch: Instant) -> u64 {
 
 impl Reporter {
     pub async fn bind(&self) -> std::io::Result<UdpSocket> {
-        let me = &self.view.nodes[self.view.self_index];
-        UdpSocket::bind(SocketAddr::new(me.address, self.port)).await
+        UdpSocket::bind(SocketAddr::new(self.view.own().address(), self.port)).await
     }
 
     /// Applies one received datagram to the view. Returns whether it was accepted.
@@ -66,8 +71,20 @@ impl Reporter {
             return false;
         };
         let slot = &self.view.nodes[i];
-        if slot.id != env.from || i == self.view.self_index {
+        if slot.id() != env.from || i == self.view.self_index {
             return false;
+        }
+        if let Some(Body::Removed(r)) = env.body {
+            return match &self.membership {
+                Some((_, tx)) => tx
+                    .try_send(MemberRequest::Removed {
+                        from: env.from,
+                        index: r.index,
+                        voters: r.voters,
+                    })
+                    .is_ok(),
+                None => false,
+            };
         }
         if let Some(Body::Raft(bytes)) = env.body {
             return match &self.raft_inbox {
@@ -86,29 +103,66 @@ impl Reporter {
             slot.last_seen_ms.store(now_ms(self.epoch), Relaxed);
             slot.report_gen.fetch_add(1, Relaxed);
             if !slot.alive.swap(true, Relaxed) {
-                tracing::info!(node = slot.id, "node is alive");
+                tracing::info!(node = slot.id(), "node is alive");
             }
         }
         true
+    }
+
+    /// The notice for a datagram from a node that this node has removed (its address and id
+    /// match an absent slot), or None. Such a node missed the commit of its removal; the
+    /// notice lets it leave the group instead of carrying on as a member nobody listens to.
+    pub fn removal_notice(&self, from: SocketAddr, buf: &[u8]) -> Option<Vec<u8>> {
+        let (members, _) = self.membership.as_ref()?;
+        let env = Envelope::from_bytes(buf).ok()?;
+        let known = self.view.slots().iter().any(|s| {
+            !s.is_present()
+                && s.ident()
+                    .is_some_and(|i| i.id == env.from && i.address == from.ip())
+        });
+        let m = members.borrow();
+        if !known || m.contains(env.from) || !m.contains(self.node_id) {
+            return None;
+        }
+        let notice = Envelope {
+            from: self.node_id,
+            term: self.role.term.load(Relaxed),
+            body: Some(Body::Removed(Removed {
+                index: m.index,
+                voters: m.ids(),
+            })),
+        };
+        Some(notice.to_bytes())
     }
 
     /// Marks nodes dead whose reports stopped.
     pub fn sweep(&self) {
         let now = now_ms(self.epoch);
         let dead_ms = u64::try_from(self.dead_after.as_millis()).unwrap_or(u64::MAX);
-        for (i, slot) in self.view.nodes.iter().enumerate() {
-            if i == self.view.self_index {
+        for (i, slot) in self.view.slots().iter().enumerate() {
+            if i == self.view.self_index || !slot.is_present() {
                 continue;
             }
             let seen = slot.last_seen_ms.load(Relaxed);
             if slot.alive.load(Relaxed) && (seen == 0 || now.saturating_sub(seen) > dead_ms) {
                 slot.alive.store(false, Relaxed);
                 tracing::warn!(
-                    node = slot.id,
+                    node = slot.id(),
                     "no report for {dead_ms} ms: node marked dead"
                 );
             }
         }
+    }
+
+    /// Where reports go: every present node but this one.
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.view
+            .slots()
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != self.view.self_index && n.is_present())
+            .map(|(_, n)| SocketAddr::new(n.address(), self.port))
+            .collect()
     }
 
     pub async fn run(self, sock: Arc<UdpSocket>) {
@@ -118,6 +172,9 @@ impl Reporter {
             let me2 = me.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; MAX_DATAGRAM];
+                // When each removed node was last told so (ms): once per report interval.
+                let mut told: std::collections::HashMap<IpAddr, u64> = Default::default();
+                let every = u64::try_from(me2.interval.as_millis()).unwrap_or(u64::MAX);
                 loop {
                     match sock.recv_from(&mut buf).await {
                         Ok((n, from)) => {
@@ -127,6 +184,16 @@ impl Reporter {
                                 &me2.counters.rejected
                             };
                             c.fetch_add(1, Relaxed);
+                            let now = now_ms(me2.epoch);
+                            let due = told
+                                .get(&from.ip())
+                                .is_none_or(|t| now.saturating_sub(*t) >= every);
+                            if due {
+                                if let Some(notice) = me2.removal_notice(from, &buf[..n]) {
+                                    told.insert(from.ip(), now);
+                                    let _ = sock.send_to(&notice, from).await;
+                                }
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "report receive failed");
@@ -145,14 +212,6 @@ impl Reporter {
                 None
             }
         };
-        let peers: Vec<SocketAddr> = me
-            .view
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != me.view.self_index)
-            .map(|(_, n)| SocketAddr::new(n.address, me.port))
-            .collect();
         let mut tick = tokio::time::interval(me.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
@@ -162,7 +221,7 @@ impl Reporter {
                 .as_mut()
                 .and_then(|d| d.count(&me.vip).ok())
                 .unwrap_or_default();
-            let own = &me.view.nodes[me.view.self_index];
+            let own = me.view.own();
             own.established.store(counts.established, Relaxed);
             own.syn_recv.store(counts.syn_recv, Relaxed);
             own.report_gen.fetch_add(1, Relaxed);
@@ -180,7 +239,8 @@ impl Reporter {
                 },
             );
             let bytes = env.to_bytes();
-            for p in &peers {
+            // Read every round: membership changes add and remove destinations.
+            for p in me.peers() {
                 if sock.send_to(&bytes, p).await.is_ok() {
                     me.counters.sent.fetch_add(1, Relaxed);
                 }

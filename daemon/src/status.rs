@@ -27,6 +27,19 @@ pub enum Request {
     Undrain {
         node: u32,
     },
+    /// Add node `id` (cluster-network `address`, optional `weight`, default 1) to the cluster
+    /// through Raft. Only the Raft leader serves it; any other node answers with an error
+    /// naming the leader (id and address). The reply comes once the change has committed.
+    NodeAdd {
+        id: u32,
+        address: String,
+        #[serde(default)]
+        weight: Option<u32>,
+    },
+    /// Remove node `id` from the cluster through Raft (leader only, as [`Request::NodeAdd`]).
+    NodeRemove {
+        id: u32,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +59,10 @@ pub struct NodeStatus {
     pub syn_recv: u32,
     #[serde(rename = "self")]
     pub is_self: bool,
+    /// A voting member of the Raft group (false for a node that has left it: only this node
+    /// itself is listed then).
+    #[serde(default)]
+    pub voter: bool,
     /// Milliseconds since this node's last report reached us (None: never, or self).
     pub last_report_ms_ago: Option<u64>,
 }
@@ -92,6 +109,18 @@ pub struct Status {
     pub role: String,
     pub master_id: Option<u32>,
     pub term: u64,
+    /// The Raft leader this node knows of (the master once it holds its lease).
+    #[serde(default)]
+    pub leader_id: Option<u32>,
+    /// This node is a member of the cluster (false once it has been removed).
+    #[serde(default)]
+    pub member: bool,
+    /// The voting members, sorted.
+    #[serde(default)]
+    pub voters: Vec<u32>,
+    /// Raft log index of the last membership change applied (0: the configured set).
+    #[serde(default)]
+    pub membership_index: u64,
     pub policy: String,
     pub vip: String,
     pub tcp_ports: Vec<u16>,

@@ -51,6 +51,28 @@ fn valid_config_exits_zero() {
     assert!(out.contains("ok"), "{out}");
 }
 
+/// Under Raft the configured nodes are only the bootstrap set; the check says where the
+/// membership lives after the first start.
+#[test]
+fn raft_config_names_the_bootstrap_set() {
+    let raft = GOOD.replacen(
+        "mode = \"static\"\nmaster = 1",
+        "mode = \"raft\"\ndata_dir = \"/var/lib/tdsc-test\"",
+        1,
+    );
+    let (code, out) = check(&raft);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("2 bootstrap nodes") && out.contains("/var/lib/tdsc-test/raft.state"),
+        "{out}"
+    );
+    let (_, out) = check(GOOD);
+    assert!(
+        out.contains("2 nodes") && !out.contains("bootstrap"),
+        "{out}"
+    );
+}
+
 #[test]
 fn invalid_configs_exit_nonzero_naming_the_key() {
     for (from, to, key) in [

@@ -14,7 +14,7 @@ use tdscd::config::{Node, PolicyName};
 use tdscd::dispatch::{Decision, Dispatcher};
 use tdscd::policy::build;
 use tdscd::records::SynRecords;
-use tdscd::view::ClusterView;
+use tdscd::view::{ClusterView, MemberSlot};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -88,16 +88,42 @@ fn per_syn_path_does_not_allocate() {
         .map(|i| syn(1024 + (i % 60000) as u16, i))
         .collect();
     let mut buf = vec![0u8; MAX_HEADER_LEN + 0x10000];
+    let members = |n: u32| -> Vec<MemberSlot> {
+        (1..=n)
+            .map(|id| MemberSlot {
+                id,
+                address: format!("198.51.100.{}", 10 + id).parse().unwrap(),
+                weight: 1,
+                voter: true,
+            })
+            .collect()
+    };
+    let (three, two, five) = (members(3), members(2), members(5));
     for policy in [
         PolicyName::RoundRobin,
         PolicyName::LeastConnections,
         PolicyName::StaticHash,
+        PolicyName::WeightedRoundRobin,
+        PolicyName::PowerOfTwo,
     ] {
         let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len());
         let mut forwarded = 0u32;
+        view.set_members(&three).unwrap();
         ALLOCS.store(0, Relaxed);
         set_counting(true);
         for (i, p) in packets.iter().enumerate() {
+            // Membership changes between SYNs (the Raft task's work, counted too: it must
+            // not make the next decisions allocate either): a node leaves, two join.
+            match i {
+                3_000 => view.set_members(&two).unwrap(),
+                6_000 => view.set_members(&five).unwrap(),
+                _ => {}
+            }
+            if i == 6_000 {
+                for s in view.slots() {
+                    s.alive.store(true, Relaxed);
+                }
+            }
             let s = classify(p, vip, &[80]).expect("a SYN");
             let out = d.decide(&s, &view, i as u64);
             if let Decision::Forward { .. } = out.decision {

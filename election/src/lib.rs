@@ -4,7 +4,9 @@
 //! and reacts to each new [`Leadership`] value: it swaps its ruleset between master and member
 //! and starts or idles its SYN dispatcher. The value comes from configuration
 //! ([`StaticElection`], `[election] mode = "static"`) or from a Raft group of all nodes
-//! ([`RaftCore`], `mode = "raft"`, the default): the Raft leader is the master.
+//! ([`RaftCore`], `mode = "raft"`, the default): the Raft leader is the master. Under Raft the
+//! group's voters change at run time through conf changes ([`RaftCore::propose_membership`],
+//! [`Output::membership`]); the configured nodes are only the bootstrap set.
 //!
 //! ```
 //! use tdsc_election::{Role, StaticElection};
@@ -102,7 +104,10 @@
 use tokio::sync::watch;
 
 pub mod raft_core;
-pub use raft_core::{Output, Persisted, RaftCore, RaftError, RaftSettings, StepError};
+pub use raft_core::{
+    MemberChange, Membership, Output, Persisted, ProposeError, RaftCore, RaftError, RaftSettings,
+    StepError,
+};
 
 /// A node's part in dispatching new connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

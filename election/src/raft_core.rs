@@ -16,6 +16,15 @@
 //! may send before persisting and those that must wait are all returned after the one persist
 //! blob, which the shell writes before sending anything: simpler and never less safe.
 //!
+//! ## Membership
+//!
+//! [`RaftCore::propose_membership`] proposes one raft-rs `ConfChange` (AddNode with an opaque
+//! context, or RemoveNode) on the leader, one at a time. Committed conf changes are applied in
+//! `ready` (by `RaftCore::apply_conf_entries`, kept apart from normal entries): to raft-rs, to the
+//! stored conf state and to the member contexts, all part of [`Output::persist`]; the result is
+//! [`Output::membership`]. A removed node is no longer promotable, so it never campaigns; the
+//! leader refuses to remove itself and transfers leadership instead.
+//!
 //! ## The lease
 //!
 //! See the crate docs for the argument; the mechanism is raft-rs's safe read-index. On every
@@ -24,8 +33,12 @@
 //! `ReadState` with context `s`, and the lease runs to `s + lease_ms`. A node that stops being
 //! leader has its lease revoked (0) in the same `ready`.
 
+use std::collections::BTreeMap;
+
 use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, HardState, Message, MessageType};
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, MessageType,
+};
 use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole};
 
@@ -112,19 +125,25 @@ pub enum StepError {
     Refused,
 }
 
-/// What survives a restart: hard state (term, vote, commit), voters and the log.
+/// What survives a restart: hard state (term, vote, commit), voters, member contexts and the
+/// log.
 ///
-/// Encoded as `"TDSCRAFT1"`, then length-prefixed (u32 BE) protobuf messages: hard state,
-/// conf state, then each entry. The log is small (an empty entry per election), so the
-/// whole state is rewritten on every change; the shell writes it with an atomic rename.
+/// Encoded as `"TDSCRAFT2"`, then length-prefixed (u32 BE) records: hard state, conf state
+/// (protobuf), the member contexts (one record: `u32 count`, then per member `u64 id` and a
+/// length-prefixed context), then each entry. `"TDSCRAFT1"` (no member record) is still read:
+/// it is what nodes wrote before membership changes existed. The log is small, so the whole
+/// state is rewritten on every change; the shell writes it with an atomic rename.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Persisted {
     pub hard_state: HardState,
     pub conf_state: ConfState,
     pub entries: Vec<Entry>,
+    /// Context of every node added by a committed conf change (see [`Membership::members`]).
+    pub members: BTreeMap<u64, Vec<u8>>,
 }
 
-const MAGIC: &[u8] = b"TDSCRAFT1";
+const MAGIC_V1: &[u8] = b"TDSCRAFT1";
+const MAGIC: &[u8] = b"TDSCRAFT2";
 
 impl Persisted {
     pub fn encode(&self) -> Result<Vec<u8>, RaftError> {
@@ -136,6 +155,7 @@ impl Persisted {
         };
         put(self.hard_state.write_to_bytes()?);
         put(self.conf_state.write_to_bytes()?);
+        put(encode_members(&self.members));
         for e in &self.entries {
             put(e.write_to_bytes()?);
         }
@@ -143,9 +163,11 @@ impl Persisted {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, RaftError> {
-        let mut rest = buf
-            .strip_prefix(MAGIC)
-            .ok_or(RaftError::Corrupt("bad magic"))?;
+        let (mut rest, with_members) = match (buf.strip_prefix(MAGIC), buf.strip_prefix(MAGIC_V1)) {
+            (Some(rest), _) => (rest, true),
+            (None, Some(rest)) => (rest, false),
+            (None, None) => return Err(RaftError::Corrupt("bad magic")),
+        };
         let mut parts = Vec::new();
         while !rest.is_empty() {
             let (len, tail) = rest
@@ -165,8 +187,17 @@ impl Persisted {
             hard_state: HardState::parse_from_bytes(parts[0])?,
             conf_state: ConfState::parse_from_bytes(parts[1])?,
             entries: Vec::new(),
+            members: BTreeMap::new(),
         };
-        for e in &parts[2..] {
+        let mut first_entry = 2;
+        if with_members {
+            let m = parts
+                .get(2)
+                .ok_or(RaftError::Corrupt("missing member record"))?;
+            p.members = decode_members(m)?;
+            first_entry = 3;
+        }
+        for e in &parts[first_entry..] {
             p.entries.push(Entry::parse_from_bytes(e)?);
         }
         Ok(p)
@@ -180,6 +211,99 @@ impl Persisted {
     }
 }
 
+fn encode_members(members: &BTreeMap<u64, Vec<u8>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = u32::try_from(members.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    for (id, ctx) in members {
+        out.extend_from_slice(&id.to_be_bytes());
+        let len = u32::try_from(ctx.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(ctx);
+    }
+    out
+}
+
+fn decode_members(mut buf: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, RaftError> {
+    let truncated = RaftError::Corrupt("truncated member record");
+    let (n, rest) = buf.split_first_chunk::<4>().ok_or(truncated)?;
+    let n = u32::from_be_bytes(*n);
+    buf = rest;
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let (id, rest) = buf
+            .split_first_chunk::<8>()
+            .ok_or(RaftError::Corrupt("truncated member id"))?;
+        let (len, rest) = rest
+            .split_first_chunk::<4>()
+            .ok_or(RaftError::Corrupt("truncated member length"))?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).unwrap_or(usize::MAX);
+        if rest.len() < len {
+            return Err(RaftError::Corrupt("truncated member context"));
+        }
+        out.insert(u64::from_be_bytes(*id), rest[..len].to_vec());
+        buf = &rest[len..];
+    }
+    Ok(out)
+}
+
+/// The group's membership as this node has applied it.
+///
+/// The core does not know what a node's address is: a context is opaque bytes that the shell
+/// chose when it proposed the node's addition (the daemon puts a prost `MemberInfo` there)
+/// and that every node receives back when the change commits. Nodes of the bootstrap set
+/// (present from the start, never added by a conf change) have no context here; the shell
+/// takes their details from its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Index of the last conf change applied (0: the bootstrap set).
+    pub index: u64,
+    /// Voting members, sorted.
+    pub voters: Vec<u64>,
+    /// Context of every current member added by a conf change.
+    pub members: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Membership {
+    pub fn is_voter(&self, id: u64) -> bool {
+        self.voters.binary_search(&id).is_ok()
+    }
+}
+
+/// One membership change, as an operator asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Make node `id` a voter; `context` comes back in [`Membership::members`].
+    Add {
+        id: u64,
+        context: Vec<u8>,
+    },
+    Remove {
+        id: u64,
+    },
+}
+
+/// Why a membership change was not proposed. Nothing was changed in any of these cases.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProposeError {
+    #[error("this node is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("another membership change is still being committed; retry when it is done")]
+    Pending,
+    #[error("node {id} is already a voter")]
+    AlreadyVoter { id: u64 },
+    #[error("node {id} is not a voter")]
+    NotVoter { id: u64 },
+    #[error("node {id} is the last voter; a group cannot remove its last member")]
+    LastVoter { id: u64 },
+    #[error("node {id} is the leader; leadership is being transferred to node {to}, send the request there")]
+    RemovingLeader { id: u64, to: u64 },
+    #[error("node id 0 is not a node id")]
+    ZeroId,
+    #[error("raft refused the proposal")]
+    Refused,
+}
+
 /// What the shell must do after a `step` or `tick`, in field order (see the module docs).
 #[derive(Debug, Default)]
 pub struct Output {
@@ -191,6 +315,10 @@ pub struct Output {
     pub persist: Option<Persisted>,
     /// (destination node id, encoded raft message).
     pub messages: Vec<(u64, Vec<u8>)>,
+    /// The membership after the conf changes applied in this `ready`, when there were any.
+    /// The shell updates its peer table, dispatch view and ruleset from it; it is also part of
+    /// [`Output::persist`], which the shell writes before anything is sent.
+    pub membership: Option<Membership>,
 }
 
 /// Bridges raft-rs's slog records into `tracing`.
@@ -229,6 +357,8 @@ pub struct RaftCore {
     lease_until_ms: u64,
     published: Option<Leadership>,
     persisted: Persisted,
+    /// Log index of the last conf change applied (0 until one is).
+    membership_index: u64,
 }
 
 impl std::fmt::Debug for RaftCore {
@@ -282,6 +412,7 @@ impl RaftCore {
             lease_until_ms: 0,
             published: None,
             persisted,
+            membership_index: 0,
         })
     }
 
@@ -407,8 +538,9 @@ impl RaftCore {
                     self.lease_until_ms = self.lease_until_ms.max(until);
                 }
             }
-            // Committed entries carry nothing yet besides the leader's empty entry.
-            let _ = rd.take_committed_entries();
+            // Committed entries carry nothing yet besides the leader's empty entry and
+            // membership changes.
+            dirty |= self.apply_conf_entries(&rd.take_committed_entries(), &mut out);
             if !rd.entries().is_empty() {
                 if let Err(e) = self.raw.store().wl().append(rd.entries()) {
                     tracing::error!(error = %e, "raft log append failed");
@@ -429,7 +561,7 @@ impl RaftCore {
                 dirty = true;
             }
             self.collect(light.take_messages(), &mut out);
-            let _ = light.take_committed_entries();
+            dirty |= self.apply_conf_entries(&light.take_committed_entries(), &mut out);
             self.raw.advance_apply();
         }
         if !self.is_leader() {
@@ -445,6 +577,136 @@ impl RaftCore {
             out.persist = Some(self.persisted.clone());
         }
         out
+    }
+
+    /// The leader this node knows of, if any (whether or not it holds a lease).
+    pub fn leader_id(&self) -> Option<u64> {
+        Some(self.raw.raft.leader_id).filter(|id| *id != 0)
+    }
+
+    /// The membership as applied so far.
+    pub fn membership(&self) -> Membership {
+        let mut voters: Vec<u64> = self.persisted.conf_state.voters.clone();
+        voters.sort_unstable();
+        Membership {
+            index: self.membership_index,
+            voters,
+            members: self.persisted.members.clone(),
+        }
+    }
+
+    /// Proposes one membership change (a raft-rs `ConfChange`). Only the leader proposes, one
+    /// change at a time; the change takes effect on each node when it commits (see
+    /// [`Output::membership`]). Returns the log index of the proposal.
+    ///
+    /// Removing the leader itself is refused: the leader starts a leadership transfer to the
+    /// most up-to-date other voter instead, and the caller retries there. A leader that removed
+    /// itself would keep dispatching until the change committed and then leave the group
+    /// leaderless for an election timeout.
+    pub fn propose_membership(&mut self, change: MemberChange) -> Result<u64, ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader_id(),
+            });
+        }
+        if self.raw.raft.has_pending_conf() {
+            return Err(ProposeError::Pending);
+        }
+        let voters = self.membership().voters;
+        let mut cc = ConfChange::default();
+        match change {
+            MemberChange::Add { id, context } => {
+                if id == 0 {
+                    return Err(ProposeError::ZeroId);
+                }
+                if voters.contains(&id) {
+                    return Err(ProposeError::AlreadyVoter { id });
+                }
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+                cc.context = context.into();
+            }
+            MemberChange::Remove { id } => {
+                if !voters.contains(&id) {
+                    return Err(ProposeError::NotVoter { id });
+                }
+                if voters.len() == 1 {
+                    return Err(ProposeError::LastVoter { id });
+                }
+                if id == self.id() {
+                    let to = self
+                        .transfer_target()
+                        .ok_or(ProposeError::LastVoter { id })?;
+                    self.raw.transfer_leader(to);
+                    return Err(ProposeError::RemovingLeader { id, to });
+                }
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+            }
+        }
+        self.raw
+            .propose_conf_change(Vec::new(), cc)
+            .map_err(|_| ProposeError::Refused)?;
+        Ok(self.raw.raft.raft_log.last_index())
+    }
+
+    /// The other voter whose log matches the leader's furthest.
+    fn transfer_target(&self) -> Option<u64> {
+        let me = self.id();
+        self.persisted
+            .conf_state
+            .voters
+            .iter()
+            .copied()
+            .filter(|id| *id != me)
+            .max_by_key(|id| self.raw.raft.prs().get(*id).map_or(0, |p| p.matched))
+    }
+
+    /// Applies the committed conf changes among `entries`, in log order, to raft-rs, the
+    /// stored conf state and the member contexts. Returns whether anything changed.
+    ///
+    /// After a restart raft-rs hands back every committed entry from the start of the log, so
+    /// changes already reflected in the persisted conf state are applied again; each change
+    /// names one node and is idempotent, so replaying them in order ends in the same state.
+    fn apply_conf_entries(&mut self, entries: &[Entry], out: &mut Output) -> bool {
+        let mut changed = false;
+        for e in entries {
+            if e.get_entry_type() != EntryType::EntryConfChange {
+                continue;
+            }
+            let cc = match ConfChange::parse_from_bytes(&e.data) {
+                Ok(cc) => cc,
+                Err(err) => {
+                    tracing::error!(index = e.index, error = %err, "undecodable conf change skipped");
+                    continue;
+                }
+            };
+            let cs = match self.raw.apply_conf_change(&cc) {
+                Ok(cs) => cs,
+                Err(err) => {
+                    tracing::error!(index = e.index, error = %err, "conf change not applied");
+                    continue;
+                }
+            };
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    self.persisted
+                        .members
+                        .insert(cc.node_id, cc.context.to_vec());
+                }
+                ConfChangeType::RemoveNode => {
+                    self.persisted.members.remove(&cc.node_id);
+                }
+            }
+            self.raw.store().wl().set_conf_state(cs.clone());
+            self.persisted.conf_state = cs;
+            self.membership_index = e.index;
+            changed = true;
+        }
+        if changed {
+            out.membership = Some(self.membership());
+        }
+        changed
     }
 
     fn collect(&self, msgs: Vec<Message>, out: &mut Output) {

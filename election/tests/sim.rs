@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tdsc_election::{Persisted, RaftCore, RaftSettings, Role};
+use tdsc_election::{MemberChange, Persisted, ProposeError, RaftCore, RaftSettings, Role};
 
 const SETTINGS: RaftSettings = RaftSettings {
     tick_ms: 10,
@@ -159,6 +159,32 @@ impl Sim {
             }
         }
         None
+    }
+
+    /// Proposes a membership change on `leader`, runs until every node in `on` has applied
+    /// it, and returns the log index of the proposal.
+    fn change(&mut self, leader: u64, change: MemberChange, on: &[u64]) -> u64 {
+        let index = self
+            .nodes
+            .get_mut(&leader)
+            .unwrap()
+            .propose_membership(change)
+            .expect("the leader accepts the change");
+        self.drain(leader);
+        for _ in 0..2_000 {
+            if on
+                .iter()
+                .all(|id| self.nodes[id].membership().index >= index)
+            {
+                return index;
+            }
+            self.step_ms();
+        }
+        panic!("change at index {index} not applied on {on:?} within 2 s");
+    }
+
+    fn voters(&self, id: u64) -> Vec<u64> {
+        self.nodes[&id].membership().voters
     }
 
     fn restart(&mut self, id: u64) {
@@ -361,6 +387,213 @@ fn persisted_state_round_trips() {
         let back = Persisted::decode(&p.encode().unwrap()).unwrap();
         assert_eq!(&back, p);
     }
+    // A file written before membership changes existed ("TDSCRAFT1": no member record) is
+    // read as the same state with no member contexts.
+    let p = sim.disk.values().next().unwrap();
+    let v2 = p.encode().unwrap();
+    let mut records = Vec::new();
+    let mut rest = &v2[b"TDSCRAFT2".len()..];
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        records.push(&rest[..4 + len]);
+        rest = &rest[4 + len..];
+    }
+    let mut v1 = b"TDSCRAFT1".to_vec();
+    for (i, r) in records.iter().enumerate() {
+        if i != 2 {
+            v1.extend_from_slice(r);
+        }
+    }
+    assert_eq!(&Persisted::decode(&v1).unwrap(), p);
     assert!(Persisted::decode(b"garbage").is_err());
     assert!(Persisted::decode(b"TDSCRAFT1\x00\x00\x00\x09ab").is_err());
+}
+
+/// After a follower's removal the group is {leader, other}: with the other voter cut off, the
+/// leader alone is no quorum and must lose its lease, although the removed node still hears
+/// it. Were the removed node still a voter, leader + it would be a quorum and keep the lease.
+#[test]
+fn a_removed_node_no_longer_counts_toward_quorum() {
+    let mut sim = Sim::new(3);
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let (removed, other) = if leader == 3 {
+        (1, 2)
+    } else {
+        (3, if leader == 1 { 2 } else { 1 })
+    };
+    sim.change(leader, MemberChange::Remove { id: removed }, &[1, 2, 3]);
+    let mut want = vec![leader, other];
+    want.sort_unstable();
+    for id in 1..=3 {
+        assert_eq!(sim.voters(id), want, "node {id} applied the removal");
+    }
+    sim.run_ms(200);
+    assert_eq!(
+        sim.masters(),
+        vec![leader],
+        "the two voters keep their master"
+    );
+    sim.cut.insert(other);
+    sim.run_ms(1_000);
+    assert!(
+        sim.masters().is_empty(),
+        "the leader kept a lease with only the removed node answering: {:?}",
+        sim.masters()
+    );
+    // The removed node never campaigns: it is not a voter in its own view either.
+    sim.cut.clear();
+    sim.run_ms(1_000);
+    let m = sim.masters();
+    assert_eq!(m.len(), 1);
+    assert_ne!(m[0], removed, "the removed node became master");
+}
+
+/// A node added at run time starts with the bootstrap voters and an empty log, catches up
+/// from the leader, applies its own addition and from then on counts toward quorum: with one
+/// old follower cut, the leader keeps its lease only thanks to node 4's acknowledgements
+/// (quorum of 4 voters is 3).
+#[test]
+fn an_added_node_catches_up_and_votes() {
+    let mut sim = Sim::new(3);
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let joiner = RaftCore::new(4, &[1, 2, 3], SETTINGS, None, sim.now, &log).unwrap();
+    sim.nodes.insert(4, joiner);
+    sim.change(
+        leader,
+        MemberChange::Add {
+            id: 4,
+            context: b"node four".to_vec(),
+        },
+        &[1, 2, 3, 4],
+    );
+    for id in 1..=4 {
+        assert_eq!(sim.voters(id), vec![1, 2, 3, 4], "node {id}");
+        assert_eq!(
+            sim.nodes[&id].membership().members.get(&4),
+            Some(&b"node four".to_vec()),
+            "node {id} has node 4's context"
+        );
+    }
+    assert_eq!(sim.nodes[&4].term(), sim.nodes[&leader].term());
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    sim.cut.insert(follower);
+    sim.run_ms(1_000);
+    assert_eq!(
+        sim.masters(),
+        vec![leader],
+        "node 4's votes keep the quorum"
+    );
+    // And the other way round: with the leader and one more cut, 2 of 4 is no quorum.
+    let third = (1..=3).find(|i| *i != leader && *i != follower).unwrap();
+    sim.cut.insert(third);
+    sim.run_ms(1_000);
+    assert!(sim.masters().is_empty());
+}
+
+#[test]
+fn bad_membership_changes_are_refused_and_change_nothing() {
+    let mut sim = Sim::new(3);
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let f = sim.nodes.get_mut(&follower).unwrap();
+    assert_eq!(
+        f.propose_membership(MemberChange::Remove { id: 3 }),
+        Err(ProposeError::NotLeader {
+            leader: Some(leader)
+        })
+    );
+    let l = sim.nodes.get_mut(&leader).unwrap();
+    assert_eq!(
+        l.propose_membership(MemberChange::Add {
+            id: follower,
+            context: vec![]
+        }),
+        Err(ProposeError::AlreadyVoter { id: follower })
+    );
+    assert_eq!(
+        l.propose_membership(MemberChange::Remove { id: 9 }),
+        Err(ProposeError::NotVoter { id: 9 })
+    );
+    assert_eq!(
+        l.propose_membership(MemberChange::Add {
+            id: 0,
+            context: vec![]
+        }),
+        Err(ProposeError::ZeroId)
+    );
+    let index = l
+        .propose_membership(MemberChange::Remove { id: follower })
+        .unwrap();
+    assert_eq!(
+        l.propose_membership(MemberChange::Add {
+            id: 7,
+            context: vec![]
+        }),
+        Err(ProposeError::Pending),
+        "one change at a time"
+    );
+    sim.drain(leader);
+    sim.run_ms(300);
+    assert!(sim.nodes[&leader].membership().index >= index);
+    assert_eq!(sim.voters(leader).len(), 2);
+    // Removing the leader hands leadership to the other voter instead.
+    let other = sim
+        .voters(leader)
+        .into_iter()
+        .find(|i| *i != leader)
+        .unwrap();
+    let l = sim.nodes.get_mut(&leader).unwrap();
+    assert_eq!(
+        l.propose_membership(MemberChange::Remove { id: leader }),
+        Err(ProposeError::RemovingLeader {
+            id: leader,
+            to: other
+        })
+    );
+    sim.drain(leader);
+    sim.run_ms(1_000);
+    assert_eq!(sim.masters(), vec![other], "leadership moved");
+    assert_eq!(sim.voters(other).len(), 2, "nobody was removed");
+    // The last voter is never removed.
+    sim.change(other, MemberChange::Remove { id: leader }, &[other]);
+    let o = sim.nodes.get_mut(&other).unwrap();
+    assert_eq!(
+        o.propose_membership(MemberChange::Remove { id: other }),
+        Err(ProposeError::LastVoter { id: other })
+    );
+}
+
+#[test]
+fn membership_survives_a_restart() {
+    let mut sim = Sim::new(3);
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    sim.nodes.insert(
+        4,
+        RaftCore::new(4, &[1, 2, 3], SETTINGS, None, sim.now, &log).unwrap(),
+    );
+    sim.change(
+        leader,
+        MemberChange::Add {
+            id: 4,
+            context: vec![4, 4],
+        },
+        &[1, 2, 3, 4],
+    );
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let p = sim.disk[&follower].clone();
+    assert_eq!(Persisted::decode(&p.encode().unwrap()).unwrap(), p);
+    let core = RaftCore::new(follower, &[1, 2, 3], SETTINGS, Some(p), sim.now, &log).unwrap();
+    let m = core.membership();
+    assert_eq!(
+        m.voters,
+        vec![1, 2, 3, 4],
+        "voters come from disk, not the bootstrap list"
+    );
+    assert_eq!(m.members.get(&4), Some(&vec![4, 4]));
 }

@@ -41,9 +41,11 @@ pub struct HostFacts {
 /// This node's bucket of the static hash that splits flows the master does not dispatch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StaticHash {
-    /// This node's bucket, `0..count`. Every node must have a different one.
+    /// This node's bucket, `0..count`. Every node must have a different one. `index == count`
+    /// means no bucket: the node (one that has left the cluster) drops every undispatched
+    /// flow, since the members' buckets cover them all.
     pub index: u32,
-    /// Number of buckets (nodes). With 1 the hash rules are left out.
+    /// Number of buckets (nodes). With 1 (and a bucket) the hash rules are left out.
     pub count: u32,
     /// jhash seed. Every node must use the same one, or a flow could hash to no node or to
     /// two. It is always sent to the kernel, because without one nft_hash picks a random seed
@@ -122,10 +124,10 @@ fn check_hash(hash: &StaticHash) -> Result<(), Error> {
     if hash.count == 0 {
         return Err(invalid("static_hash.count", "must be at least 1"));
     }
-    if hash.index >= hash.count {
+    if hash.index > hash.count {
         return Err(invalid(
             "static_hash.index",
-            format!("{} is not below count {}", hash.index, hash.count),
+            format!("{} is above count {}", hash.index, hash.count),
         ));
     }
     Ok(())
@@ -453,9 +455,10 @@ fn input_rules(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Vec<Rule> {
     });
 
     let hash = spec.static_hash;
-    if hash.count > 1 {
+    if hash.count > 1 || hash.index >= hash.count {
         // jhash is deterministic given the seed, so every node computes the same bucket for a
-        // flow and exactly one of them (the one whose index it is) keeps it.
+        // flow and exactly one of them (the one whose index it is) keeps it. With no bucket
+        // (index == count) `!= index` always holds and the node keeps none.
         let not_mine = |input| Match::HashNotMine { input, hash };
         let mut udp = to_vip();
         udp.push(not_mine(HashInput::SaddrSport(family, L4Proto::Udp)));
@@ -797,6 +800,28 @@ mod tests {
         assert!(!text.contains("jhash"), "{text}");
     }
 
+    /// A node that has left the cluster keeps no bucket, even when one member remains.
+    #[test]
+    fn no_bucket_drops_every_undispatched_flow() {
+        for count in [1, 2] {
+            let spec = ClusterSpec {
+                static_hash: StaticHash {
+                    index: count,
+                    count,
+                    seed: 0,
+                },
+                ..spec()
+            };
+            assert!(spec.validate().is_ok());
+            let text = ruleset(Role::Member, &spec, &COMPAT).to_nft_text();
+            assert!(
+                text.contains(&format!("mod {count} seed 0x0 != {count}")),
+                "{text}"
+            );
+            assert!(text.contains("udp sport"), "{text}");
+        }
+    }
+
     #[test]
     fn ipv6_vip_uses_ip6_everywhere() {
         let spec = ClusterSpec {
@@ -868,7 +893,7 @@ mod tests {
             },
             ClusterSpec {
                 static_hash: StaticHash {
-                    index: 2,
+                    index: 3,
                     count: 2,
                     seed: 0,
                 },

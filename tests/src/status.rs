@@ -14,6 +14,12 @@ pub struct Status {
     /// Election term (static election: 1).
     pub term: u64,
     pub policy: String,
+    /// The Raft leader this node knows of.
+    pub leader_id: Option<u32>,
+    /// This node is a member of the cluster (false once removed).
+    pub member: bool,
+    /// Voting members, sorted.
+    pub voters: Vec<u32>,
     pub nodes: Vec<NodeStatus>,
     pub counters: Counters,
 }
@@ -30,6 +36,8 @@ pub struct NodeStatus {
     pub weight: u32,
     /// Load figure in milli-units.
     pub load: u32,
+    /// A voting member of the Raft group.
+    pub voter: bool,
 }
 
 /// Data-path counters of one node.

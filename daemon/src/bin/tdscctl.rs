@@ -39,6 +39,36 @@ enum Command {
     Drain { node: u32 },
     /// Let NODE take new connections again (NODE's own socket).
     Undrain { node: u32 },
+    /// Cluster membership, replicated through Raft: send to the Raft leader's socket. Any other
+    /// node refuses and names the leader (id and cluster address); nothing is forwarded. The
+    /// answer comes once the change has committed.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeAction {
+    /// Add node ID with cluster-network ADDRESS as a voter. It takes new connections once
+    /// its daemon runs and reports. A brand-new node: add it first, then start its daemon with
+    /// the current members and itself as `[[nodes]]` in its configuration.
+    Add {
+        /// The node's id (1 or more; not in use).
+        id: u32,
+        /// Its address on the cluster interface (same family as the other nodes').
+        address: String,
+        /// Its share of new connections (0..=1000; default 1).
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Remove node ID: it gets no new connection from then on, its own connections finish,
+    /// and it stops voting. The leader cannot remove itself: it hands leadership to another
+    /// voter and names it; send the request there.
+    Remove {
+        /// The member's id.
+        id: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,7 +81,9 @@ enum PolicyAction {
 fn call(socket: &PathBuf, req: &Request) -> anyhow::Result<Reply> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Membership changes answer after commit (a few ticks; at most ~5 s before the daemon
+    // gives up), so wait a little longer than that.
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;
@@ -75,24 +107,31 @@ fn change(socket: &PathBuf, req: &Request) -> anyhow::Result<()> {
 
 fn print_table(s: &Status) {
     println!(
-        "node {} is {} (master: {}, term {}), policy {}, vip {}, queue {}",
+        "node {} is {}{} (master: {}, raft leader: {}, term {}), policy {}, vip {}, queue {}",
         s.node_id,
         s.role,
+        if s.member {
+            ""
+        } else {
+            ", REMOVED from the cluster"
+        },
         s.master_id.map_or("none".to_string(), |m| m.to_string()),
+        s.leader_id.map_or("none".to_string(), |m| m.to_string()),
         s.term,
         s.policy,
         s.vip,
         s.queue_backend
     );
     println!(
-        "{:>4}  {:<16} {:<6} {:>11} {:>8} {:>6} {:>8}",
-        "id", "address", "alive", "connections", "syn-recv", "weight", "load"
+        "{:>4}  {:<16} {:<6} {:<6} {:>11} {:>8} {:>6} {:>8}",
+        "id", "address", "voter", "alive", "connections", "syn-recv", "weight", "load"
     );
     for n in &s.nodes {
         println!(
-            "{:>4}  {:<16} {:<6} {:>11} {:>8} {:>6} {:>8.3}{}{}",
+            "{:>4}  {:<16} {:<6} {:<6} {:>11} {:>8} {:>6} {:>8.3}{}{}",
             n.id,
             n.address,
+            if n.voter { "yes" } else { "no" },
             if n.alive { "yes" } else { "NO" },
             n.connections,
             n.syn_recv,
@@ -141,6 +180,24 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Drain { node } => change(&args.socket, &Request::Drain { node })?,
         Command::Undrain { node } => change(&args.socket, &Request::Undrain { node })?,
+        Command::Node {
+            action:
+                NodeAction::Add {
+                    id,
+                    address,
+                    weight,
+                },
+        } => change(
+            &args.socket,
+            &Request::NodeAdd {
+                id,
+                address,
+                weight,
+            },
+        )?,
+        Command::Node {
+            action: NodeAction::Remove { id },
+        } => change(&args.socket, &Request::NodeRemove { id })?,
     }
     Ok(())
 }

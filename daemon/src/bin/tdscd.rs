@@ -79,11 +79,18 @@ fn main() -> ExitCode {
         };
     }
     if args.check_config {
+        let nodes = match cfg.election {
+            tdscd::config::ElectionMode::Raft { ref data_dir, .. } => format!(
+                "{} bootstrap nodes; membership after the first start is kept in {}",
+                cfg.nodes.len(),
+                data_dir.join(tdscd::raft::STATE_FILE).display()
+            ),
+            tdscd::config::ElectionMode::Static { .. } => format!("{} nodes", cfg.nodes.len()),
+        };
         println!(
-            "{}: ok (node {}, {} nodes, vip {})",
+            "{}: ok (node {}, {nodes}, vip {})",
             args.config.display(),
             cfg.node_id,
-            cfg.nodes.len(),
             cfg.vip
         );
         return ExitCode::SUCCESS;

@@ -1,0 +1,356 @@
+//! Run-time membership through Raft, end to end on the 3-node lab (root only; SKIP otherwise):
+//! `tdscctl node remove` and `node add` under continuous client traffic, and the checks that
+//! refuse bad requests. Each test builds its own lab (`tdsc-mem-<pid>-<n>`) and removes it, also
+//! on failure (the lab tears itself down when dropped).
+//!
+//! Every wait polls the nodes' `tdscctl status` until a condition holds and fails after a
+//! generous limit; what is asserted never depends on how long anything took.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::status::Status;
+use tdsc_lab::{http, load, netns, nft};
+
+/// How long a change may take to show everywhere before the test gives up.
+const PROPAGATION: Duration = Duration::from_secs(15);
+
+fn start() -> anyhow::Result<Cluster> {
+    Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-mem")),
+        policy: Some("round-robin".to_owned()),
+        raft: true,
+        ..ClusterOptions::default()
+    })
+    .context("start the raft cluster")
+}
+
+fn teardown(cluster: Cluster) -> anyhow::Result<()> {
+    cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Polls every node in `nodes` until `cond` holds for each one's status.
+fn wait_all(
+    cluster: &Cluster,
+    nodes: &[&str],
+    what: &str,
+    cond: impl Fn(&Status) -> bool,
+) -> anyhow::Result<Vec<Status>> {
+    let start = Instant::now();
+    loop {
+        let all: Vec<Status> = nodes
+            .iter()
+            .map(|n| cluster.status(n))
+            .collect::<Result<_, _>>()?;
+        if all.iter().all(&cond) {
+            return Ok(all);
+        }
+        if start.elapsed() > PROPAGATION {
+            bail!("{what}: not reached within {PROPAGATION:?}; last statuses: {all:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connections node `s` took: forwards received plus SYNs it accepted as master.
+fn taken(s: &Status) -> u64 {
+    s.counters.received_forwarded + s.counters.accepted_locally
+}
+
+fn rsts(clients: &[String]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for ns in clients {
+        total += nft::client_counters(ns)?.0;
+    }
+    Ok(total)
+}
+
+/// `node remove 3` on the leader under traffic: every node shows two voters, node 3 is told
+/// it was removed and takes no new connection, no request fails and no client sees an RST.
+/// Then `node add 3`: node 3 is a voter and a member again, takes connections again, and its
+/// vote counts (the leader keeps a quorum with the third node's daemon killed).
+#[test]
+fn remove_and_add_a_node_under_traffic() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("remove_and_add_a_node_under_traffic") else {
+        return Ok(());
+    };
+    let mut cluster = start()?;
+    let all = ["node1", "node2", "node3"];
+    wait_all(&cluster, &all, "three voters", |s| s.voters == [1, 2, 3])?;
+    let clients = cluster.client_namespaces();
+    for ns in &clients {
+        nft::install_client_probe(ns)?;
+    }
+    let vip = SocketAddr::V4(cluster.vip());
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let clients = clients.clone();
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || load::run(&clients, vip, 1_000_000, &stop))
+    };
+    let result = remove_then_add(&mut cluster, &all);
+    stop.store(true, Ordering::Relaxed);
+    let tally = traffic
+        .join()
+        .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+    let (node3_served_while_removed, leader) = result?;
+    cluster.check_daemons()?;
+    println!(
+        "requests: {} ok, {} failed, by node {:?}",
+        tally.ok(),
+        tally.failures,
+        tally.by_node
+    );
+    assert_eq!(
+        tally.failures, 0,
+        "failed requests, e.g. {:?}",
+        tally.sample_errors
+    );
+    assert_eq!(rsts(&clients)?, 0, "clients received TCP RSTs");
+    assert_eq!(
+        node3_served_while_removed, 0,
+        "node 3 took connections while removed"
+    );
+    ensure!(
+        tally.by_node.get(&3).copied().unwrap_or(0) > 0,
+        "node 3 served nothing at all"
+    );
+    node3_votes(&mut cluster, &leader, &clients)?;
+    teardown(cluster)
+}
+
+/// The remove/add sequence; returns the connections node 3 took while removed and the leader.
+fn remove_then_add(cluster: &mut Cluster, all: &[&str]) -> anyhow::Result<(u64, String)> {
+    let mut leader = cluster.wait_master(None, PROPAGATION)?;
+    cluster.wait_master_status("traffic to start", PROPAGATION, |s| {
+        s.counters.syns_dispatched >= 100
+    })?;
+    if leader.id == 3 {
+        // The leader cannot remove itself: it hands leadership on and names the new leader.
+        let err = cluster
+            .ctl("node3", &["node", "remove", "3"])
+            .expect_err("the leader removed itself");
+        ensure!(
+            err.to_string().contains("is being transferred to node"),
+            "{err}"
+        );
+        leader = cluster.wait_master(Some("node3"), PROPAGATION)?;
+    }
+    let node3_addr = cluster
+        .node("node3")?
+        .cluster_addr
+        .context("node3 has no cluster address")?
+        .to_string();
+
+    let out = cluster.ctl(&leader.name, &["node", "remove", "3"])?;
+    ensure!(out.contains("node 3 removed"), "tdscctl said {out:?}");
+    let after = wait_all(cluster, all, "node 3 removed everywhere", |s| {
+        s.voters == [1, 2]
+    })?;
+    let node3 = &after[2];
+    ensure!(!node3.member, "node 3 does not know it was removed");
+    ensure!(
+        !cluster
+            .status(&leader.name)?
+            .nodes
+            .iter()
+            .any(|n| n.id == 3),
+        "the leader still lists node 3"
+    );
+    let taken_at_removal = taken(node3);
+    let dispatched = cluster.status(&leader.name)?.counters.syns_dispatched;
+    cluster.wait_master_status("300 connections after the removal", PROPAGATION, |s| {
+        s.counters.syns_dispatched >= dispatched + 300
+    })?;
+    let node3_taken = taken(&cluster.status("node3")?) - taken_at_removal;
+
+    let out = cluster.ctl(&leader.name, &["node", "add", "3", &node3_addr])?;
+    ensure!(out.contains("node 3"), "tdscctl said {out:?}");
+    let back = wait_all(cluster, all, "node 3 added everywhere", |s| {
+        s.voters == [1, 2, 3] && s.member
+    })?;
+    ensure!(
+        back.iter()
+            .all(|s| s.nodes.iter().filter(|n| n.voter).count() == 3),
+        "a node lists fewer than three voters: {back:#?}"
+    );
+    let before = taken(&back[2]);
+    wait_all(
+        cluster,
+        &["node3"],
+        "node 3 to take connections again",
+        |s| taken(s) > before + 10,
+    )?;
+    Ok((node3_taken, leader.name))
+}
+
+/// With node 3 back, the two nodes other than the leader's peer form a quorum: kill the third
+/// node's daemon and the cluster still has a master that dispatches.
+fn node3_votes(cluster: &mut Cluster, leader: &str, clients: &[String]) -> anyhow::Result<()> {
+    let victim = ["node1", "node2"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .context("no third node")?;
+    let victim_id = cluster.node(victim)?.id;
+    cluster.kill_daemon(victim)?;
+    // Dead after 1 s without reports: by then a leader without a quorum would long have been
+    // deposed (check-quorum, one election timeout).
+    let survivors: Vec<&str> = ["node1", "node2", "node3"]
+        .into_iter()
+        .filter(|n| *n != victim)
+        .collect();
+    let start = Instant::now();
+    loop {
+        let statuses: Vec<Status> = survivors
+            .iter()
+            .filter_map(|n| cluster.status(n).ok())
+            .collect();
+        let master = statuses.iter().find(|s| s.is_master());
+        if master.is_some_and(|m| m.nodes.iter().any(|n| n.id == victim_id && !n.alive)) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < PROPAGATION,
+            "no master among {survivors:?} once {victim} was dead: {statuses:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vip = SocketAddr::V4(cluster.vip());
+    let mut served = 0;
+    for ns in clients {
+        for _ in 0..25 {
+            let r = netns::run_in(ns, || http::get(vip, "/", load::REQUEST_TIMEOUT))??;
+            ensure!(r.node != victim_id, "the dead node served a request");
+            served += 1;
+        }
+    }
+    ensure!(served == 25 * clients.len());
+    cluster.restart_daemon(victim, PROPAGATION)?;
+    Ok(())
+}
+
+/// A node whose daemon is down while it is removed misses the commit; restarted with its old
+/// Raft state it still believes it is a voter, and the leader no longer talks to it. The
+/// others answer its first datagrams with a `Removed` notice: it leaves (its status says so),
+/// and when it is added again it catches up from the leader's log and is a member again.
+#[test]
+fn a_node_down_during_its_removal_learns_it_when_it_returns() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("a_node_down_during_its_removal_learns_it_when_it_returns")
+    else {
+        return Ok(());
+    };
+    let mut cluster = start()?;
+    let all = ["node1", "node2", "node3"];
+    wait_all(&cluster, &all, "three voters", |s| s.voters == [1, 2, 3])?;
+    let leader = cluster.wait_master(None, PROPAGATION)?;
+    let victim = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.id != leader.id)
+        .context("a follower")?
+        .clone();
+    let addr = victim.cluster_addr.context("victim address")?.to_string();
+    let others: Vec<&str> = all.into_iter().filter(|n| *n != victim.name).collect();
+    let rest: Vec<u32> = [1, 2, 3].into_iter().filter(|i| *i != victim.id).collect();
+
+    cluster.kill_daemon(&victim.name)?;
+    let id = victim.id.to_string();
+    cluster.ctl(&leader.name, &["node", "remove", &id])?;
+    wait_all(&cluster, &others, "removal applied by the others", |s| {
+        s.voters == rest
+    })?;
+    cluster.restart_daemon(&victim.name, PROPAGATION)?;
+    let told = wait_all(
+        &cluster,
+        &[victim.name.as_str()],
+        "the victim learns",
+        |s| !s.member && s.voters == rest,
+    )?;
+    ensure!(
+        told[0].nodes.iter().all(|n| n.id != victim.id || !n.voter),
+        "the removed node lists itself as a voter: {:?}",
+        told[0].nodes
+    );
+
+    cluster.ctl(&leader.name, &["node", "add", &id, &addr])?;
+    wait_all(&cluster, &all, "the victim back everywhere", |s| {
+        s.voters == [1, 2, 3] && s.member
+    })?;
+    cluster.check_daemons()?;
+    teardown(cluster)
+}
+
+/// A follower refuses and names the leader; the leader refuses bad input with the reason;
+/// the leader asked to remove itself hands leadership on instead. Nothing changes.
+#[test]
+fn bad_membership_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("bad_membership_requests_are_refused_and_change_nothing")
+    else {
+        return Ok(());
+    };
+    let cluster = start()?;
+    let all = ["node1", "node2", "node3"];
+    wait_all(&cluster, &all, "three voters", |s| s.voters == [1, 2, 3])?;
+    let leader = cluster.wait_master(None, PROPAGATION)?;
+    let leader_addr = leader.cluster_addr.context("leader address")?.to_string();
+    let follower = all
+        .into_iter()
+        .find(|n| *n != leader.name)
+        .context("a follower")?;
+
+    let err = cluster
+        .ctl(follower, &["node", "remove", "3"])
+        .expect_err("a follower accepted a membership change")
+        .to_string();
+    let named = format!("the leader is node {} ({leader_addr})", leader.id);
+    ensure!(
+        err.contains(&named),
+        "error does not name the leader: {err}"
+    );
+
+    let l = leader.name.as_str();
+    let refused: [(&[&str], &str); 7] = [
+        (&["node", "add", "2", "198.51.100.99"], "already a member"),
+        (
+            &["node", "add", "4", "198.51.100.12"],
+            "already used by node 2",
+        ),
+        (&["node", "add", "4", "2001:db8::4"], "family"),
+        (&["node", "add", "4", "not-an-address"], "not an IP address"),
+        (
+            &["node", "add", "4", "192.0.2.1"],
+            "cannot be a node address",
+        ),
+        (
+            &["node", "add", "4", "198.51.100.14", "--weight", "5000"],
+            "outside 0..=1000",
+        ),
+        (&["node", "remove", "9"], "not a member"),
+    ];
+    for (args, want) in refused {
+        let err = cluster
+            .ctl(l, args)
+            .expect_err(&format!("accepted: {args:?}"))
+            .to_string();
+        ensure!(err.contains(want), "{args:?}: {err}");
+    }
+    let err = cluster
+        .ctl(l, &["node", "remove", &leader.id.to_string()])
+        .expect_err("the leader removed itself")
+        .to_string();
+    ensure!(err.contains("is being transferred to node"), "{err}");
+    let new = cluster.wait_master(Some(l), PROPAGATION)?;
+    ensure!(new.id != leader.id);
+    // Nothing was lost: three voters everywhere, all members.
+    let now = wait_all(&cluster, &all, "three voters", |s| {
+        s.voters == [1, 2, 3] && s.member
+    })?;
+    for s in &now {
+        ensure!(s.nodes.len() == 3, "node {} lists {:?}", s.node_id, s.nodes);
+    }
+    teardown(cluster)
+}
