@@ -16,6 +16,22 @@
 //! may send before persisting and those that must wait are all returned after the one persist
 //! blob, which the shell writes before sending anything: simpler and never less safe.
 //!
+//! ## Proposals, committed entries and compaction
+//!
+//! The leader's shell proposes opaque data ([`RaftCore::propose`]); every node's `ready`
+//! returns the data of newly committed normal entries in [`Output::committed`], in log order,
+//! for the shell to apply (the daemon uses this to replicate SYN-forward records, paper §3.5).
+//! Empty entries (a new leader's first entry) are not returned. A restarted node resumes at
+//! its persisted commit index and does not get entries committed before the restart again:
+//! what the daemon applies is soft state that would be stale by then.
+//!
+//! The log is bounded: once more than `2 * LOG_KEEP_ENTRIES` applied entries are held, the
+//! oldest are compacted into a snapshot that keeps only the log position and the
+//! [`ConfState`] (its data is empty: records are soft state that expires within their window,
+//! and a follower that needs the snapshot has missed only records). A follower too far behind
+//! receives that snapshot (`MsgSnapshot`) and applies it in `ready`. The snapshot metadata is
+//! persisted with the hard state ([`Persisted`]).
+//!
 //! ## The lease
 //!
 //! See the crate docs for the argument; the mechanism is raft-rs's safe read-index. On every
@@ -25,9 +41,11 @@
 //! leader has its lease revoked (0) in the same `ready`.
 
 use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, HardState, Message, MessageType};
+use raft::prelude::{
+    ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot, SnapshotMetadata,
+};
 use raft::storage::MemStorage;
-use raft::{Config, RawNode, StateRole};
+use raft::{Config, GetEntriesContext, RawNode, StateRole, Storage};
 
 use crate::{Leadership, Role};
 
@@ -112,19 +130,36 @@ pub enum StepError {
     Refused,
 }
 
-/// What survives a restart: hard state (term, vote, commit), voters and the log.
+/// Applied entries kept in the log after a compaction; a compaction runs once twice as many
+/// are held. A follower that lags by more needs a snapshot. At one entry per 10 ms tick this
+/// is at least 0.64 s of history; the persisted state is at most `2 * LOG_KEEP_ENTRIES`
+/// entries (each at most one record batch, see `tdsc_proto::control::MAX_RECORDS_PER_BATCH`).
+pub const LOG_KEEP_ENTRIES: u64 = 64;
+
+/// Largest Raft message payload of entries: one full record batch fits, two need two
+/// messages. Keeps every Raft message inside one UDP datagram.
+pub const MAX_SIZE_PER_MSG: u64 = 32 * 1024;
+
+/// What survives a restart: hard state (term, vote, commit), voters, the last snapshot's
+/// position and the log after it.
 ///
-/// Encoded as `"TDSCRAFT1"`, then length-prefixed (u32 BE) protobuf messages: hard state,
-/// conf state, then each entry. The log is small (an empty entry per election), so the
-/// whole state is rewritten on every change; the shell writes it with an atomic rename.
+/// Encoded as `"TDSCRAFT2"`, then length-prefixed (u32 BE) protobuf messages: hard state,
+/// conf state, snapshot metadata, then each entry. The log is bounded by compaction (see the
+/// module docs), so the whole state is rewritten on every change; the shell writes it with an
+/// atomic rename. Files of the first format (`"TDSCRAFT1"`: no snapshot metadata) are read
+/// as a state that was never compacted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Persisted {
     pub hard_state: HardState,
     pub conf_state: ConfState,
+    /// Index and term of the last compacted entry (0, 0: never compacted) and the voters at
+    /// that point.
+    pub snapshot: SnapshotMetadata,
     pub entries: Vec<Entry>,
 }
 
-const MAGIC: &[u8] = b"TDSCRAFT1";
+const MAGIC: &[u8] = b"TDSCRAFT2";
+const MAGIC_V1: &[u8] = b"TDSCRAFT1";
 
 impl Persisted {
     pub fn encode(&self) -> Result<Vec<u8>, RaftError> {
@@ -136,6 +171,7 @@ impl Persisted {
         };
         put(self.hard_state.write_to_bytes()?);
         put(self.conf_state.write_to_bytes()?);
+        put(self.snapshot.write_to_bytes()?);
         for e in &self.entries {
             put(e.write_to_bytes()?);
         }
@@ -143,9 +179,15 @@ impl Persisted {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, RaftError> {
-        let mut rest = buf
-            .strip_prefix(MAGIC)
-            .ok_or(RaftError::Corrupt("bad magic"))?;
+        let (mut rest, v1) = match (buf.strip_prefix(MAGIC), buf.strip_prefix(MAGIC_V1)) {
+            (Some(r), _) => (r, false),
+            (None, Some(r)) => (r, true),
+            (None, None) => {
+                return Err(RaftError::Corrupt(
+                    "bad magic (neither TDSCRAFT2 nor the older TDSCRAFT1)",
+                ))
+            }
+        };
         let mut parts = Vec::new();
         while !rest.is_empty() {
             let (len, tail) = rest
@@ -158,15 +200,23 @@ impl Persisted {
             parts.push(&tail[..len]);
             rest = &tail[len..];
         }
-        if parts.len() < 2 {
-            return Err(RaftError::Corrupt("missing hard state or conf state"));
+        let head = if v1 { 2 } else { 3 };
+        if parts.len() < head {
+            return Err(RaftError::Corrupt(
+                "missing hard state, conf state or snapshot metadata",
+            ));
         }
         let mut p = Persisted {
             hard_state: HardState::parse_from_bytes(parts[0])?,
             conf_state: ConfState::parse_from_bytes(parts[1])?,
+            snapshot: if v1 {
+                SnapshotMetadata::default()
+            } else {
+                SnapshotMetadata::parse_from_bytes(parts[2])?
+            },
             entries: Vec::new(),
         };
-        for e in &parts[2..] {
+        for e in &parts[head..] {
             p.entries.push(Entry::parse_from_bytes(e)?);
         }
         Ok(p)
@@ -177,6 +227,12 @@ impl Persisted {
         let Some(first) = ents.first() else { return };
         self.entries.retain(|e| e.index < first.index);
         self.entries.extend_from_slice(ents);
+    }
+
+    /// Drops the entries a snapshot covers.
+    fn compact(&mut self, meta: &SnapshotMetadata) {
+        self.entries.retain(|e| e.index > meta.index);
+        self.snapshot = meta.clone();
     }
 }
 
@@ -191,6 +247,10 @@ pub struct Output {
     pub persist: Option<Persisted>,
     /// (destination node id, encoded raft message).
     pub messages: Vec<(u64, Vec<u8>)>,
+    /// Data of the normal entries committed since the last `ready`, in log order (see the
+    /// module docs). The shell applies them before it publishes [`Output::leadership`], so
+    /// a new master's replicated state is complete when it takes over.
+    pub committed: Vec<Vec<u8>>,
 }
 
 /// Bridges raft-rs's slog records into `tracing`.
@@ -261,16 +321,31 @@ impl RaftCore {
         let storage = MemStorage::new();
         {
             let mut w = storage.wl();
+            if persisted.snapshot.index > 0 {
+                let mut snap = Snapshot::default();
+                snap.set_metadata(persisted.snapshot.clone());
+                w.apply_snapshot(snap)?;
+            }
             w.set_conf_state(persisted.conf_state.clone());
             w.append(&persisted.entries)?;
             w.set_hardstate(persisted.hard_state.clone());
         }
+        // Resume at the commit index: entries committed before a restart are not applied
+        // again (what they carry is soft state, stale by now).
+        let last = storage.last_index()?;
+        let applied = persisted
+            .hard_state
+            .commit
+            .min(last)
+            .max(persisted.snapshot.index);
         let cfg = Config {
             id,
             election_tick: settings.election_tick,
             heartbeat_tick: settings.heartbeat_tick,
             check_quorum: true,
             pre_vote: true,
+            applied,
+            max_size_per_msg: MAX_SIZE_PER_MSG,
             ..Config::default()
         };
         let raw = RawNode::new(&cfg, storage, logger)?;
@@ -299,6 +374,27 @@ impl RaftCore {
 
     pub fn lease_until_ms(&self) -> u64 {
         self.lease_until_ms
+    }
+
+    /// First and last index held in the log (first > last: empty).
+    pub fn log_bounds(&self) -> (u64, u64) {
+        let s = self.raw.store();
+        (s.first_index().unwrap_or(0), s.last_index().unwrap_or(0))
+    }
+
+    /// Index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.raw.raft.raft_log.applied
+    }
+
+    /// Proposes opaque data as a normal entry. Only a leader can; the data comes back in
+    /// [`Output::committed`] on every node once committed.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), RaftError> {
+        if !self.is_leader() {
+            return Err(RaftError::Raft(raft::Error::ProposalDropped));
+        }
+        self.raw.propose(Vec::new(), data)?;
+        Ok(())
     }
 
     /// Advances time to `now_ms` (monotonic, ms) by one tick. The shell calls it every
@@ -361,7 +457,10 @@ impl RaftCore {
         if self.raw.has_ready() {
             let mut rd = self.raw.ready();
             self.collect(rd.take_messages(), &mut out);
-            // No snapshots are ever produced (no compaction yet), so none can arrive.
+            if !rd.snapshot().is_empty() {
+                self.apply_snapshot(rd.snapshot().clone());
+                dirty = true;
+            }
             for rs in rd.take_read_states() {
                 if let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
                     let sent = u64::from_be_bytes(ctx);
@@ -369,8 +468,7 @@ impl RaftCore {
                     self.lease_until_ms = self.lease_until_ms.max(until);
                 }
             }
-            // Committed entries carry nothing yet besides the leader's empty entry.
-            let _ = rd.take_committed_entries();
+            self.apply_committed(rd.take_committed_entries(), &mut out);
             if !rd.entries().is_empty() {
                 if let Err(e) = self.raw.store().wl().append(rd.entries()) {
                     tracing::error!(error = %e, "raft log append failed");
@@ -391,8 +489,9 @@ impl RaftCore {
                 dirty = true;
             }
             self.collect(light.take_messages(), &mut out);
-            let _ = light.take_committed_entries();
+            self.apply_committed(light.take_committed_entries(), &mut out);
             self.raw.advance_apply();
+            dirty |= self.maybe_compact();
         }
         if !self.is_leader() {
             self.lease_until_ms = 0;
@@ -407,6 +506,90 @@ impl RaftCore {
             out.persist = Some(self.persisted.clone());
         }
         out
+    }
+
+    /// Hands the data of committed normal entries to the shell. Configuration changes
+    /// (`EntryConfChange`, `EntryConfChangeV2`) are not handled here.
+    fn apply_committed(&mut self, ents: Vec<Entry>, out: &mut Output) {
+        for e in ents {
+            if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
+                out.committed.push(e.data.to_vec());
+            }
+        }
+    }
+
+    /// A follower too far behind got the leader's snapshot: the log restarts after it.
+    fn apply_snapshot(&mut self, snap: Snapshot) {
+        let meta = snap.get_metadata().clone();
+        if let Err(e) = self.raw.store().wl().apply_snapshot(snap) {
+            tracing::error!(error = %e, "cannot apply raft snapshot");
+            return;
+        }
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "raft snapshot applied"
+        );
+        self.persisted.entries.clear();
+        self.persisted.conf_state = meta.get_conf_state().clone();
+        self.persisted.hard_state = self.raw.store().rl().hard_state().clone();
+        self.persisted.snapshot = meta;
+    }
+
+    /// Compacts the log to the last [`LOG_KEEP_ENTRIES`] applied entries once it holds twice
+    /// as many. Returns whether anything changed.
+    ///
+    /// The snapshot records the storage's current voters, which are those as of the applied
+    /// index; so compaction waits while a configuration change sits between the snapshot
+    /// index and the applied index (the snapshot would otherwise claim it too early).
+    fn maybe_compact(&mut self) -> bool {
+        let applied = self.applied_index();
+        let store = self.raw.store().clone();
+        let (Ok(first), Ok(last)) = (store.first_index(), store.last_index()) else {
+            return false;
+        };
+        if applied < first || applied + 1 - first <= 2 * LOG_KEEP_ENTRIES {
+            return false;
+        }
+        let upto = applied - LOG_KEEP_ENTRIES;
+        let ctx = GetEntriesContext::empty(false);
+        let Ok(tail) = store.entries(upto + 1, last + 1, None, ctx) else {
+            return false;
+        };
+        let conf_change_pending = tail
+            .iter()
+            .any(|e| e.index <= applied && e.get_entry_type() != EntryType::EntryNormal);
+        let Ok(term) = store.term(upto) else {
+            return false;
+        };
+        if conf_change_pending {
+            return false;
+        }
+        let Ok(state) = store.initial_state() else {
+            return false;
+        };
+        let mut w = store.wl();
+        let hs = w.hard_state().clone();
+        let mut meta = SnapshotMetadata {
+            index: upto,
+            term,
+            ..SnapshotMetadata::default()
+        };
+        meta.set_conf_state(state.conf_state);
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta.clone());
+        // MemStorage moves its snapshot position only through apply_snapshot, which also
+        // drops the entries after it and lowers the commit index: put both back.
+        let restored = w
+            .apply_snapshot(snap)
+            .and_then(|()| w.append(&tail))
+            .map(|()| w.set_hardstate(hs));
+        if let Err(e) = restored {
+            tracing::error!(error = %e, "raft log compaction failed");
+            return false;
+        }
+        self.persisted.compact(&meta);
+        true
     }
 
     fn collect(&self, msgs: Vec<Message>, out: &mut Output) {
