@@ -9,6 +9,9 @@
 //! 4. The role signal: becoming master sets the master flag and *then* installs the queue
 //!    rule; becoming member installs the drop rule and *then* clears the flag, so at no
 //!    instant does the node both queue and not dispatch, or accept SYNs unqueued.
+//!    Before either, a node that becomes master adopts the replicated SYN-forward records and
+//!    the cluster's SYN-RECV sockets (`crate::takeover`): the master thread gets them as a
+//!    command it processes before the first SYN the new master ruleset queues.
 //!
 //! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
 //! the VIP without the rules that keep it from accepting SYNs.
@@ -29,6 +32,7 @@ use crate::member::MemberPath;
 use crate::raft::RaftTask;
 use crate::records::SynRecords;
 use crate::report::{ReportCounters, Reporter};
+use crate::takeover::{RecordStats, Replica, Takeover};
 use crate::view::{ClusterView, Counters};
 
 /// Seed of the static hash for undispatched flows; any fixed value, the same on every node.
@@ -70,6 +74,10 @@ pub struct Shared {
     /// task's batch.
     counter_fw: Mutex<Option<Firewall>>,
     pub master_commands: Mutex<mpsc::Sender<MasterCommand>>,
+    /// Replication and takeover figures (`crate::takeover`).
+    pub records: Arc<RecordStats>,
+    /// This node's replica of the master's records.
+    pub replica: Arc<Mutex<Replica>>,
 }
 
 impl Shared {
@@ -211,14 +219,19 @@ async fn serve(
     .map_err(NodeError::Member)?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel();
-    let dispatcher = Dispatcher::new(
+    let window_ms = u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX);
+    let mut dispatcher = Dispatcher::new(
         crate::policy::build(cfg.policy),
-        SynRecords::new(
-            cfg.syn_record_capacity,
-            u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX),
-        ),
+        SynRecords::new(cfg.syn_record_capacity, window_ms),
         cfg.nodes.len(),
     );
+    // Records are replicated through Raft; the hand-off is preallocated here, once.
+    let record_stats = Arc::new(RecordStats::default());
+    let replica = Arc::new(Mutex::new(Replica::new(cfg.syn_record_capacity, window_ms)));
+    let (handoff_tx, handoff_rx) = mpsc::sync_channel(crate::takeover::HANDOFF_CAPACITY);
+    if matches!(cfg.election, ElectionMode::Raft { .. }) {
+        dispatcher = dispatcher.with_handoff(handoff_tx);
+    }
     let master = MasterPath::new(
         cfg.queue_num,
         cfg.vip,
@@ -251,6 +264,9 @@ async fn serve(
     });
     let mut leadership = signal.subscribe();
     let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::raft::INBOX_CAPACITY);
+    let (query_tx, query_rx) = tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
+    let (answer_tx, answer_rx) =
+        tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
 
     let reports = Arc::new(ReportCounters::default());
     let reporter = Reporter {
@@ -264,6 +280,8 @@ async fn serve(
         counters: reports.clone(),
         epoch,
         raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
+        syn_recv_queries: Some(query_tx),
+        syn_recv_answers: Some(answer_tx),
     };
     let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
     let raft_task = match &cfg.election {
@@ -278,11 +296,40 @@ async fn serve(
                 raft_rx,
                 signal.clone(),
                 role.clone(),
-            )?;
+            )?
+            .with_records(crate::raft::RecordsLink {
+                handoff: handoff_rx,
+                replica: replica.clone(),
+                stats: record_stats.clone(),
+                view: view.clone(),
+                replicate: cfg.replicate_records,
+                batch: Vec::with_capacity(crate::takeover::MAX_RECORDS_PER_BATCH),
+            });
             Some(tokio::spawn(task.run()))
         }
         ElectionMode::Static { .. } => None,
     };
+    let answer_task = tokio::spawn(crate::takeover::answer_queries(
+        query_rx,
+        sock.clone(),
+        cfg.node_id,
+        cfg.vip,
+        role.clone(),
+        record_stats.clone(),
+    ));
+    let mut takeover = Takeover::new(
+        cfg.node_id,
+        cfg.vip,
+        cfg.control_port,
+        cfg.syn_recv_wait,
+        sock.clone(),
+        view.clone(),
+        role.clone(),
+        replica.clone(),
+        record_stats.clone(),
+        answer_rx,
+        cmd_tx.clone(),
+    );
     let report_task = tokio::spawn(reporter.run(sock));
 
     let listener = crate::control::bind(&cfg.control_socket).await?;
@@ -310,6 +357,8 @@ async fn serve(
         epoch,
         counter_fw: Mutex::new(Firewall::open().ok()),
         master_commands: Mutex::new(cmd_tx),
+        records: record_stats,
+        replica,
     });
     let control_task = tokio::spawn(crate::control::serve(listener, shared.clone()));
 
@@ -323,6 +372,7 @@ async fn serve(
         &facts,
         &role,
         &mut term,
+        &mut takeover,
     )
     .await;
 
@@ -340,6 +390,7 @@ async fn serve(
     }
     control_task.abort();
     report_task.abort();
+    answer_task.abort();
     stop.store(true, Relaxed);
     let _ = member_thread.join();
     let _ = load_thread.join();
@@ -348,6 +399,7 @@ async fn serve(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn follow_roles(
     _signal: &RoleSignal,
     leadership: &mut watch::Receiver<Leadership>,
@@ -356,6 +408,7 @@ async fn follow_roles(
     facts: &HostFacts,
     role: &RoleCell,
     term: &mut tokio::signal::unix::Signal,
+    takeover: &mut Takeover,
 ) -> Result<(), NodeError> {
     let mut current = Role::Member;
     loop {
@@ -364,6 +417,9 @@ async fn follow_roles(
         if l.role != current {
             match l.role {
                 Role::Master => {
+                    // Before the master ruleset: the master thread must hold the adopted
+                    // records when the first SYN is queued.
+                    takeover.adopt(l.term).await;
                     role.master.store(true, Relaxed);
                     apply_role(fw, Role::Master, spec, facts)?;
                 }

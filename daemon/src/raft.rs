@@ -6,6 +6,11 @@
 //! Raft messages travel as `Body::Raft` envelopes on the report socket (`control_port`), so
 //! they share its address check: a message is stepped only if it came from a configured
 //! member's address with that member's id.
+//!
+//! The task also replicates the SYN-forward records (see `crate::takeover`): while leader it
+//! proposes at most one batch per tick from the master thread's hand-off, and it applies
+//! committed batches to this node's replica *before* it publishes a new leadership, so a node
+//! that becomes master has applied every committed record.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,6 +27,9 @@ use tokio::sync::mpsc;
 
 use crate::config::Node;
 use crate::master::RoleCell;
+use crate::records::Dispatched;
+use crate::takeover::{drain_batch, encode_batch, RecordStats, Replica};
+use crate::view::ClusterView;
 
 /// Messages waiting for the Raft task; beyond this the receive loop drops them.
 pub const INBOX_CAPACITY: usize = 1024;
@@ -57,6 +65,22 @@ pub struct RaftTask {
     signal: Arc<RoleSignal>,
     role: Arc<RoleCell>,
     state_path: PathBuf,
+    records: Option<RecordsLink>,
+}
+
+/// What the Raft task needs to replicate SYN-forward records.
+#[derive(Debug)]
+pub struct RecordsLink {
+    /// New records from the master thread (bounded; see `crate::dispatch`).
+    pub handoff: std::sync::mpsc::Receiver<Dispatched>,
+    pub replica: Arc<std::sync::Mutex<Replica>>,
+    pub stats: Arc<RecordStats>,
+    pub view: Arc<ClusterView>,
+    /// `scheduler.replicate_records`: off (tests only) drains the hand-off and proposes
+    /// nothing, leaving the SYN-RECV reconciliation alone at takeover.
+    pub replicate: bool,
+    /// Reused for every batch.
+    pub batch: Vec<Dispatched>,
 }
 
 impl RaftTask {
@@ -127,7 +151,61 @@ impl RaftTask {
             signal,
             role,
             state_path,
+            records: None,
         })
+    }
+
+    /// Replicates SYN-forward records through this task (see the module docs).
+    pub fn with_records(mut self, link: RecordsLink) -> Self {
+        self.records = Some(link);
+        self
+    }
+
+    /// While leader, proposes one batch of new records; otherwise discards them (made just
+    /// before this node stepped down; the next master learns of them by reconciliation).
+    fn propose_records(&mut self) {
+        let Some(link) = self.records.as_mut() else {
+            return;
+        };
+        drain_batch(&link.handoff, &mut link.batch);
+        if link.batch.is_empty() {
+            return;
+        }
+        let n = u64::try_from(link.batch.len()).unwrap_or(u64::MAX);
+        if !self.core.is_leader() || !link.replicate {
+            link.stats.discarded_not_leader.fetch_add(n, Relaxed);
+            return;
+        }
+        match self.core.propose(encode_batch(&link.batch)) {
+            Ok(()) => {
+                link.stats.proposed_batches.fetch_add(1, Relaxed);
+                link.stats.proposed_records.fetch_add(n, Relaxed);
+            }
+            Err(e) => {
+                link.stats.proposals_refused.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "record batch not proposed");
+            }
+        }
+    }
+
+    /// Applies committed record batches to the replica.
+    fn apply_committed(&self, committed: &[Vec<u8>]) {
+        let Some(link) = self.records.as_ref() else {
+            return;
+        };
+        if committed.is_empty() {
+            return;
+        }
+        let now = self.role.now_ms();
+        let Ok(mut replica) = link.replica.lock() else {
+            return;
+        };
+        for data in committed {
+            let (ok, unknown) = replica.apply(data, &link.view, now);
+            link.stats.applied_batches.fetch_add(1, Relaxed);
+            link.stats.applied_records.fetch_add(ok, Relaxed);
+            link.stats.applied_unknown_node.fetch_add(unknown, Relaxed);
+        }
     }
 
     pub async fn run(mut self) {
@@ -136,7 +214,10 @@ impl RaftTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.core.tick(self.role.now_ms()),
+                _ = tick.tick() => {
+                    self.core.tick(self.role.now_ms());
+                    self.propose_records();
+                }
                 msg = self.inbox.recv() => {
                     let Some((from, bytes)) = msg else { return };
                     if let Err(e) = self.core.step(u64::from(from), &bytes, self.role.now_ms()) {
@@ -152,6 +233,8 @@ impl RaftTask {
         let out = self.core.ready();
         // 1. Lease first: a revoked lease must bind the dispatcher before a vote goes out.
         self.role.lease_until_ms.store(out.lease_until_ms, Relaxed);
+        // Committed records before leadership: a new master must have applied them all.
+        self.apply_committed(&out.committed);
         // 2. Leadership.
         if let Some(l) = out.leadership {
             tracing::info!(role = l.role.as_str(), master = ?l.master_id, term = l.term, "raft leadership");

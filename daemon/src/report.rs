@@ -9,13 +9,15 @@
 //! The same socket carries the Raft election's messages (`Body::Raft`): the receive loop
 //! authenticates them the same way and hands them to the Raft task through a bounded channel
 //! (a full channel drops the message, as a lossy network would; Raft retransmits).
+//! A new master's SYN-RECV queries and the members' answers (`crate::takeover`) travel the
+//! same way and pass the same check.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tdsc_proto::control::{Body, Envelope, NodeReport, MAX_DATAGRAM};
+use tdsc_proto::control::{Body, Envelope, NodeReport, SynRecvAnswer, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 
 use crate::master::RoleCell;
@@ -42,6 +44,10 @@ pub struct Reporter {
     pub epoch: Instant,
     /// Where `Body::Raft` messages go: (sender id, raft bytes). None in static mode.
     pub raft_inbox: Option<tokio::sync::mpsc::Sender<(u32, Vec<u8>)>>,
+    /// Where SYN-RECV queries go: (querier's address, nonce). None: not answered.
+    pub syn_recv_queries: Option<tokio::sync::mpsc::Sender<(SocketAddr, u64)>>,
+    /// Where answers to this node's SYN-RECV queries go: (member id, answer).
+    pub syn_recv_answers: Option<tokio::sync::mpsc::Sender<(u32, SynRecvAnswer)>>,
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "never seen").
@@ -68,6 +74,18 @@ impl Reporter {
         let slot = &self.view.nodes[i];
         if slot.id != env.from || i == self.view.self_index {
             return false;
+        }
+        if let Some(Body::SynRecvQuery(q)) = env.body {
+            return self
+                .syn_recv_queries
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((from, q.nonce)).is_ok());
+        }
+        if let Some(Body::SynRecvAnswer(a)) = env.body {
+            return self
+                .syn_recv_answers
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((env.from, a)).is_ok());
         }
         if let Some(Body::Raft(bytes)) = env.body {
             return match &self.raft_inbox {

@@ -127,6 +127,8 @@ counters! {
     rejected_bad_port,
     /// Live SYN-forward records pushed out by a full table (SYN flood).
     records_evicted_live,
+    /// New records not handed to the Raft task for replication: the hand-off was full.
+    records_handoff_overflow,
 }
 
 pub fn add(c: &AtomicU64) {
