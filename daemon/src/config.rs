@@ -74,6 +74,7 @@ struct RawScheduler {
     syn_record_capacity: Option<usize>,
     syn_recv_wait_ms: Option<u64>,
     replicate_records: Option<bool>,
+    reconcile_syn_recv: Option<bool>,
     load_file: Option<PathBuf>,
     load_command: Option<String>,
 }
@@ -216,6 +217,9 @@ pub struct Config {
     /// `[scheduler] replicate_records` (default true). Off only for tests: records are then
     /// not replicated, and a new master relies on the SYN-RECV reconciliation alone.
     pub replicate_records: bool,
+    /// `[scheduler] reconcile_syn_recv` (default true). Off only for tests: a new master then
+    /// adopts the replicated records alone.
+    pub reconcile_syn_recv: bool,
     /// `[scheduler] load_file` / `load_command`; default: run queue.
     pub load_source: LoadSource,
     /// Weight of each node in `nodes` order (`[[nodes]] weight`, default 1).
@@ -383,6 +387,7 @@ impl Config {
             ));
         }
         let replicate_records = raw.scheduler.replicate_records.unwrap_or(true);
+        let reconcile_syn_recv = raw.scheduler.reconcile_syn_recv.unwrap_or(true);
 
         let load_source = match (raw.scheduler.load_file, raw.scheduler.load_command) {
             (Some(_), Some(_)) => {
@@ -547,6 +552,7 @@ impl Config {
             syn_record_capacity: capacity,
             syn_recv_wait: Duration::from_millis(syn_recv_wait_ms),
             replicate_records,
+            reconcile_syn_recv,
             load_source,
             weights,
             election,
@@ -680,7 +686,7 @@ address = "198.51.100.12"
             c.syn_recv_wait,
             Duration::from_millis(DEFAULT_SYN_RECV_WAIT_MS)
         );
-        assert!(c.replicate_records);
+        assert!(c.replicate_records && c.reconcile_syn_recv);
         assert_eq!(c.weights, vec![1, 1, 1]);
         assert_eq!(c.load_source, LoadSource::Loadavg);
     }

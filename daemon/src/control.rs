@@ -210,6 +210,7 @@ fn records_status(s: &Shared) -> crate::status::RecordsStatus {
     let now = s.role.now_ms();
     crate::status::RecordsStatus {
         replicate: s.config.replicate_records,
+        reconcile: s.config.reconcile_syn_recv,
         proposed_records: r.proposed_records.load(Relaxed),
         proposed_batches: r.proposed_batches.load(Relaxed),
         applied_records: r.applied_records.load(Relaxed),

@@ -330,6 +330,7 @@ async fn serve(
         answer_rx,
         cmd_tx.clone(),
     );
+    takeover.reconcile = cfg.reconcile_syn_recv;
     let report_task = tokio::spawn(reporter.run(sock));
 
     let listener = crate::control::bind(&cfg.control_socket).await?;

@@ -108,6 +108,9 @@ pub struct Status {
 pub struct RecordsStatus {
     /// `scheduler.replicate_records`.
     pub replicate: bool,
+    /// `scheduler.reconcile_syn_recv`.
+    #[serde(default)]
+    pub reconcile: bool,
     /// Records and batches this node proposed while master.
     pub proposed_records: u64,
     pub proposed_batches: u64,

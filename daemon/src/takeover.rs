@@ -196,6 +196,8 @@ pub struct Takeover {
     /// Answers the report loop accepted: (member id, answer).
     pub answers: tokio::sync::mpsc::Receiver<(u32, SynRecvAnswer)>,
     pub commands: mpsc::Sender<MasterCommand>,
+    /// `scheduler.reconcile_syn_recv`: off (tests only) adopts the replica alone.
+    pub reconcile: bool,
     nonce: u64,
 }
 
@@ -226,6 +228,7 @@ impl Takeover {
             stats,
             answers,
             commands,
+            reconcile: true,
             nonce: u64::from(node_id) << 48,
         }
     }
@@ -234,7 +237,11 @@ impl Takeover {
     /// thread (processed before its next SYN). Call before the master ruleset goes in.
     pub async fn adopt(&mut self, term: u64) {
         let started = std::time::Instant::now();
-        let (syn_recv, asked, answered, truncated) = self.ask_members(term).await;
+        let (syn_recv, asked, answered, truncated) = if self.reconcile {
+            self.ask_members(term).await
+        } else {
+            (Vec::new(), 0, 0, false)
+        };
         let now = self.role.now_ms();
         let replica = match self.replica.lock() {
             Ok(r) => r.table.live_entries(now),

@@ -119,8 +119,9 @@ fn print_table(s: &Status) {
     );
     let rec = &s.records;
     println!(
-        "records: replicate {}  proposed {} in {} batches  applied {} in {} batches  replica live {}  handoff overflow {}  discarded {}  queries answered {}",
+        "records: replicate {}  reconcile {}  proposed {} in {} batches  applied {} in {} batches  replica live {}  handoff overflow {}  discarded {}  queries answered {}",
         if rec.replicate { "on" } else { "OFF" },
+        if rec.reconcile { "on" } else { "OFF" },
         rec.proposed_records,
         rec.proposed_batches,
         rec.applied_records,
