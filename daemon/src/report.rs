@@ -207,3 +207,76 @@ impl Reporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Node;
+    use tdsc_proto::control::SynRecvQuery;
+
+    type Channels = (
+        tokio::sync::mpsc::Receiver<(SocketAddr, u64)>,
+        tokio::sync::mpsc::Receiver<(u32, SynRecvAnswer)>,
+    );
+
+    fn reporter() -> (Reporter, Channels) {
+        let nodes: Vec<Node> = (1..=3)
+            .map(|id| Node {
+                id,
+                address: format!("198.51.100.1{id}").parse().unwrap(),
+            })
+            .collect();
+        let (qtx, qrx) = tokio::sync::mpsc::channel(4);
+        let (atx, arx) = tokio::sync::mpsc::channel(4);
+        let r = Reporter {
+            node_id: 1,
+            vip: "192.0.2.1".parse().unwrap(),
+            port: 7400,
+            interval: Duration::from_millis(200),
+            dead_after: Duration::from_millis(1000),
+            view: Arc::new(ClusterView::new(&nodes, 1)),
+            role: Arc::new(RoleCell::default()),
+            counters: Arc::new(ReportCounters::default()),
+            epoch: Instant::now(),
+            raft_inbox: None,
+            syn_recv_queries: Some(qtx),
+            syn_recv_answers: Some(atx),
+        };
+        (r, (qrx, arx))
+    }
+
+    fn env(from: u32, body: Body) -> Vec<u8> {
+        Envelope {
+            from,
+            term: 1,
+            body: Some(body),
+        }
+        .to_bytes()
+    }
+
+    /// SYN-RECV queries and answers pass the same check as reports: a member's address with
+    /// that member's id.
+    #[test]
+    fn syn_recv_queries_and_answers_are_authenticated_and_routed() {
+        let (r, (mut queries, mut answers)) = reporter();
+        let n2: SocketAddr = "198.51.100.12:7400".parse().unwrap();
+        let stranger: SocketAddr = "198.51.100.99:7400".parse().unwrap();
+        let query = Body::SynRecvQuery(SynRecvQuery { nonce: 5 });
+        assert!(
+            !r.accept(stranger, &env(2, query.clone())),
+            "unknown address"
+        );
+        assert!(!r.accept(n2, &env(3, query.clone())), "id of another node");
+        assert!(r.accept(n2, &env(2, query)));
+        assert_eq!(queries.try_recv().unwrap(), (n2, 5));
+        assert!(queries.try_recv().is_err());
+        let answer = SynRecvAnswer {
+            nonce: 5,
+            sockets: Vec::new(),
+            truncated: false,
+        };
+        assert!(!r.accept(stranger, &env(2, Body::SynRecvAnswer(answer.clone()))));
+        assert!(r.accept(n2, &env(2, Body::SynRecvAnswer(answer.clone()))));
+        assert_eq!(answers.try_recv().unwrap(), (2, answer));
+    }
+}
