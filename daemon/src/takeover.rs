@@ -60,7 +60,7 @@ use crate::sockdiag::SockDiag;
 use crate::view::ClusterView;
 
 /// Records waiting between the master thread and the Raft task: many batches' worth, so a
-/// burst rides out a slow tick. 24 bytes each, preallocated.
+/// burst rides out a slow tick. 28 bytes each, preallocated.
 pub const HANDOFF_CAPACITY: usize = 8 * MAX_RECORDS_PER_BATCH;
 
 /// Queries or answers waiting in the report loop's channels; beyond this they are dropped.
