@@ -128,6 +128,10 @@ fn lost_synack_across_failover(test: &str, mode: Mode, port: u16) -> anyhow::Res
         master_status.nodes.iter().all(|n| n.alive),
         "every node alive before the test: {master_status:?}"
     );
+    eprintln!(
+        "first master {} takeover: {:?}",
+        master.name, master_status.records.last_takeover
+    );
     // The master takes nothing itself: the SYN is forwarded to a member.
     cluster.ctl(&master.name, &["weight", &master.id.to_string(), "0"])?;
 
