@@ -82,6 +82,9 @@ struct RawScheduler {
     policy: Option<String>,
     syn_record_window_ms: Option<u64>,
     syn_record_capacity: Option<usize>,
+    syn_recv_wait_ms: Option<u64>,
+    replicate_records: Option<bool>,
+    reconcile_syn_recv: Option<bool>,
     load_file: Option<PathBuf>,
     load_command: Option<String>,
 }
@@ -224,6 +227,15 @@ pub struct Config {
     pub policy: PolicyName,
     pub syn_record_window: Duration,
     pub syn_record_capacity: usize,
+    /// `[scheduler] syn_recv_wait_ms`: how long a new master waits for the members' SYN-RECV
+    /// lists before it dispatches (default 50 ms).
+    pub syn_recv_wait: Duration,
+    /// `[scheduler] replicate_records` (default true). Off only for tests: records are then
+    /// not replicated, and a new master relies on the SYN-RECV reconciliation alone.
+    pub replicate_records: bool,
+    /// `[scheduler] reconcile_syn_recv` (default true). Off only for tests: a new master then
+    /// adopts the replicated records alone.
+    pub reconcile_syn_recv: bool,
     /// `[scheduler] load_file` / `load_command`; default: run queue.
     pub load_source: LoadSource,
     /// Weight of each node in `nodes` order (`[[nodes]] weight`, default 1).
@@ -257,6 +269,11 @@ pub const MAX_CPU: usize = 1024;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Longest drain wait accepted: an hour (a typo of 3600000000 is an error, not a hung stop).
 pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
+/// A member answers a SYN-RECV query within a round trip plus one sock_diag dump (well under
+/// a millisecond in a LAN); 50 ms covers a loaded member without delaying a takeover much.
+pub const DEFAULT_SYN_RECV_WAIT_MS: u64 = 50;
+/// Longest allowed wait: every takeover pays it when a member is alive but does not answer.
+pub const MAX_SYN_RECV_WAIT_MS: u64 = 2_000;
 /// A node's weight when `[[nodes]] weight` is absent.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest weight: keeps weight × connections far inside u64 and a typo (10000000) an error.
@@ -387,6 +404,19 @@ impl Config {
                 format!("{capacity} is outside 1024..=16777216"),
             ));
         }
+
+        let syn_recv_wait_ms = raw
+            .scheduler
+            .syn_recv_wait_ms
+            .unwrap_or(DEFAULT_SYN_RECV_WAIT_MS);
+        if !(1..=MAX_SYN_RECV_WAIT_MS).contains(&syn_recv_wait_ms) {
+            return Err(invalid(
+                "scheduler.syn_recv_wait_ms",
+                format!("{syn_recv_wait_ms} is outside 1..={MAX_SYN_RECV_WAIT_MS}"),
+            ));
+        }
+        let replicate_records = raw.scheduler.replicate_records.unwrap_or(true);
+        let reconcile_syn_recv = raw.scheduler.reconcile_syn_recv.unwrap_or(true);
 
         let load_source = match (raw.scheduler.load_file, raw.scheduler.load_command) {
             (Some(_), Some(_)) => {
@@ -576,6 +606,9 @@ impl Config {
             policy,
             syn_record_window: Duration::from_millis(window_ms),
             syn_record_capacity: capacity,
+            syn_recv_wait: Duration::from_millis(syn_recv_wait_ms),
+            replicate_records,
+            reconcile_syn_recv,
             load_source,
             weights,
             election,
@@ -707,6 +740,11 @@ address = "198.51.100.12"
         assert_eq!(c.cluster_mac, Some([2, 0xbf, 0xc0, 0, 2, 1]));
         assert_eq!(c.egress_mac(), Some([2, 2, 192, 0, 2, 1]));
         assert_eq!(c.syn_record_window, Duration::from_secs(64));
+        assert_eq!(
+            c.syn_recv_wait,
+            Duration::from_millis(DEFAULT_SYN_RECV_WAIT_MS)
+        );
+        assert!(c.replicate_records && c.reconcile_syn_recv);
         assert_eq!(c.weights, vec![1, 1, 1]);
         assert_eq!(c.load_source, LoadSource::Loadavg);
     }
@@ -799,6 +837,16 @@ address = "198.51.100.12"
                 "scheduler.load_command",
             ),
             ("mode = \"static\"", "mode = \"paxos\"", "election.mode"),
+            (
+                "policy = \"least-connections\"",
+                "policy = \"least-connections\"\nsyn_recv_wait_ms = 0",
+                "scheduler.syn_recv_wait_ms",
+            ),
+            (
+                "policy = \"least-connections\"",
+                "policy = \"least-connections\"\nsyn_recv_wait_ms = 2001",
+                "scheduler.syn_recv_wait_ms",
+            ),
             ("node_id = 2", "node_id = 7", "node_id"),
             (
                 "address = \"198.51.100.13\"",

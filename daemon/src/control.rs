@@ -242,6 +242,7 @@ pub fn status(s: &Shared) -> Status {
             reinjected: c.reinjected,
             reinject_errors: c.reinject_errors,
             records_evicted_live: c.records_evicted_live,
+            records_handoff_overflow: c.records_handoff_overflow,
             forward_rejected: Rejected {
                 malformed: c.rejected_malformed,
                 unknown_peer: c.rejected_unknown_peer,
@@ -255,5 +256,25 @@ pub fn status(s: &Shared) -> Status {
             reports_received: s.reports.received.load(Relaxed),
             reports_rejected: s.reports.rejected.load(Relaxed),
         },
+        records: records_status(s),
+    }
+}
+
+fn records_status(s: &Shared) -> crate::status::RecordsStatus {
+    let r = &s.records;
+    let now = s.role.now_ms();
+    crate::status::RecordsStatus {
+        replicate: s.config.replicate_records,
+        reconcile: s.config.reconcile_syn_recv,
+        proposed_records: r.proposed_records.load(Relaxed),
+        proposed_batches: r.proposed_batches.load(Relaxed),
+        applied_records: r.applied_records.load(Relaxed),
+        applied_batches: r.applied_batches.load(Relaxed),
+        replica_live: s.replica.lock().map_or(0, |t| {
+            u64::try_from(t.table.live_count(now)).unwrap_or(u64::MAX)
+        }),
+        discarded_not_leader: r.discarded_not_leader.load(Relaxed),
+        queries_answered: r.queries_answered.load(Relaxed),
+        last_takeover: r.last_takeover.lock().ok().and_then(|t| *t),
     }
 }

@@ -6,13 +6,18 @@
 //!    policy says (paper §3.5) — unless that node has died since.
 //! 2. Otherwise the policy picks among the candidates. In-flight dispatches since each node's
 //!    last report are added to its reported connection count.
-//! 3. The choice is recorded.
+//! 3. The choice is recorded, and (under Raft) handed to the Raft task for replication
+//!    through a bounded, preallocated channel: `try_send` on a `sync_channel` writes into a
+//!    slot array allocated when the channel was made, never blocks, and takes no lock while
+//!    no receiver is blocked (the Raft task only ever calls `try_recv`). A full channel
+//!    drops the hand-off and counts it; the local record is kept either way.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::SyncSender;
 
 use crate::classify::Syn;
 use crate::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
-use crate::records::{Lookup, SynRecords};
+use crate::records::{Dispatched, Lookup, RecordEntry, SynRecords};
 use crate::view::{ClusterView, MAX_NODES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,10 @@ pub struct Dispatcher {
     candidates: Vec<Candidate>,
     inflight: Vec<u32>,
     seen_gen: Vec<u64>,
+    /// Where new records go for replication; `None` without Raft.
+    handoff: Option<SyncSender<Dispatched>>,
+    /// Hand-offs dropped because the channel was full, since the last `take_handoff_drops`.
+    handoff_drops: u64,
 }
 
 impl Dispatcher {
@@ -52,7 +61,28 @@ impl Dispatcher {
             candidates: Vec::with_capacity(n),
             inflight: vec![0; n],
             seen_gen: vec![0; n],
+            handoff: None,
+            handoff_drops: 0,
         }
+    }
+
+    /// Hands every new record to `tx` (see the module docs).
+    pub fn with_handoff(mut self, tx: SyncSender<Dispatched>) -> Self {
+        self.handoff = Some(tx);
+        self
+    }
+
+    /// Takes over records from a replica and the nodes' SYN-RECV sockets (a new master). An
+    /// entry replaces a record of the same client address and port.
+    pub fn adopt(&mut self, entries: &[RecordEntry]) {
+        for e in entries {
+            self.records.adopt(e);
+        }
+    }
+
+    /// Hand-offs dropped since the last call.
+    pub fn take_handoff_drops(&mut self) -> u64 {
+        std::mem::take(&mut self.handoff_drops)
     }
 
     pub fn set_policy(&mut self, policy: Box<dyn Policy>) {
@@ -127,6 +157,17 @@ impl Dispatcher {
             self.records
                 .insert(&syn.client, syn.client_port, syn.isn, node, now_ms);
             self.inflight[index] = self.inflight[index].saturating_add(1);
+            if let Some(tx) = &self.handoff {
+                let d = Dispatched {
+                    client: syn.client,
+                    port: syn.client_port,
+                    isn: syn.isn,
+                    node_id: view.nodes[index].id(),
+                };
+                if tx.try_send(d).is_err() {
+                    self.handoff_drops += 1;
+                }
+            }
         }
         Outcome {
             decision: if index == view.self_index {
@@ -269,6 +310,52 @@ mod tests {
             })
             .count();
         assert_eq!(back, 10, "node 3 takes its third again");
+    }
+
+    #[test]
+    fn new_decisions_are_handed_off_retransmits_are_not_and_overflow_is_counted() {
+        let v = view(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let mut d = dispatcher(PolicyName::RoundRobin).with_handoff(tx);
+        d.decide(&syn(1, 10), &v, 0);
+        d.decide(&syn(1, 10), &v, 1);
+        d.decide(&syn(2, 20), &v, 2);
+        d.decide(&syn(3, 30), &v, 3);
+        let got: Vec<_> = rx.try_iter().collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].port, got[0].isn, got[0].node_id), (1, 10, 1));
+        assert_eq!((got[1].port, got[1].isn, got[1].node_id), (2, 20, 2));
+        assert_eq!(d.take_handoff_drops(), 1);
+        assert_eq!(d.take_handoff_drops(), 0);
+    }
+
+    #[test]
+    fn adopted_records_steer_retransmissions() {
+        let v = view(1);
+        let mut d = dispatcher(PolicyName::RoundRobin);
+        let client = "192.0.2.101".parse().unwrap();
+        d.adopt(&[
+            RecordEntry {
+                client,
+                port: 5,
+                isn: Some(55),
+                node: 2,
+                stamp_ms: 0,
+            },
+            RecordEntry {
+                client,
+                port: 6,
+                isn: None,
+                node: 1,
+                stamp_ms: 0,
+            },
+        ]);
+        let o = d.decide(&syn(5, 55), &v, 10);
+        assert_eq!(o.decision, Decision::Forward { index: 2 });
+        assert!(o.retransmit);
+        let o = d.decide(&syn(6, 999), &v, 10);
+        assert_eq!(o.decision, Decision::Forward { index: 1 });
+        assert!(o.retransmit);
     }
 
     #[test]

@@ -36,4 +36,5 @@ pub mod records;
 pub mod report;
 pub mod sockdiag;
 pub mod status;
+pub mod takeover;
 pub mod view;

@@ -61,6 +61,9 @@ impl RoleCell {
 #[derive(Debug)]
 pub enum MasterCommand {
     SetPolicy(Box<dyn Policy>),
+    /// Records a new master takes over (replica + SYN-RECV reconciliation), sent before the
+    /// master ruleset goes in, so it is processed before the first queued SYN.
+    Adopt(Vec<crate::records::RecordEntry>),
 }
 
 /// Kernel queue length before new SYNs are dropped: about 20 ms of SYNs at 200k/s.
@@ -182,6 +185,10 @@ impl MasterPath {
                         tracing::info!(policy = p.name().as_str(), "policy switched");
                         self.dispatcher.set_policy(p);
                     }
+                    MasterCommand::Adopt(entries) => {
+                        self.dispatcher.adopt(&entries);
+                        tracing::info!(records = entries.len(), "records adopted");
+                    }
                 }
             }
             let verdict = self.handle(msg.get_payload(), epoch);
@@ -212,6 +219,12 @@ impl MasterPath {
         add(&self.counters.syns_dispatched);
         if out.retransmit {
             add(&self.counters.retransmit_hits);
+        }
+        let dropped = self.dispatcher.take_handoff_drops();
+        if dropped > 0 {
+            self.counters
+                .records_handoff_overflow
+                .fetch_add(dropped, Relaxed);
         }
         let evicted = self.dispatcher.take_evictions();
         if evicted > 0 {

@@ -9,6 +9,9 @@
 //! 4. The role signal: becoming master sets the master flag and *then* installs the queue
 //!    rule; becoming member installs the drop rule and *then* clears the flag, so at no
 //!    instant does the node both queue and not dispatch, or accept SYNs unqueued.
+//!    Before either, a node that becomes master adopts the replicated SYN-forward records and
+//!    the cluster's SYN-RECV sockets (`crate::takeover`): the master thread gets them as a
+//!    command it processes before the first SYN the new master ruleset queues.
 //!
 //! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
 //! the VIP without the rules that keep it from accepting SYNs.
@@ -43,6 +46,7 @@ use crate::membership::Members;
 use crate::raft::{MemberRequest, MembershipLink, RaftHandle, RaftTask};
 use crate::records::SynRecords;
 use crate::report::{ReportCounters, Reporter};
+use crate::takeover::{RecordStats, Replica, Takeover};
 use crate::view::{ClusterView, Counters};
 
 /// Seed of the static hash for undispatched flows; any fixed value, the same on every node.
@@ -90,6 +94,10 @@ pub struct Shared {
     pub members: watch::Receiver<Members>,
     /// `tdscctl node add|remove` go to the Raft task here; None under a static election.
     pub member_requests: Option<tokio::sync::mpsc::Sender<MemberRequest>>,
+    /// Replication and takeover figures (`crate::takeover`).
+    pub records: Arc<RecordStats>,
+    /// This node's replica of the master's records.
+    pub replica: Arc<Mutex<Replica>>,
 }
 
 impl Shared {
@@ -247,14 +255,19 @@ async fn serve(
     .map_err(NodeError::Member)?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel();
-    let dispatcher = Dispatcher::new(
+    let window_ms = u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX);
+    let mut dispatcher = Dispatcher::new(
         crate::policy::build(cfg.policy),
-        SynRecords::new(
-            cfg.syn_record_capacity,
-            u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX),
-        ),
+        SynRecords::new(cfg.syn_record_capacity, window_ms),
         cfg.nodes.len(),
     );
+    // Records are replicated through Raft; the hand-off is preallocated here, once.
+    let record_stats = Arc::new(RecordStats::default());
+    let replica = Arc::new(Mutex::new(Replica::new(cfg.syn_record_capacity, window_ms)));
+    let (handoff_tx, handoff_rx) = mpsc::sync_channel(crate::takeover::HANDOFF_CAPACITY);
+    if matches!(cfg.election, ElectionMode::Raft { .. }) {
+        dispatcher = dispatcher.with_handoff(handoff_tx);
+    }
     let master = MasterPath::new(
         cfg.queue_num,
         cfg.vip,
@@ -293,6 +306,9 @@ async fn serve(
     let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
     let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::raft::REQUEST_CAPACITY);
     let member_requests = matches!(cfg.election, ElectionMode::Raft { .. }).then_some(req_tx);
+    let (query_tx, query_rx) = tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
+    let (answer_tx, answer_rx) =
+        tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
 
     let reports = Arc::new(ReportCounters::default());
     let reporter = Reporter {
@@ -307,6 +323,8 @@ async fn serve(
         epoch,
         raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
         membership: member_requests.clone().map(|tx| (members_rx.clone(), tx)),
+        syn_recv_queries: Some(query_tx),
+        syn_recv_answers: Some(answer_tx),
     };
     let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
     let mut raft_handle = None;
@@ -328,12 +346,42 @@ async fn serve(
                 view: view.clone(),
                 members: members_tx,
                 requests: req_rx,
+            })
+            .with_records(crate::raft::RecordsLink {
+                handoff: handoff_rx,
+                replica: replica.clone(),
+                stats: record_stats.clone(),
+                view: view.clone(),
+                replicate: cfg.replicate_records,
+                batch: Vec::with_capacity(crate::takeover::MAX_RECORDS_PER_BATCH),
             });
             raft_handle = Some(task.handle());
             Some(tokio::spawn(task.run()))
         }
         ElectionMode::Static { .. } => None,
     };
+    let answer_task = tokio::spawn(crate::takeover::answer_queries(
+        query_rx,
+        sock.clone(),
+        cfg.node_id,
+        cfg.vip,
+        role.clone(),
+        record_stats.clone(),
+    ));
+    let mut takeover = Takeover::new(
+        cfg.node_id,
+        cfg.vip,
+        cfg.control_port,
+        cfg.syn_recv_wait,
+        sock.clone(),
+        view.clone(),
+        role.clone(),
+        replica.clone(),
+        record_stats.clone(),
+        answer_rx,
+        cmd_tx.clone(),
+    );
+    takeover.reconcile = cfg.reconcile_syn_recv;
     let report_task = tokio::spawn(reporter.run(sock));
 
     let listener = crate::control::bind(&cfg.control_socket).await?;
@@ -363,6 +411,8 @@ async fn serve(
         master_commands: Mutex::new(cmd_tx),
         members: members_rx.clone(),
         member_requests,
+        records: record_stats,
+        replica,
     });
     let control_task = tokio::spawn(crate::control::serve(listener, shared.clone()));
 
@@ -380,6 +430,7 @@ async fn serve(
             cfg: &shared.config,
             members: &mut members_rx,
         },
+        &mut takeover,
     )
     .await;
     // The member set may have changed since start: the rules from here on are for the
@@ -412,6 +463,7 @@ async fn serve(
     }
     control_task.abort();
     report_task.abort();
+    answer_task.abort();
     stop.store(true, Relaxed);
     let _ = member_thread.join();
     let _ = load_thread.join();
@@ -613,6 +665,7 @@ async fn follow_roles(
     role: &RoleCell,
     term: &mut tokio::signal::unix::Signal,
     membership: &mut MembershipRules<'_>,
+    takeover: &mut Takeover,
 ) -> Result<(), NodeError> {
     let mut current = Role::Member;
     let mut spec = spec.clone();
@@ -636,6 +689,9 @@ async fn follow_roles(
         if l.role != current {
             match l.role {
                 Role::Master => {
+                    // Before the master ruleset: the master thread must hold the adopted
+                    // records when the first SYN is queued.
+                    takeover.adopt(l.term).await;
                     role.master.store(true, Relaxed);
                     apply_role(fw, Role::Master, spec, facts)?;
                 }

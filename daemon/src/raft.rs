@@ -19,6 +19,11 @@
 //! updates its peer table, the dispatch view and the membership watch that the role task
 //! re-applies the ruleset from — after the new state is persisted and this round's messages
 //! are sent.
+//!
+//! The task also replicates the SYN-forward records (see `crate::takeover`): while leader it
+//! proposes at most one batch per tick from the master thread's hand-off, and it applies
+//! committed batches to this node's replica *before* it publishes a new leadership, so a node
+//! that becomes master has applied every committed record.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -39,7 +44,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{Config, Node};
 use crate::master::RoleCell;
 use crate::membership::{check_add, check_remove, Members};
-use crate::view::ClusterView;
 
 /// A `tdscctl node add|remove`, answered (text or error) once it has committed or failed.
 #[derive(Debug)]
@@ -88,6 +92,9 @@ struct Pending {
     since_tick: u64,
     reply: oneshot::Sender<Result<String, String>>,
 }
+use crate::records::Dispatched;
+use crate::takeover::{drain_batch, encode_batch, RecordStats, Replica};
+use crate::view::ClusterView;
 
 /// Messages waiting for the Raft task; beyond this the receive loop drops them.
 pub const INBOX_CAPACITY: usize = 1024;
@@ -175,6 +182,22 @@ pub struct RaftTask {
     membership: Option<MembershipLink>,
     pending: Option<Pending>,
     ticks: u64,
+    records: Option<RecordsLink>,
+}
+
+/// What the Raft task needs to replicate SYN-forward records.
+#[derive(Debug)]
+pub struct RecordsLink {
+    /// New records from the master thread (bounded; see `crate::dispatch`).
+    pub handoff: std::sync::mpsc::Receiver<Dispatched>,
+    pub replica: Arc<std::sync::Mutex<Replica>>,
+    pub stats: Arc<RecordStats>,
+    pub view: Arc<ClusterView>,
+    /// `scheduler.replicate_records`: off (tests only) drains the hand-off and proposes
+    /// nothing, leaving the SYN-RECV reconciliation alone at takeover.
+    pub replicate: bool,
+    /// Reused for every batch.
+    pub batch: Vec<Dispatched>,
 }
 
 impl RaftTask {
@@ -253,6 +276,7 @@ impl RaftTask {
             membership: None,
             pending: None,
             ticks: 0,
+            records: None,
         })
     }
 
@@ -301,6 +325,59 @@ impl RaftTask {
         self
     }
 
+    /// Replicates SYN-forward records through this task (see the module docs).
+    pub fn with_records(mut self, link: RecordsLink) -> Self {
+        self.records = Some(link);
+        self
+    }
+
+    /// While leader, proposes one batch of new records; otherwise discards them (made just
+    /// before this node stepped down; the next master learns of them by reconciliation).
+    fn propose_records(&mut self) {
+        let Some(link) = self.records.as_mut() else {
+            return;
+        };
+        drain_batch(&link.handoff, &mut link.batch);
+        if link.batch.is_empty() {
+            return;
+        }
+        let n = u64::try_from(link.batch.len()).unwrap_or(u64::MAX);
+        if !self.core.is_leader() || !link.replicate {
+            link.stats.discarded_not_leader.fetch_add(n, Relaxed);
+            return;
+        }
+        match self.core.propose(encode_batch(&link.batch)) {
+            Ok(()) => {
+                link.stats.proposed_batches.fetch_add(1, Relaxed);
+                link.stats.proposed_records.fetch_add(n, Relaxed);
+            }
+            Err(e) => {
+                link.stats.proposals_refused.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "record batch not proposed");
+            }
+        }
+    }
+
+    /// Applies committed record batches to the replica.
+    fn apply_committed(&self, committed: &[Vec<u8>]) {
+        let Some(link) = self.records.as_ref() else {
+            return;
+        };
+        if committed.is_empty() {
+            return;
+        }
+        let now = self.role.now_ms();
+        let Ok(mut replica) = link.replica.lock() else {
+            return;
+        };
+        for data in committed {
+            let (ok, unknown) = replica.apply(data, &link.view, now);
+            link.stats.applied_batches.fetch_add(1, Relaxed);
+            link.stats.applied_records.fetch_add(ok, Relaxed);
+            link.stats.applied_unknown_node.fetch_add(unknown, Relaxed);
+        }
+    }
+
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.settings.tick_ms));
         // Never catch up in a burst: see RaftCore::tick and the lease argument.
@@ -310,6 +387,7 @@ impl RaftTask {
                 _ = tick.tick() => {
                     self.ticks += 1;
                     self.core.tick(self.role.now_ms());
+                    self.propose_records();
                     // A resigned node that leads (again) hands over again; a transfer that
                     // raft-rs aborted after an election timeout is retried here too.
                     if let Some(c) = &self.transfer_to {
@@ -335,6 +413,8 @@ impl RaftTask {
         //    after `Resign`, before a MsgTimeoutNow does: it stays revoked).
         let lease = if self.resigned { 0 } else { out.lease_until_ms };
         self.role.lease_until_ms.store(lease, Relaxed);
+        // Committed records before leadership: a new master must have applied them all.
+        self.apply_committed(&out.committed);
         // 2. Leadership. The term also fences stale forwards at the member path at once.
         if let Some(mut l) = out.leadership {
             if self.resigned {

@@ -9,6 +9,12 @@
 //! The table is a fixed-size, 4-way set-associative array allocated once: lookups and inserts
 //! never allocate, and memory stays bounded under a SYN flood. When a set is full the oldest
 //! entry gives way; such evictions of still-live records are counted.
+//!
+//! The same table, filled from committed Raft entries, is every node's *replica* of the
+//! master's records (see `crate::takeover`): a new master adopts it, plus one record with
+//! no known ISN ([`SynRecords::insert_any_isn`]) for each SYN-RECV socket a node holds.
+//! The master thread hands each new record to the Raft task as a [`Dispatched`] value
+//! through a bounded, preallocated channel.
 
 use std::net::IpAddr;
 
@@ -24,6 +30,33 @@ struct Slot {
     isn: u32,
     /// Milliseconds on the caller's monotonic clock.
     stamp_ms: u64,
+    /// The client address is IPv6 (`client` holds the 128 bits), else IPv4 (low 32 bits).
+    v6: bool,
+    /// Learnt from a SYN-RECV socket: the ISN is unknown, any ISN matches.
+    any_isn: bool,
+}
+
+/// One new dispatch decision, as the master thread hands it to the Raft task: fixed size,
+/// `Copy`, so pushing it into a preallocated channel never allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatched {
+    pub client: IpAddr,
+    pub port: u16,
+    pub isn: u32,
+    /// The chosen node's id (not its view index: ids mean the same on every node).
+    pub node_id: u32,
+}
+
+/// A live record taken out of a table, to be put into another (takeover).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordEntry {
+    pub client: IpAddr,
+    pub port: u16,
+    /// `None`: learnt from a SYN-RECV socket, matches any ISN.
+    pub isn: Option<u32>,
+    /// View index of the node that holds the connection.
+    pub node: u16,
+    pub stamp_ms: u64,
 }
 
 /// What a lookup found.
@@ -90,7 +123,7 @@ impl SynRecords {
         let (tag, base) = self.set(c, port);
         for s in &self.slots[base..base + WAYS] {
             if s.tag == tag && s.client == c && s.port == port && self.live(s, now_ms) {
-                return if s.isn == isn {
+                return if s.any_isn || s.isn == isn {
                     Lookup::Retransmit { node: s.node }
                 } else {
                     Lookup::NewIsn
@@ -103,6 +136,44 @@ impl SynRecords {
     /// Records that this SYN went to `node`, replacing any record of the same client address
     /// and port.
     pub fn insert(&mut self, client: &IpAddr, port: u16, isn: u32, node: u16, now_ms: u64) {
+        self.put(client, port, Some(isn), node, now_ms);
+    }
+
+    /// Records that `node` holds a handshake from this client address and port whose ISN is
+    /// not known (a SYN-RECV socket): a SYN from there with any ISN goes to `node` within
+    /// the window. A new connection reusing the port within the window goes there too, which
+    /// is harmless: that node answers it like any other.
+    pub fn insert_any_isn(&mut self, client: &IpAddr, port: u16, node: u16, now_ms: u64) {
+        self.put(client, port, None, node, now_ms);
+    }
+
+    /// Puts a record taken from another table, keeping its stamp.
+    pub fn adopt(&mut self, e: &RecordEntry) {
+        self.put(&e.client, e.port, e.isn, e.node, e.stamp_ms);
+    }
+
+    /// Live records, oldest first is not guaranteed. Allocates: for takeover, not per SYN.
+    pub fn live_entries(&self, now_ms: u64) -> Vec<RecordEntry> {
+        self.slots
+            .iter()
+            .filter(|s| self.live(s, now_ms))
+            .map(|s| RecordEntry {
+                client: if s.v6 {
+                    IpAddr::from(s.client.to_be_bytes())
+                } else {
+                    // IPv4 keys hold the address in the low 32 bits.
+                    #[allow(clippy::cast_possible_truncation)]
+                    IpAddr::from((s.client as u32).to_be_bytes())
+                },
+                port: s.port,
+                isn: (!s.any_isn).then_some(s.isn),
+                node: s.node,
+                stamp_ms: s.stamp_ms,
+            })
+            .collect()
+    }
+
+    fn put(&mut self, client: &IpAddr, port: u16, isn: Option<u32>, node: u16, now_ms: u64) {
         let c = key_of(client);
         let (tag, base) = self.set(c, port);
         let mut victim = base;
@@ -132,8 +203,10 @@ impl SynRecords {
             client: c,
             port,
             node,
-            isn,
+            isn: isn.unwrap_or(0),
             stamp_ms: now_ms,
+            v6: client.is_ipv6(),
+            any_isn: isn.is_none(),
         };
     }
 
@@ -198,6 +271,50 @@ mod tests {
                 Lookup::Retransmit { node: 1 }
             );
         }
+    }
+
+    #[test]
+    fn any_isn_records_match_every_isn_and_entries_round_trip() {
+        let mut r = SynRecords::new(1024, 1000);
+        r.insert_any_isn(&a(101), 40000, 2, 10);
+        assert_eq!(
+            r.lookup(&a(101), 40000, 12345, 20),
+            Lookup::Retransmit { node: 2 }
+        );
+        assert_eq!(r.lookup(&a(101), 40001, 12345, 20), Lookup::Miss);
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        r.insert(&v6, 1, 9, 1, 30);
+        let mut got = r.live_entries(40);
+        got.sort_by_key(|e| e.stamp_ms);
+        assert_eq!(
+            got,
+            vec![
+                RecordEntry {
+                    client: a(101),
+                    port: 40000,
+                    isn: None,
+                    node: 2,
+                    stamp_ms: 10
+                },
+                RecordEntry {
+                    client: v6,
+                    port: 1,
+                    isn: Some(9),
+                    node: 1,
+                    stamp_ms: 30
+                },
+            ]
+        );
+        let mut other = SynRecords::new(1024, 1000);
+        for e in &got {
+            other.adopt(e);
+        }
+        assert_eq!(
+            other.lookup(&v6, 1, 9, 1029),
+            Lookup::Retransmit { node: 1 }
+        );
+        assert_eq!(other.lookup(&v6, 1, 9, 1030), Lookup::Miss, "stamp kept");
+        assert_eq!(r.live_entries(1010).len(), 1, "the first expired");
     }
 
     #[test]

@@ -9,13 +9,15 @@
 //! The same socket carries the Raft election's messages (`Body::Raft`): the receive loop
 //! authenticates them the same way and hands them to the Raft task through a bounded channel
 //! (a full channel drops the message, as a lossy network would; Raft retransmits).
+//! A new master's SYN-RECV queries and the members' answers (`crate::takeover`) travel the
+//! same way and pass the same check.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tdsc_proto::control::{Body, Envelope, NodeReport, Removed, MAX_DATAGRAM};
+use tdsc_proto::control::{Body, Envelope, NodeReport, Removed, SynRecvAnswer, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
@@ -48,6 +50,10 @@ pub struct Reporter {
     /// Under Raft: the current members (to tell a removed node so) and the Raft task's
     /// request channel (to hand it a `Body::Removed` notice about this node).
     pub membership: Option<(watch::Receiver<Members>, mpsc::Sender<MemberRequest>)>,
+    /// Where SYN-RECV queries go: (querier's address, nonce). None: not answered.
+    pub syn_recv_queries: Option<tokio::sync::mpsc::Sender<(SocketAddr, u64)>>,
+    /// Where answers to this node's SYN-RECV queries go: (member id, answer).
+    pub syn_recv_answers: Option<tokio::sync::mpsc::Sender<(u32, SynRecvAnswer)>>,
 }
 
 /// Milliseconds since `epoch`, never 0 (0 means "never seen").
@@ -85,6 +91,18 @@ impl Reporter {
                     .is_ok(),
                 None => false,
             };
+        }
+        if let Some(Body::SynRecvQuery(q)) = env.body {
+            return self
+                .syn_recv_queries
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((from, q.nonce)).is_ok());
+        }
+        if let Some(Body::SynRecvAnswer(a)) = env.body {
+            return self
+                .syn_recv_answers
+                .as_ref()
+                .is_some_and(|tx| tx.try_send((env.from, a)).is_ok());
         }
         if let Some(Body::Raft(bytes)) = env.body {
             return match &self.raft_inbox {
@@ -247,5 +265,79 @@ impl Reporter {
             }
             me.sweep();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Node;
+    use tdsc_proto::control::SynRecvQuery;
+
+    type Channels = (
+        tokio::sync::mpsc::Receiver<(SocketAddr, u64)>,
+        tokio::sync::mpsc::Receiver<(u32, SynRecvAnswer)>,
+    );
+
+    fn reporter() -> (Reporter, Channels) {
+        let nodes: Vec<Node> = (1..=3)
+            .map(|id| Node {
+                id,
+                address: format!("198.51.100.1{id}").parse().unwrap(),
+            })
+            .collect();
+        let (qtx, qrx) = tokio::sync::mpsc::channel(4);
+        let (atx, arx) = tokio::sync::mpsc::channel(4);
+        let r = Reporter {
+            node_id: 1,
+            vip: "192.0.2.1".parse().unwrap(),
+            port: 7400,
+            interval: Duration::from_millis(200),
+            dead_after: Duration::from_millis(1000),
+            view: Arc::new(ClusterView::new(&nodes, 1)),
+            role: Arc::new(RoleCell::default()),
+            counters: Arc::new(ReportCounters::default()),
+            epoch: Instant::now(),
+            raft_inbox: None,
+            membership: None,
+            syn_recv_queries: Some(qtx),
+            syn_recv_answers: Some(atx),
+        };
+        (r, (qrx, arx))
+    }
+
+    fn env(from: u32, body: Body) -> Vec<u8> {
+        Envelope {
+            from,
+            term: 1,
+            body: Some(body),
+        }
+        .to_bytes()
+    }
+
+    /// SYN-RECV queries and answers pass the same check as reports: a member's address with
+    /// that member's id.
+    #[test]
+    fn syn_recv_queries_and_answers_are_authenticated_and_routed() {
+        let (r, (mut queries, mut answers)) = reporter();
+        let n2: SocketAddr = "198.51.100.12:7400".parse().unwrap();
+        let stranger: SocketAddr = "198.51.100.99:7400".parse().unwrap();
+        let query = Body::SynRecvQuery(SynRecvQuery { nonce: 5 });
+        assert!(
+            !r.accept(stranger, &env(2, query.clone())),
+            "unknown address"
+        );
+        assert!(!r.accept(n2, &env(3, query.clone())), "id of another node");
+        assert!(r.accept(n2, &env(2, query)));
+        assert_eq!(queries.try_recv().unwrap(), (n2, 5));
+        assert!(queries.try_recv().is_err());
+        let answer = SynRecvAnswer {
+            nonce: 5,
+            sockets: Vec::new(),
+            truncated: false,
+        };
+        assert!(!r.accept(stranger, &env(2, Body::SynRecvAnswer(answer.clone()))));
+        assert!(r.accept(n2, &env(2, Body::SynRecvAnswer(answer.clone()))));
+        assert_eq!(answers.try_recv().unwrap(), (2, answer));
     }
 }

@@ -3,6 +3,9 @@
 //! The least-connections policy needs each node's ESTABLISHED count, and the SYN-RECV count
 //! tells how many handshakes are in flight. A listener bound to `[::]` accepts IPv4
 //! connections as IPv4-mapped IPv6 sockets, so both families are dumped.
+//!
+//! A new master also lists the remote address and port of every SYN-RECV socket on the VIP
+//! ([`SockDiag::syn_recv_peers`]): the handshakes some node holds right now (paper §3.5).
 
 use std::io;
 use std::net::IpAddr;
@@ -49,6 +52,24 @@ fn local_is(msg: &[u8], vip: &IpAddr) -> Option<u8> {
     hit.then_some(state)
 }
 
+/// The remote address and port of an `inet_diag_msg` (IPv4-mapped IPv6 as IPv4).
+fn remote_of(msg: &[u8]) -> Option<(IpAddr, u16)> {
+    if msg.len() < 4 + 4 + 32 {
+        return None;
+    }
+    let port = u16::from_be_bytes([msg[6], msg[7]]);
+    let dst = &msg[24..40];
+    let addr = match msg[0] {
+        AF_INET => IpAddr::from(<[u8; 4]>::try_from(&dst[..4]).ok()?),
+        AF_INET6 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(dst).ok()?);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some((addr, port))
+}
+
 #[derive(Debug)]
 pub struct SockDiag {
     nl: Netlink,
@@ -81,11 +102,61 @@ impl SockDiag {
         }
         Ok(c)
     }
+
+    /// Remote address and port of at most `max` SYN-RECV sockets on the VIP, and whether
+    /// there were more.
+    pub fn syn_recv_peers(
+        &mut self,
+        vip: &IpAddr,
+        max: usize,
+    ) -> io::Result<(Vec<(IpAddr, u16)>, bool)> {
+        let mut peers = Vec::new();
+        let mut truncated = false;
+        let families: &[u8] = match vip {
+            IpAddr::V4(_) => &[AF_INET, AF_INET6],
+            IpAddr::V6(_) => &[AF_INET6],
+        };
+        for &fam in families {
+            self.nl.dump(
+                SOCK_DIAG_BY_FAMILY,
+                &request(fam, 1u32 << TCP_SYN_RECV),
+                |msg| {
+                    if local_is(msg, vip) != Some(TCP_SYN_RECV) {
+                        return;
+                    }
+                    match remote_of(msg) {
+                        Some(p) if peers.len() < max => peers.push(p),
+                        Some(_) => truncated = true,
+                        None => {}
+                    }
+                },
+            )?;
+        }
+        Ok((peers, truncated))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_address_and_port_v4_and_mapped() {
+        let mut m = msg(2, 3, [0; 16]);
+        m[24..28].copy_from_slice(&[192, 0, 2, 101]);
+        assert_eq!(
+            remote_of(&m),
+            Some(("192.0.2.101".parse().unwrap(), 0x9c40))
+        );
+        let mut m6 = msg(10, 3, [0; 16]);
+        m6[34..36].copy_from_slice(&[0xff, 0xff]);
+        m6[36..40].copy_from_slice(&[192, 0, 2, 102]);
+        assert_eq!(
+            remote_of(&m6),
+            Some(("192.0.2.102".parse().unwrap(), 0x9c40))
+        );
+        assert_eq!(remote_of(&[2, 3]), None);
+    }
 
     fn msg(family: u8, state: u8, src: [u8; 16]) -> Vec<u8> {
         let mut m = vec![family, state, 0, 0, 0, 80, 0x9c, 0x40];

@@ -97,6 +97,9 @@ pub struct Counters {
     pub reinjected: u64,
     pub reinject_errors: u64,
     pub records_evicted_live: u64,
+    /// New records not handed to the Raft task for replication (hand-off full).
+    #[serde(default)]
+    pub records_handoff_overflow: u64,
     pub forward_rejected: Rejected,
     pub reports_sent: u64,
     pub reports_received: u64,
@@ -128,6 +131,33 @@ pub struct Status {
     pub l2_mode: String,
     pub nodes: Vec<NodeStatus>,
     pub counters: Counters,
+    /// SYN-forward record replication and the last takeover (paper §3.5).
+    #[serde(default)]
+    pub records: RecordsStatus,
+}
+
+/// Replication of the SYN-forward records, as this node sees it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordsStatus {
+    /// `scheduler.replicate_records`.
+    pub replicate: bool,
+    /// `scheduler.reconcile_syn_recv`.
+    #[serde(default)]
+    pub reconcile: bool,
+    /// Records and batches this node proposed while master.
+    pub proposed_records: u64,
+    pub proposed_batches: u64,
+    /// Records and batches applied to this node's replica from committed entries.
+    pub applied_records: u64,
+    pub applied_batches: u64,
+    /// Live records in the replica now.
+    pub replica_live: u64,
+    /// Hand-offs drained while not leader (or with replication off), hence not proposed.
+    pub discarded_not_leader: u64,
+    /// SYN-RECV queries this node answered for a new master.
+    pub queries_answered: u64,
+    /// What this node adopted when it last became master.
+    pub last_takeover: Option<crate::takeover::TakeoverReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -267,6 +267,8 @@ counters! {
     rejected_stale_term,
     /// Live SYN-forward records pushed out by a full table (SYN flood).
     records_evicted_live,
+    /// New records not handed to the Raft task for replication: the hand-off was full.
+    records_handoff_overflow,
 }
 
 pub fn add(c: &AtomicU64) {

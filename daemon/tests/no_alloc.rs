@@ -1,4 +1,5 @@
-//! The master's per-SYN work — classify, dispatch (records + policy), encode the forward —
+//! The master's per-SYN work — classify, dispatch (records + policy + the hand-off of each
+//! new record to the Raft task), encode the forward —
 //! must not allocate: it runs once per new connection at up to ~200k SYN/s. A counting global
 //! allocator makes that checkable. (The nfq receive/verdict calls around it reuse the nfq
 //! crate's buffers as long as every message gets its verdict before the next `recv`, which
@@ -106,7 +107,10 @@ fn per_syn_path_does_not_allocate() {
         PolicyName::WeightedRoundRobin,
         PolicyName::PowerOfTwo,
     ] {
-        let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len());
+        // Smaller than the number of SYNs: both the hand-off and its overflow path run.
+        let (tx, rx) = std::sync::mpsc::sync_channel(tdscd::takeover::HANDOFF_CAPACITY);
+        let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len())
+            .with_handoff(tx);
         let mut forwarded = 0u32;
         view.set_members(&three).unwrap();
         ALLOCS.store(0, Relaxed);
@@ -145,6 +149,12 @@ fn per_syn_path_does_not_allocate() {
             ALLOCS.load(Relaxed),
             0,
             "{policy:?}: allocations on the per-SYN path"
+        );
+        let handed = rx.try_iter().count();
+        assert_eq!(handed, tdscd::takeover::HANDOFF_CAPACITY, "{policy:?}");
+        assert!(
+            d.take_handoff_drops() > 0,
+            "{policy:?}: overflow path not run"
         );
     }
 }

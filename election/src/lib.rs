@@ -61,6 +61,17 @@
 //! rather than accept them (fail-closed). A daemon that starts installs the member ruleset
 //! before it does anything else, and starts as a Raft follower with no lease.
 //!
+//! # Which SYN went where
+//!
+//! The same Raft group replicates the master's SYN-forward records (paper §3.5): the leader's
+//! shell proposes batches of them ([`RaftCore::propose`]), every node's shell gets committed
+//! batches back in [`Output::committed`] and applies them *before* it publishes the
+//! leadership of the same [`Output`]. A node's first lease needs an entry of its own term
+//! committed, which commits every earlier entry, so a new master has applied every record
+//! committed under its predecessors before it may dispatch. What a record not yet committed
+//! loses, and how the daemon covers it (SYN-RECV reconciliation), is in the daemon's
+//! `takeover` module. The log is compacted to a bounded tail (see [`raft_core`]).
+//!
 //! What the lease does not cover: a forward already on the wire when the lease lapses still
 //! reaches its member. It was dispatched before the successor could start, so it names a
 //! connection that no other node has been given.

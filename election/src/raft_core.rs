@@ -16,6 +16,22 @@
 //! may send before persisting and those that must wait are all returned after the one persist
 //! blob, which the shell writes before sending anything: simpler and never less safe.
 //!
+//! ## Proposals, committed entries and compaction
+//!
+//! The leader's shell proposes opaque data ([`RaftCore::propose`]); every node's `ready`
+//! returns the data of newly committed normal entries in [`Output::committed`], in log order,
+//! for the shell to apply (the daemon uses this to replicate SYN-forward records, paper §3.5).
+//! Empty entries (a new leader's first entry) are not returned. A restarted node resumes at
+//! its persisted commit index and does not get entries committed before the restart again:
+//! what the daemon applies is soft state that would be stale by then.
+//!
+//! The log is bounded: once more than `2 * LOG_KEEP_ENTRIES` applied entries are held, the
+//! oldest are compacted into a snapshot that keeps only the log position and the
+//! [`ConfState`] (its data is empty: records are soft state that expires within their window,
+//! and a follower that needs the snapshot has missed only records). A follower too far behind
+//! receives that snapshot (`MsgSnapshot`) and applies it in `ready`. The snapshot metadata is
+//! persisted with the hard state ([`Persisted`]).
+//!
 //! ## Membership
 //!
 //! [`RaftCore::propose_membership`] proposes one raft-rs `ConfChange` (AddNode with an opaque
@@ -34,13 +50,15 @@
 //! leader has its lease revoked (0) in the same `ready`.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
 use raft::prelude::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot, SnapshotMetadata,
 };
-use raft::storage::MemStorage;
-use raft::{Config, RawNode, StateRole};
+use raft::storage::{MemStorage, MemStorageCore};
+use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage};
 
 use crate::{Leadership, Role};
 
@@ -125,25 +143,39 @@ pub enum StepError {
     Refused,
 }
 
-/// What survives a restart: hard state (term, vote, commit), voters, member contexts and the
-/// log.
+/// Applied entries kept in the log after a compaction; a compaction runs once twice as many
+/// are held. A follower that lags by more needs a snapshot. At one entry per 10 ms tick this
+/// is at least 0.64 s of history; the persisted state is at most `2 * LOG_KEEP_ENTRIES`
+/// entries (each at most one record batch, see `tdsc_proto::control::MAX_RECORDS_PER_BATCH`).
+pub const LOG_KEEP_ENTRIES: u64 = 64;
+
+/// Largest Raft message payload of entries: one full record batch fits, two need two
+/// messages. Keeps every Raft message inside one UDP datagram.
+pub const MAX_SIZE_PER_MSG: u64 = 32 * 1024;
+
+/// What survives a restart: hard state (term, vote, commit), voters, member contexts, the last
+/// snapshot's position and the log after it.
 ///
-/// Encoded as `"TDSCRAFT2"`, then length-prefixed (u32 BE) records: hard state, conf state
-/// (protobuf), the member contexts (one record: `u32 count`, then per member `u64 id` and a
-/// length-prefixed context), then each entry. `"TDSCRAFT1"` (no member record) is still read:
-/// it is what nodes wrote before membership changes existed. The log is small, so the whole
-/// state is rewritten on every change; the shell writes it with an atomic rename.
+/// Encoded as `"TDSCRAFT2"`, then length-prefixed (u32 BE) records: hard state, conf state,
+/// snapshot metadata (protobuf), the member contexts (one record: `u32 count`, then per member
+/// `u64 id` and a length-prefixed context), then each entry. The log is bounded by compaction
+/// (see the module docs), so the whole state is rewritten on every change; the shell writes it
+/// with an atomic rename. Files of the first format (`"TDSCRAFT1"`: no snapshot metadata, no
+/// member record) are read as a state that was never compacted and added no node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Persisted {
     pub hard_state: HardState,
     pub conf_state: ConfState,
+    /// Index and term of the last compacted entry (0, 0: never compacted) and the voters at
+    /// that point.
+    pub snapshot: SnapshotMetadata,
     pub entries: Vec<Entry>,
     /// Context of every node added by a committed conf change (see [`Membership::members`]).
     pub members: BTreeMap<u64, Vec<u8>>,
 }
 
-const MAGIC_V1: &[u8] = b"TDSCRAFT1";
 const MAGIC: &[u8] = b"TDSCRAFT2";
+const MAGIC_V1: &[u8] = b"TDSCRAFT1";
 
 impl Persisted {
     pub fn encode(&self) -> Result<Vec<u8>, RaftError> {
@@ -155,6 +187,7 @@ impl Persisted {
         };
         put(self.hard_state.write_to_bytes()?);
         put(self.conf_state.write_to_bytes()?);
+        put(self.snapshot.write_to_bytes()?);
         put(encode_members(&self.members));
         for e in &self.entries {
             put(e.write_to_bytes()?);
@@ -163,10 +196,14 @@ impl Persisted {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, RaftError> {
-        let (mut rest, with_members) = match (buf.strip_prefix(MAGIC), buf.strip_prefix(MAGIC_V1)) {
-            (Some(rest), _) => (rest, true),
-            (None, Some(rest)) => (rest, false),
-            (None, None) => return Err(RaftError::Corrupt("bad magic")),
+        let (mut rest, v1) = match (buf.strip_prefix(MAGIC), buf.strip_prefix(MAGIC_V1)) {
+            (Some(r), _) => (r, false),
+            (None, Some(r)) => (r, true),
+            (None, None) => {
+                return Err(RaftError::Corrupt(
+                    "bad magic (neither TDSCRAFT2 nor the older TDSCRAFT1)",
+                ))
+            }
         };
         let mut parts = Vec::new();
         while !rest.is_empty() {
@@ -180,24 +217,31 @@ impl Persisted {
             parts.push(&tail[..len]);
             rest = &tail[len..];
         }
-        if parts.len() < 2 {
-            return Err(RaftError::Corrupt("missing hard state or conf state"));
+        let head = if v1 { 2 } else { 3 };
+        if parts.len() < head {
+            return Err(RaftError::Corrupt(
+                "missing hard state, conf state or snapshot metadata",
+            ));
         }
         let mut p = Persisted {
             hard_state: HardState::parse_from_bytes(parts[0])?,
             conf_state: ConfState::parse_from_bytes(parts[1])?,
+            snapshot: if v1 {
+                SnapshotMetadata::default()
+            } else {
+                SnapshotMetadata::parse_from_bytes(parts[2])?
+            },
             entries: Vec::new(),
             members: BTreeMap::new(),
         };
-        let mut first_entry = 2;
-        if with_members {
+        if !v1 {
             let m = parts
-                .get(2)
+                .get(3)
                 .ok_or(RaftError::Corrupt("missing member record"))?;
             p.members = decode_members(m)?;
-            first_entry = 3;
         }
-        for e in &parts[first_entry..] {
+        let first_entry = if v1 { 2 } else { 4 };
+        for e in parts.iter().skip(first_entry) {
             p.entries.push(Entry::parse_from_bytes(e)?);
         }
         Ok(p)
@@ -208,6 +252,12 @@ impl Persisted {
         let Some(first) = ents.first() else { return };
         self.entries.retain(|e| e.index < first.index);
         self.entries.extend_from_slice(ents);
+    }
+
+    /// Drops the entries a snapshot covers.
+    fn compact(&mut self, meta: &SnapshotMetadata) {
+        self.entries.retain(|e| e.index > meta.index);
+        self.snapshot = meta.clone();
     }
 }
 
@@ -319,6 +369,10 @@ pub struct Output {
     /// The shell updates its peer table, dispatch view and ruleset from it; it is also part of
     /// [`Output::persist`], which the shell writes before anything is sent.
     pub membership: Option<Membership>,
+    /// Data of the normal entries committed since the last `ready`, in log order (see the
+    /// module docs). The shell applies them before it publishes [`Output::leadership`], so
+    /// a new master's replicated state is complete when it takes over.
+    pub committed: Vec<Vec<u8>>,
 }
 
 /// Bridges raft-rs's slog records into `tracing`.
@@ -346,9 +400,76 @@ pub fn logger() -> slog::Logger {
     slog::Logger::root(TracingDrain, slog::o!())
 }
 
+/// raft-rs's `MemStorage`, except that every snapshot it hands out (to a follower too far
+/// behind the compacted log) carries the member contexts as its data: that follower has missed
+/// the conf changes that carried them, and the voters alone (in the metadata) do not say where
+/// the nodes are.
+#[derive(Clone, Default)]
+struct CoreStorage {
+    mem: MemStorage,
+    /// The member contexts, encoded as in the state file, as of the applied index.
+    members: Arc<Mutex<Vec<u8>>>,
+}
+
+impl CoreStorage {
+    fn wl(&self) -> std::sync::RwLockWriteGuard<'_, MemStorageCore> {
+        self.mem.wl()
+    }
+
+    fn rl(&self) -> std::sync::RwLockReadGuard<'_, MemStorageCore> {
+        self.mem.rl()
+    }
+
+    fn set_members(&self, members: &BTreeMap<u64, Vec<u8>>) {
+        let encoded = encode_members(members);
+        match self.members.lock() {
+            Ok(mut g) => *g = encoded,
+            Err(poisoned) => *poisoned.into_inner() = encoded,
+        }
+    }
+}
+
+impl Storage for CoreStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut snap = self.mem.snapshot(request_index, to)?;
+        let members = match self.members.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        snap.data = members.into();
+        Ok(snap)
+    }
+}
+
 /// One node of the Raft group, without I/O.
 pub struct RaftCore {
-    raw: RawNode<MemStorage>,
+    raw: RawNode<CoreStorage>,
     settings: RaftSettings,
     /// Ticks since this core was created; vote requests are ignored for the first
     /// `election_tick` of them (see [`StepError::StartupGuard`]).
@@ -388,19 +509,45 @@ impl RaftCore {
             conf_state: ConfState::from((voters.iter().copied(), std::iter::empty())),
             ..Persisted::default()
         });
-        let storage = MemStorage::new();
+        let storage = CoreStorage::default();
+        storage.set_members(&persisted.members);
         {
             let mut w = storage.wl();
+            if persisted.snapshot.index > 0 {
+                let mut snap = Snapshot::default();
+                snap.set_metadata(persisted.snapshot.clone());
+                w.apply_snapshot(snap)?;
+            }
             w.set_conf_state(persisted.conf_state.clone());
             w.append(&persisted.entries)?;
             w.set_hardstate(persisted.hard_state.clone());
         }
+        // Resume at the commit index: entries committed before a restart are not applied
+        // again (what normal entries carry is soft state, stale by now; what conf changes
+        // did is in the persisted conf state and member contexts).
+        let last = storage.last_index()?;
+        let applied = persisted
+            .hard_state
+            .commit
+            .min(last)
+            .max(persisted.snapshot.index);
+        // The last conf change applied, for status: the newest one in the log up to the
+        // commit index, else the snapshot's position.
+        let membership_index = persisted
+            .entries
+            .iter()
+            .filter(|e| e.index <= applied && e.get_entry_type() != EntryType::EntryNormal)
+            .map(|e| e.index)
+            .max()
+            .unwrap_or(persisted.snapshot.index);
         let cfg = Config {
             id,
             election_tick: settings.election_tick,
             heartbeat_tick: settings.heartbeat_tick,
             check_quorum: true,
             pre_vote: true,
+            applied,
+            max_size_per_msg: MAX_SIZE_PER_MSG,
             ..Config::default()
         };
         let raw = RawNode::new(&cfg, storage, logger)?;
@@ -412,7 +559,7 @@ impl RaftCore {
             lease_until_ms: 0,
             published: None,
             persisted,
-            membership_index: 0,
+            membership_index,
         })
     }
 
@@ -430,6 +577,27 @@ impl RaftCore {
 
     pub fn lease_until_ms(&self) -> u64 {
         self.lease_until_ms
+    }
+
+    /// First and last index held in the log (first > last: empty).
+    pub fn log_bounds(&self) -> (u64, u64) {
+        let s = self.raw.store();
+        (s.first_index().unwrap_or(0), s.last_index().unwrap_or(0))
+    }
+
+    /// Index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.raw.raft.raft_log.applied
+    }
+
+    /// Proposes opaque data as a normal entry. Only a leader can; the data comes back in
+    /// [`Output::committed`] on every node once committed.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), RaftError> {
+        if !self.is_leader() {
+            return Err(RaftError::Raft(raft::Error::ProposalDropped));
+        }
+        self.raw.propose(Vec::new(), data)?;
+        Ok(())
     }
 
     /// Advances time to `now_ms` (monotonic, ms) by one tick. The shell calls it every
@@ -530,7 +698,10 @@ impl RaftCore {
         if self.raw.has_ready() {
             let mut rd = self.raw.ready();
             self.collect(rd.take_messages(), &mut out);
-            // No snapshots are ever produced (no compaction yet), so none can arrive.
+            if !rd.snapshot().is_empty() {
+                self.apply_snapshot(rd.snapshot().clone(), &mut out);
+                dirty = true;
+            }
             for rs in rd.take_read_states() {
                 if let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
                     let sent = u64::from_be_bytes(ctx);
@@ -538,9 +709,9 @@ impl RaftCore {
                     self.lease_until_ms = self.lease_until_ms.max(until);
                 }
             }
-            // Committed entries carry nothing yet besides the leader's empty entry and
-            // membership changes.
-            dirty |= self.apply_conf_entries(&rd.take_committed_entries(), &mut out);
+            let committed = rd.take_committed_entries();
+            dirty |= self.apply_conf_entries(&committed, &mut out);
+            self.apply_committed(committed, &mut out);
             if !rd.entries().is_empty() {
                 if let Err(e) = self.raw.store().wl().append(rd.entries()) {
                     tracing::error!(error = %e, "raft log append failed");
@@ -561,8 +732,11 @@ impl RaftCore {
                 dirty = true;
             }
             self.collect(light.take_messages(), &mut out);
-            dirty |= self.apply_conf_entries(&light.take_committed_entries(), &mut out);
+            let committed = light.take_committed_entries();
+            dirty |= self.apply_conf_entries(&committed, &mut out);
+            self.apply_committed(committed, &mut out);
             self.raw.advance_apply();
+            dirty |= self.maybe_compact();
         }
         if !self.is_leader() {
             self.lease_until_ms = 0;
@@ -704,9 +878,112 @@ impl RaftCore {
             changed = true;
         }
         if changed {
+            self.raw.store().set_members(&self.persisted.members);
             out.membership = Some(self.membership());
         }
         changed
+    }
+
+    /// Hands the data of committed normal entries to the shell. Configuration changes
+    /// (`EntryConfChange`, `EntryConfChangeV2`) are not handled here.
+    fn apply_committed(&mut self, ents: Vec<Entry>, out: &mut Output) {
+        for e in ents {
+            if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
+                out.committed.push(e.data.to_vec());
+            }
+        }
+    }
+
+    /// A follower too far behind got the leader's snapshot: the log restarts after it, and the
+    /// membership (voters from the metadata, member contexts from the data) is the snapshot's.
+    fn apply_snapshot(&mut self, snap: Snapshot, out: &mut Output) {
+        let meta = snap.get_metadata().clone();
+        // raft-rs has taken the snapshot already: the storage must follow whatever the data
+        // holds. Undecodable member contexts (never written by this code) keep the old ones.
+        let members = decode_members(&snap.data);
+        if let Err(e) = self.raw.store().wl().apply_snapshot(snap) {
+            tracing::error!(error = %e, "cannot apply raft snapshot");
+            return;
+        }
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "raft snapshot applied"
+        );
+        self.persisted.entries.clear();
+        self.persisted.conf_state = meta.get_conf_state().clone();
+        self.persisted.hard_state = self.raw.store().rl().hard_state().clone();
+        match members {
+            Ok(members) => {
+                self.raw.store().set_members(&members);
+                self.persisted.members = members;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "raft snapshot's member contexts undecodable; kept the old ones")
+            }
+        }
+        self.membership_index = meta.index;
+        self.persisted.snapshot = meta;
+        out.membership = Some(self.membership());
+    }
+
+    /// Compacts the log to the last [`LOG_KEEP_ENTRIES`] applied entries once it holds twice
+    /// as many. Returns whether anything changed.
+    ///
+    /// The snapshot records the storage's current voters, which are those as of the applied
+    /// index; so compaction waits while a configuration change sits between the snapshot
+    /// index and the applied index (the snapshot would otherwise claim it too early).
+    fn maybe_compact(&mut self) -> bool {
+        let applied = self.applied_index();
+        let store = self.raw.store().clone();
+        let (Ok(first), Ok(last)) = (store.first_index(), store.last_index()) else {
+            return false;
+        };
+        if applied < first || applied + 1 - first <= 2 * LOG_KEEP_ENTRIES {
+            return false;
+        }
+        let upto = applied - LOG_KEEP_ENTRIES;
+        let ctx = GetEntriesContext::empty(false);
+        let Ok(tail) = store.entries(upto + 1, last + 1, None, ctx) else {
+            return false;
+        };
+        let conf_change_pending = tail
+            .iter()
+            .any(|e| e.index <= applied && e.get_entry_type() != EntryType::EntryNormal);
+        let Ok(term) = store.term(upto) else {
+            return false;
+        };
+        if conf_change_pending {
+            return false;
+        }
+        let Ok(state) = store.initial_state() else {
+            return false;
+        };
+        let mut w = store.wl();
+        let hs = w.hard_state().clone();
+        let mut meta = SnapshotMetadata {
+            index: upto,
+            term,
+            ..SnapshotMetadata::default()
+        };
+        meta.set_conf_state(state.conf_state);
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta.clone());
+        // The member contexts travel in the data: a follower that gets this snapshot has
+        // missed the conf changes that carried them.
+        snap.data = encode_members(&self.persisted.members).into();
+        // MemStorage moves its snapshot position only through apply_snapshot, which also
+        // drops the entries after it and lowers the commit index: put both back.
+        let restored = w
+            .apply_snapshot(snap)
+            .and_then(|()| w.append(&tail))
+            .map(|()| w.set_hardstate(hs));
+        if let Err(e) = restored {
+            tracing::error!(error = %e, "raft log compaction failed");
+            return false;
+        }
+        self.persisted.compact(&meta);
+        true
     }
 
     fn collect(&self, msgs: Vec<Message>, out: &mut Output) {

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use tdsc_election::raft_core::LOG_KEEP_ENTRIES;
 use tdsc_election::{MemberChange, Persisted, ProposeError, RaftCore, RaftSettings, Role};
 
 const SETTINGS: RaftSettings = RaftSettings {
@@ -31,6 +32,10 @@ struct Sim {
     /// Deterministic pseudo-random drops (xorshift state) and drop rate in percent.
     rng: u64,
     drop_pct: u64,
+    /// Data of committed entries each node's shell was handed, in order.
+    applied: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// Largest persisted log (entries) seen on any node.
+    max_persisted_entries: usize,
 }
 
 impl Sim {
@@ -57,6 +62,8 @@ impl Sim {
             delay_ms: 1,
             rng: 0x9e37_79b9_7f4a_7c15,
             drop_pct: 0,
+            applied: BTreeMap::new(),
+            max_persisted_entries: 0,
         }
     }
 
@@ -70,8 +77,10 @@ impl Sim {
     fn drain(&mut self, id: u64) {
         let out = self.nodes.get_mut(&id).unwrap().ready();
         if let Some(p) = out.persist {
+            self.max_persisted_entries = self.max_persisted_entries.max(p.entries.len());
             self.disk.insert(id, p);
         }
+        self.applied.entry(id).or_default().extend(out.committed);
         for (to, bytes) in out.messages {
             let lost = self.drop_pct > 0 && self.rand() % 100 < self.drop_pct;
             if !lost
@@ -185,6 +194,16 @@ impl Sim {
 
     fn voters(&self, id: u64) -> Vec<u64> {
         self.nodes[&id].membership().voters
+    }
+
+    /// Proposes `data` on `leader` and lets the outcome go out.
+    fn propose(&mut self, leader: u64, data: Vec<u8>) {
+        self.nodes
+            .get_mut(&leader)
+            .unwrap()
+            .propose(data)
+            .expect("leader accepts the proposal");
+        self.drain(leader);
     }
 
     fn restart(&mut self, id: u64) {
@@ -387,24 +406,7 @@ fn persisted_state_round_trips() {
         let back = Persisted::decode(&p.encode().unwrap()).unwrap();
         assert_eq!(&back, p);
     }
-    // A file written before membership changes existed ("TDSCRAFT1": no member record) is
-    // read as the same state with no member contexts.
-    let p = sim.disk.values().next().unwrap();
-    let v2 = p.encode().unwrap();
-    let mut records = Vec::new();
-    let mut rest = &v2[b"TDSCRAFT2".len()..];
-    while !rest.is_empty() {
-        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-        records.push(&rest[..4 + len]);
-        rest = &rest[4 + len..];
-    }
-    let mut v1 = b"TDSCRAFT1".to_vec();
-    for (i, r) in records.iter().enumerate() {
-        if i != 2 {
-            v1.extend_from_slice(r);
-        }
-    }
-    assert_eq!(&Persisted::decode(&v1).unwrap(), p);
+    // First-format files: see first_format_state_files_are_still_read.
     assert!(Persisted::decode(b"garbage").is_err());
     assert!(Persisted::decode(b"TDSCRAFT1\x00\x00\x00\x09ab").is_err());
 }
@@ -596,4 +598,184 @@ fn membership_survives_a_restart() {
         "voters come from disk, not the bootstrap list"
     );
     assert_eq!(m.members.get(&4), Some(&vec![4, 4]));
+}
+
+fn payload(i: u32) -> Vec<u8> {
+    i.to_be_bytes().to_vec()
+}
+
+/// Thousands of proposals: every node applies each once, in order, while the persisted log
+/// stays bounded by compaction; a restarted node resumes from its compacted state without
+/// being handed old entries again, and applies new ones.
+#[test]
+fn the_log_stays_bounded_and_a_restarted_core_resumes() {
+    let mut sim = Sim::new(3);
+    let (m, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(50);
+    let n = 3_000u32;
+    for i in 0..n {
+        sim.propose(m, payload(i));
+        sim.run_ms(1);
+    }
+    sim.run_ms(100);
+    let all: Vec<Vec<u8>> = (0..n).map(payload).collect();
+    for id in 1..=3 {
+        assert_eq!(
+            sim.applied[&id], all,
+            "node {id} applied every proposal in order"
+        );
+        let disk = &sim.disk[&id];
+        assert!(
+            disk.snapshot.index > u64::from(n) / 2,
+            "node {id} compacted: {:?}",
+            disk.snapshot
+        );
+        assert!(
+            disk.entries.len() as u64 <= 2 * LOG_KEEP_ENTRIES + 1,
+            "node {id} keeps {} entries",
+            disk.entries.len()
+        );
+        let back = Persisted::decode(&disk.encode().unwrap()).unwrap();
+        assert_eq!(&back, disk);
+    }
+    assert!(sim.max_persisted_entries as u64 <= 2 * LOG_KEEP_ENTRIES + 2);
+
+    // A follower restarts from its compacted state.
+    let f = (1..=3).find(|i| *i != m).unwrap();
+    let before = sim.nodes[&f].log_bounds();
+    sim.restart(f);
+    assert_eq!(
+        sim.nodes[&f].log_bounds(),
+        before,
+        "log resumes where it was"
+    );
+    sim.applied.insert(f, Vec::new());
+    sim.run_ms(300);
+    assert_eq!(sim.masters(), vec![m]);
+    sim.propose(m, payload(n));
+    sim.run_ms(50);
+    assert_eq!(
+        sim.applied[&f],
+        vec![payload(n)],
+        "old entries are not handed over again, new ones are"
+    );
+}
+
+/// A follower cut off while the log moves far past what the others keep catches up through
+/// a snapshot, then applies new entries again.
+#[test]
+fn a_lagging_follower_catches_up_via_snapshot() {
+    let mut sim = Sim::new(3);
+    let (m, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(50);
+    let f = (1..=3).find(|i| *i != m).unwrap();
+    sim.cut.insert(f);
+    let lag_last = sim.nodes[&f].log_bounds().1;
+    for i in 0..1_000u32 {
+        sim.propose(m, payload(i));
+        sim.run_ms(1);
+    }
+    sim.run_ms(50);
+    let (leader_first, _) = sim.nodes[&m].log_bounds();
+    assert!(
+        leader_first > lag_last + 1,
+        "the leader no longer holds what the follower needs"
+    );
+    sim.cut.clear();
+    sim.run_ms(500);
+    assert_eq!(
+        sim.masters(),
+        vec![m],
+        "the follower's return deposes nobody"
+    );
+    assert!(
+        sim.disk[&f].snapshot.index >= leader_first - 1,
+        "the follower installed a snapshot: {:?}",
+        sim.disk[&f].snapshot
+    );
+    assert_eq!(
+        sim.nodes[&f].log_bounds().1,
+        sim.nodes[&m].log_bounds().1,
+        "caught up"
+    );
+    let had = sim.applied.get(&f).map_or(0, Vec::len);
+    sim.propose(m, payload(5_000));
+    sim.run_ms(50);
+    assert_eq!(sim.applied[&f].len(), had + 1);
+    assert_eq!(sim.applied[&f].last(), Some(&payload(5_000)));
+}
+
+/// A follower cut off while a node was added, and brought back after the log that carried the
+/// addition was compacted, learns the new node's context from the snapshot it installs: the
+/// voters alone would not say where node 4 is.
+#[test]
+fn a_follower_caught_up_by_snapshot_learns_the_member_contexts() {
+    let mut sim = Sim::new(3);
+    let (m, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let f = (1..=3).find(|i| *i != m).unwrap();
+    let other = (1..=3).find(|i| *i != m && *i != f).unwrap();
+    sim.cut.insert(f);
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let joiner = RaftCore::new(4, &[1, 2, 3], SETTINGS, None, sim.now, &log).unwrap();
+    sim.nodes.insert(4, joiner);
+    sim.change(
+        m,
+        MemberChange::Add {
+            id: 4,
+            context: b"node four".to_vec(),
+        },
+        &[m, other, 4],
+    );
+    for i in 0..1_000u32 {
+        sim.propose(m, payload(i));
+        sim.run_ms(1);
+    }
+    sim.run_ms(50);
+    assert!(
+        sim.disk[&m].snapshot.index > sim.nodes[&m].membership().index,
+        "the addition was compacted away on the leader"
+    );
+    assert_eq!(sim.nodes[&f].membership().members.get(&4), None);
+    sim.cut.clear();
+    sim.run_ms(500);
+    assert!(
+        sim.disk[&f].snapshot.index > 0,
+        "the follower installed a snapshot"
+    );
+    let got = sim.nodes[&f].membership();
+    assert_eq!(got.voters, vec![1, 2, 3, 4]);
+    assert_eq!(
+        got.members.get(&4),
+        Some(&b"node four".to_vec()),
+        "node 4's context came with the snapshot"
+    );
+    assert_eq!(sim.disk[&f].members.get(&4), Some(&b"node four".to_vec()));
+}
+
+#[test]
+fn first_format_state_files_are_still_read() {
+    let mut sim = Sim::new(3);
+    sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(50);
+    let p = sim.disk.values().next().unwrap().clone();
+    // Re-encode in the first format: magic, hard state, conf state, entries (no snapshot
+    // metadata, no member record).
+    let v2 = p.encode().unwrap();
+    let mut parts = Vec::new();
+    let mut rest = &v2[b"TDSCRAFT2".len()..];
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        parts.push(rest[..4 + len].to_vec());
+        rest = &rest[4 + len..];
+    }
+    let mut v1 = b"TDSCRAFT1".to_vec();
+    for (i, part) in parts.iter().enumerate() {
+        if i != 2 && i != 3 {
+            v1.extend_from_slice(part);
+        }
+    }
+    assert_eq!(Persisted::decode(&v1).unwrap(), p);
+    let err = Persisted::decode(b"TDSCRAFT9").unwrap_err().to_string();
+    assert!(err.contains("magic"), "{err}");
 }

@@ -12,7 +12,26 @@
 //!     NodeReport report = 10;   // liveness + load, every report interval
 //!     bytes raft = 11;          // an opaque raft-rs message (reserved for the election)
 //!     Removed removed = 12;     // "you are no longer a member" (see below)
+//!     SynRecvQuery syn_recv_query = 13;   // a new master asks for SYN-RECV sockets
+//!     SynRecvAnswer syn_recv_answer = 14; // a member's answer
 //!   }
+//! }
+//! message SynRecvQuery { uint64 nonce = 1; }
+//! message SynRecvAnswer {
+//!   uint64 nonce = 1;               // the query's nonce
+//!   repeated PeerAddr sockets = 2;  // remote address + port of each SYN-RECV socket on the VIP
+//!   bool truncated = 3;             // more sockets than fit one datagram
+//! }
+//! message PeerAddr { bytes addr = 1; uint32 port = 2; } // addr: 4 or 16 bytes
+//!
+//! // The data of a normal Raft log entry.
+//! message RaftCommand { oneof command { RecordBatch records = 1; } }
+//! message RecordBatch { repeated SynRecord records = 1; }
+//! message SynRecord {
+//!   bytes client = 1;   // 4 or 16 bytes
+//!   uint32 port = 2;
+//!   uint32 isn = 3;
+//!   uint32 node = 4;    // node id (not a view index)
 //! }
 //! // Sent (at most once a report interval) to a node whose reports or Raft messages arrive
 //! // although the sender has applied its removal: such a node missed the commit that removed
@@ -49,7 +68,7 @@ pub struct Envelope {
     pub from: u32,
     #[prost(uint64, tag = "2")]
     pub term: u64,
-    #[prost(oneof = "Body", tags = "10, 11, 12")]
+    #[prost(oneof = "Body", tags = "10, 11, 12, 13, 14")]
     pub body: Option<Body>,
 }
 
@@ -61,6 +80,10 @@ pub enum Body {
     Raft(Vec<u8>),
     #[prost(message, tag = "12")]
     Removed(Removed),
+    #[prost(message, tag = "13")]
+    SynRecvQuery(SynRecvQuery),
+    #[prost(message, tag = "14")]
+    SynRecvAnswer(SynRecvAnswer),
 }
 
 /// Tells a node that the sender's membership no longer has it (see the module docs).
@@ -70,6 +93,108 @@ pub struct Removed {
     pub index: u64,
     #[prost(uint32, repeated, tag = "2")]
     pub voters: Vec<u32>,
+}
+
+/// A new master asks every member for its SYN-RECV sockets on the VIP (paper §3.5).
+#[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+pub struct SynRecvQuery {
+    /// Echoed in the answer, so answers to an older query are told apart.
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+}
+
+/// Remote (client) address and port of one socket.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PeerAddr {
+    /// 4 (IPv4) or 16 (IPv6) bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub addr: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+}
+
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct SynRecvAnswer {
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub sockets: Vec<PeerAddr>,
+    /// The member held more SYN-RECV sockets than [`MAX_SYN_RECV_PER_ANSWER`].
+    #[prost(bool, tag = "3")]
+    pub truncated: bool,
+}
+
+/// Sockets per answer: about 14 bytes each (IPv6: 26), far inside one datagram.
+pub const MAX_SYN_RECV_PER_ANSWER: usize = 2048;
+
+/// The data of a normal Raft log entry. A oneof, so new kinds of entry can be added.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RaftCommand {
+    #[prost(oneof = "Command", tags = "1")]
+    pub command: Option<Command>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Command {
+    #[prost(message, tag = "1")]
+    Records(RecordBatch),
+}
+
+/// SYN-forward records the master made since its last batch.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RecordBatch {
+    #[prost(message, repeated, tag = "1")]
+    pub records: Vec<SynRecord>,
+}
+
+/// Where one SYN went: client address and port, ISN, and the chosen node's id.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct SynRecord {
+    /// 4 (IPv4) or 16 (IPv6) bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub client: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    #[prost(uint32, tag = "3")]
+    pub isn: u32,
+    #[prost(uint32, tag = "4")]
+    pub node: u32,
+}
+
+/// Records per batch: one Raft entry of at most about 20 kB (IPv6), so that a Raft message
+/// carrying one entry always fits a datagram.
+pub const MAX_RECORDS_PER_BATCH: usize = 512;
+
+/// Encodes a 4- or 16-byte address field.
+pub fn addr_bytes(a: &std::net::IpAddr) -> Vec<u8> {
+    match a {
+        std::net::IpAddr::V4(v) => v.octets().to_vec(),
+        std::net::IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+/// Decodes a 4- or 16-byte address field; anything else is `None`.
+pub fn addr_from(b: &[u8]) -> Option<std::net::IpAddr> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        return Some(std::net::IpAddr::from(v4));
+    }
+    <[u8; 16]>::try_from(b).ok().map(std::net::IpAddr::from)
+}
+
+impl RaftCommand {
+    pub fn records(records: Vec<SynRecord>) -> Self {
+        RaftCommand {
+            command: Some(Command::Records(RecordBatch { records })),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    pub fn from_bytes(buf: &[u8]) -> Result<Self, ControlError> {
+        Ok(RaftCommand::decode(buf)?)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
@@ -221,6 +346,50 @@ mod tests {
             weight: 1,
         };
         assert_eq!(bad.ip(), None);
+    }
+
+    #[test]
+    fn syn_recv_query_and_answer_round_trip() {
+        let q = Envelope {
+            from: 2,
+            term: 3,
+            body: Some(Body::SynRecvQuery(SynRecvQuery { nonce: 7 })),
+        };
+        assert_eq!(Envelope::from_bytes(&q.to_bytes()).unwrap(), q);
+        let a = Envelope {
+            from: 1,
+            term: 3,
+            body: Some(Body::SynRecvAnswer(SynRecvAnswer {
+                nonce: 7,
+                sockets: vec![PeerAddr {
+                    addr: vec![192, 0, 2, 101],
+                    port: 40000,
+                }],
+                truncated: false,
+            })),
+        };
+        assert_eq!(Envelope::from_bytes(&a.to_bytes()).unwrap(), a);
+    }
+
+    /// A full batch of IPv6 records stays far below a datagram, so a Raft message carrying
+    /// one entry fits.
+    #[test]
+    fn record_batches_round_trip_and_stay_small() {
+        let v6: std::net::IpAddr = "2001:db8::ffff:ffff".parse().unwrap();
+        let recs = (0..MAX_RECORDS_PER_BATCH)
+            .map(|i| SynRecord {
+                client: addr_bytes(&v6),
+                port: 65535,
+                isn: u32::MAX - u32::try_from(i).unwrap(),
+                node: 4000,
+            })
+            .collect();
+        let cmd = RaftCommand::records(recs);
+        let bytes = cmd.to_bytes();
+        assert!(bytes.len() < 24 * 1024, "{} bytes", bytes.len());
+        assert_eq!(RaftCommand::from_bytes(&bytes).unwrap(), cmd);
+        assert_eq!(addr_from(&addr_bytes(&v6)), Some(v6));
+        assert_eq!(addr_from(&[1, 2, 3]), None);
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct ClusterOptions {
     /// Replace each node's `[election]` with `mode = "raft"` (default timing) and a data
     /// directory of its own in the lab's workdir; the master is then whoever Raft elects.
     pub raft: bool,
+    /// Extra `[scheduler]` keys for every node's config (e.g. `replicate_records = false`).
+    pub scheduler_extra: Vec<(String, toml::Value)>,
 }
 
 impl Default for ClusterOptions {
@@ -112,6 +114,7 @@ impl Default for ClusterOptions {
             httpd_args: Vec::new(),
             load_files: false,
             raft: false,
+            scheduler_extra: Vec::new(),
         }
     }
 }
@@ -264,6 +267,7 @@ impl Cluster {
                 load_file.as_deref(),
                 raft_dir.as_deref(),
             )?;
+            add_scheduler_keys(&config, &opts.scheduler_extra)?;
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
             if facts.master.is_some() {
@@ -876,6 +880,34 @@ fn write_node_config(
         vip,
         port,
         master,
+    })
+}
+
+/// Adds `keys` to the `[scheduler]` table of the config at `path` (nothing if empty).
+fn add_scheduler_keys(path: &Path, keys: &[(String, toml::Value)]) -> Result<(), ClusterError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: String| ClusterError::Config {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+    let scheduler = table
+        .entry("scheduler")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| bad("[scheduler] is not a table".into()))?;
+    for (k, v) in keys {
+        scheduler.insert(k.clone(), v.clone());
+    }
+    let out = toml::to_string(&table).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(path, out).map_err(|source| ClusterError::Write {
+        path: path.to_owned(),
+        source,
     })
 }
 

@@ -100,6 +100,91 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply, Htt
     parse_reply(addr, &raw, connect_time)
 }
 
+/// One `GET path` over a connection from the fixed local port `local_port` (bound with
+/// `SO_REUSEADDR` before `connect()`); `timeout` bounds the connect (SYN retransmissions
+/// included) and each read and write.
+pub fn get_from_port(
+    addr: SocketAddrV4,
+    local_port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<Reply, HttpError> {
+    let sa_addr = SocketAddr::V4(addr);
+    let io = |source| HttpError::Io {
+        addr: sa_addr,
+        source,
+    };
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a fresh fd we own.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    let len = |n: usize| libc::socklen_t::try_from(n).expect("small");
+    // SAFETY: the option values are live locals whose sizes are passed alongside; the fd is
+    // open (owned by `owned`). SO_SNDTIMEO also bounds a blocking connect() on Linux.
+    let opts_ok = unsafe {
+        libc::setsockopt(
+            owned.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            std::ptr::from_ref(&one).cast(),
+            len(std::mem::size_of_val(&one)),
+        ) == 0
+            && libc::setsockopt(
+                owned.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                std::ptr::from_ref(&tv).cast(),
+                len(std::mem::size_of_val(&tv)),
+            ) == 0
+    };
+    if !opts_ok {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value (INADDR_ANY).
+    let mut local: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    local.sin_family = libc::sa_family_t::try_from(libc::AF_INET).expect("small");
+    local.sin_port = local_port.to_be();
+    let mut remote = local;
+    remote.sin_port = addr.port().to_be();
+    remote.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
+    let sa_len = len(std::mem::size_of::<libc::sockaddr_in>());
+    // SAFETY: `local` is a live sockaddr_in of the size passed; the fd is open.
+    if unsafe { libc::bind(owned.as_raw_fd(), std::ptr::from_ref(&local).cast(), sa_len) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    let start = Instant::now();
+    // SAFETY: `remote` is a live sockaddr_in of the size passed; the fd is open.
+    if unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            std::ptr::from_ref(&remote).cast(),
+            sa_len,
+        )
+    } != 0
+    {
+        return Err(HttpError::Connect {
+            addr: sa_addr,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let connect_time = start.elapsed();
+    let mut s = TcpStream::from(owned);
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.write_all(&request_bytes(path)).map_err(io)?;
+    let mut raw = Vec::with_capacity(256);
+    s.read_to_end(&mut raw).map_err(io)?;
+    parse_reply(sa_addr, &raw, connect_time)
+}
+
 /// One request sent with TCP Fast Open: `sendto(MSG_FASTOPEN)` connects and puts `request`
 /// into the SYN (when `net.ipv4.tcp_fastopen` allows it without a cookie, as in the lab's
 /// clients); then reads the whole reply.

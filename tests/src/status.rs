@@ -22,6 +22,32 @@ pub struct Status {
     pub voters: Vec<u32>,
     pub nodes: Vec<NodeStatus>,
     pub counters: Counters,
+    /// SYN-forward record replication and the last takeover.
+    pub records: Records,
+}
+
+/// Replicated SYN-forward records as one node sees them.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Records {
+    pub replicate: bool,
+    pub proposed_records: u64,
+    pub applied_records: u64,
+    pub replica_live: u64,
+    pub queries_answered: u64,
+    pub last_takeover: Option<Takeover>,
+}
+
+/// What a node adopted when it last became master.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Takeover {
+    pub term: u64,
+    pub records_adopted: u64,
+    pub syn_recv_reconciled: u64,
+    pub members_asked: u32,
+    pub members_answered: u32,
+    pub wait_ms: u64,
 }
 
 /// One peer as a node sees it.

@@ -156,6 +156,32 @@ fn print_table(s: &Status) {
         "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
         r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
     );
+    let rec = &s.records;
+    println!(
+        "records: replicate {}  reconcile {}  proposed {} in {} batches  applied {} in {} batches  replica live {}  handoff overflow {}  discarded {}  queries answered {}",
+        if rec.replicate { "on" } else { "OFF" },
+        if rec.reconcile { "on" } else { "OFF" },
+        rec.proposed_records,
+        rec.proposed_batches,
+        rec.applied_records,
+        rec.applied_batches,
+        rec.replica_live,
+        c.records_handoff_overflow,
+        rec.discarded_not_leader,
+        rec.queries_answered
+    );
+    if let Some(t) = &rec.last_takeover {
+        println!(
+            "last takeover (term {}): {} records adopted, {} SYN-RECV reconciled, {}/{} members answered{}, waited {} ms",
+            t.term,
+            t.records_adopted,
+            t.syn_recv_reconciled,
+            t.members_answered,
+            t.members_asked,
+            if t.truncated { " (truncated)" } else { "" },
+            t.wait_ms
+        );
+    }
 }
 
 fn main() -> anyhow::Result<()> {
