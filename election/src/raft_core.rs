@@ -156,12 +156,14 @@ pub const MAX_SIZE_PER_MSG: u64 = 32 * 1024;
 /// What survives a restart: hard state (term, vote, commit), voters, member contexts, the last
 /// snapshot's position and the log after it.
 ///
-/// Encoded as `"TDSCRAFT2"`, then length-prefixed (u32 BE) records: hard state, conf state,
+/// Encoded as `"TDSCRAFT3"`, then length-prefixed (u32 BE) records: hard state, conf state,
 /// snapshot metadata (protobuf), the member contexts (one record: `u32 count`, then per member
-/// `u64 id` and a length-prefixed context), then each entry. The log is bounded by compaction
+/// `u64 id` and a length-prefixed context), the settings (one record: `u32 count`, then per
+/// setting a length-prefixed key and value), then each entry. The log is bounded by compaction
 /// (see the module docs), so the whole state is rewritten on every change; the shell writes it
 /// with an atomic rename. Files of the first format (`"TDSCRAFT1"`: no snapshot metadata, no
-/// member record) are read as a state that was never compacted and added no node.
+/// member or settings record) are read as a state that was never compacted, added no node and
+/// set nothing. (`"TDSCRAFT2"` existed only between development branches and is refused.)
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Persisted {
     pub hard_state: HardState,
@@ -172,9 +174,11 @@ pub struct Persisted {
     pub entries: Vec<Entry>,
     /// Context of every node added by a committed conf change (see [`Membership::members`]).
     pub members: BTreeMap<u64, Vec<u8>>,
+    /// The latest committed value of every setting (see [`RaftCore::propose_setting`]).
+    pub settings: BTreeMap<String, Vec<u8>>,
 }
 
-const MAGIC: &[u8] = b"TDSCRAFT2";
+const MAGIC: &[u8] = b"TDSCRAFT3";
 const MAGIC_V1: &[u8] = b"TDSCRAFT1";
 
 impl Persisted {
@@ -189,6 +193,7 @@ impl Persisted {
         put(self.conf_state.write_to_bytes()?);
         put(self.snapshot.write_to_bytes()?);
         put(encode_members(&self.members));
+        put(encode_settings(&self.settings));
         for e in &self.entries {
             put(e.write_to_bytes()?);
         }
@@ -201,7 +206,7 @@ impl Persisted {
             (None, Some(r)) => (r, true),
             (None, None) => {
                 return Err(RaftError::Corrupt(
-                    "bad magic (neither TDSCRAFT2 nor the older TDSCRAFT1)",
+                    "bad magic (neither TDSCRAFT3 nor the older TDSCRAFT1)",
                 ))
             }
         };
@@ -233,14 +238,19 @@ impl Persisted {
             },
             entries: Vec::new(),
             members: BTreeMap::new(),
+            settings: BTreeMap::new(),
         };
         if !v1 {
             let m = parts
                 .get(3)
                 .ok_or(RaftError::Corrupt("missing member record"))?;
             p.members = decode_members(m)?;
+            let s = parts
+                .get(4)
+                .ok_or(RaftError::Corrupt("missing settings record"))?;
+            p.settings = decode_settings(s)?;
         }
-        let first_entry = if v1 { 2 } else { 4 };
+        let first_entry = if v1 { 2 } else { 5 };
         for e in parts.iter().skip(first_entry) {
             p.entries.push(Entry::parse_from_bytes(e)?);
         }
@@ -296,6 +306,90 @@ fn decode_members(mut buf: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, RaftError> {
     }
     Ok(out)
 }
+
+/// Appends `b` with a u32 BE length prefix.
+fn put_prefixed(out: &mut Vec<u8>, b: &[u8]) {
+    let n = u32::try_from(b.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Splits off one u32 BE length-prefixed field.
+fn take_prefixed<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], RaftError> {
+    let (len, rest) = buf
+        .split_first_chunk::<4>()
+        .ok_or(RaftError::Corrupt(what))?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).unwrap_or(usize::MAX);
+    if rest.len() < len {
+        return Err(RaftError::Corrupt(what));
+    }
+    let (field, rest) = rest.split_at(len);
+    *buf = rest;
+    Ok(field)
+}
+
+fn encode_settings(settings: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = u32::try_from(settings.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    for (k, v) in settings {
+        put_prefixed(&mut out, k.as_bytes());
+        put_prefixed(&mut out, v);
+    }
+    out
+}
+
+fn decode_settings(mut buf: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, RaftError> {
+    let (n, rest) = buf
+        .split_first_chunk::<4>()
+        .ok_or(RaftError::Corrupt("truncated settings record"))?;
+    let n = u32::from_be_bytes(*n);
+    buf = rest;
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let (k, v) = decode_setting_pair(&mut buf)?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn decode_setting_pair(buf: &mut &[u8]) -> Result<(String, Vec<u8>), RaftError> {
+    let k = take_prefixed(buf, "truncated setting key")?;
+    let k = std::str::from_utf8(k).map_err(|_| RaftError::Corrupt("setting key is not UTF-8"))?;
+    let v = take_prefixed(buf, "truncated setting value")?;
+    Ok((k.to_owned(), v.to_vec()))
+}
+
+/// The data of a setting entry: length-prefixed key, then length-prefixed value.
+fn encode_setting(key: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_prefixed(&mut out, key.as_bytes());
+    put_prefixed(&mut out, value);
+    out
+}
+
+/// The data of every snapshot this node hands out or installs: the member contexts and the
+/// settings, each as a length-prefixed record.
+fn encode_snapshot_data(
+    members: &BTreeMap<u64, Vec<u8>>,
+    settings: &BTreeMap<String, Vec<u8>>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_prefixed(&mut out, &encode_members(members));
+    put_prefixed(&mut out, &encode_settings(settings));
+    out
+}
+
+type SnapshotState = (BTreeMap<u64, Vec<u8>>, BTreeMap<String, Vec<u8>>);
+
+fn decode_snapshot_data(mut buf: &[u8]) -> Result<SnapshotState, RaftError> {
+    let m = take_prefixed(&mut buf, "truncated snapshot member record")?;
+    let s = take_prefixed(&mut buf, "truncated snapshot settings record")?;
+    Ok((decode_members(m)?, decode_settings(s)?))
+}
+
+/// The context of a setting entry, which tells it apart from the shell's opaque proposals.
+const SETTING_CONTEXT: &[u8] = b"tdsc-setting";
 
 /// The group's membership as this node has applied it.
 ///
@@ -373,6 +467,9 @@ pub struct Output {
     /// module docs). The shell applies them before it publishes [`Output::leadership`], so
     /// a new master's replicated state is complete when it takes over.
     pub committed: Vec<Vec<u8>>,
+    /// Every setting's latest value, when a committed setting entry (or an installed
+    /// snapshot) changed them in this `ready`; also part of [`Output::persist`].
+    pub settings: Option<BTreeMap<String, Vec<u8>>>,
 }
 
 /// Bridges raft-rs's slog records into `tracing`.
@@ -407,8 +504,8 @@ pub fn logger() -> slog::Logger {
 #[derive(Clone, Default)]
 struct CoreStorage {
     mem: MemStorage,
-    /// The member contexts, encoded as in the state file, as of the applied index.
-    members: Arc<Mutex<Vec<u8>>>,
+    /// The member contexts and settings as of the applied index ([`encode_snapshot_data`]).
+    data: Arc<Mutex<Vec<u8>>>,
 }
 
 impl CoreStorage {
@@ -420,9 +517,9 @@ impl CoreStorage {
         self.mem.rl()
     }
 
-    fn set_members(&self, members: &BTreeMap<u64, Vec<u8>>) {
-        let encoded = encode_members(members);
-        match self.members.lock() {
+    fn set_state(&self, p: &Persisted) {
+        let encoded = encode_snapshot_data(&p.members, &p.settings);
+        match self.data.lock() {
             Ok(mut g) => *g = encoded,
             Err(poisoned) => *poisoned.into_inner() = encoded,
         }
@@ -458,11 +555,11 @@ impl Storage for CoreStorage {
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut snap = self.mem.snapshot(request_index, to)?;
-        let members = match self.members.lock() {
+        let data = match self.data.lock() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        snap.data = members.into();
+        snap.data = data.into();
         Ok(snap)
     }
 }
@@ -510,7 +607,7 @@ impl RaftCore {
             ..Persisted::default()
         });
         let storage = CoreStorage::default();
-        storage.set_members(&persisted.members);
+        storage.set_state(&persisted);
         {
             let mut w = storage.wl();
             if persisted.snapshot.index > 0 {
@@ -598,6 +695,26 @@ impl RaftCore {
         }
         self.raw.propose(Vec::new(), data)?;
         Ok(())
+    }
+
+    /// Proposes a new value for a cluster-wide setting (last writer wins). Only the leader
+    /// proposes; once committed every node keeps it, persisted and in every snapshot, and
+    /// reports it in [`Output::settings`]. Returns the log index of the proposal.
+    pub fn propose_setting(&mut self, key: &str, value: &[u8]) -> Result<u64, ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader: self.leader_id(),
+            });
+        }
+        self.raw
+            .propose(SETTING_CONTEXT.to_vec(), encode_setting(key, value))
+            .map_err(|_| ProposeError::Refused)?;
+        Ok(self.raw.raft.raft_log.last_index())
+    }
+
+    /// Every setting's latest committed value, as applied here.
+    pub fn settings(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.persisted.settings
     }
 
     /// Advances time to `now_ms` (monotonic, ms) by one tick. The shell calls it every
@@ -711,7 +828,7 @@ impl RaftCore {
             }
             let committed = rd.take_committed_entries();
             dirty |= self.apply_conf_entries(&committed, &mut out);
-            self.apply_committed(committed, &mut out);
+            dirty |= self.apply_committed(committed, &mut out);
             if !rd.entries().is_empty() {
                 if let Err(e) = self.raw.store().wl().append(rd.entries()) {
                     tracing::error!(error = %e, "raft log append failed");
@@ -734,7 +851,7 @@ impl RaftCore {
             self.collect(light.take_messages(), &mut out);
             let committed = light.take_committed_entries();
             dirty |= self.apply_conf_entries(&committed, &mut out);
-            self.apply_committed(committed, &mut out);
+            dirty |= self.apply_committed(committed, &mut out);
             self.raw.advance_apply();
             dirty |= self.maybe_compact();
         }
@@ -878,7 +995,7 @@ impl RaftCore {
             changed = true;
         }
         if changed {
-            self.raw.store().set_members(&self.persisted.members);
+            self.raw.store().set_state(&self.persisted);
             out.membership = Some(self.membership());
         }
         changed
@@ -886,12 +1003,36 @@ impl RaftCore {
 
     /// Hands the data of committed normal entries to the shell. Configuration changes
     /// (`EntryConfChange`, `EntryConfChangeV2`) are not handled here.
-    fn apply_committed(&mut self, ents: Vec<Entry>, out: &mut Output) {
+    ///
+    /// Setting entries (context [`SETTING_CONTEXT`]) are kept here instead: the latest value
+    /// of each key, persisted and part of every snapshot, and returned in [`Output::settings`].
+    /// Returns whether a setting changed.
+    fn apply_committed(&mut self, ents: Vec<Entry>, out: &mut Output) -> bool {
+        let mut changed = false;
         for e in ents {
-            if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
+            if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
+                continue;
+            }
+            if e.context.as_ref() as &[u8] != SETTING_CONTEXT {
                 out.committed.push(e.data.to_vec());
+                continue;
+            }
+            let mut data: &[u8] = &e.data;
+            match decode_setting_pair(&mut data) {
+                Ok((k, v)) => {
+                    self.persisted.settings.insert(k, v);
+                    changed = true;
+                }
+                Err(err) => {
+                    tracing::error!(index = e.index, error = %err, "undecodable setting skipped")
+                }
             }
         }
+        if changed {
+            self.raw.store().set_state(&self.persisted);
+            out.settings = Some(self.persisted.settings.clone());
+        }
+        changed
     }
 
     /// A follower too far behind got the leader's snapshot: the log restarts after it, and the
@@ -900,7 +1041,7 @@ impl RaftCore {
         let meta = snap.get_metadata().clone();
         // raft-rs has taken the snapshot already: the storage must follow whatever the data
         // holds. Undecodable member contexts (never written by this code) keep the old ones.
-        let members = decode_members(&snap.data);
+        let state = decode_snapshot_data(&snap.data);
         if let Err(e) = self.raw.store().wl().apply_snapshot(snap) {
             tracing::error!(error = %e, "cannot apply raft snapshot");
             return;
@@ -913,13 +1054,15 @@ impl RaftCore {
         self.persisted.entries.clear();
         self.persisted.conf_state = meta.get_conf_state().clone();
         self.persisted.hard_state = self.raw.store().rl().hard_state().clone();
-        match members {
-            Ok(members) => {
-                self.raw.store().set_members(&members);
+        match state {
+            Ok((members, settings)) => {
                 self.persisted.members = members;
+                self.persisted.settings = settings;
+                self.raw.store().set_state(&self.persisted);
+                out.settings = Some(self.persisted.settings.clone());
             }
             Err(e) => {
-                tracing::error!(error = %e, "raft snapshot's member contexts undecodable; kept the old ones")
+                tracing::error!(error = %e, "raft snapshot's member contexts and settings undecodable; kept the old ones")
             }
         }
         self.membership_index = meta.index;
@@ -971,7 +1114,7 @@ impl RaftCore {
         snap.set_metadata(meta.clone());
         // The member contexts travel in the data: a follower that gets this snapshot has
         // missed the conf changes that carried them.
-        snap.data = encode_members(&self.persisted.members).into();
+        snap.data = encode_snapshot_data(&self.persisted.members, &self.persisted.settings).into();
         // MemStorage moves its snapshot position only through apply_snapshot, which also
         // drops the entries after it and lowers the commit index: put both back.
         let restored = w

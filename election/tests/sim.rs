@@ -753,6 +753,88 @@ fn a_follower_caught_up_by_snapshot_learns_the_member_contexts() {
     assert_eq!(sim.disk[&f].members.get(&4), Some(&b"node four".to_vec()));
 }
 
+/// A setting proposed on the leader is applied by every node, survives a restart from the
+/// persisted state, reaches a follower that catches up through a snapshot, and is refused on a
+/// follower (naming the leader).
+#[test]
+fn settings_are_replicated_persisted_and_snapshotted() {
+    let mut sim = Sim::new(3);
+    let (m, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let f = (1..=3).find(|i| *i != m).unwrap();
+    match sim
+        .nodes
+        .get_mut(&f)
+        .unwrap()
+        .propose_setting("policy", b"x")
+    {
+        Err(ProposeError::NotLeader { leader }) => assert_eq!(leader, Some(m)),
+        other => panic!("a follower accepted a setting: {other:?}"),
+    }
+    sim.nodes
+        .get_mut(&m)
+        .unwrap()
+        .propose_setting("policy", b"least-connections")
+        .unwrap();
+    sim.drain(m);
+    sim.run_ms(100);
+    for id in 1..=3 {
+        assert_eq!(
+            sim.nodes[&id].settings().get("policy").map(Vec::as_slice),
+            Some(&b"least-connections"[..]),
+            "node {id}"
+        );
+        assert_eq!(
+            sim.disk[&id].settings.get("policy").map(Vec::as_slice),
+            Some(&b"least-connections"[..]),
+            "node {id} persisted it"
+        );
+    }
+    // Restart from disk: the setting is there without replaying the log.
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let back = RaftCore::new(
+        f,
+        &[1, 2, 3],
+        SETTINGS,
+        Some(sim.disk[&f].clone()),
+        sim.now,
+        &log,
+    )
+    .unwrap();
+    assert_eq!(
+        back.settings().get("policy").map(Vec::as_slice),
+        Some(&b"least-connections"[..])
+    );
+    // A follower cut off across a later change and a compaction gets it from the snapshot.
+    sim.cut.insert(f);
+    sim.nodes
+        .get_mut(&m)
+        .unwrap()
+        .propose_setting("policy", b"power-of-two")
+        .unwrap();
+    sim.drain(m);
+    for i in 0..1_000u32 {
+        sim.propose(m, payload(i));
+        sim.run_ms(1);
+    }
+    sim.cut.clear();
+    sim.run_ms(500);
+    assert!(
+        sim.disk[&f].snapshot.index > 0,
+        "the follower installed a snapshot"
+    );
+    assert_eq!(
+        sim.nodes[&f].settings().get("policy").map(Vec::as_slice),
+        Some(&b"power-of-two"[..])
+    );
+    // Setting entries never reach the shell as opaque data.
+    assert!(sim
+        .applied
+        .values()
+        .flatten()
+        .all(|d| d.windows(12).all(|w| w != b"power-of-two")));
+}
+
 #[test]
 fn first_format_state_files_are_still_read() {
     let mut sim = Sim::new(3);
@@ -760,10 +842,10 @@ fn first_format_state_files_are_still_read() {
     sim.run_ms(50);
     let p = sim.disk.values().next().unwrap().clone();
     // Re-encode in the first format: magic, hard state, conf state, entries (no snapshot
-    // metadata, no member record).
+    // metadata, no member or settings record).
     let v2 = p.encode().unwrap();
     let mut parts = Vec::new();
-    let mut rest = &v2[b"TDSCRAFT2".len()..];
+    let mut rest = &v2[b"TDSCRAFT3".len()..];
     while !rest.is_empty() {
         let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
         parts.push(rest[..4 + len].to_vec());
@@ -771,11 +853,15 @@ fn first_format_state_files_are_still_read() {
     }
     let mut v1 = b"TDSCRAFT1".to_vec();
     for (i, part) in parts.iter().enumerate() {
-        if i != 2 && i != 3 {
+        if !(2..=4).contains(&i) {
             v1.extend_from_slice(part);
         }
     }
     assert_eq!(Persisted::decode(&v1).unwrap(), p);
+    for bad in [&b"TDSCRAFT9"[..], b"TDSCRAFT2"] {
+        let err = Persisted::decode(bad).unwrap_err().to_string();
+        assert!(err.contains("magic"), "{err}");
+    }
     let err = Persisted::decode(b"TDSCRAFT9").unwrap_err().to_string();
     assert!(err.contains("magic"), "{err}");
 }
