@@ -69,6 +69,12 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
+            Ok(Request::PolicySet { policy }) if shared.member_requests.is_some() => {
+                match cluster_policy(shared, &policy).await {
+                    Ok(done) => Reply::Done { done },
+                    Err(error) => Reply::Error { error },
+                }
+            }
             Ok(req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. })) => {
                 match member_change(shared, req).await {
                     Ok(done) => Reply::Done { done },
@@ -88,6 +94,35 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
         w.write_all(&out).await?;
     }
     Ok(())
+}
+
+/// Parses a policy name, or says which names there are.
+fn parse_policy(policy: &str) -> Result<PolicyName, String> {
+    PolicyName::parse(policy).ok_or_else(|| {
+        let names: Vec<_> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
+        format!(
+            "unknown policy {policy:?}; expected one of {}",
+            names.join(", ")
+        )
+    })
+}
+
+/// `policy set` under Raft: the leader proposes it as a cluster-wide setting and answers once
+/// it has committed; every node (this one too) then switches as it applies it.
+async fn cluster_policy(s: &Shared, policy: &str) -> Result<String, String> {
+    let name = parse_policy(policy)?;
+    let tx = s
+        .member_requests
+        .as_ref()
+        .ok_or("cluster-wide settings need [election] mode = \"raft\"")?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    tx.try_send(MemberRequest::SetPolicy {
+        policy: name,
+        reply,
+    })
+    .map_err(|_| "the Raft task is busy or stopped; retry".to_owned())?;
+    rx.await
+        .map_err(|_| "the Raft task stopped before answering".to_owned())?
 }
 
 /// Hands `node add|remove` to the Raft task and waits for its answer (after commit).
@@ -141,13 +176,7 @@ fn apply(s: &Shared, req: &Request) -> Result<String, String> {
             Err("not a local change".into())
         }
         Request::PolicySet { policy } => {
-            let name = PolicyName::parse(policy).ok_or_else(|| {
-                let names: Vec<_> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
-                format!(
-                    "unknown policy {policy:?}; expected one of {}",
-                    names.join(", ")
-                )
-            })?;
+            let name = parse_policy(policy)?;
             s.set_policy(name)?;
             Ok(format!("node {}: policy {}", own.id(), name.as_str()))
         }

@@ -305,6 +305,7 @@ async fn serve(
     let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::raft::INBOX_CAPACITY);
     let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
     let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::raft::REQUEST_CAPACITY);
+    let (settings_tx, settings_rx) = watch::channel(crate::raft::Settings::new());
     let member_requests = matches!(cfg.election, ElectionMode::Raft { .. }).then_some(req_tx);
     let (query_tx, query_rx) = tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
     let (answer_tx, answer_rx) =
@@ -346,6 +347,7 @@ async fn serve(
                 view: view.clone(),
                 members: members_tx,
                 requests: req_rx,
+                settings: settings_tx,
             })
             .with_records(crate::raft::RecordsLink {
                 handoff: handoff_rx,
@@ -415,6 +417,7 @@ async fn serve(
         replica,
     });
     let control_task = tokio::spawn(crate::control::serve(listener, shared.clone()));
+    let settings_task = tokio::spawn(follow_settings(settings_rx, shared.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(NodeError::Member)?;
@@ -462,6 +465,7 @@ async fn serve(
         role.master.store(false, Relaxed);
     }
     control_task.abort();
+    settings_task.abort();
     report_task.abort();
     answer_task.abort();
     stop.store(true, Relaxed);
@@ -470,6 +474,36 @@ async fn serve(
     let _ = std::fs::remove_file(&socket_path);
     drop(shared);
     result
+}
+
+/// Applies the cluster-wide settings committed through Raft: today the scheduling policy
+/// (`tdscctl policy set`), which then overrides `[scheduler] policy` on every node, a new
+/// master and a restarted node included.
+async fn follow_settings(
+    mut settings: watch::Receiver<crate::raft::Settings>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let policy = settings
+            .borrow_and_update()
+            .get(crate::raft::POLICY_SETTING)
+            .cloned();
+        if let Some(raw) = policy {
+            match std::str::from_utf8(&raw).ok().and_then(PolicyName::parse) {
+                Some(name) if name != shared.policy_name() => match shared.set_policy(name) {
+                    Ok(()) => tracing::info!(policy = name.as_str(), "cluster policy applied"),
+                    Err(e) => tracing::error!(error = %e, "cluster policy not applied"),
+                },
+                Some(_) => {}
+                None => {
+                    tracing::error!(value = ?String::from_utf8_lossy(&raw), "committed policy unknown to this daemon; keeping the current one")
+                }
+            }
+        }
+        if settings.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Pins the calling data-path thread to `[threads] data_path_cpu`, if set. The CPU was checked

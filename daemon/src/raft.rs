@@ -41,7 +41,7 @@ use tdsc_proto::control::{Body, Envelope};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, Node};
+use crate::config::{Config, Node, PolicyName};
 use crate::master::RoleCell;
 use crate::membership::{check_add, check_remove, Members};
 
@@ -56,6 +56,11 @@ pub enum MemberRequest {
     },
     Remove {
         id: u32,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// `tdscctl policy set` under Raft: a cluster-wide setting (see [`POLICY_SETTING`]).
+    SetPolicy {
+        policy: PolicyName,
         reply: oneshot::Sender<Result<String, String>>,
     },
     /// A member (`from`) says this node is not among the voters of its membership at Raft
@@ -74,6 +79,13 @@ pub const REQUEST_CAPACITY: usize = 16;
 /// (the change itself may still commit later; `status` shows it).
 const COMMIT_PATIENCE_TICKS: u64 = 500;
 
+/// The Raft setting that holds the scheduling policy's name: `tdscctl policy set` under Raft
+/// changes it for the whole cluster, a restarted node and a new master included.
+pub const POLICY_SETTING: &str = "policy";
+
+/// The cluster-wide settings as committed (see `RaftCore::propose_setting`).
+pub type Settings = std::collections::BTreeMap<String, Vec<u8>>;
+
 /// What the Raft task updates when membership changes.
 #[derive(Debug)]
 pub struct MembershipLink {
@@ -83,6 +95,16 @@ pub struct MembershipLink {
     /// The role task re-applies the ruleset from it; status reads it.
     pub members: watch::Sender<Members>,
     pub requests: mpsc::Receiver<MemberRequest>,
+    /// The committed settings; the node applies the policy from it.
+    pub settings: watch::Sender<Settings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingKind {
+    /// Done once the membership has reached the proposal's index.
+    Membership,
+    /// Done once this node has applied the proposal's index.
+    Setting,
 }
 
 #[derive(Debug)]
@@ -91,6 +113,7 @@ struct Pending {
     what: String,
     since_tick: u64,
     reply: oneshot::Sender<Result<String, String>>,
+    kind: PendingKind,
 }
 use crate::records::Dispatched;
 use crate::takeover::{drain_batch, encode_batch, RecordStats, Replica};
@@ -319,6 +342,7 @@ impl RaftTask {
     /// Gives the task the membership to own, and applies the persisted one at once (the
     /// configured `[[nodes]]` are only the bootstrap set).
     pub fn with_membership(mut self, link: MembershipLink) -> Self {
+        link.settings.send_replace(self.core.settings().clone());
         self.membership = Some(link);
         let m = self.core.membership();
         self.apply_membership(&m);
@@ -453,6 +477,9 @@ impl RaftTask {
         if let Some(m) = &out.membership {
             self.apply_membership(m);
         }
+        if let (Some(st), Some(link)) = (&out.settings, &self.membership) {
+            link.settings.send_replace(st.clone());
+        }
         self.answer_pending();
     }
 
@@ -519,14 +546,23 @@ impl RaftTask {
     }
 
     fn handle_request(&mut self, req: MemberRequest) {
-        let (reply, result) = match req {
+        let (reply, result, kind) = match req {
             MemberRequest::Add {
                 id,
                 address,
                 weight,
                 reply,
-            } => (reply, self.propose_add(id, address, weight)),
-            MemberRequest::Remove { id, reply } => (reply, self.propose_remove(id)),
+            } => (
+                reply,
+                self.propose_add(id, address, weight),
+                PendingKind::Membership,
+            ),
+            MemberRequest::Remove { id, reply } => {
+                (reply, self.propose_remove(id), PendingKind::Membership)
+            }
+            MemberRequest::SetPolicy { policy, reply } => {
+                (reply, self.propose_policy(policy), PendingKind::Setting)
+            }
             MemberRequest::Removed {
                 from,
                 index,
@@ -543,6 +579,7 @@ impl RaftTask {
                     what,
                     since_tick: self.ticks,
                     reply,
+                    kind,
                 });
             }
             Err(e) => {
@@ -566,6 +603,15 @@ impl RaftTask {
             return Err(self.describe(ProposeError::Pending));
         }
         Ok(link)
+    }
+
+    fn propose_policy(&mut self, policy: PolicyName) -> Result<(u64, String), String> {
+        self.check_can_propose()?;
+        let index = self
+            .core
+            .propose_setting(POLICY_SETTING, policy.as_str().as_bytes())
+            .map_err(|e| self.describe(e))?;
+        Ok((index, format!("policy {} for the cluster", policy.as_str())))
     }
 
     fn propose_add(
@@ -630,7 +676,9 @@ impl RaftTask {
     /// Answers the request in flight once its change has committed here, or has failed.
     fn answer_pending(&mut self) {
         let Some(p) = &self.pending else { return };
-        let result = if self.core.membership().index >= p.index {
+        let result = if p.kind == PendingKind::Setting && self.core.applied_index() >= p.index {
+            Ok(format!("{} (committed at index {})", p.what, p.index))
+        } else if p.kind == PendingKind::Membership && self.core.membership().index >= p.index {
             let voters = self.core.membership().voters;
             Ok(format!("{} (voters now {voters:?})", p.what))
         } else if !self.core.is_leader() {

@@ -354,3 +354,57 @@ fn bad_membership_requests_are_refused_and_change_nothing() -> anyhow::Result<()
     }
     teardown(cluster)
 }
+
+/// `tdscctl policy set` under Raft is a cluster-wide setting: a follower refuses it and names
+/// the leader; on the leader it commits and every node switches; after a SIGKILL of the
+/// master's daemon the new master keeps it; and a restarted daemon takes it from its Raft
+/// state, not from its config file (which says round-robin).
+#[test]
+fn policy_set_is_cluster_wide_and_survives_failover_and_restart() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("policy_set_is_cluster_wide_and_survives_failover_and_restart")
+    else {
+        return Ok(());
+    };
+    let mut cluster = start()?;
+    let names: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    let master = cluster.wait_master(None, PROPAGATION)?.name.clone();
+    let follower = all
+        .iter()
+        .find(|n| **n != master)
+        .copied()
+        .context("a follower")?;
+
+    let refused = cluster.ctl(follower, &["policy", "set", "least-connections"]);
+    let err = format!(
+        "{:?}",
+        refused.expect_err("a follower accepted a cluster-wide policy")
+    );
+    ensure!(err.contains("leader"), "the refusal names no leader: {err}");
+    wait_all(&cluster, &all, "policy unchanged after the refusal", |s| {
+        s.policy == "round-robin"
+    })?;
+
+    let done = cluster.ctl(&master, &["policy", "set", "least-connections"])?;
+    ensure!(done.contains("least-connections"), "{done}");
+    wait_all(&cluster, &all, "every node applies the policy", |s| {
+        s.policy == "least-connections"
+    })?;
+
+    cluster.kill_daemon(&master)?;
+    let new_master = cluster
+        .wait_master(Some(&master), PROPAGATION)?
+        .name
+        .clone();
+    let s = cluster.status(&new_master)?;
+    assert_eq!(s.policy, "least-connections", "the new master reverted");
+
+    cluster.restart_daemon(&master, PROPAGATION)?;
+    wait_all(
+        &cluster,
+        &all,
+        "the restarted node keeps the cluster policy",
+        |s| s.policy == "least-connections",
+    )?;
+    teardown(cluster)
+}
