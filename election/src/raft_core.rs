@@ -25,10 +25,15 @@
 //! its persisted commit index and does not get entries committed before the restart again:
 //! what the daemon applies is soft state that would be stale by then.
 //!
+//! Besides opaque data, the core keeps **settings** of its own ([`RaftCore::propose_setting`]):
+//! normal entries whose context marks them, applied here as last-writer-wins key/value pairs,
+//! persisted and returned in [`Output::settings`] (the daemon replicates its policy this way).
+//!
 //! The log is bounded: once more than `2 * LOG_KEEP_ENTRIES` applied entries are held, the
-//! oldest are compacted into a snapshot that keeps only the log position and the
-//! [`ConfState`] (its data is empty: records are soft state that expires within their window,
-//! and a follower that needs the snapshot has missed only records). A follower too far behind
+//! oldest are compacted into a snapshot that keeps the log position and the [`ConfState`] in
+//! its metadata and the member contexts and settings in its data (no records: they are soft
+//! state that expires within their window). The storage attaches that data to every snapshot
+//! it hands a lagging follower, so the follower learns where added nodes are. A follower too far behind
 //! receives that snapshot (`MsgSnapshot`) and applies it in `ready`. The snapshot metadata is
 //! persisted with the hard state ([`Persisted`]).
 //!
