@@ -48,21 +48,38 @@ fn status(tdscctl: &Path, socket: &Path) -> anyhow::Result<Status> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// Waits until `socket`'s daemon is master and sees every node alive.
-fn wait_master_sees_all(tdscctl: &Path, socket: &Path, lab: &mut Lab) -> anyhow::Result<()> {
+/// Waits until exactly one of the daemons behind `sockets` (other than `excluding`) is master
+/// and sees `alive` nodes alive; returns its id.
+fn wait_master(
+    tdscctl: &Path,
+    sockets: &BTreeMap<u32, PathBuf>,
+    excluding: Option<u32>,
+    alive: usize,
+    lab: &mut Lab,
+) -> anyhow::Result<u32> {
     let start = Instant::now();
     loop {
-        match status(tdscctl, socket) {
-            Ok(s) if s.role == "master" && s.nodes.iter().all(|n| n.alive) => return Ok(()),
-            Ok(s) if start.elapsed() > Duration::from_secs(15) => {
-                bail!("master not ready within 15 s: {s:?}")
+        let masters: Vec<(u32, Status)> = sockets
+            .iter()
+            .filter(|(id, _)| Some(**id) != excluding)
+            .filter_map(|(id, sock)| status(tdscctl, sock).ok().map(|s| (*id, s)))
+            .filter(|(_, s)| s.role == "master")
+            .collect();
+        if let [(id, s)] = masters.as_slice() {
+            if s.nodes.iter().filter(|n| n.alive).count() == alive {
+                return Ok(*id);
             }
-            Err(e) if start.elapsed() > Duration::from_secs(15) => {
-                bail!("{e}\n{}", lab.log_tail("tdscd-node1", 30))
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
         }
-        for (node, _) in NODES {
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!(
+                "no single master seeing {alive} nodes alive within 15 s: {masters:?}\n{}",
+                lab.log_tail("tdscd-node1", 30)
+            );
+        }
+        for (node, id) in NODES {
+            if Some(id) == excluding {
+                continue;
+            }
             if let Some(how) = lab.exited(&format!("tdscd-{node}"))? {
                 bail!(
                     "tdscd on {node} exited ({how}):\n{}",
@@ -70,7 +87,15 @@ fn wait_master_sees_all(tdscctl: &Path, socket: &Path, lab: &mut Lab) -> anyhow:
                 );
             }
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The election of a lab run: the topology's static one, or Raft over the IPv6 cluster network.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Election {
+    Static,
+    Raft,
 }
 
 /// Round robin over three IPv6 nodes: every request succeeds, each node serves exactly a
@@ -83,13 +108,35 @@ fn ipv6_vip_round_robin_over_three_nodes() -> anyhow::Result<()> {
     };
     let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6"))?;
     let mut lab = Lab::realise(topology)?;
-    let result = run(&mut lab);
+    let result = run_static(&mut lab);
     let teardown = lab.teardown();
     result?;
     teardown.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn run(lab: &mut Lab) -> anyhow::Result<()> {
+/// Raft over the IPv6 cluster network: a master is elected, dispatches round robin over the
+/// three nodes, and after a SIGKILL of its daemon another node takes over and every new
+/// request still succeeds, with no RST, on the two survivors; SYN-forward records are
+/// replicated over IPv6 on the way.
+#[test]
+fn ipv6_raft_elects_a_master_and_fails_over() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("ipv6_raft_elects_a_master_and_fails_over") else {
+        return Ok(());
+    };
+    let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6r"))?;
+    let mut lab = Lab::realise(topology)?;
+    let result = run_raft(&mut lab);
+    let teardown = lab.teardown();
+    result?;
+    teardown.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Starts an HTTP server and tdscd on every node; returns tdscctl's path and the control
+/// sockets by node id.
+fn start_nodes(
+    lab: &mut Lab,
+    election: Election,
+) -> anyhow::Result<(PathBuf, BTreeMap<u32, PathBuf>)> {
     let bins = BinDir::locate()?;
     let (tdscd, tdscctl, httpd) = (
         bins.path("tdscd")?,
@@ -111,7 +158,7 @@ fn run(lab: &mut Lab) -> anyhow::Result<()> {
             .to_owned();
         let socket = dir.join(format!("{node}.sock"));
         let text = std::fs::read_to_string(&source)?;
-        let rewritten = text.replace(
+        let mut rewritten = text.replace(
             "socket = \"/run/tdsc/tdscd.sock\"",
             &format!("socket = \"{}\"", socket.display()),
         );
@@ -120,6 +167,19 @@ fn run(lab: &mut Lab) -> anyhow::Result<()> {
             "{} sets no [control] socket",
             source.display()
         );
+        if election == Election::Raft {
+            let raft = format!(
+                "[election]\nmode = \"raft\"\ndata_dir = \"{}\"\n",
+                dir.join(format!("raft-{node}")).display()
+            );
+            let with_raft = rewritten.replace("[election]\nmode = \"static\"\nmaster = 1\n", &raft);
+            ensure!(
+                with_raft != rewritten,
+                "{} has no static [election]",
+                source.display()
+            );
+            rewritten = with_raft;
+        }
         let config = dir.join(format!("{node}.toml"));
         std::fs::write(&config, rewritten)?;
         let args = ["--config".to_owned(), config.display().to_string()];
@@ -132,8 +192,11 @@ fn run(lab: &mut Lab) -> anyhow::Result<()> {
         )?;
         sockets.insert(id, socket);
     }
-    wait_master_sees_all(&tdscctl, &sockets[&1], lab)?;
+    Ok((tdscctl, sockets))
+}
 
+/// The two client namespaces, with the counting probe installed.
+fn clients(lab: &Lab) -> anyhow::Result<Vec<String>> {
     let clients: Vec<String> = lab
         .topology()
         .nodes_with_role(Role::Client)
@@ -144,6 +207,71 @@ fn run(lab: &mut Lab) -> anyhow::Result<()> {
     for ns in &clients {
         nft::install_client_probe(ns)?;
     }
+    Ok(clients)
+}
+
+fn client_rsts(clients: &[String]) -> anyhow::Result<(u64, u64)> {
+    let (mut rsts, mut synacks) = (0, 0);
+    for ns in clients {
+        let (r, s) = nft::client_counters(ns)?;
+        rsts += r;
+        synacks += s;
+    }
+    Ok((rsts, synacks))
+}
+
+fn run_raft(lab: &mut Lab) -> anyhow::Result<()> {
+    let (tdscctl, sockets) = start_nodes(lab, Election::Raft)?;
+    let first = wait_master(&tdscctl, &sockets, None, 3, lab)?;
+    let clients = clients(lab)?;
+    let vip: SocketAddr = VIP.parse()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = load::run(&clients, vip, PER_CLIENT, &stop)?;
+    assert_eq!(before.failures, 0, "{:?}", before.sample_errors);
+    for (_, id) in NODES {
+        assert_eq!(
+            before.by_node.get(&id).copied().unwrap_or(0),
+            PER_CLIENT * 2 / 3,
+            "round robin over IPv6 under Raft: {:?}",
+            before.by_node
+        );
+    }
+    let replicated = status(&tdscctl, &sockets[&first])?;
+    let victim = NODES
+        .iter()
+        .find(|(_, id)| *id == first)
+        .map(|(n, _)| *n)
+        .context("the master's node")?;
+    lab.kill(&format!("tdscd-{victim}"))?;
+    let second = wait_master(&tdscctl, &sockets, Some(first), 2, lab)?;
+    let after = load::run(&clients, vip, PER_CLIENT, &stop)?;
+    assert_eq!(
+        after.failures, 0,
+        "after the failover: {:?}",
+        after.sample_errors
+    );
+    assert_eq!(after.ok(), PER_CLIENT * 2);
+    assert_eq!(
+        after.by_node.get(&first).copied().unwrap_or(0),
+        0,
+        "the dead master's node served: {:?}",
+        after.by_node
+    );
+    let (rsts, _) = client_rsts(&clients)?;
+    assert_eq!(rsts, 0, "IPv6 clients received TCP RSTs");
+    let s = status(&tdscctl, &sockets[&second])?;
+    assert!(
+        s.term > replicated.term,
+        "the new master's term {} is not newer",
+        s.term
+    );
+    Ok(())
+}
+
+fn run_static(lab: &mut Lab) -> anyhow::Result<()> {
+    let (tdscctl, sockets) = start_nodes(lab, Election::Static)?;
+    wait_master(&tdscctl, &sockets, None, 3, lab)?;
+    let clients = clients(lab)?;
     let vip: SocketAddr = VIP.parse()?;
     let tally = load::run(&clients, vip, PER_CLIENT, &Arc::new(AtomicBool::new(false)))?;
 
@@ -164,12 +292,7 @@ fn run(lab: &mut Lab) -> anyhow::Result<()> {
             tally.by_node
         );
     }
-    let (mut rsts, mut synacks) = (0, 0);
-    for ns in &clients {
-        let (r, s) = nft::client_counters(ns)?;
-        rsts += r;
-        synacks += s;
-    }
+    let (rsts, synacks) = client_rsts(&clients)?;
     assert_eq!(rsts, 0, "IPv6 clients received TCP RSTs");
     assert_eq!(synacks, total, "SYN/ACKs received != connections");
 
