@@ -265,6 +265,18 @@ fn run_raft(lab: &mut Lab) -> anyhow::Result<()> {
         "the new master's term {} is not newer",
         s.term
     );
+    // Every connection of the first round was a new dispatch: its record went through Raft
+    // to the node that is master now, and the takeover adopted the live ones.
+    assert!(
+        s.records.applied_records >= PER_CLIENT * 2,
+        "records applied over IPv6: {:?}",
+        s.records
+    );
+    let t = s
+        .records
+        .last_takeover
+        .context("the new master reports its takeover")?;
+    assert!(t.records_adopted > 0, "{t:?}");
     Ok(())
 }
 
