@@ -26,10 +26,10 @@ address = "198.51.100.12"
 fn check(text: &str) -> (i32, String) {
     let dir = std::env::temp_dir().join(format!("tdscd-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!(
-        "{:x}.toml",
-        text.len() * 31 + text.bytes().map(usize::from).sum::<usize>()
-    ));
+    // One file per call: tests run in parallel and several check the same text.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{n}.toml"));
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tdscd"))
         .arg("--config")
