@@ -175,22 +175,44 @@ fn connect_samples(
     Ok((v, p))
 }
 
+/// Where the latency phases connect from and to.
+struct Targets {
+    /// The first client's namespace.
+    ns: String,
+    vip: SocketAddrV4,
+    plain: SocketAddrV4,
+    master_id: u32,
+}
+
+impl Targets {
+    fn of(cluster: &Cluster) -> Result<Targets, BenchError> {
+        let client = cluster
+            .clients()
+            .first()
+            .ok_or(BenchError::Missing { what: "client" })?;
+        Ok(Targets {
+            ns: cluster.netns(&client.name),
+            vip: cluster.vip(),
+            plain: cluster.baseline_addr().ok_or(BenchError::Missing {
+                what: "baseline server",
+            })?,
+            master_id: cluster.master()?.id,
+        })
+    }
+}
+
 /// Phase 1: connect() latency.
 pub fn latency(
     cluster: &Cluster,
     opts: &BenchOptions,
     stop: &AtomicBool,
 ) -> Result<LatencyReport, BenchError> {
-    let client = cluster
-        .clients()
-        .first()
-        .ok_or(BenchError::Missing { what: "client" })?;
-    let plain = cluster.baseline_addr().ok_or(BenchError::Missing {
-        what: "baseline server",
-    })?;
-    let master_id = cluster.master()?.id;
-    let ns = cluster.netns(&client.name);
-    let vip = cluster.vip();
+    let Targets {
+        ns,
+        vip,
+        plain,
+        master_id,
+    } = Targets::of(cluster)?;
     let (via_vip, via_plain) = netns::run_in(&ns, || {
         connect_samples(vip, plain, opts.warmup, opts.count, stop)
     })??;
@@ -390,15 +412,7 @@ pub fn flood_ablation(
     set_weights(true)?;
     // Reports carry the weights to the master.
     std::thread::sleep(Duration::from_secs(1));
-    let client = cluster
-        .clients()
-        .first()
-        .ok_or(BenchError::Missing { what: "client" })?;
-    let plain = cluster.baseline_addr().ok_or(BenchError::Missing {
-        what: "baseline server",
-    })?;
-    let ns = cluster.netns(&client.name);
-    let vip = cluster.vip();
+    let Targets { ns, vip, plain, .. } = Targets::of(cluster)?;
     let batches = opts.count.div_ceil(ABLATION_BATCH).max(1);
     let run = || -> Result<FloodReport, BenchError> {
         let (mut flooded, mut master_only, mut plains) = (Vec::new(), Vec::new(), Vec::new());
@@ -536,16 +550,12 @@ pub fn placement(
         }
         Ok(())
     };
-    let client = cluster
-        .clients()
-        .first()
-        .ok_or(BenchError::Missing { what: "client" })?;
-    let plain = cluster.baseline_addr().ok_or(BenchError::Missing {
-        what: "baseline server",
-    })?;
-    let master_id = cluster.master()?.id;
-    let ns = cluster.netns(&client.name);
-    let vip = cluster.vip();
+    let Targets {
+        ns,
+        vip,
+        plain,
+        master_id,
+    } = Targets::of(cluster)?;
     let batches = opts.count.div_ceil(ABLATION_BATCH).max(1);
     let run = || -> Result<PlacementReport, BenchError> {
         let mut samples: [(Samples, Samples); 2] = Default::default();

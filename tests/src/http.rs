@@ -114,13 +114,7 @@ pub fn get_from_port(
         addr: sa_addr,
         source,
     };
-    // SAFETY: socket(2) takes no pointers; a non-negative result is a fresh fd we own.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = tcp_socket_v4().map_err(io)?;
     let one: libc::c_int = 1;
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
@@ -185,6 +179,18 @@ pub fn get_from_port(
     parse_reply(sa_addr, &raw, connect_time)
 }
 
+/// A fresh IPv4 TCP socket (close-on-exec), for the requests that need socket options or
+/// flags `std::net` does not offer.
+fn tcp_socket_v4() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a fresh fd we own.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// One request sent with TCP Fast Open: `sendto(MSG_FASTOPEN)` connects and puts `request`
 /// into the SYN (when `net.ipv4.tcp_fastopen` allows it without a cookie, as in the lab's
 /// clients); then reads the whole reply.
@@ -198,13 +204,7 @@ pub fn get_fastopen(
         addr: sa_addr,
         source,
     };
-    // SAFETY: socket(2) takes no pointers; a non-negative result is a fresh fd we own.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = tcp_socket_v4().map_err(io)?;
     // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     sa.sin_family = libc::sa_family_t::try_from(libc::AF_INET).expect("small");

@@ -83,3 +83,32 @@ pub fn run(
     }
     Ok(total)
 }
+
+/// Service without node `gone`: `per_client` GETs from each client all succeed and none is
+/// served by `gone`. Panics (naming `what`) otherwise; for tests after a node was lost.
+pub fn assert_served_without(
+    client_netns: &[String],
+    target: SocketAddr,
+    per_client: u64,
+    gone: u32,
+    what: &str,
+) -> Result<Tally, NetnsError> {
+    let t = run(
+        client_netns,
+        target,
+        per_client,
+        &Arc::new(AtomicBool::new(false)),
+    )?;
+    assert_eq!(
+        t.failures, 0,
+        "{what}: requests failed: {:?}",
+        t.sample_errors
+    );
+    assert_eq!(t.ok(), per_client * client_netns.len() as u64, "{what}");
+    assert!(
+        !t.by_node.contains_key(&gone),
+        "{what}: node {gone} was given connections: {:?}",
+        t.by_node
+    );
+    Ok(t)
+}
