@@ -444,10 +444,32 @@ pub fn flood_ablation(
         })
     };
     let result = run();
-    let restored = set_ports("up").and_then(|()| set_weights(false));
+    let restored = set_ports("up")
+        .and_then(|()| set_weights(false))
+        .and_then(|()| wait_weights(cluster, &master.name, &before));
     let report = result?;
     restored?;
     Ok(report)
+}
+
+/// Waits (at most 5 s) until `master` sees every node's weight as in `want`: weights travel in
+/// the nodes' reports, so a phase that follows must not start before they arrive.
+fn wait_weights(
+    cluster: &Cluster,
+    master: &str,
+    want: &[crate::status::NodeStatus],
+) -> Result<(), BenchError> {
+    let start = Instant::now();
+    loop {
+        let now = cluster.status(master)?.nodes;
+        let same = want
+            .iter()
+            .all(|w| now.iter().any(|n| n.id == w.id && n.weight == w.weight));
+        if same || start.elapsed() > Duration::from_secs(5) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Results of the placement comparison: the same connects with the scheduler placing every
