@@ -704,6 +704,8 @@ async fn follow_roles(
     let mut current = Role::Member;
     let mut spec = spec.clone();
     let spec = &mut spec;
+    // The last other node seen leading: at takeover it is the one most likely dead or cut off.
+    let mut previous_master: Option<u32> = None;
     loop {
         // Membership first: a role change below then installs the current member set. The
         // ruleset for the current role is replaced in one atomic batch (see `tdsc_rules`).
@@ -720,12 +722,15 @@ async fn follow_roles(
         }
         let l = *leadership.borrow_and_update();
         role.term.store(l.term, Relaxed);
+        if let Some(m) = l.master_id.filter(|m| *m != takeover.node_id()) {
+            previous_master = Some(m);
+        }
         if l.role != current {
             match l.role {
                 Role::Master => {
                     // Before the master ruleset: the master thread must hold the adopted
                     // records when the first SYN is queued.
-                    takeover.adopt(l.term).await;
+                    takeover.adopt(l.term, previous_master).await;
                     role.master.store(true, Relaxed);
                     apply_role(fw, Role::Master, spec, facts)?;
                 }

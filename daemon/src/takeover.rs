@@ -233,12 +233,23 @@ impl Takeover {
         }
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> u32 {
+        self.node_id
+    }
+
     /// Gathers the replica and the cluster's SYN-RECV sockets and hands them to the master
     /// thread (processed before its next SYN). Call before the master ruleset goes in.
-    pub async fn adopt(&mut self, term: u64) {
+    ///
+    /// `previous_master` (the last other node seen leading) is asked too, but not waited for:
+    /// after a crash or a partition it cannot answer, and waiting for it would make every such
+    /// takeover pay the whole `syn_recv_wait_ms`. Its answer counts if it arrives while the
+    /// others are still answering. (After a graceful stop it answers at once, and it stopped
+    /// dispatching before it handed leadership over, so its records had time to commit.)
+    pub async fn adopt(&mut self, term: u64, previous_master: Option<u32>) {
         let started = std::time::Instant::now();
         let (syn_recv, asked, answered, truncated) = if self.reconcile {
-            self.ask_members(term).await
+            self.ask_members(term, previous_master).await
         } else {
             (Vec::new(), 0, 0, false)
         };
@@ -268,9 +279,13 @@ impl Takeover {
         }
     }
 
-    /// Asks every alive member, waits for all answers or `wait`, adds this node's own
-    /// SYN-RECV sockets. Returns (entries, asked, answered, truncated).
-    async fn ask_members(&mut self, term: u64) -> (Vec<(u16, IpAddr, u16)>, u32, u32, bool) {
+    /// Asks every alive member, waits for all answers (but `optional`'s) or `wait`, adds this
+    /// node's own SYN-RECV sockets. Returns (entries, asked, answered, truncated).
+    async fn ask_members(
+        &mut self,
+        term: u64,
+        optional: Option<u32>,
+    ) -> (Vec<(u16, IpAddr, u16)>, u32, u32, bool) {
         self.nonce = self.nonce.wrapping_add(1);
         let nonce = self.nonce;
         // Answers to an earlier query are stale.
@@ -292,24 +307,32 @@ impl Takeover {
             }
         }
         let asked = u32::try_from(pending.len()).unwrap_or(u32::MAX);
+        let optional = optional.and_then(|id| self.view.index_of_id(id));
         let mut entries = Vec::new();
         let mut truncated = false;
         let deadline = tokio::time::Instant::now() + self.wait;
-        while !pending.is_empty() {
+        let mut take = |from: u32, answer: SynRecvAnswer, pending: &mut Vec<usize>| {
+            let Some(i) = self.view.index_of_id(from) else {
+                return;
+            };
+            if answer.nonce != nonce || !pending.contains(&i) {
+                return;
+            }
+            pending.retain(|p| *p != i);
+            truncated |= answer.truncated;
+            push_peers(&mut entries, i, &answer.sockets);
+        };
+        while pending.iter().any(|p| Some(*p) != optional) {
             let Ok(Some((from, answer))) =
                 tokio::time::timeout_at(deadline, self.answers.recv()).await
             else {
                 break;
             };
-            let Some(i) = self.view.index_of_id(from) else {
-                continue;
-            };
-            if answer.nonce != nonce || !pending.contains(&i) {
-                continue;
-            }
-            pending.retain(|p| *p != i);
-            truncated |= answer.truncated;
-            push_peers(&mut entries, i, &answer.sockets);
+            take(from, answer, &mut pending);
+        }
+        // The optional member's answer, if it is here already.
+        while let Ok((from, answer)) = self.answers.try_recv() {
+            take(from, answer, &mut pending);
         }
         let answered = asked - u32::try_from(pending.len()).unwrap_or(0);
         match own_syn_recv(&self.vip) {
