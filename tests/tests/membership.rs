@@ -408,3 +408,205 @@ fn policy_set_is_cluster_wide_and_survives_failover_and_restart() -> anyhow::Res
     )?;
     teardown(cluster)
 }
+
+/// A node the cluster has never seen (id 4, not in any config of the three running nodes, on a
+/// namespace made for this test) joins at run time: `tdscctl node add 4 198.51.100.14` on the
+/// leader, then its daemon starts with the current members plus itself as `[[nodes]]` (the
+/// documented procedure). It becomes a voter on every node, follows the master, and serves a
+/// share of new connections; no request fails and no client sees an RST.
+#[test]
+fn a_brand_new_node_joins_and_serves() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("a_brand_new_node_joins_and_serves") else {
+        return Ok(());
+    };
+    let mut cluster = start()?;
+    let all = ["node1", "node2", "node3"];
+    wait_all(&cluster, &all, "three voters", |s| s.voters == [1, 2, 3])?;
+    let node4 = ExtraNode::create(&cluster, "node4", "198.51.100.14/24")?;
+    let result = join_node4(&mut cluster, &node4, &all);
+    drop(node4);
+    result?;
+    teardown(cluster)
+}
+
+fn join_node4(cluster: &mut Cluster, node4: &ExtraNode, all: &[&str]) -> anyhow::Result<()> {
+    let leader = cluster.wait_master(None, PROPAGATION)?.name.clone();
+    let done = cluster.ctl(&leader, &["node", "add", "4", "198.51.100.14"])?;
+    ensure!(done.contains('4'), "{done}");
+    wait_all(cluster, all, "four voters everywhere", |s| {
+        s.voters == [1, 2, 3, 4]
+    })?;
+
+    // Its config: node3's, as node 4, with node 4 added to the nodes it starts from.
+    let n3 = cluster.node("node3")?.clone();
+    let text = std::fs::read_to_string(&n3.config)?;
+    let config = text.replace("node_id = 3", "node_id = 4").replace(
+        &n3.socket.display().to_string(),
+        &node4.socket.display().to_string(),
+    ) + "\n[[nodes]]\nid = 4\naddress = \"198.51.100.14\"\n";
+    ensure!(
+        config.contains("node_id = 4"),
+        "no node_id in {}",
+        n3.config.display()
+    );
+    let data_dir = node4.dir.join("raft-node4");
+    let config = replace_data_dir(&config, &data_dir)?;
+    let path = node4.dir.join("node4.toml");
+    std::fs::write(&path, config)?;
+    node4.spawn(
+        "httpd",
+        &node4.bin("tdsc-lab-httpd")?,
+        &["--listen", "0.0.0.0:80", "--id", "4"],
+    )?;
+    node4.spawn(
+        "tdscd",
+        &node4.bin("tdscd")?,
+        &["--config", &path.display().to_string()],
+    )?;
+
+    let start = Instant::now();
+    loop {
+        match node4.status() {
+            Ok(s) if s.voters == [1, 2, 3, 4] && s.role == "member" && s.master_id.is_some() => {
+                break
+            }
+            other if start.elapsed() > PROPAGATION => {
+                bail!("node 4 did not join: {other:?}\n{}", node4.log("tdscd"))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    cluster.wait_master_status("node 4 alive at the master", PROPAGATION, |s| {
+        s.nodes.iter().any(|n| n.id == 4 && n.alive)
+    })?;
+
+    let clients = cluster.client_namespaces();
+    for ns in &clients {
+        nft::install_client_probe(ns)?;
+    }
+    let vip = SocketAddr::V4(cluster.vip());
+    let tally = load::run(&clients, vip, 120, &Arc::new(AtomicBool::new(false)))?;
+    println!(
+        "with node 4: {} ok, {} failed, by node {:?}",
+        tally.ok(),
+        tally.failures,
+        tally.by_node
+    );
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    assert_eq!(rsts(&clients)?, 0, "clients received TCP RSTs");
+    let served4 = tally.by_node.get(&4).copied().unwrap_or(0);
+    assert!(
+        served4 >= 30,
+        "the new node should take about a quarter of 240 round-robin requests: {:?}",
+        tally.by_node
+    );
+    Ok(())
+}
+
+/// Points `[election] data_dir` of a lab config at `dir`.
+fn replace_data_dir(config: &str, dir: &std::path::Path) -> anyhow::Result<String> {
+    let mut table: toml::Table = config.parse()?;
+    let election = table
+        .get_mut("election")
+        .and_then(toml::Value::as_table_mut)
+        .context("no [election] table")?;
+    election.insert(
+        "data_dir".into(),
+        toml::Value::String(dir.display().to_string()),
+    );
+    Ok(toml::to_string(&table)?)
+}
+
+/// A cluster node outside the topology: a namespace `clab-<lab>-<name>` with eth0 on the
+/// client bridge and eth1 (with `cidr`) on the cluster bridge. Dropping it kills what runs in
+/// it and deletes the namespace (and with it both veths), whatever happened.
+struct ExtraNode {
+    ns: String,
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    bins: tdsc_lab::bins::BinDir,
+    tdscctl: std::path::PathBuf,
+    children: std::cell::RefCell<Vec<std::process::Child>>,
+}
+
+impl ExtraNode {
+    fn create(cluster: &Cluster, name: &str, cidr: &str) -> anyhow::Result<ExtraNode> {
+        let topo = cluster.lab().topology();
+        let ns = topo.netns_name(name);
+        netns::add(&ns)?;
+        let bins = tdsc_lab::bins::BinDir::locate()?;
+        let node = ExtraNode {
+            ns: ns.clone(),
+            dir: cluster.lab().workdir().join(name),
+            socket: cluster.lab().workdir().join(format!("{name}.sock")),
+            tdscctl: bins.path("tdscctl")?,
+            bins,
+            children: std::cell::RefCell::new(Vec::new()),
+        };
+        std::fs::create_dir_all(&node.dir)?;
+        let short = name.replace("node", "n");
+        for (dev, bridge) in [("eth0", "br-client"), ("eth1", "br-cluster")] {
+            let br_ns = topo.netns_name(bridge);
+            let port = format!("{short}-{dev}");
+            netns::ip([
+                "-n", &ns, "link", "add", dev, "type", "veth", "peer", "name", &port, "netns",
+                &br_ns,
+            ])?;
+            netns::ip(["-n", &br_ns, "link", "set", &port, "master", bridge])?;
+            netns::ip(["-n", &br_ns, "link", "set", &port, "up"])?;
+            netns::ip(["-n", &ns, "link", "set", dev, "up"])?;
+        }
+        netns::ip(["-n", &ns, "addr", "add", cidr, "dev", "eth1"])?;
+        Ok(node)
+    }
+
+    fn bin(&self, name: &str) -> anyhow::Result<std::path::PathBuf> {
+        Ok(self.bins.path(name)?)
+    }
+
+    /// Starts `program args...` in the namespace, output to `<dir>/<label>.log`.
+    fn spawn(&self, label: &str, program: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{label}.log")))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.children.borrow_mut().push(child);
+        Ok(())
+    }
+
+    fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{label}.log"))).unwrap_or_default()
+    }
+
+    fn status(&self) -> anyhow::Result<Status> {
+        let out = std::process::Command::new(&self.tdscctl)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["status", "--json"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for ExtraNode {
+    fn drop(&mut self) {
+        for c in self.children.borrow_mut().iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Err(e) = netns::delete(&self.ns) {
+            eprintln!("cannot delete namespace {}: {e}", self.ns);
+        }
+    }
+}
