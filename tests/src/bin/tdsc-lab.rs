@@ -49,6 +49,10 @@ enum Cmd {
         /// Scheduling policy (see README "Policies"), e.g. round-robin or least-connections.
         #[arg(long, default_value = "round-robin")]
         policy: String,
+        /// Master election: raft (the product's default; the demo then also kills the
+        /// master's daemon and shows the takeover) or static (node1 is always master).
+        #[arg(long, default_value = "raft", value_parser = ["raft", "static"])]
+        election: String,
     },
     /// connect() latency via tcp-dsc (master-local vs. forwarded) and to a plain server, and
     /// daemon CPU per dispatched SYN under a SYN flood.
@@ -122,14 +126,18 @@ fn main() -> anyhow::Result<()> {
         .context("install the Ctrl-C/SIGTERM handler")?;
     }
     match &cli.command {
-        Cmd::Demo { requests, policy } => demo(&cli, *requests, policy, &stop),
+        Cmd::Demo {
+            requests,
+            policy,
+            election,
+        } => demo(&cli, *requests, policy, election == "raft", &stop),
         Cmd::BenchConnect {
             count,
             warmup,
             syns,
             max_seconds,
         } => {
-            let cluster = start(&cli, None)?;
+            let cluster = start(&cli, None, false)?;
             let result = run_bench(
                 &cluster,
                 &bench::BenchOptions {
@@ -292,11 +300,12 @@ fn report_policies(
     Ok(())
 }
 
-fn start(cli: &Cli, policy: Option<&str>) -> anyhow::Result<Cluster> {
+fn start(cli: &Cli, policy: Option<&str>, raft: bool) -> anyhow::Result<Cluster> {
     let opts = ClusterOptions {
         topology: cli.topology.clone(),
         lab_name: cli.lab_name.clone(),
         policy: policy.map(str::to_owned),
+        raft,
         daemons: true,
         rust_log: cli.daemon_log.clone(),
         remove_stale: true,
@@ -341,11 +350,89 @@ fn finish(cluster: Cluster, result: anyhow::Result<()>) -> anyhow::Result<()> {
     down.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn demo(cli: &Cli, requests: u64, policy: &str, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
-    println!("tcp-dsc demo: one virtual IP served by three nodes; policy {policy}.\n");
-    let mut cluster = start(cli, Some(policy))?;
-    let result = run_demo(&mut cluster, requests, stop);
+fn demo(
+    cli: &Cli,
+    requests: u64,
+    policy: &str,
+    raft: bool,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let election = if raft { "Raft" } else { "static" };
+    println!(
+        "tcp-dsc demo: one virtual IP served by three nodes; policy {policy}, {election} election.\n"
+    );
+    let mut cluster = start(cli, Some(policy), raft)?;
+    let result = run_demo(&mut cluster, requests, stop).and_then(|()| {
+        if raft && !stop.load(Ordering::SeqCst) {
+            demo_failover(&mut cluster, requests, stop)
+        } else {
+            Ok(())
+        }
+    });
     finish(cluster, result)
+}
+
+/// Act two under Raft: SIGKILL the master's daemon while the clients keep sending, show the
+/// new master and that no request failed, then restart the old one and show it rejoin.
+fn demo_failover(
+    cluster: &mut Cluster,
+    requests: u64,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let old = cluster.master()?.clone();
+    let client_ns = cluster.client_namespaces();
+    let target = std::net::SocketAddr::V4(cluster.vip());
+    println!(
+        "Act two: SIGKILL of the master's daemon ({}, id {}) while both clients keep sending \
+         requests, until a second after a new master has taken over ...",
+        old.name, old.id
+    );
+    // Until the act is over (or Ctrl-C, which `stop` also reports).
+    let act = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (ns, act) = (client_ns.clone(), Arc::clone(&act));
+        std::thread::spawn(move || load::run(&ns, target, requests.max(1) * 1000, &act))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let killed = std::time::Instant::now();
+    let result = cluster
+        .kill_daemon(&old.name)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            Ok(cluster.wait_master(Some(&old.name), std::time::Duration::from_secs(10))?)
+        });
+    let took = killed.elapsed();
+    if result.is_ok() && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    act.store(true, Ordering::SeqCst);
+    let tally = traffic
+        .join()
+        .map_err(|_| anyhow::anyhow!("traffic thread panicked"))??;
+    let new = result?;
+    println!(
+        "  {} (id {}) is master {:.0?} after the kill (Raft leader with a lease; it reconciled \
+         the SYN-forward records first).",
+        new.name, new.id, took
+    );
+    println!(
+        "  {} of {} requests answered across the failover, {} failed; by node {:?}.",
+        tally.ok(),
+        tally.ok() + tally.failures,
+        tally.failures,
+        tally.by_node
+    );
+    cluster.restart_daemon(&old.name, std::time::Duration::from_secs(15))?;
+    cluster.wait_liveness(&new.name, old.id, true)?;
+    let back = cluster.status(&old.name)?;
+    println!(
+        "  {}'s daemon restarted: role {}, following master {:?}, term {}.\n",
+        old.name, back.role, back.master_id, back.term
+    );
+    if tally.failures > 0 {
+        bail!("{} request(s) failed across the failover", tally.failures);
+    }
+    Ok(())
 }
 
 fn run_demo(cluster: &mut Cluster, requests: u64, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
