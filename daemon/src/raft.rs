@@ -33,6 +33,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tdsc_election::log_file::{LogTracker, LogWrite};
 use tdsc_election::{
     Leadership, MemberChange, Membership, Persisted, ProposeError, RaftCore, RaftError,
     RaftSettings, Role, RoleSignal,
@@ -121,8 +122,12 @@ use crate::view::ClusterView;
 
 /// Messages waiting for the Raft task; beyond this the receive loop drops them.
 pub const INBOX_CAPACITY: usize = 1024;
-/// The file in `data_dir` that holds the hard state and log.
+/// The file in `data_dir` that holds the hard state, voters, snapshot position, member
+/// contexts and settings (rewritten atomically on every change; small).
 pub const STATE_FILE: &str = "raft.state";
+/// The file in `data_dir` that holds the log's entries, mostly appended to (see
+/// `tdsc_election::log_file`).
+pub const LOG_FILE: &str = "raft.log";
 
 /// Requests from the rest of the daemon to the Raft task.
 #[derive(Debug)]
@@ -196,6 +201,9 @@ pub struct RaftTask {
     signal: Arc<RoleSignal>,
     role: Arc<RoleCell>,
     state_path: PathBuf,
+    log_path: PathBuf,
+    /// What `log_path` holds; the first write after start rewrites it.
+    log: LogTracker,
     commands: mpsc::Receiver<RaftCommand>,
     command_tx: mpsc::Sender<RaftCommand>,
     /// Set by `Resign`: the lease stays revoked and the role member until the process exits.
@@ -243,13 +251,24 @@ impl RaftTask {
             source,
         })?;
         let state_path = data_dir.join(STATE_FILE);
+        let log_path = data_dir.join(LOG_FILE);
+        let log = match std::fs::read(&log_path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(RaftTaskError::DataDir {
+                    path: log_path,
+                    source,
+                })
+            }
+        };
         let persisted = match std::fs::read(&state_path) {
-            Ok(bytes) => Some(
-                Persisted::decode(&bytes).map_err(|source| RaftTaskError::Load {
+            Ok(bytes) => Some(Persisted::decode_with_log(&bytes, log.as_deref()).map_err(
+                |source| RaftTaskError::Load {
                     path: state_path.clone(),
                     source,
-                })?,
-            ),
+                },
+            )?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {
                 return Err(RaftTaskError::DataDir {
@@ -292,6 +311,8 @@ impl RaftTask {
             signal,
             role,
             state_path,
+            log_path,
+            log: LogTracker::default(),
             commands,
             command_tx,
             resigned: false,
@@ -450,7 +471,7 @@ impl RaftTask {
         }
         // 3. Persist before sending: a vote or an acknowledged entry must survive a crash.
         if let Some(p) = out.persist {
-            if let Err(e) = write_state(&self.state_path, &p) {
+            if let Err(e) = self.write_state(&p) {
                 // Sending now could break Raft's promises after a crash; stay silent and let
                 // the cluster carry on without this node until the disk works again.
                 tracing::error!(path = %self.state_path.display(), error = %e, "cannot persist raft state; messages withheld");
@@ -708,15 +729,43 @@ async fn next_request(link: &mut Option<MembershipLink>) -> Option<MemberRequest
     }
 }
 
-/// Writes the state with an atomic rename, fsyncing the file and then the directory.
-fn write_state(path: &Path, p: &Persisted) -> std::io::Result<()> {
-    let bytes = p
-        .encode()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let tmp = path.with_extension("tmp");
+impl RaftTask {
+    /// Writes the state file and brings the log file up to date, in the order
+    /// `tdsc_election::log_file` argues: an append before the state file, a rewrite after it.
+    /// After a failure the next write rewrites the log file.
+    fn write_state(&mut self, p: &Persisted) -> std::io::Result<()> {
+        let invalid = |e| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let head = p.encode_head().map_err(invalid)?;
+        let result = match self.log.plan(p).map_err(invalid)? {
+            Some(LogWrite::Append(records)) => append_synced(&self.log_path, &records)
+                .and_then(|()| write_atomic(&self.state_path, &head)),
+            Some(LogWrite::Rewrite(file)) => write_atomic(&self.state_path, &head)
+                .and_then(|()| write_atomic(&self.log_path, &file)),
+            None => write_atomic(&self.state_path, &head),
+        };
+        match &result {
+            Ok(()) => self.log.written(p),
+            Err(_) => self.log = LogTracker::default(),
+        }
+        result
+    }
+}
+
+/// Appends to a file and fsyncs it.
+fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_data()
+}
+
+/// Replaces a file with an atomic rename, fsyncing the file and then the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

@@ -114,6 +114,7 @@
 
 use tokio::sync::watch;
 
+pub mod log_file;
 pub mod raft_core;
 pub use raft_core::{
     MemberChange, Membership, Output, Persisted, ProposeError, RaftCore, RaftError, RaftSettings,
