@@ -210,6 +210,17 @@ pub struct Node {
     pub address: IpAddr,
 }
 
+/// Nodes `1..=count` at 198.51.100.1<id>, the lab's addressing, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_nodes(count: u32) -> Vec<Node> {
+    (1..=count)
+        .map(|id| Node {
+            id,
+            address: format!("198.51.100.1{id}").parse().unwrap(),
+        })
+        .collect()
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {

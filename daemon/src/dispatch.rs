@@ -162,7 +162,7 @@ impl Dispatcher {
                     client: syn.client,
                     port: syn.client_port,
                     isn: syn.isn,
-                    node_id: view.nodes[index].id(),
+                    node_id: self.candidates[index].id,
                 };
                 if tx.try_send(d).is_err() {
                     self.handoff_drops += 1;
@@ -188,16 +188,11 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Node, PolicyName};
+    use crate::config::PolicyName;
     use crate::policy::build;
 
     fn view(self_id: u32) -> ClusterView {
-        let nodes: Vec<Node> = (1..=3)
-            .map(|id| Node {
-                id,
-                address: format!("198.51.100.1{id}").parse().unwrap(),
-            })
-            .collect();
+        let nodes = crate::config::test_nodes(3);
         let v = ClusterView::new(&nodes, self_id);
         for s in v.nodes.iter() {
             s.alive.store(true, Relaxed);

@@ -177,16 +177,10 @@ impl MemberPath {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Node;
     use tdsc_proto::forward::ForwardHeader;
 
     fn view() -> ClusterView {
-        let nodes: Vec<Node> = (1..=3)
-            .map(|id| Node {
-                id,
-                address: format!("198.51.100.1{id}").parse().unwrap(),
-            })
-            .collect();
+        let nodes = crate::config::test_nodes(3);
         ClusterView::new(&nodes, 2)
     }
 

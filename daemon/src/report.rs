@@ -271,7 +271,6 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Node;
     use tdsc_proto::control::SynRecvQuery;
 
     type Channels = (
@@ -280,12 +279,7 @@ mod tests {
     );
 
     fn reporter() -> (Reporter, Channels) {
-        let nodes: Vec<Node> = (1..=3)
-            .map(|id| Node {
-                id,
-                address: format!("198.51.100.1{id}").parse().unwrap(),
-            })
-            .collect();
+        let nodes = crate::config::test_nodes(3);
         let (qtx, qrx) = tokio::sync::mpsc::channel(4);
         let (atx, arx) = tokio::sync::mpsc::channel(4);
         let r = Reporter {

@@ -281,12 +281,7 @@ mod tests {
     use crate::config::Node;
 
     fn nodes() -> Vec<Node> {
-        (1..=3)
-            .map(|id| Node {
-                id,
-                address: format!("198.51.100.1{id}").parse().unwrap(),
-            })
-            .collect()
+        crate::config::test_nodes(3)
     }
 
     fn member(id: u32, addr: &str) -> MemberSlot {
