@@ -75,6 +75,15 @@ pub struct SockDiag {
     nl: Netlink,
 }
 
+/// The address families whose sockets can hold `vip` locally: an IPv4 VIP also shows up on
+/// IPv6 sockets (as a v4-mapped address).
+fn families(vip: &IpAddr) -> &'static [u8] {
+    match vip {
+        IpAddr::V4(_) => &[AF_INET, AF_INET6],
+        IpAddr::V6(_) => &[AF_INET6],
+    }
+}
+
 impl SockDiag {
     pub fn open() -> io::Result<Self> {
         Ok(SockDiag {
@@ -85,11 +94,7 @@ impl SockDiag {
     pub fn count(&mut self, vip: &IpAddr) -> io::Result<Counts> {
         let states = (1u32 << TCP_ESTABLISHED) | (1u32 << TCP_SYN_RECV);
         let mut c = Counts::default();
-        let families: &[u8] = match vip {
-            IpAddr::V4(_) => &[AF_INET, AF_INET6],
-            IpAddr::V6(_) => &[AF_INET6],
-        };
-        for &fam in families {
+        for &fam in families(vip) {
             self.nl.dump(
                 SOCK_DIAG_BY_FAMILY,
                 &request(fam, states),
@@ -112,11 +117,7 @@ impl SockDiag {
     ) -> io::Result<(Vec<(IpAddr, u16)>, bool)> {
         let mut peers = Vec::new();
         let mut truncated = false;
-        let families: &[u8] = match vip {
-            IpAddr::V4(_) => &[AF_INET, AF_INET6],
-            IpAddr::V6(_) => &[AF_INET6],
-        };
-        for &fam in families {
+        for &fam in families(vip) {
             self.nl.dump(
                 SOCK_DIAG_BY_FAMILY,
                 &request(fam, 1u32 << TCP_SYN_RECV),
