@@ -26,14 +26,13 @@
 //! that becomes master has applied every committed record.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdsc_election::log_file::{LogTracker, LogWrite};
+use tdsc_election::log_file::{append_synced, write_atomic, LogTracker, LogWrite};
 use tdsc_election::{
     Leadership, MemberChange, Membership, Persisted, ProposeError, RaftCore, RaftError,
     RaftSettings, Role, RoleSignal,
@@ -749,28 +748,4 @@ impl RaftTask {
         }
         result
     }
-}
-
-/// Appends to a file and fsyncs it.
-fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
-    f.write_all(bytes)?;
-    f.sync_data()
-}
-
-/// Replaces a file with an atomic rename, fsyncing the file and then the directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }

@@ -8,11 +8,10 @@
 //! `cargo run --release -p tdsc-election --example persist_bench [DIR]` (default: a directory
 //! under the system temp dir; the disk under DIR is what is measured).
 
-use std::io::Write;
 use std::time::Instant;
 
 use raft::prelude::Entry;
-use tdsc_election::log_file::{LogTracker, LogWrite};
+use tdsc_election::log_file::{append_synced, write_atomic, LogTracker, LogWrite};
 use tdsc_election::raft_core::LOG_KEEP_ENTRIES;
 use tdsc_election::Persisted;
 
@@ -37,10 +36,10 @@ fn invalid(e: tdsc_election::RaftError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
 
-/// The whole state in one file.
+/// The whole state in one file (the same atomic write the daemon uses).
 fn write(path: &std::path::Path, p: &Persisted) -> std::io::Result<usize> {
     let bytes = p.encode().map_err(invalid)?;
-    replace(path, &bytes)?;
+    write_atomic(path, &bytes)?;
     Ok(bytes.len())
 }
 
@@ -56,25 +55,9 @@ fn write_appending(
     let Some(LogWrite::Append(records)) = tracker.plan(p).map_err(invalid)? else {
         return Err(std::io::Error::other("expected an append"));
     };
-    let mut f = std::fs::OpenOptions::new().append(true).open(log)?;
-    f.write_all(&records)?;
-    f.sync_data()?;
-    replace(path, &head)?;
+    append_synced(log, &records)?;
+    write_atomic(path, &head)?;
     Ok(head.len() + records.len())
-}
-
-fn replace(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn main() -> std::io::Result<()> {
@@ -110,7 +93,7 @@ fn main() -> std::io::Result<()> {
         for (i, slot) in times.iter_mut().enumerate() {
             if i == 2 {
                 // Reset the log file to "before" (not timed), then time the append.
-                replace(&log, &file)?;
+                write_atomic(&log, &file)?;
             }
             let t = Instant::now();
             sizes[i] = match i {

@@ -17,6 +17,9 @@
 //! leaves a state whose snapshot and commit index refer only to entries on disk, plus at most
 //! entries nobody has acknowledged yet.
 
+use std::io::Write as _;
+use std::path::Path;
+
 use protobuf::Message as _;
 use raft::prelude::Entry;
 
@@ -125,6 +128,31 @@ impl Persisted {
         p.entries.retain(|e| e.index > floor);
         Ok(p)
     }
+}
+
+/// Appends to a file and fsyncs it: how the shell appends to the log file.
+pub fn append_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_data()
+}
+
+/// Replaces a file with an atomic rename (via `<name>.tmp`), fsyncing the file and then the
+/// directory: how the shell writes the state file and rewrites the log file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
