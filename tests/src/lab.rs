@@ -383,8 +383,8 @@ impl Lab {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Stops one process (SIGTERM, then SIGKILL after a grace period).
-    pub fn stop(&mut self, label: &str) -> Result<(), LabError> {
+    /// Removes a started process from the lab's list (its label can be spawned again).
+    fn take(&mut self, label: &str) -> Result<ManagedChild, LabError> {
         let idx = self
             .children
             .iter()
@@ -392,7 +392,12 @@ impl Lab {
             .ok_or_else(|| LabError::NoSuchProcess {
                 label: label.to_owned(),
             })?;
-        let mut c = self.children.remove(idx);
+        Ok(self.children.remove(idx))
+    }
+
+    /// Stops one process (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop(&mut self, label: &str) -> Result<(), LabError> {
+        let mut c = self.take(label)?;
         stop_child(&mut c.child);
         Ok(())
     }
@@ -405,14 +410,7 @@ impl Lab {
         label: &str,
         timeout: Duration,
     ) -> Result<(String, PathBuf), LabError> {
-        let idx = self
-            .children
-            .iter()
-            .position(|c| c.label == label)
-            .ok_or_else(|| LabError::NoSuchProcess {
-                label: label.to_owned(),
-            })?;
-        let mut c = self.children.remove(idx);
+        let mut c = self.take(label)?;
         if let Ok(pid) = libc::pid_t::try_from(c.child.id()) {
             // SAFETY: kill(2) touches no memory; the pid is our own unreaped child.
             unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -437,14 +435,7 @@ impl Lab {
     /// Kills one process with SIGKILL at once (no grace: a crash), reaps it and forgets it,
     /// so that its label can be spawned again.
     pub fn kill(&mut self, label: &str) -> Result<(), LabError> {
-        let idx = self
-            .children
-            .iter()
-            .position(|c| c.label == label)
-            .ok_or_else(|| LabError::NoSuchProcess {
-                label: label.to_owned(),
-            })?;
-        let mut c = self.children.remove(idx);
+        let mut c = self.take(label)?;
         let _ = c.child.kill();
         let _ = c.child.wait();
         Ok(())
