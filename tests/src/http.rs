@@ -87,17 +87,42 @@ pub fn parse_reply(
 /// One `GET path` over a fresh connection; `connect_time` is measured around `connect()`.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply, HttpError> {
     let start = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
+    let s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| HttpError::Connect { addr, source })?;
     let connect_time = start.elapsed();
+    s.set_nodelay(true)
+        .map_err(|source| HttpError::Io { addr, source })?;
+    exchange(s, addr, timeout, &request_bytes(path), connect_time)
+}
+
+/// Sends `request` (what the SYN did not carry already) on a connected socket and reads the
+/// whole reply, each bounded by `timeout`.
+fn exchange(
+    mut s: TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+    request: &[u8],
+    connect_time: Duration,
+) -> Result<Reply, HttpError> {
     let io = |source| HttpError::Io { addr, source };
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
-    s.set_nodelay(true).map_err(io)?;
-    s.write_all(&request_bytes(path)).map_err(io)?;
+    if !request.is_empty() {
+        s.write_all(request).map_err(io)?;
+    }
     let mut raw = Vec::with_capacity(256);
     s.read_to_end(&mut raw).map_err(io)?;
     parse_reply(addr, &raw, connect_time)
+}
+
+/// `addr` as a `sockaddr_in`.
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::sa_family_t::try_from(libc::AF_INET).expect("small");
+    sa.sin_port = addr.port().to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
+    sa
 }
 
 /// One `GET path` over a connection from the fixed local port `local_port` (bound with
@@ -142,13 +167,11 @@ pub fn get_from_port(
     if !opts_ok {
         return Err(io(std::io::Error::last_os_error()));
     }
-    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value (INADDR_ANY).
-    let mut local: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    local.sin_family = libc::sa_family_t::try_from(libc::AF_INET).expect("small");
-    local.sin_port = local_port.to_be();
-    let mut remote = local;
-    remote.sin_port = addr.port().to_be();
-    remote.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
+    let local = sockaddr_in(SocketAddrV4::new(
+        std::net::Ipv4Addr::UNSPECIFIED,
+        local_port,
+    ));
+    let remote = sockaddr_in(addr);
     let sa_len = len(std::mem::size_of::<libc::sockaddr_in>());
     // SAFETY: `local` is a live sockaddr_in of the size passed; the fd is open.
     if unsafe { libc::bind(owned.as_raw_fd(), std::ptr::from_ref(&local).cast(), sa_len) } != 0 {
@@ -170,13 +193,13 @@ pub fn get_from_port(
         });
     }
     let connect_time = start.elapsed();
-    let mut s = TcpStream::from(owned);
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    s.write_all(&request_bytes(path)).map_err(io)?;
-    let mut raw = Vec::with_capacity(256);
-    s.read_to_end(&mut raw).map_err(io)?;
-    parse_reply(sa_addr, &raw, connect_time)
+    exchange(
+        TcpStream::from(owned),
+        sa_addr,
+        timeout,
+        &request_bytes(path),
+        connect_time,
+    )
 }
 
 /// A fresh IPv4 TCP socket (close-on-exec), for the requests that need socket options or
@@ -205,11 +228,7 @@ pub fn get_fastopen(
         source,
     };
     let owned = tcp_socket_v4().map_err(io)?;
-    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::sa_family_t::try_from(libc::AF_INET).expect("small");
-    sa.sin_port = addr.port().to_be();
-    sa.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
+    let sa = sockaddr_in(addr);
     let start = Instant::now();
     // SAFETY: `request` and `sa` are live for the call, their sizes passed alongside; the fd
     // is open (owned by `owned`).
@@ -228,15 +247,13 @@ pub fn get_fastopen(
         addr: sa_addr,
         source: std::io::Error::last_os_error(),
     })?;
-    let mut s = TcpStream::from(owned);
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    if sent < request.len() {
-        s.write_all(&request[sent..]).map_err(io)?;
-    }
-    let mut raw = Vec::with_capacity(256);
-    s.read_to_end(&mut raw).map_err(io)?;
-    parse_reply(sa_addr, &raw, connect_time)
+    exchange(
+        TcpStream::from(owned),
+        sa_addr,
+        timeout,
+        &request[sent.min(request.len())..],
+        connect_time,
+    )
 }
 
 #[cfg(test)]
