@@ -537,33 +537,11 @@ impl Cluster {
     /// `tdscctl status --json` of a node.
     pub fn status(&self, node: &str) -> Result<Status, ClusterError> {
         let n = self.node(node)?;
-        let tdscctl = self.bins.path("tdscctl")?;
-        let out = Command::new(&tdscctl)
-            .arg("--socket")
-            .arg(&n.socket)
-            .args(["status", "--json"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ClusterError::Status {
+        crate::status::query(&self.bins.path("tdscctl")?, &n.socket).map_err(|reason| {
+            ClusterError::Status {
                 node: node.to_owned(),
-                reason: format!("cannot run {}: {e}", tdscctl.display()),
-            })?;
-        if !out.status.success() {
-            return Err(ClusterError::Status {
-                node: node.to_owned(),
-                reason: format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            });
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| ClusterError::Status {
-            node: node.to_owned(),
-            reason: format!(
-                "unparsable JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout).trim()
-            ),
+                reason,
+            }
         })
     }
 
@@ -571,29 +549,12 @@ impl Cluster {
     /// an error carrying stderr.
     pub fn ctl(&self, node: &str, args: &[&str]) -> Result<String, ClusterError> {
         let n = self.node(node)?;
-        let tdscctl = self.bins.path("tdscctl")?;
-        let out = Command::new(&tdscctl)
-            .arg("--socket")
-            .arg(&n.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ClusterError::Status {
+        crate::status::tdscctl(&self.bins.path("tdscctl")?, &n.socket, args).map_err(|reason| {
+            ClusterError::Status {
                 node: node.to_owned(),
-                reason: format!("cannot run {}: {e}", tdscctl.display()),
-            })?;
-        if !out.status.success() {
-            return Err(ClusterError::Status {
-                node: node.to_owned(),
-                reason: format!(
-                    "tdscctl {}: {}: {}",
-                    args.join(" "),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                reason,
+            }
+        })
     }
 
     /// Polls the master's status until `cond` holds for it, or fails after `timeout` with the

@@ -84,6 +84,18 @@ pub fn run(
     Ok(total)
 }
 
+/// [`run`] on a thread of its own, for traffic that keeps going while a test does something
+/// else; set `stop` and join the handle for the tally.
+pub fn spawn(
+    client_netns: &[String],
+    target: SocketAddr,
+    per_client: u64,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Tally, NetnsError>> {
+    let (clients, stop) = (client_netns.to_vec(), Arc::clone(stop));
+    std::thread::spawn(move || run(&clients, target, per_client, &stop))
+}
+
 /// Service without node `gone`: `per_client` GETs from each client all succeed and none is
 /// served by `gone`. Panics (naming `what`) otherwise; for tests after a node was lost.
 pub fn assert_served_without(

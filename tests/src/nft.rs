@@ -108,6 +108,17 @@ pub fn client_counters(ns: &str) -> Result<(u64, u64), NftError> {
     Ok((counter(ns, "rst_in")?, counter(ns, "synack_in")?))
 }
 
+/// Both client counters summed over several client namespaces: `(rst_in, synack_in)`.
+pub fn clients_counters(client_netns: &[String]) -> Result<(u64, u64), NftError> {
+    let (mut rsts, mut synacks) = (0, 0);
+    for ns in client_netns {
+        let (r, s) = client_counters(ns)?;
+        rsts += r;
+        synacks += s;
+    }
+    Ok((rsts, synacks))
+}
+
 /// The namespace's SNMP and extended TCP counters (`/proc/net/snmp` and `/proc/net/netstat`,
 /// as `nstat` names them: `TcpExtTCPFastOpenPassive`, `TcpInCsumErrors`, ...).
 pub fn kernel_counters(ns: &str) -> Result<HashMap<String, u64>, NftError> {

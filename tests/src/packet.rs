@@ -337,6 +337,34 @@ impl Capture {
     }
 }
 
+/// SYN/ACKs a client received, by (client port, acknowledged ISN + 1): the source MACs of the
+/// nodes that sent one.
+pub type SynAcksSeen = std::collections::BTreeMap<(u16, u32), std::collections::BTreeSet<String>>;
+
+/// Records every SYN/ACK from `vip` that namespace `ns` receives on eth0 until `stop` is set.
+/// The capture sees frames before the input hook, so SYN/ACKs a drop rule discards count too.
+pub fn capture_synacks(
+    ns: &str,
+    vip: Ipv4Addr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<io::Result<SynAcksSeen>, crate::netns::NetnsError>> {
+    crate::netns::spawn_in(ns, move || {
+        let cap = Capture::open("eth0", Duration::from_millis(50))?;
+        let mut seen = SynAcksSeen::new();
+        let mut buf = vec![0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(f) = cap.recv(&mut buf)?.and_then(parse_tcp_frame) {
+                if f.is_syn_ack() && f.src == vip {
+                    seen.entry((f.dport, f.ack))
+                        .or_default()
+                        .insert(mac_string(&f.src_mac));
+                }
+            }
+        }
+        Ok(seen)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,6 +114,37 @@ impl Status {
     }
 }
 
+/// Runs `tdscctl --socket SOCKET ARGS…` and returns its stdout; a failure to run it or a
+/// non-zero exit is an error naming the command and carrying stderr.
+pub fn tdscctl(
+    tdscctl: &std::path::Path,
+    socket: &std::path::Path,
+    args: &[&str],
+) -> Result<String, String> {
+    let out = std::process::Command::new(tdscctl)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", tdscctl.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tdscctl {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `tdscctl status --json` of the daemon behind `socket`, parsed.
+pub fn query(tdscctl_path: &std::path::Path, socket: &std::path::Path) -> Result<Status, String> {
+    let out = tdscctl(tdscctl_path, socket, &["status", "--json"])?;
+    serde_json::from_str(&out).map_err(|e| format!("unparsable JSON ({e}): {}", out.trim()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

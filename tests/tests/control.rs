@@ -34,16 +34,6 @@ fn teardown(cluster: Cluster) -> anyhow::Result<()> {
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn rsts_and_synacks(clients: &[String]) -> anyhow::Result<(u64, u64)> {
-    let (mut rsts, mut synacks) = (0, 0);
-    for ns in clients {
-        let (r, s) = nft::client_counters(ns)?;
-        rsts += r;
-        synacks += s;
-    }
-    Ok((rsts, synacks))
-}
-
 /// `tdscctl policy set` on the master while two clients send 3,000 requests: every policy in
 /// turn, then back to round robin. No request fails, no client sees an RST, every connection
 /// got exactly one SYN/ACK, and the master's status names each policy as it is set.
@@ -60,11 +50,7 @@ fn policy_switch_mid_traffic_loses_no_connection() -> anyhow::Result<()> {
     let master = cluster.master()?.name.clone();
     let vip = SocketAddr::V4(cluster.vip());
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let clients = clients.clone();
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || load::run(&clients, vip, 1500, &stop))
-    };
+    let traffic = load::spawn(&clients, vip, 1500, &stop);
     // Switch only once traffic flows, so the switches really happen under load.
     cluster.wait_master_status("traffic to start", PROPAGATION, |s| {
         s.counters.syns_dispatched >= 50
@@ -102,7 +88,7 @@ fn policy_switch_mid_traffic_loses_no_connection() -> anyhow::Result<()> {
         tally.sample_errors
     );
     assert_eq!(tally.ok(), 3000);
-    let (rsts, synacks) = rsts_and_synacks(&clients)?;
+    let (rsts, synacks) = nft::clients_counters(&clients)?;
     assert_eq!(rsts, 0, "clients received TCP RSTs");
     assert_eq!(synacks, 3000, "SYN/ACKs != connections");
     // An unknown name is refused and changes nothing.
@@ -244,7 +230,7 @@ fn drain_stops_new_connections_and_lets_existing_ones_finish() -> anyhow::Result
         "after undrain node {owner_id} served {back} of 90: {:?}",
         tally.by_node
     );
-    let (rsts, _) = rsts_and_synacks(&clients)?;
+    let (rsts, _) = nft::clients_counters(&clients)?;
     assert_eq!(rsts, 0, "clients received TCP RSTs");
     cluster.check_daemons()?;
     teardown(cluster)

@@ -70,12 +70,7 @@ fn round_robin_spreads_600_requests_evenly_without_resets() -> anyhow::Result<()
         tally.by_node
     );
 
-    let (mut rsts, mut synacks) = (0, 0);
-    for ns in &clients {
-        let (r, s) = nft::client_counters(ns)?;
-        rsts += r;
-        synacks += s;
-    }
+    let (rsts, synacks) = nft::clients_counters(&clients)?;
     assert_eq!(rsts, 0, "clients received TCP RSTs");
     assert_eq!(
         synacks, 600,

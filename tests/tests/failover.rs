@@ -56,11 +56,7 @@ fn sigkill_of_the_master_keeps_every_connection_and_a_new_master_takes_over() ->
 
     // New connections keep coming while the master dies.
     let stop_load = Arc::new(AtomicBool::new(false));
-    let load = {
-        let clients = clients.clone();
-        let stop = stop_load.clone();
-        std::thread::spawn(move || load::run(&clients, vip, 100_000, &stop))
-    };
+    let load = load::spawn(&clients, vip, 100_000, &stop_load);
     std::thread::sleep(Duration::from_millis(500));
     cluster.kill_daemon(&old.name)?;
     let new = cluster
@@ -220,37 +216,6 @@ fn bench_failover() -> anyhow::Result<()> {
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Per connection attempt (client port, acknowledged ISN + 1): the MACs of the nodes that
-/// answered it with a SYN/ACK.
-type SynAcksSeen = std::collections::BTreeMap<(u16, u32), BTreeSet<String>>;
-
-/// Every SYN/ACK a client namespace receives on eth0 from the VIP, keyed by the connection
-/// attempt it answers (client port, acknowledged ISN + 1), with the node MACs that sent one.
-fn capture_synacks(
-    ns: &str,
-    vip: std::net::Ipv4Addr,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Result<anyhow::Result<SynAcksSeen>, netns::NetnsError>> {
-    netns::spawn_in(ns, move || {
-        let cap = tdsc_lab::packet::Capture::open("eth0", Duration::from_millis(50))?;
-        let mut seen = SynAcksSeen::new();
-        let mut buf = vec![0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(f) = cap
-                .recv(&mut buf)?
-                .and_then(tdsc_lab::packet::parse_tcp_frame)
-            {
-                if f.is_syn_ack() && f.src == vip {
-                    seen.entry((f.dport, f.ack))
-                        .or_default()
-                        .insert(tdsc_lab::packet::mac_string(&f.src_mac));
-                }
-            }
-        }
-        Ok(seen)
-    })
-}
-
 /// The master's cluster interface is cut (nft drops everything in and out of eth1) while its
 /// client interface stays up and clients keep connecting. No connection attempt ever gets
 /// SYN/ACKs from two different nodes (seen on the clients, by the nodes' masked MACs); the
@@ -271,15 +236,11 @@ fn a_partitioned_master_never_dispatches_beside_its_successor() -> anyhow::Resul
     let stop_cap = Arc::new(AtomicBool::new(false));
     let caps: Vec<_> = clients
         .iter()
-        .map(|ns| capture_synacks(ns, *vip.ip(), stop_cap.clone()))
+        .map(|ns| tdsc_lab::packet::capture_synacks(ns, *vip.ip(), stop_cap.clone()))
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     let stop_load = Arc::new(AtomicBool::new(false));
-    let load = {
-        let clients = clients.clone();
-        let stop = stop_load.clone();
-        std::thread::spawn(move || load::run(&clients, SocketAddr::V4(vip), 100_000, &stop))
-    };
+    let load = load::spawn(&clients, SocketAddr::V4(vip), 100_000, &stop_load);
     std::thread::sleep(Duration::from_millis(500));
 
     netns::exec(

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,20 +31,7 @@ fn topology_path() -> PathBuf {
 }
 
 fn status(tdscctl: &Path, socket: &Path) -> anyhow::Result<Status> {
-    let out = Command::new(tdscctl)
-        .arg("--socket")
-        .arg(socket)
-        .args(["status", "--json"])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", tdscctl.display()))?;
-    ensure!(
-        out.status.success(),
-        "status via {}: {}",
-        socket.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    tdsc_lab::status::query(tdscctl, socket).map_err(anyhow::Error::msg)
 }
 
 /// Waits until exactly one of the daemons behind `sockets` (other than `excluding`) is master
@@ -210,16 +196,6 @@ fn clients(lab: &Lab) -> anyhow::Result<Vec<String>> {
     Ok(clients)
 }
 
-fn client_rsts(clients: &[String]) -> anyhow::Result<(u64, u64)> {
-    let (mut rsts, mut synacks) = (0, 0);
-    for ns in clients {
-        let (r, s) = nft::client_counters(ns)?;
-        rsts += r;
-        synacks += s;
-    }
-    Ok((rsts, synacks))
-}
-
 fn run_raft(lab: &mut Lab) -> anyhow::Result<()> {
     let (tdscctl, sockets) = start_nodes(lab, Election::Raft)?;
     let first = wait_master(&tdscctl, &sockets, None, 3, lab)?;
@@ -257,7 +233,7 @@ fn run_raft(lab: &mut Lab) -> anyhow::Result<()> {
         "the dead master's node served: {:?}",
         after.by_node
     );
-    let (rsts, _) = client_rsts(&clients)?;
+    let (rsts, _) = nft::clients_counters(&clients)?;
     assert_eq!(rsts, 0, "IPv6 clients received TCP RSTs");
     let s = status(&tdscctl, &sockets[&second])?;
     assert!(
@@ -304,7 +280,7 @@ fn run_static(lab: &mut Lab) -> anyhow::Result<()> {
             tally.by_node
         );
     }
-    let (rsts, synacks) = client_rsts(&clients)?;
+    let (rsts, synacks) = nft::clients_counters(&clients)?;
     assert_eq!(rsts, 0, "IPv6 clients received TCP RSTs");
     assert_eq!(synacks, total, "SYN/ACKs received != connections");
 

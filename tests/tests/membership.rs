@@ -61,14 +61,6 @@ fn taken(s: &Status) -> u64 {
     s.counters.received_forwarded + s.counters.accepted_locally
 }
 
-fn rsts(clients: &[String]) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for ns in clients {
-        total += nft::client_counters(ns)?.0;
-    }
-    Ok(total)
-}
-
 /// `node remove 3` on the leader under traffic: every node shows two voters, node 3 is told
 /// it was removed and takes no new connection, no request fails and no client sees an RST.
 /// Then `node add 3`: node 3 is a voter and a member again, takes connections again, and its
@@ -87,11 +79,7 @@ fn remove_and_add_a_node_under_traffic() -> anyhow::Result<()> {
     }
     let vip = SocketAddr::V4(cluster.vip());
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let clients = clients.clone();
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || load::run(&clients, vip, 1_000_000, &stop))
-    };
+    let traffic = load::spawn(&clients, vip, 1_000_000, &stop);
     let result = remove_then_add(&mut cluster, &all);
     stop.store(true, Ordering::Relaxed);
     let tally = traffic
@@ -110,7 +98,11 @@ fn remove_and_add_a_node_under_traffic() -> anyhow::Result<()> {
         "failed requests, e.g. {:?}",
         tally.sample_errors
     );
-    assert_eq!(rsts(&clients)?, 0, "clients received TCP RSTs");
+    assert_eq!(
+        nft::clients_counters(&clients)?.0,
+        0,
+        "clients received TCP RSTs"
+    );
     assert_eq!(
         node3_served_while_removed, 0,
         "node 3 took connections while removed"
@@ -493,7 +485,11 @@ fn join_node4(cluster: &mut Cluster, node4: &ExtraNode, all: &[&str]) -> anyhow:
         tally.by_node
     );
     assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
-    assert_eq!(rsts(&clients)?, 0, "clients received TCP RSTs");
+    assert_eq!(
+        nft::clients_counters(&clients)?.0,
+        0,
+        "clients received TCP RSTs"
+    );
     let served4 = tally.by_node.get(&4).copied().unwrap_or(0);
     assert!(
         served4 >= 30,
@@ -585,17 +581,7 @@ impl ExtraNode {
     }
 
     fn status(&self) -> anyhow::Result<Status> {
-        let out = std::process::Command::new(&self.tdscctl)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(["status", "--json"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        tdsc_lab::status::query(&self.tdscctl, &self.socket).map_err(anyhow::Error::msg)
     }
 }
 

@@ -15,7 +15,6 @@
 //! other live node, which answers with its own SYN/ACK: the negative control below checks
 //! that this scenario does catch a wrong dispatch.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,33 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterNode, ClusterOptions};
 use tdsc_lab::{http, netns, nft, packet};
-
-/// SYN/ACKs the client received, by (client port, acknowledged ISN + 1): the node MACs.
-type SynAcksSeen = BTreeMap<(u16, u32), BTreeSet<String>>;
-
-/// Every SYN/ACK the client namespace receives on eth0 from the VIP. The capture sees frames
-/// before the input hook, so SYN/ACKs the drop rule discards are seen too.
-fn capture_synacks(
-    ns: &str,
-    vip: std::net::Ipv4Addr,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Result<anyhow::Result<SynAcksSeen>, netns::NetnsError>> {
-    netns::spawn_in(ns, move || {
-        let cap = packet::Capture::open("eth0", Duration::from_millis(50))?;
-        let mut seen = SynAcksSeen::new();
-        let mut buf = vec![0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) {
-                if f.is_syn_ack() && f.src == vip {
-                    seen.entry((f.dport, f.ack))
-                        .or_default()
-                        .insert(packet::mac_string(&f.src_mac));
-                }
-            }
-        }
-        Ok(seen)
-    })
-}
 
 /// Whether the node's namespace holds a SYN-RECV socket from client port `port`.
 fn holds_syn_recv(cluster: &Cluster, node: &ClusterNode, port: u16) -> anyhow::Result<bool> {
@@ -145,7 +117,7 @@ fn lost_synack_across_failover(test: &str, mode: Mode, port: u16) -> anyhow::Res
         )],
     )?;
     let stop_cap = Arc::new(AtomicBool::new(false));
-    let cap = capture_synacks(&client, *vip.ip(), stop_cap.clone());
+    let cap = packet::capture_synacks(&client, *vip.ip(), stop_cap.clone());
     std::thread::sleep(Duration::from_millis(100));
 
     let conn = netns::spawn_in(&client, move || {

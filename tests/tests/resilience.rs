@@ -37,14 +37,6 @@ fn with_cluster(
     teardown
 }
 
-fn client_rsts(clients: &[String]) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for ns in clients {
-        total += nft::client_counters(ns)?.0;
-    }
-    Ok(total)
-}
-
 /// A forward from `origin` stamped with `term`, carrying a bare SYN from `client:sport`.
 fn forward(term: u64, origin: u32, client: Ipv4Addr, vip: SocketAddr, sport: u16) -> Vec<u8> {
     let SocketAddr::V4(vip) = vip else {
@@ -202,11 +194,7 @@ fn losing_the_master_node_loses_only_its_own_connections() -> anyhow::Result<()>
         }
         std::thread::sleep(Duration::from_millis(300));
         let stop_load = Arc::new(AtomicBool::new(false));
-        let load = {
-            let clients = clients.clone();
-            let stop = stop_load.clone();
-            std::thread::spawn(move || load::run(&clients, vip, 100_000, &stop))
-        };
+        let load = load::spawn(&clients, vip, 100_000, &stop_load);
         std::thread::sleep(Duration::from_millis(500));
 
         for dev in ["eth0", "eth1"] {
@@ -260,7 +248,11 @@ fn losing_the_master_node_loses_only_its_own_connections() -> anyhow::Result<()>
             lost_elsewhere.is_empty(),
             "connections on surviving nodes were lost: {lost_elsewhere:?}"
         );
-        assert_eq!(client_rsts(&clients)?, 0, "a client received an RST");
+        assert_eq!(
+            nft::clients_counters(&clients)?.0,
+            0,
+            "a client received an RST"
+        );
 
         // The links come back: the old master rejoins as a member and gets connections again.
         for dev in ["eth0", "eth1"] {
@@ -351,12 +343,9 @@ fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
         order.insert(1, master.clone());
 
         let stop_load = Arc::new(AtomicBool::new(false));
-        let load = {
-            // Three request threads in each client namespace.
-            let threads: Vec<String> = clients.iter().cycle().take(6).cloned().collect();
-            let stop = stop_load.clone();
-            std::thread::spawn(move || load::run(&threads, vip, 1_000_000, &stop))
-        };
+        // Three request threads in each client namespace.
+        let threads: Vec<String> = clients.iter().cycle().take(6).cloned().collect();
+        let load = load::spawn(&threads, vip, 1_000_000, &stop_load);
         std::thread::sleep(Duration::from_millis(500));
 
         let result = (|| -> anyhow::Result<Vec<String>> {
@@ -431,7 +420,11 @@ fn a_rolling_restart_under_load_fails_no_request() -> anyhow::Result<()> {
             "client requests failed during the rolling restart: {:?}",
             tally.sample_errors
         );
-        assert_eq!(client_rsts(&clients)?, 0, "a client received an RST");
+        assert_eq!(
+            nft::clients_counters(&clients)?.0,
+            0,
+            "a client received an RST"
+        );
         cluster.check_daemons()?;
         Ok(())
     })

@@ -389,10 +389,7 @@ fn demo_failover(
     );
     // Until the act is over (or Ctrl-C, which `stop` also reports).
     let act = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (ns, act) = (client_ns.clone(), Arc::clone(&act));
-        std::thread::spawn(move || load::run(&ns, target, requests.max(1) * 1000, &act))
-    };
+    let traffic = load::spawn(&client_ns, target, requests.max(1) * 1000, &act);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let killed = std::time::Instant::now();
     let result = cluster
