@@ -256,7 +256,7 @@ pub struct Config {
     pub report_interval: Duration,
     pub dead_after: Duration,
     /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
-    /// (see [`crate::affinity`]); `None` leaves them to the scheduler.
+    /// (see [`crate::datapath::affinity`]); `None` leaves them to the scheduler.
     pub data_path_cpu: Option<usize>,
     /// `[shutdown] drain_timeout_ms`: on SIGTERM, how long the node waits for its own
     /// connections on the VIP to finish before it removes the VIP (0: not at all).

@@ -4,37 +4,21 @@
 //!
 //! 1. The ruleset ([`tdsc_rules`]) sends client SYNs for the VIP to NFQUEUE on the master and
 //!    drops them on members.
-//! 2. The master's queue thread ([`master`]) classifies each SYN ([`classify`]), asks the
-//!    [`dispatch::Dispatcher`] (SYN-forward [`records`] first, then the [`policy`]) and either
+//! 2. The master's queue thread ([`datapath::queue`]) classifies each SYN ([`datapath::classify`]), asks the
+//!    [`datapath::dispatch::Dispatcher`] (SYN-forward [`datapath::records`] first, then the [`datapath::policy`]) and either
 //!    accepts it or forwards it as protocol 253 ([`tdsc_proto::forward`]).
-//! 3. The chosen member's receive thread ([`member`]) checks the forward and re-injects the
-//!    SYN with a fresh checksum ([`inject`]); its TCP stack answers the client directly.
+//! 3. The chosen member's receive thread ([`datapath::receive`]) checks the forward and re-injects the
+//!    SYN with a fresh checksum ([`datapath::inject`]); its TCP stack answers the client directly.
 //!
 //! The control path runs beside it: the role signal ([`tdsc_election`]) turns the ruleset and
-//! the queue thread between master and member; [`report`] exchanges liveness and load; the
-//! Raft task ([`raft`]) also owns the cluster's [`membership`], which it applies to the
-//! dispatch [`view`] and, through the role task ([`node`]), to the ruleset; the control socket
-//! ([`control`], [`status`]) serves `tdscctl`.
+//! the queue thread between master and member; [`cluster::report`] exchanges liveness and load; the
+//! Raft task ([`cluster::raft`]) also owns the cluster's [`cluster::membership`], which it applies to the
+//! dispatch [`cluster::view`] and, through the role task ([`node`]), to the ruleset; the control socket
+//! ([`admin`]) serves `tdscctl`.
 
-pub mod affinity;
-pub mod classify;
+pub mod admin;
+pub mod cluster;
 pub mod config;
-pub mod control;
-pub mod dispatch;
+pub mod datapath;
 pub mod host;
-pub mod inject;
-pub mod load;
-pub mod master;
-pub mod member;
-pub mod membership;
-pub mod netlink;
 pub mod node;
-pub mod policy;
-pub mod raft;
-pub mod rawsock;
-pub mod records;
-pub mod report;
-pub mod sockdiag;
-pub mod status;
-pub mod takeover;
-pub mod view;

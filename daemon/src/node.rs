@@ -10,7 +10,7 @@
 //!    rule; becoming member installs the drop rule and *then* clears the flag, so at no
 //!    instant does the node both queue and not dispatch, or accept SYNs unqueued.
 //!    Before either, a node that becomes master adopts the replicated SYN-forward records and
-//!    the cluster's SYN-RECV sockets (`crate::takeover`): the master thread gets them as a
+//!    the cluster's SYN-RECV sockets (`crate::cluster::takeover`): the master thread gets them as a
 //!    command it processes before the first SYN the new master ruleset queues.
 //!
 //! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
@@ -37,17 +37,17 @@ use tdsc_election::{Leadership, Role, RoleSignal, StaticElection};
 use tdsc_rules::{ClusterSpec, Firewall, HostFacts, QueueBackend, StaticHash};
 use tokio::sync::watch;
 
+use crate::cluster::membership::Members;
+use crate::cluster::raft::{MemberRequest, MembershipLink, RaftHandle, RaftTask};
+use crate::cluster::report::{ReportCounters, Reporter};
+use crate::cluster::takeover::{RecordStats, Replica, Takeover};
+use crate::cluster::view::{ClusterView, Counters};
 use crate::config::{Config, ElectionMode, PolicyName};
-use crate::dispatch::Dispatcher;
-use crate::host::HostSetup;
-use crate::master::{MasterCommand, MasterPath, RoleCell};
-use crate::member::MemberPath;
-use crate::membership::Members;
-use crate::raft::{MemberRequest, MembershipLink, RaftHandle, RaftTask};
-use crate::records::SynRecords;
-use crate::report::{ReportCounters, Reporter};
-use crate::takeover::{RecordStats, Replica, Takeover};
-use crate::view::{ClusterView, Counters};
+use crate::datapath::dispatch::Dispatcher;
+use crate::datapath::queue::{MasterCommand, MasterPath, RoleCell};
+use crate::datapath::receive::MemberPath;
+use crate::datapath::records::SynRecords;
+use crate::host::setup::HostSetup;
 
 /// Seed of the static hash for undispatched flows; any fixed value, the same on every node.
 pub const STATIC_HASH_SEED: u32 = 0x7464_7363; // "tdsc"
@@ -57,19 +57,19 @@ pub enum NodeError {
     #[error("firewall")]
     Firewall(#[from] tdsc_rules::Error),
     #[error("host setup")]
-    Host(#[from] crate::host::HostError),
+    Host(#[from] crate::host::setup::HostError),
     #[error("master path")]
-    Master(#[from] crate::master::MasterError),
+    Master(#[from] crate::datapath::queue::MasterError),
     #[error("cannot open the forward receive or inject socket")]
     Member(#[source] std::io::Error),
     #[error("cannot bind the report socket")]
     Report(#[source] std::io::Error),
     #[error("control socket")]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::admin::server::ControlError),
     #[error("raft election")]
-    Raft(#[from] crate::raft::RaftTaskError),
+    Raft(#[from] crate::cluster::raft::RaftTaskError),
     #[error("[threads] data_path_cpu")]
-    Affinity(#[from] crate::affinity::AffinityError),
+    Affinity(#[from] crate::datapath::affinity::AffinityError),
     #[error("{} errors during shutdown: {}", .0.len(), .0.join("; "))]
     Shutdown(Vec<String>),
 }
@@ -94,7 +94,7 @@ pub struct Shared {
     pub members: watch::Receiver<Members>,
     /// `tdscctl node add|remove` go to the Raft task here; None under a static election.
     pub member_requests: Option<tokio::sync::mpsc::Sender<MemberRequest>>,
-    /// Replication and takeover figures (`crate::takeover`).
+    /// Replication and takeover figures (`crate::cluster::takeover`).
     pub records: Arc<RecordStats>,
     /// This node's replica of the master's records.
     pub replica: Arc<Mutex<Replica>>,
@@ -111,8 +111,10 @@ impl Shared {
             .master_commands
             .lock()
             .map_err(|_| "master command channel poisoned".to_owned())?;
-        tx.send(MasterCommand::SetPolicy(crate::policy::build(name)))
-            .map_err(|_| "the master thread has stopped".to_owned())?;
+        tx.send(MasterCommand::SetPolicy(crate::datapath::policy::build(
+            name,
+        )))
+        .map_err(|_| "the master thread has stopped".to_owned())?;
         let index = PolicyName::ALL
             .iter()
             .position(|(_, p)| *p == name)
@@ -236,7 +238,7 @@ async fn serve(
     .map_err(NodeError::Member)?;
     let cpu = cfg.data_path_cpu;
     if let Some(c) = cpu {
-        crate::affinity::check(c)?;
+        crate::datapath::affinity::check(c)?;
     }
     let member_thread = std::thread::Builder::new()
         .name("tdsc-member".into())
@@ -246,9 +248,9 @@ async fn serve(
         })
         .map_err(NodeError::Member)?;
 
-    let load_thread = crate::load::spawn(
+    let load_thread = crate::host::load::spawn(
         cfg.load_source.clone(),
-        crate::load::sample_period(cfg.report_interval),
+        crate::host::load::sample_period(cfg.report_interval),
         view.clone(),
         stop.clone(),
     )
@@ -257,14 +259,14 @@ async fn serve(
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let window_ms = u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX);
     let mut dispatcher = Dispatcher::new(
-        crate::policy::build(cfg.policy),
+        crate::datapath::policy::build(cfg.policy),
         SynRecords::new(cfg.syn_record_capacity, window_ms),
         cfg.nodes.len(),
     );
     // Records are replicated through Raft; the hand-off is preallocated here, once.
     let record_stats = Arc::new(RecordStats::default());
     let replica = Arc::new(Mutex::new(Replica::new(cfg.syn_record_capacity, window_ms)));
-    let (handoff_tx, handoff_rx) = mpsc::sync_channel(crate::takeover::HANDOFF_CAPACITY);
+    let (handoff_tx, handoff_rx) = mpsc::sync_channel(crate::cluster::takeover::HANDOFF_CAPACITY);
     if matches!(cfg.election, ElectionMode::Raft { .. }) {
         dispatcher = dispatcher.with_handoff(handoff_tx);
     }
@@ -302,14 +304,15 @@ async fn serve(
         ElectionMode::Raft { .. } => RoleSignal::new(),
     });
     let mut leadership = signal.subscribe();
-    let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::raft::INBOX_CAPACITY);
+    let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::cluster::raft::INBOX_CAPACITY);
     let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::raft::REQUEST_CAPACITY);
-    let (settings_tx, settings_rx) = watch::channel(crate::raft::Settings::new());
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::cluster::raft::REQUEST_CAPACITY);
+    let (settings_tx, settings_rx) = watch::channel(crate::cluster::raft::Settings::new());
     let member_requests = matches!(cfg.election, ElectionMode::Raft { .. }).then_some(req_tx);
-    let (query_tx, query_rx) = tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
+    let (query_tx, query_rx) =
+        tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
     let (answer_tx, answer_rx) =
-        tokio::sync::mpsc::channel(crate::takeover::QUERY_CHANNEL_CAPACITY);
+        tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
 
     let reports = Arc::new(ReportCounters::default());
     let reporter = Reporter {
@@ -349,20 +352,20 @@ async fn serve(
                 requests: req_rx,
                 settings: settings_tx,
             })
-            .with_records(crate::raft::RecordsLink {
+            .with_records(crate::cluster::raft::RecordsLink {
                 handoff: handoff_rx,
                 replica: replica.clone(),
                 stats: record_stats.clone(),
                 view: view.clone(),
                 replicate: cfg.replicate_records,
-                batch: Vec::with_capacity(crate::takeover::MAX_RECORDS_PER_BATCH),
+                batch: Vec::with_capacity(crate::cluster::takeover::MAX_RECORDS_PER_BATCH),
             });
             raft_handle = Some(task.handle());
             Some(tokio::spawn(task.run()))
         }
         ElectionMode::Static { .. } => None,
     };
-    let answer_task = tokio::spawn(crate::takeover::answer_queries(
+    let answer_task = tokio::spawn(crate::cluster::takeover::answer_queries(
         query_rx,
         sock.clone(),
         cfg.node_id,
@@ -386,7 +389,7 @@ async fn serve(
     takeover.reconcile = cfg.reconcile_syn_recv;
     let report_task = tokio::spawn(reporter.run(sock));
 
-    let listener = crate::control::bind(&cfg.control_socket).await?;
+    let listener = crate::admin::server::bind(&cfg.control_socket).await?;
     let socket_path = cfg.control_socket.clone();
     let shared = Arc::new(Shared {
         policy: AtomicU8::new(
@@ -416,7 +419,7 @@ async fn serve(
         records: record_stats,
         replica,
     });
-    let control_task = tokio::spawn(crate::control::serve(listener, shared.clone()));
+    let control_task = tokio::spawn(crate::admin::server::serve(listener, shared.clone()));
     let settings_task = tokio::spawn(follow_settings(settings_rx, shared.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -480,13 +483,13 @@ async fn serve(
 /// (`tdscctl policy set`), which then overrides `[scheduler] policy` on every node, a new
 /// master and a restarted node included.
 async fn follow_settings(
-    mut settings: watch::Receiver<crate::raft::Settings>,
+    mut settings: watch::Receiver<crate::cluster::raft::Settings>,
     shared: Arc<Shared>,
 ) {
     loop {
         let policy = settings
             .borrow_and_update()
-            .get(crate::raft::POLICY_SETTING)
+            .get(crate::cluster::raft::POLICY_SETTING)
             .cloned();
         if let Some(raw) = policy {
             match std::str::from_utf8(&raw).ok().and_then(PolicyName::parse) {
@@ -510,7 +513,7 @@ async fn follow_settings(
 /// at start, so a failure here is unexpected; the thread then runs unpinned.
 fn pin_data_path_thread(cpu: Option<usize>) {
     if let Some(c) = cpu {
-        match crate::affinity::pin_current_thread(c) {
+        match crate::datapath::affinity::pin_current_thread(c) {
             Ok(()) => tracing::info!(cpu = c, "data-path thread pinned"),
             Err(e) => tracing::error!(error = %e, "data-path thread left unpinned"),
         }
@@ -640,7 +643,7 @@ async fn drain(vip: &std::net::IpAddr, timeout: Duration, report_interval: Durat
     let start = tokio::time::Instant::now();
     let deadline = start + timeout;
     tokio::time::sleep_until(deadline.min(start + 2 * report_interval + DRAIN_POLL)).await;
-    let mut diag = match crate::sockdiag::SockDiag::open() {
+    let mut diag = match crate::host::sockdiag::SockDiag::open() {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "sock_diag unavailable: not waiting for connections");

@@ -10,12 +10,12 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use tdsc_proto::forward::{ForwardHeader, MAX_HEADER_LEN};
-use tdscd::classify::classify;
+use tdscd::cluster::view::{ClusterView, MemberSlot};
 use tdscd::config::{Node, PolicyName};
-use tdscd::dispatch::{Decision, Dispatcher};
-use tdscd::policy::build;
-use tdscd::records::SynRecords;
-use tdscd::view::{ClusterView, MemberSlot};
+use tdscd::datapath::classify::classify;
+use tdscd::datapath::dispatch::{Decision, Dispatcher};
+use tdscd::datapath::policy::build;
+use tdscd::datapath::records::SynRecords;
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -108,7 +108,7 @@ fn per_syn_path_does_not_allocate() {
         PolicyName::PowerOfTwo,
     ] {
         // Smaller than the number of SYNs: both the hand-off and its overflow path run.
-        let (tx, rx) = std::sync::mpsc::sync_channel(tdscd::takeover::HANDOFF_CAPACITY);
+        let (tx, rx) = std::sync::mpsc::sync_channel(tdscd::cluster::takeover::HANDOFF_CAPACITY);
         let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len())
             .with_handoff(tx);
         let mut forwarded = 0u32;
@@ -151,7 +151,11 @@ fn per_syn_path_does_not_allocate() {
             "{policy:?}: allocations on the per-SYN path"
         );
         let handed = rx.try_iter().count();
-        assert_eq!(handed, tdscd::takeover::HANDOFF_CAPACITY, "{policy:?}");
+        assert_eq!(
+            handed,
+            tdscd::cluster::takeover::HANDOFF_CAPACITY,
+            "{policy:?}"
+        );
         assert!(
             d.take_handoff_drops() > 0,
             "{policy:?}: overflow path not run"

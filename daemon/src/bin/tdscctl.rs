@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tdscd::status::{Reply, Request, Status};
+use tdscd::admin::protocol::{Reply, Request, Status};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Control a tcp-dsc node daemon")]

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
             tdscd::config::ElectionMode::Raft { ref data_dir, .. } => format!(
                 "{} bootstrap nodes; membership after the first start is kept in {}",
                 cfg.nodes.len(),
-                data_dir.join(tdscd::raft::STATE_FILE).display()
+                data_dir.join(tdscd::cluster::raft::STATE_FILE).display()
             ),
             tdscd::config::ElectionMode::Static { .. } => format!("{} nodes", cfg.nodes.len()),
         };

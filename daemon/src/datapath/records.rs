@@ -11,7 +11,7 @@
 //! entry gives way; such evictions of still-live records are counted.
 //!
 //! The same table, filled from committed Raft entries, is every node's *replica* of the
-//! master's records (see `crate::takeover`): a new master adopts it, plus one record with
+//! master's records (see `crate::cluster::takeover`): a new master adopts it, plus one record with
 //! no known ISN ([`SynRecords::insert_any_isn`]) for each SYN-RECV socket a node holds.
 //! The master thread hands each new record to the Raft task as a [`Dispatched`] value
 //! through a bounded, preallocated channel.
@@ -104,7 +104,7 @@ impl SynRecords {
 
     fn set(&self, client: u128, port: u16) -> (u64, usize) {
         #[allow(clippy::cast_possible_truncation)] // folding 128 bits into 64 on purpose
-        let h = crate::policy::mix64(
+        let h = crate::datapath::policy::mix64(
             (client as u64) ^ ((client >> 64) as u64) ^ (u64::from(port) << 32),
         );
         let tag = h | 1;

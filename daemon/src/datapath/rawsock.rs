@@ -48,7 +48,7 @@ mod socket2_like {
             let len = match a {
                 SocketAddr::V4(v4) => {
                     let sin = libc::sockaddr_in {
-                        sin_family: libc::sa_family_t::from(crate::netlink::AF_INET),
+                        sin_family: libc::sa_family_t::from(crate::host::netlink::AF_INET),
                         sin_port: v4.port().to_be(),
                         sin_addr: libc::in_addr {
                             s_addr: u32::from_ne_bytes(v4.ip().octets()),
@@ -62,7 +62,7 @@ mod socket2_like {
                 }
                 SocketAddr::V6(v6) => {
                     let sin6 = libc::sockaddr_in6 {
-                        sin6_family: libc::sa_family_t::from(crate::netlink::AF_INET6),
+                        sin6_family: libc::sa_family_t::from(crate::host::netlink::AF_INET6),
                         sin6_port: v6.port().to_be(),
                         sin6_flowinfo: 0,
                         sin6_addr: libc::in6_addr {

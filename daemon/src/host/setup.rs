@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::config::{format_mac, Config};
-use crate::netlink::{put_attr, Netlink, AF_INET, AF_INET6, NLM_F_CREATE, NLM_F_EXCL};
+use crate::host::netlink::{put_attr, Netlink, AF_INET, AF_INET6, NLM_F_CREATE, NLM_F_EXCL};
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;

@@ -15,10 +15,10 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::SyncSender;
 
-use crate::classify::Syn;
-use crate::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
-use crate::records::{Dispatched, Lookup, RecordEntry, SynRecords};
-use crate::view::{ClusterView, MAX_NODES};
+use crate::cluster::view::{ClusterView, MAX_NODES};
+use crate::datapath::classify::Syn;
+use crate::datapath::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
+use crate::datapath::records::{Dispatched, Lookup, RecordEntry, SynRecords};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -189,7 +189,7 @@ impl Dispatcher {
 mod tests {
     use super::*;
     use crate::config::PolicyName;
-    use crate::policy::build;
+    use crate::datapath::policy::build;
 
     fn view(self_id: u32) -> ClusterView {
         let nodes = crate::config::test_nodes(3);
@@ -261,7 +261,7 @@ mod tests {
     /// added back it takes its share again.
     #[test]
     fn removed_nodes_get_nothing_and_return_when_added() {
-        use crate::view::MemberSlot;
+        use crate::cluster::view::MemberSlot;
         let v = view(1);
         let mut d = dispatcher(PolicyName::RoundRobin);
         let slot = |id: u32| MemberSlot {

@@ -16,11 +16,11 @@ use std::time::Instant;
 use nfq::{Queue, Verdict};
 use tdsc_proto::forward::{ForwardHeader, MAX_HEADER_LEN};
 
-use crate::classify::classify;
-use crate::dispatch::{Decision, Dispatcher};
-use crate::policy::Policy;
-use crate::rawsock::{Dest, RawSocket};
-use crate::view::{add, ClusterView, Counters};
+use crate::cluster::view::{add, ClusterView, Counters};
+use crate::datapath::classify::classify;
+use crate::datapath::dispatch::{Decision, Dispatcher};
+use crate::datapath::policy::Policy;
+use crate::datapath::rawsock::{Dest, RawSocket};
 
 /// Whether this node dispatches right now, and under which term. Written by the role task
 /// and the election, read per packet by the master thread.
@@ -28,7 +28,7 @@ use crate::view::{add, ClusterView, Counters};
 pub struct RoleCell {
     pub master: AtomicBool,
     /// The highest election term this node knows: stamped on every forward while master, and
-    /// the member path's fence against forwards from older terms (see `crate::member`).
+    /// the member path's fence against forwards from older terms (see `crate::datapath::receive`).
     pub term: AtomicU64,
     /// The election lease: the master thread dispatches only while `epoch.elapsed()` in ms is
     /// below this. The Raft task writes it (and writes 0 before it says anything that could
@@ -63,7 +63,7 @@ pub enum MasterCommand {
     SetPolicy(Box<dyn Policy>),
     /// Records a new master takes over (replica + SYN-RECV reconciliation), sent before the
     /// master ruleset goes in, so it is processed before the first queued SYN.
-    Adopt(Vec<crate::records::RecordEntry>),
+    Adopt(Vec<crate::datapath::records::RecordEntry>),
 }
 
 /// Kernel queue length before new SYNs are dropped: about 20 ms of SYNs at 200k/s.

@@ -1,4 +1,4 @@
-//! The node-local control socket (Unix stream, JSON lines). See [`crate::status`].
+//! The node-local control socket (Unix stream, JSON lines). See [`crate::admin::protocol`].
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -7,10 +7,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::admin::protocol::{NodeStatus, Rejected, Reply, Request, Status};
+use crate::cluster::raft::MemberRequest;
 use crate::config::{PolicyName, MAX_WEIGHT};
 use crate::node::Shared;
-use crate::raft::MemberRequest;
-use crate::status::{NodeStatus, Rejected, Reply, Request, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -258,7 +258,7 @@ pub fn status(s: &Shared) -> Status {
                 }
             })
             .collect(),
-        counters: crate::status::Counters {
+        counters: crate::admin::protocol::Counters {
             syns_dispatched: c.syns_dispatched,
             forwarded_out: c.forwarded_out,
             accepted_locally: c.accepted_locally,
@@ -289,10 +289,10 @@ pub fn status(s: &Shared) -> Status {
     }
 }
 
-fn records_status(s: &Shared) -> crate::status::RecordsStatus {
+fn records_status(s: &Shared) -> crate::admin::protocol::RecordsStatus {
     let r = &s.records;
     let now = s.role.now_ms();
-    crate::status::RecordsStatus {
+    crate::admin::protocol::RecordsStatus {
         replicate: s.config.replicate_records,
         reconcile: s.config.reconcile_syn_recv,
         proposed_records: r.proposed_records.load(Relaxed),

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use tdsc_proto::forward::ForwardPacket;
 
-use crate::classify::{ACK, FIN, RST, SYN};
-use crate::inject;
-use crate::master::RoleCell;
-use crate::rawsock::{Dest, RawSocket};
-use crate::view::{add, ClusterView, Counters};
+use crate::cluster::view::{add, ClusterView, Counters};
+use crate::datapath::classify::{ACK, FIN, RST, SYN};
+use crate::datapath::inject;
+use crate::datapath::queue::RoleCell;
+use crate::datapath::rawsock::{Dest, RawSocket};
 
 /// How often the receive loop wakes to check for shutdown.
 const POLL: Duration = Duration::from_millis(250);

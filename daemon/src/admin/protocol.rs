@@ -157,7 +157,7 @@ pub struct RecordsStatus {
     /// SYN-RECV queries this node answered for a new master.
     pub queries_answered: u64,
     /// What this node adopted when it last became master.
-    pub last_takeover: Option<crate::takeover::TakeoverReport>,
+    pub last_takeover: Option<crate::cluster::takeover::TakeoverReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

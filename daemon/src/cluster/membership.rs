@@ -15,8 +15,8 @@ use std::net::IpAddr;
 use tdsc_election::Membership;
 use tdsc_proto::control::MemberInfo;
 
+use crate::cluster::view::MemberSlot;
 use crate::config::{Config, MAX_WEIGHT};
-use crate::view::MemberSlot;
 
 /// One current member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

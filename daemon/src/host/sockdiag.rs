@@ -10,7 +10,7 @@
 use std::io;
 use std::net::IpAddr;
 
-use crate::netlink::{Netlink, AF_INET, AF_INET6};
+use crate::host::netlink::{Netlink, AF_INET, AF_INET6};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const IPPROTO_TCP: u8 = 6;

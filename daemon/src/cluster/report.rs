@@ -9,7 +9,7 @@
 //! The same socket carries the Raft election's messages (`Body::Raft`): the receive loop
 //! authenticates them the same way and hands them to the Raft task through a bounded channel
 //! (a full channel drops the message, as a lossy network would; Raft retransmits).
-//! A new master's SYN-RECV queries and the members' answers (`crate::takeover`) travel the
+//! A new master's SYN-RECV queries and the members' answers (`crate::cluster::takeover`) travel the
 //! same way and pass the same check.
 
 use std::net::{IpAddr, SocketAddr};
@@ -21,11 +21,11 @@ use tdsc_proto::control::{Body, Envelope, NodeReport, Removed, SynRecvAnswer, MA
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::master::RoleCell;
-use crate::membership::Members;
-use crate::raft::MemberRequest;
-use crate::sockdiag::SockDiag;
-use crate::view::ClusterView;
+use crate::cluster::membership::Members;
+use crate::cluster::raft::MemberRequest;
+use crate::cluster::view::ClusterView;
+use crate::datapath::queue::RoleCell;
+use crate::host::sockdiag::SockDiag;
 
 #[derive(Debug, Default)]
 pub struct ReportCounters {

@@ -20,7 +20,7 @@
 //! re-applies the ruleset from — after the new state is persisted and this round's messages
 //! are sent.
 //!
-//! The task also replicates the SYN-forward records (see `crate::takeover`): while leader it
+//! The task also replicates the SYN-forward records (see `crate::cluster::takeover`): while leader it
 //! proposes at most one batch per tick from the master thread's hand-off, and it applies
 //! committed batches to this node's replica *before* it publishes a new leadership, so a node
 //! that becomes master has applied every committed record.
@@ -41,9 +41,9 @@ use tdsc_proto::control::{Body, Envelope};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::cluster::membership::{check_add, check_remove, Members};
 use crate::config::{Config, Node, PolicyName};
-use crate::master::RoleCell;
-use crate::membership::{check_add, check_remove, Members};
+use crate::datapath::queue::RoleCell;
 
 /// A `tdscctl node add|remove`, answered (text or error) once it has committed or failed.
 #[derive(Debug)]
@@ -115,9 +115,9 @@ struct Pending {
     reply: oneshot::Sender<Result<String, String>>,
     kind: PendingKind,
 }
-use crate::records::Dispatched;
-use crate::takeover::{drain_batch, encode_batch, RecordStats, Replica};
-use crate::view::ClusterView;
+use crate::cluster::takeover::{drain_batch, encode_batch, RecordStats, Replica};
+use crate::cluster::view::ClusterView;
+use crate::datapath::records::Dispatched;
 
 /// Messages waiting for the Raft task; beyond this the receive loop drops them.
 pub const INBOX_CAPACITY: usize = 1024;
@@ -218,7 +218,7 @@ pub struct RaftTask {
 /// What the Raft task needs to replicate SYN-forward records.
 #[derive(Debug)]
 pub struct RecordsLink {
-    /// New records from the master thread (bounded; see `crate::dispatch`).
+    /// New records from the master thread (bounded; see `crate::datapath::dispatch`).
     pub handoff: std::sync::mpsc::Receiver<Dispatched>,
     pub replica: Arc<std::sync::Mutex<Replica>>,
     pub stats: Arc<RecordStats>,

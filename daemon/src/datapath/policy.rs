@@ -175,14 +175,14 @@ fn least_per_weight(
 #[derive(Debug)]
 pub struct WeightedRoundRobin {
     /// One counter per node index, with room for every slot a view can have
-    /// ([`crate::view::MAX_NODES`]), so no pick allocates, not even after a membership change.
+    /// ([`crate::cluster::view::MAX_NODES`]), so no pick allocates, not even after a membership change.
     current: Vec<i64>,
 }
 
 impl Default for WeightedRoundRobin {
     fn default() -> Self {
         WeightedRoundRobin {
-            current: Vec::with_capacity(crate::view::MAX_NODES),
+            current: Vec::with_capacity(crate::cluster::view::MAX_NODES),
         }
     }
 }

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::view::ClusterView;
 use crate::config::LoadSource;
-use crate::view::ClusterView;
 
 /// Why a sample failed.
 #[derive(Debug, thiserror::Error)]

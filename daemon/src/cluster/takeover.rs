@@ -4,7 +4,7 @@
 //!
 //! 1. The master thread records every *new* dispatch decision in its own table and hands a
 //!    [`Dispatched`] value to the Raft task through a bounded `sync_channel` (see
-//!    `crate::dispatch`): no lock, no allocation, never blocks; a full channel is counted
+//!    `crate::datapath::dispatch`): no lock, no allocation, never blocks; a full channel is counted
 //!    (`records_handoff_overflow`).
 //! 2. The Raft task, while leader, drains up to [`MAX_RECORDS_PER_BATCH`] of them each tick
 //!    and proposes them as one entry ([`encode_batch`]); at most one entry per tick.
@@ -54,10 +54,10 @@ use tdsc_proto::control::{
 };
 use tokio::net::UdpSocket;
 
-use crate::master::{MasterCommand, RoleCell};
-use crate::records::{Dispatched, RecordEntry, SynRecords};
-use crate::sockdiag::SockDiag;
-use crate::view::ClusterView;
+use crate::cluster::view::ClusterView;
+use crate::datapath::queue::{MasterCommand, RoleCell};
+use crate::datapath::records::{Dispatched, RecordEntry, SynRecords};
+use crate::host::sockdiag::SockDiag;
 
 /// Records waiting between the master thread and the Raft task: many batches' worth, so a
 /// burst rides out a slow tick. 28 bytes each, preallocated.
@@ -407,7 +407,7 @@ pub async fn answer_queries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::Lookup;
+    use crate::datapath::records::Lookup;
 
     fn view() -> ClusterView {
         let nodes = crate::config::test_nodes(3);
