@@ -5,7 +5,11 @@
 //! assert the value fits (at compile time where used in a `const`), so no cast silently
 //! truncates.
 
-#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "every narrowing here is asserted to fit first"
+)]
 
 /// A libnftnl attribute id (`NFTNL_*`) as the `u16` its accessors take.
 pub(crate) const fn attr(id: u32) -> u16 {

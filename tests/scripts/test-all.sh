@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every tcp-dsc test: lint, unit, golden, namespace end-to-end. Needs root for the
-# namespace tests (they print SKIP otherwise). Installs its own dependencies.
+# Runs every tcp-dsc test: lint, docs, unit, golden, namespace end-to-end. Needs root for the
+# namespace tests: they print SKIP otherwise, and fail under CI=true, where nothing may pass
+# unrun. Installs its own dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/scripts/deps.sh
@@ -27,7 +28,12 @@ done
 
 echo "== format and lints"
 cargo fmt --all -- --check
+# clippy also checks the MSRV: `incompatible_msrv` refuses std APIs newer than the workspace
+# rust-version that every crate inherits.
 cargo clippy --workspace --all-targets --release -- -D warnings
+
+echo "== docs (warnings are errors: broken intra-doc links fail here)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --release
 
 echo "== build"
 cargo build --workspace --release

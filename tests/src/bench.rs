@@ -88,12 +88,16 @@ impl Summary {
             #[allow(
                 clippy::cast_possible_truncation,
                 clippy::cast_sign_loss,
-                clippy::cast_precision_loss
+                clippy::cast_precision_loss,
+                reason = "a percentile index, rounded and clamped to the sample"
             )]
             let idx = ((us.len() - 1) as f64 * p).round() as usize;
             us[idx]
         };
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "sample counts are far below 2^53"
+        )]
         let mean = us.iter().sum::<f64>() / us.len() as f64;
         Some(Summary {
             n: us.len(),

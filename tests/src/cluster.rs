@@ -123,12 +123,12 @@ impl Default for ClusterOptions {
 /// labs on two cores would disturb each other. An in-process mutex orders the tests of one
 /// binary; an exclusive `flock` on [`LAB_LOCK_PATH`] orders test binaries and worktrees. The
 /// kernel drops the `flock` when the holder exits, however it exits. Returns `None` after
-/// printing a SKIP line when not root (namespaces need root). A test that panicked while
+/// printing a SKIP line when not root (namespaces need root); under `CI=true` it panics
+/// instead ([`netns::root_or_skip`]). A test that panicked while
 /// holding the mutex has already torn its lab down, so a poisoned mutex is simply taken over.
 pub fn exclusive_lab(test: &str) -> Option<LabLock> {
     static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    if !netns::is_root() {
-        eprintln!("SKIP {test}: needs root to create network namespaces");
+    if !netns::root_or_skip(test) {
         return None;
     }
     let guard = ONE_LAB_AT_A_TIME

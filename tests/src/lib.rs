@@ -13,7 +13,8 @@
 //! 4. [`netns::run_in`] runs client code inside a namespace; [`http`] and the packet tools
 //!    are what the clients, tests and benchmarks use.
 //!
-//! Everything needs root; without it the end-to-end tests print `SKIP` and pass.
+//! Everything needs root; without it the end-to-end tests print `SKIP` and pass, except under
+//! CI (`CI=true`), where they fail ([`netns::root_or_skip`]).
 //!
 //! ```
 //! use tdsc_lab::topology::{Role, Topology};

@@ -198,3 +198,22 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid(2) cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// True when a namespace test can run (root). Otherwise it prints a SKIP line and returns
+/// false, except under CI (`CI=true`), where a test that cannot do its work must fail: it
+/// panics instead, so the suite can never pass on tests that did not run.
+pub fn root_or_skip(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if in_ci() {
+        panic!("{test}: needs root to create network namespaces, and CI=true forbids skipping");
+    }
+    eprintln!("SKIP {test}: needs root to create network namespaces");
+    false
+}
+
+/// Whether this runs under CI (`CI=true`), where no test may skip.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| v == "true")
+}

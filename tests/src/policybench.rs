@@ -42,7 +42,10 @@ impl PolicyBenchOptions {
     /// Mean service time in seconds.
     pub fn mean_service(&self) -> f64 {
         // Millisecond counts are small; f64 holds them exactly.
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "counts and milliseconds here are far below 2^53"
+        )]
         let (s, l) = (self.short_ms as f64, self.long_ms as f64);
         ((1.0 - self.long_frac) * s + self.long_frac * l) / 1000.0
     }
@@ -90,14 +93,18 @@ impl Stats {
             return Stats::default();
         }
         v.sort_by(f64::total_cmp);
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "counts and milliseconds here are far below 2^53"
+        )]
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         let at = |q: f64| {
             // An index into a sorted, non-empty sample; rounding and clamping keep it valid.
             #[allow(
                 clippy::cast_possible_truncation,
                 clippy::cast_sign_loss,
-                clippy::cast_precision_loss
+                clippy::cast_precision_loss,
+                reason = "an index into a sorted, non-empty sample, rounded and clamped"
             )]
             let i = ((v.len() - 1) as f64 * q).round() as usize;
             v[i.min(v.len() - 1)]
@@ -176,7 +183,10 @@ impl Rng {
         x ^= x >> 27;
         self.0 = x;
         // The top 53 bits make an exact f64 in [0, 1).
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "counts and milliseconds here are far below 2^53"
+        )]
         let u = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
         u
     }
@@ -295,7 +305,10 @@ pub fn run(
 }
 
 fn capacity(cluster: &Cluster, opts: &PolicyBenchOptions) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "counts and milliseconds here are far below 2^53"
+    )]
     let nodes = cluster.nodes().len() as f64;
     nodes * f64::from(opts.slots) / opts.mean_service()
 }
@@ -325,7 +338,10 @@ fn measure(
         .collect();
     let capacity = capacity(cluster, opts);
     let rate = capacity * load;
-    #[allow(clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "counts and milliseconds here are far below 2^53"
+    )]
     let per_client = rate / clients.len() as f64;
     // The same arrival sequence for every policy at one load: only the policy differs.
     let handles: Vec<_> = clients
@@ -350,7 +366,10 @@ fn measure(
             .collect();
         let min = busy.iter().copied().fold(f64::INFINITY, f64::min);
         let max = busy.iter().copied().fold(0.0, f64::max);
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "counts and milliseconds here are far below 2^53"
+        )]
         let mean = busy.iter().sum::<f64>() / busy.len().max(1) as f64;
         series.push((start.elapsed().as_secs_f64(), min, mean, max));
         std::thread::sleep(Duration::from_millis(100));
@@ -367,7 +386,10 @@ fn measure(
         }
     }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    #[allow(clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "counts and milliseconds here are far below 2^53"
+    )]
     let avg = |f: fn(&(f64, f64, f64, f64)) -> f64| {
         series.iter().map(f).sum::<f64>() / series.len().max(1) as f64
     };

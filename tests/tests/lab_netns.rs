@@ -7,16 +7,9 @@ use std::time::Duration;
 
 use tdsc_lab::cluster::{default_topology_path, unique_lab_name, Cluster, ClusterOptions};
 use tdsc_lab::lab::Lab;
+use tdsc_lab::netns::root_or_skip;
 use tdsc_lab::topology::Topology;
 use tdsc_lab::{http, netns};
-
-fn root_or_skip(test: &str) -> bool {
-    if netns::is_root() {
-        return true;
-    }
-    eprintln!("SKIP {test}: needs root to create network namespaces");
-    false
-}
 
 fn lab_namespaces(lab: &str) -> Vec<String> {
     let prefix = format!("clab-{lab}-");

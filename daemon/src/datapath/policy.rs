@@ -346,7 +346,10 @@ pub fn flow_hash(addr: &IpAddr, port: u16) -> u64 {
         IpAddr::V6(a) => u128::from(*a),
     };
     // Fold the 128-bit address into 64 bits; truncation is the point of the fold.
-    #[allow(clippy::cast_possible_truncation)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "truncation is the point of the fold"
+    )]
     let folded = (a as u64) ^ ((a >> 64) as u64);
     mix64(folded ^ (u64::from(port) << 48) ^ u64::from(port))
 }

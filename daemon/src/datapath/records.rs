@@ -103,13 +103,19 @@ impl SynRecords {
     }
 
     fn set(&self, client: u128, port: u16) -> (u64, usize) {
-        #[allow(clippy::cast_possible_truncation)] // folding 128 bits into 64 on purpose
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "folding 128 bits into 64 on purpose"
+        )]
         let h = crate::datapath::policy::mix64(
             (client as u64) ^ ((client >> 64) as u64) ^ (u64::from(port) << 32),
         );
         let tag = h | 1;
         // The mask keeps the index within the table; truncation on 32-bit targets is harmless.
-        #[allow(clippy::cast_possible_truncation)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "masked to the set count right after"
+        )]
         let set = (h >> 16) as usize & self.sets_mask;
         (tag, set * WAYS)
     }
@@ -162,7 +168,10 @@ impl SynRecords {
                     IpAddr::from(s.client.to_be_bytes())
                 } else {
                     // IPv4 keys hold the address in the low 32 bits.
-                    #[allow(clippy::cast_possible_truncation)]
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        reason = "IPv4 keys hold the address in the low 32 bits"
+                    )]
                     IpAddr::from((s.client as u32).to_be_bytes())
                 },
                 port: s.port,

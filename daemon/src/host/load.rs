@@ -48,7 +48,11 @@ pub fn parse_milli(text: &str) -> Option<u32> {
     }
     let milli = (v * 1000.0).round();
     // Clamped into u32's range first, so the cast only drops the (zero) fraction.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "clamped into u32's range first; the cast only drops the fraction"
+    )]
     Some(milli.min(f64::from(u32::MAX)) as u32)
 }
 

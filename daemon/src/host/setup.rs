@@ -71,7 +71,11 @@ fn addr_msg(ifindex: u32, addr: &IpAddr, prefix: u8) -> Vec<u8> {
 
 /// Reads or writes an interface's hardware address through SIOC[GS]IFHWADDR.
 // `c_char` is `i8` here: bytes are reinterpreted, never truncated.
-#[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)]
+#[allow(
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "c_char is i8: bytes are reinterpreted, never truncated"
+)]
 fn hwaddr(ifname: &str, set: Option<[u8; 6]>) -> io::Result<[u8; 6]> {
     // SAFETY: socket(2) with constant arguments; checked below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

@@ -3,7 +3,7 @@
 //! Only documentation addresses: VIP 192.0.2.1 (RFC 5737 TEST-NET-1), members
 //! 198.51.100.11-13 (TEST-NET-2), and 2001:db8::/32 (RFC 3849) for IPv6.
 
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -121,14 +121,23 @@ pub fn golden(stem: &str) -> String {
     })
 }
 
-/// True when the namespace tests can run; prints why not otherwise.
+/// True when the namespace tests can run; prints why not otherwise. Under CI (`CI=true`) a
+/// test that cannot do its work fails instead of skipping.
 pub fn can_run_netns(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED {test}: needs root (network namespaces and nf_tables)");
+        skip_or_fail(test, "needs root (network namespaces and nf_tables)");
         return false;
     }
     true
+}
+
+/// Prints a SKIPPED line, or panics under CI (`CI=true`), where no test may pass unrun.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some_and(|v| v == "true") {
+        panic!("{test}: {why}, and CI=true forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {why}");
 }
 
 /// A network namespace with interfaces `eth0` (client) and `eth1` (cluster), deleted on drop,

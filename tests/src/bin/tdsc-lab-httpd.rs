@@ -145,7 +145,11 @@ fn main() -> anyhow::Result<()> {
     let served = Arc::new(AtomicU64::new(0));
     let cgi = (args.cgi_slots > 0).then(|| {
         // A probability in [0, 1] scaled onto u64; the float-to-int cast saturates.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "the float-to-int cast saturates, which is what is wanted"
+        )]
         let long_threshold = (args.long_frac.clamp(0.0, 1.0) * 18_446_744_073_709_551_615.0) as u64;
         Arc::new(Cgi {
             slots: args.cgi_slots,

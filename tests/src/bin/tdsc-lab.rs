@@ -461,9 +461,16 @@ fn run_demo(cluster: &mut Cluster, requests: u64, stop: &Arc<AtomicBool>) -> any
     let total = tally.ok().max(1);
     for node in cluster.nodes() {
         let n = tally.by_node.get(&node.id).copied().unwrap_or(0);
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "request counts are far below 2^53"
+        )]
         let share = 100.0 * n as f64 / total as f64;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a share of 0..=100 % makes at most 40 bar characters"
+        )]
         let bar = "#".repeat((share / 2.5).round() as usize);
         println!(
             "  {:<8} {:>4} {:>8} {:>6.1}%  {bar}",
@@ -624,7 +631,10 @@ fn run_bench(
         opts.syns, opts.max_duration
     );
     let cpu = bench::syn_cpu(cluster, opts, stop)?;
-    #[allow(clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "request counts are far below 2^53"
+    )]
     let (rate, per_syn) = (
         cpu.sent as f64 / cpu.send_time.as_secs_f64().max(1e-9),
         cpu.cpu.as_secs_f64() * 1e6 / (cpu.dispatched.max(1) as f64),
