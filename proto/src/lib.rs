@@ -8,6 +8,9 @@
 //! * **Control messages** ([`control`]): prost messages in UDP datagrams — load reports and
 //!   heartbeats now, opaque Raft messages for the election.
 //!
+//! The cluster keyring ([`seal`]) seals datagrams with an AEAD, tags forwards, and gives
+//! receivers a replay window per sender. (The daemon does not use it on the wire yet.)
+//!
 //! Nothing here opens a socket; the daemon does the I/O.
 //!
 //! ```
@@ -30,5 +33,6 @@
 
 pub mod control;
 pub mod forward;
+pub mod seal;
 
 pub use forward::FORWARD_PROTO;

@@ -46,6 +46,16 @@ enum Command {
         #[command(subcommand)]
         action: NodeAction,
     },
+    /// Write a new cluster key file with one fresh random key (mode 0600; never overwrites).
+    /// Copy the same file to every node.
+    Keygen {
+        /// Where to write it.
+        #[arg(long, default_value = tdscd::cluster::keyfile::DEFAULT_KEY_FILE)]
+        out: PathBuf,
+        /// The key's id (0-255): give a new key an id the keyring does not use yet.
+        #[arg(long, default_value_t = 1)]
+        id: u8,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +234,10 @@ fn main() -> anyhow::Result<()> {
         Command::Node {
             action: NodeAction::Remove { id },
         } => change(&args.socket, &Request::NodeRemove { id })?,
+        Command::Keygen { out, id } => {
+            tdscd::cluster::keyfile::create(&out, id)?;
+            println!("wrote key {id} to {}", out.display());
+        }
     }
     Ok(())
 }

@@ -2,8 +2,10 @@
 //!
 //! The Raft task ([`raft`]) elects the master and replicates [`membership`], settings and the
 //! SYN-forward records; a new master adopts them at [`takeover`]. Liveness and load travel in
-//! [`report`]s. What the threads share without locks is the cluster [`view`].
+//! [`report`]s. What the threads share without locks is the cluster [`view`]. The cluster key
+//! ([`keyfile`]) is read and checked here.
 
+pub mod keyfile;
 pub mod membership;
 pub mod raft;
 pub mod report;
