@@ -114,6 +114,7 @@
 
 use tokio::sync::watch;
 
+pub mod inbound;
 pub mod log_file;
 pub mod raft_core;
 pub use raft_core::{

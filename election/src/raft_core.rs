@@ -146,6 +146,23 @@ pub enum StepError {
     StartupGuard,
     #[error("raft refused the message")]
     Refused,
+    /// A shape no correct peer sends, refused before raft-rs sees it ([`crate::inbound`]).
+    #[error("refused before stepping")]
+    Invalid(#[from] crate::inbound::Invalid),
+}
+
+impl StepError {
+    /// A stable name for counters.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StepError::Malformed => "malformed",
+            StepError::WrongSender { .. } => "wrong_sender",
+            StepError::NotForUs { .. } => "not_for_us",
+            StepError::StartupGuard => "startup_guard",
+            StepError::Refused => "refused",
+            StepError::Invalid(i) => i.as_str(),
+        }
+    }
 }
 
 /// Applied entries kept in the log after a compaction; a compaction runs once twice as many
@@ -736,7 +753,9 @@ impl RaftCore {
         }
     }
 
-    /// Steps one message received from node `from` (already authenticated by address).
+    /// Steps one message received from node `from` (already authenticated by address). It
+    /// must be a message a peer sends ([`crate::inbound::check`]); anything else is refused
+    /// before raft-rs sees it.
     pub fn step(&mut self, from: u64, bytes: &[u8], now_ms: u64) -> Result<(), StepError> {
         self.now_ms = self.now_ms.max(now_ms);
         let m = Message::parse_from_bytes(bytes).map_err(|_| StepError::Malformed)?;
@@ -749,6 +768,16 @@ impl RaftCore {
         if m.to != self.id() {
             return Err(StepError::NotForUs { to: m.to });
         }
+        let raft = &self.raw.raft;
+        crate::inbound::check(
+            &m,
+            &crate::inbound::Local {
+                id: raft.id,
+                term: raft.term,
+                last_index: raft.raft_log.last_index(),
+                leader: (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id),
+            },
+        )?;
         let is_vote = matches!(
             m.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote

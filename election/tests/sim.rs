@@ -865,3 +865,98 @@ fn first_format_state_files_are_still_read() {
     let err = Persisted::decode(b"TDSCRAFT9").unwrap_err().to_string();
     assert!(err.contains("magic"), "{err}");
 }
+
+/// What a peer's compromised or broken process (or, without the cluster key, anyone) could
+/// step into a core: each shape below crashed the Raft task, rewrote membership or forced an
+/// election before `tdsc_election::inbound` refused it. Every one is refused; the cluster
+/// keeps its master, its term and its voters.
+#[test]
+fn forged_raft_messages_are_refused_and_change_nothing() {
+    use protobuf::Message as _;
+    use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
+
+    let mut sim = Sim::new(3);
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let follower = if leader == 1 { 2 } else { 1 };
+    let other = 6 - leader - follower;
+    let term = sim.nodes[&leader].term();
+    let forge = |t: MessageType, from: u64, to: u64, term: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(t);
+        m.from = from;
+        m.to = to;
+        m.term = term;
+        m
+    };
+    let mut forged: Vec<(&str, u64, Message)> = Vec::new();
+    // An AddNode proposal for an attacker's node 99, sent to the leader with term 0.
+    let mut cc = ConfChange::default();
+    cc.set_change_type(ConfChangeType::AddNode);
+    cc.node_id = 99;
+    let mut e = Entry::default();
+    e.set_entry_type(EntryType::EntryConfChange);
+    e.data = cc.write_to_bytes().unwrap().into();
+    let mut propose = forge(MessageType::MsgPropose, follower, leader, 0);
+    propose.entries = vec![e].into();
+    forged.push(("conf change proposal", leader, propose));
+    forged.push((
+        "empty proposal",
+        leader,
+        forge(MessageType::MsgPropose, follower, leader, term),
+    ));
+    // A heartbeat committing far past the follower's log (raft-rs panics on it).
+    let mut hb = forge(MessageType::MsgHeartbeat, leader, follower, term);
+    hb.commit = 1 << 40;
+    forged.push(("impossible commit", follower, hb));
+    // MsgTimeoutNow from a node that does not lead: forces an election inside the lease.
+    forged.push((
+        "timeout now",
+        follower,
+        forge(MessageType::MsgTimeoutNow, other, follower, term),
+    ));
+    forged.push((
+        "local hup",
+        follower,
+        forge(MessageType::MsgHup, other, follower, term),
+    ));
+    // A snapshot that makes the follower's voters [follower, 99].
+    let mut snap = forge(MessageType::MsgSnapshot, leader, follower, 0);
+    {
+        let meta = snap.mut_snapshot().mut_metadata();
+        meta.index = 1 << 30;
+        meta.term = 0;
+        meta.mut_conf_state().voters = vec![follower, 99];
+    }
+    forged.push(("term-0 snapshot", follower, snap));
+    let mut resp = forge(MessageType::MsgAppendResponse, follower, leader, term);
+    resp.index = 1 << 40;
+    forged.push(("progress beyond the log", leader, resp));
+
+    let voters_before: Vec<Vec<u64>> = (1..=3).map(|id| sim.voters(id)).collect();
+    let mut got_in = Vec::new();
+    for (what, to, m) in forged {
+        let bytes = m.write_to_bytes().unwrap();
+        let (from, now) = (m.from, sim.now);
+        let node = sim.nodes.get_mut(&to).unwrap();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            node.step(from, &bytes, now)
+        })) {
+            Ok(Err(_)) => {}
+            Ok(Ok(())) => got_in.push(format!("{what}: stepped")),
+            Err(_) => {
+                // raft-rs panicked: in the daemon that is the Raft task gone.
+                got_in.push(format!("{what}: raft-rs panicked"));
+                continue;
+            }
+        }
+        sim.drain(to);
+        sim.run_ms(50);
+    }
+    assert!(got_in.is_empty(), "forged messages got in: {got_in:?}");
+    sim.run_ms(500);
+    assert_eq!(sim.masters(), vec![leader], "the master did not change");
+    assert_eq!(sim.nodes[&leader].term(), term, "no election happened");
+    let voters_after: Vec<Vec<u64>> = (1..=3).map(|id| sim.voters(id)).collect();
+    assert_eq!(voters_after, voters_before, "membership unchanged");
+}
