@@ -252,9 +252,11 @@ mod tests {
 
     fn snapshot(voters: Vec<u64>) -> Message {
         let mut m = msg(MessageType::MsgSnapshot);
-        let mut meta = SnapshotMetadata::default();
-        meta.index = 200;
-        meta.term = 5;
+        let mut meta = SnapshotMetadata {
+            index: 200,
+            term: 5,
+            ..SnapshotMetadata::default()
+        };
         meta.mut_conf_state().voters = voters;
         let mut snap = Snapshot::default();
         snap.set_metadata(meta);
