@@ -1,7 +1,7 @@
 //! The node configuration: one TOML file, the same on every node but for `node_id`.
 //!
 //! Parsing is two steps. serde reads the TOML shape (unknown keys are refused, so a typo is
-//! an error, not a silently ignored setting); then [`Config::validate`] checks meaning and
+//! an error, not a silently ignored setting); then `Config::validate` checks meaning and
 //! names the offending key in every error, e.g. `cluster.vip: "192.0.2.300" is not an IP
 //! address`.
 

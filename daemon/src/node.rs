@@ -16,7 +16,7 @@
 //! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
 //! the VIP without the rules that keep it from accepting SYNs.
 //!
-//! SIGTERM or SIGINT first stops the node *gracefully* ([`graceful_stop`]), so that no
+//! SIGTERM or SIGINT first stops the node *gracefully* (`graceful_stop`), so that no
 //! connection is lost:
 //! 1. it announces `draining` in its reports: the master gives it no new connections;
 //! 2. under Raft it resigns (lease revoked for good, member ruleset, master flag off) and
