@@ -3,7 +3,7 @@
 //! must not allocate: it runs once per new connection at up to ~200k SYN/s. A counting global
 //! allocator makes that checkable. (The nfq receive/verdict calls around it reuse the nfq
 //! crate's buffers as long as every message gets its verdict before the next `recv`, which
-//! `master::MasterPath::run` does.)
+//! `tdscd::datapath::queue::MasterPath::run` does.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

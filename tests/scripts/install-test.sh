@@ -85,7 +85,8 @@ for f in /usr/sbin/tdscd /usr/bin/tdscctl; do
 done
 for f in /etc/tdsc/tdsc.toml /usr/lib/systemd/system/tdscd.service \
   /usr/lib/systemd/system/tdsc-safe-rules.service /usr/share/doc/tcp-dsc/copyright \
-  /usr/share/doc/tcp-dsc/changelog.Debian.gz /usr/share/doc/tcp-dsc/README.md; do
+  /usr/share/doc/tcp-dsc/changelog.Debian.gz /usr/share/doc/tcp-dsc/README.md \
+  /usr/share/doc/tcp-dsc/operating.md; do
   check "$f installed, mode 644 root" test "$(mode "$f")" = "644 root"
 done
 check "/etc/tdsc/tdsc.toml is a conffile" \

@@ -10,12 +10,12 @@
 //!    and proposes them as one entry ([`encode_batch`]); at most one entry per tick.
 //! 3. Every node applies committed batches to its [`Replica`], a table of the same size and
 //!    window as the master's, stamped with the local apply time; node ids become view indices.
-//! 4. When leadership arrives, *before* the master ruleset goes in, `Takeover::adopt`
+//! 4. When leadership arrives, *before* the master ruleset goes in, [`Takeover::adopt`]
 //!    asks every alive member for the remote address and port of its SYN-RECV sockets on the
 //!    VIP (a [`SynRecvQuery`] on the report socket, answered by [`answer_queries`]), waits
 //!    for all answers or `scheduler.syn_recv_wait_ms`, adds its own SYN-RECV sockets, and
-//!    returns the replica's live records plus one any-ISN record per SYN-RECV socket
-//!    ([`build_adoption`]). The node hands them to the master thread as a command that is
+//!    builds the replica's live records plus one any-ISN record per SYN-RECV socket
+//!    ([`build_adoption`]). It hands them to the master thread as a command that is
 //!    processed before the first queued SYN; only then does the master ruleset go in.
 //!
 //! # What is guaranteed, and in which window

@@ -5,8 +5,9 @@
 //! last ran on another CPU than the one processing the packet's softirq, the kernel must send
 //! an inter-processor interrupt, and on a virtual machine that may mean kicking a halted vCPU
 //! out of the hypervisor; `tdsc-lab bench-connect` measures both placements side by side (see
-//! README, *Measurements*). Pinning the threads to the CPU that takes the client NIC's receive
-//! interrupts turns the wake-up into a context switch on the same CPU.
+//! `docs/benchmarks.md`, *Connect latency and CPU per SYN*). Pinning the threads to the CPU
+//! that takes the client NIC's receive interrupts turns the wake-up into a context switch on
+//! the same CPU.
 
 use std::io;
 

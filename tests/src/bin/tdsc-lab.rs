@@ -46,7 +46,7 @@ enum Cmd {
         /// Total number of requests (split evenly between the clients).
         #[arg(long, default_value_t = 600)]
         requests: u64,
-        /// Scheduling policy (see README "Policies"), e.g. round-robin or least-connections.
+        /// Scheduling policy (see docs/operating.md, "Policies"), e.g. round-robin or least-connections.
         #[arg(long, default_value = "round-robin")]
         policy: String,
         /// Master election: raft (the product's default; the demo then also kills the
