@@ -7,10 +7,9 @@ use anyhow::Context;
 use tdsc_lab::cluster::default_topology_path;
 use tdsc_lab::topology::{Kind, Role, Topology, DAEMON_CONFIG_PATH};
 
-/// containerlab's schema, vendored in the shared directory beside the repository.
+/// containerlab's schema, vendored in `tests/data/containerlab/` with its licence (BSD-3).
 fn schema_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/third_party/containerlab/clab.schema.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/containerlab/clab.schema.json")
 }
 
 #[test]
@@ -19,7 +18,7 @@ fn topology_validates_against_the_containerlab_schema() -> anyhow::Result<()> {
     // Fail, never skip: a missing schema means the check did not happen.
     let schema_text = std::fs::read_to_string(&schema_file).with_context(|| {
         format!(
-            "containerlab schema missing at {} (shared/ must sit beside the repository)",
+            "containerlab schema missing at {}",
             schema_file.display()
         )
     })?;
