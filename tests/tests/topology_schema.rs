@@ -16,12 +16,8 @@ fn schema_path() -> PathBuf {
 fn topology_validates_against_the_containerlab_schema() -> anyhow::Result<()> {
     let schema_file = schema_path();
     // Fail, never skip: a missing schema means the check did not happen.
-    let schema_text = std::fs::read_to_string(&schema_file).with_context(|| {
-        format!(
-            "containerlab schema missing at {}",
-            schema_file.display()
-        )
-    })?;
+    let schema_text = std::fs::read_to_string(&schema_file)
+        .with_context(|| format!("containerlab schema missing at {}", schema_file.display()))?;
     let schema: serde_json::Value = serde_json::from_str(&schema_text)?;
     let validator = jsonschema::draft7::new(&schema)
         .map_err(|e| anyhow::anyhow!("schema does not compile: {e}"))?;
