@@ -1,21 +1,58 @@
-//! The master's per-SYN work — classify, dispatch (records + policy + the hand-off of each
-//! new record to the Raft task), encode the forward —
+//! The master's per-SYN work — `SynPath::on_syn`: lease check, classify, dispatch (records +
+//! policy + the hand-off of each new record to the Raft task), counters, encode the forward —
 //! must not allocate: it runs once per new connection at up to ~200k SYN/s. A counting global
-//! allocator makes that checkable. (The nfq receive/verdict calls around it reuse the nfq
-//! crate's buffers as long as every message gets its verdict before the next `recv`, which
-//! `tdscd::datapath::queue::MasterPath::run` does.)
+//! allocator makes that checkable, for every policy. (The nfq receive/verdict calls around it
+//! reuse the nfq crate's buffers as long as every message gets its verdict before the next
+//! `recv`, which `queue::MasterPath::run` does; the send reuses a destination prepared once.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use tdsc_proto::forward::{ForwardHeader, MAX_HEADER_LEN};
-use tdscd::cluster::view::{ClusterView, MemberSlot};
+use std::sync::Arc;
+
+use tdsc_proto::forward::MAX_HEADER_LEN;
+use tdscd::cluster::view::{ClusterView, Counters, MemberSlot};
 use tdscd::config::{Node, PolicyName};
-use tdscd::datapath::classify::classify;
-use tdscd::datapath::dispatch::{Decision, Dispatcher};
+use tdscd::datapath::dispatch::Dispatcher;
 use tdscd::datapath::policy::build;
+use tdscd::datapath::queue::RoleCell;
 use tdscd::datapath::records::SynRecords;
+use tdscd::datapath::syn_path::{SynPath, Verdict};
+
+/// The enum's variant count, by an exhaustive match (no wildcard): a new policy does not
+/// compile until it gets an ordinal here, and then the check below fails the build
+/// until `PolicyName::ALL`, which the test drives, lists it.
+const fn ordinal(p: PolicyName) -> usize {
+    match p {
+        PolicyName::RoundRobin => 0,
+        PolicyName::LeastConnections => 1,
+        PolicyName::StaticHash => 2,
+        PolicyName::WeightedRoundRobin => 3,
+        PolicyName::LeastLoad => 4,
+        PolicyName::PowerOfTwo => 5,
+        PolicyName::IsnHash => 6,
+    }
+}
+const VARIANTS: usize = 7;
+
+/// Checked at compile time: `PolicyName::ALL` names every variant of the enum.
+const _: () = {
+    let mut seen = [false; VARIANTS];
+    let mut i = 0;
+    while i < PolicyName::ALL.len() {
+        seen[ordinal(PolicyName::ALL[i].1)] = true;
+        i += 1;
+    }
+    let mut v = 0;
+    while v < VARIANTS {
+        assert!(
+            seen[v],
+            "a PolicyName variant is missing from PolicyName::ALL"
+        );
+        v += 1;
+    }
+};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -80,10 +117,14 @@ fn per_syn_path_does_not_allocate() {
             address: format!("198.51.100.1{id}").parse().unwrap(),
         })
         .collect();
-    let view = ClusterView::new(&nodes, 1);
+    let view = Arc::new(ClusterView::new(&nodes, 1));
     for s in view.nodes.iter() {
         s.alive.store(true, Relaxed);
     }
+    let role = Arc::new(RoleCell::default());
+    role.master.store(true, Relaxed);
+    role.term.store(1, Relaxed);
+    role.lease_until_ms.store(u64::MAX, Relaxed);
     let vip = "192.0.2.1".parse().unwrap();
     let packets: Vec<Vec<u8>> = (0..10_000u32)
         .map(|i| syn(1024 + (i % 60000) as u16, i))
@@ -100,18 +141,22 @@ fn per_syn_path_does_not_allocate() {
             .collect()
     };
     let (three, two, five) = (members(3), members(2), members(5));
-    for policy in [
-        PolicyName::RoundRobin,
-        PolicyName::LeastConnections,
-        PolicyName::StaticHash,
-        PolicyName::WeightedRoundRobin,
-        PolicyName::PowerOfTwo,
-    ] {
+    for (_, policy) in PolicyName::ALL {
         // Smaller than the number of SYNs: both the hand-off and its overflow path run.
         let (tx, rx) = std::sync::mpsc::sync_channel(tdscd::cluster::takeover::HANDOFF_CAPACITY);
-        let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len())
+        let d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len())
             .with_handoff(tx);
-        let mut forwarded = 0u32;
+        let counters = Arc::new(Counters::default());
+        let mut path = SynPath::new(
+            vip,
+            vec![80],
+            1,
+            view.clone(),
+            counters.clone(),
+            role.clone(),
+            d,
+        );
+        let (mut forwarded, mut accepted) = (0u32, 0u32);
         view.set_members(&three).unwrap();
         ALLOCS.store(0, Relaxed);
         set_counting(true);
@@ -128,16 +173,10 @@ fn per_syn_path_does_not_allocate() {
                     s.alive.store(true, Relaxed);
                 }
             }
-            let s = classify(p, vip, &[80]).expect("a SYN");
-            let out = d.decide(&s, &view, i as u64);
-            if let Decision::Forward { .. } = out.decision {
-                let h = ForwardHeader {
-                    term: 1,
-                    origin: 1,
-                    client: s.client,
-                    vip: s.vip,
-                };
-                forwarded += u32::from(h.encode_packet(s.segment, &mut buf).is_ok());
+            match path.on_syn(p, i as u64, &mut buf) {
+                Verdict::Forward { len, .. } => forwarded += u32::from(len > 0),
+                Verdict::Accept => accepted += 1,
+                Verdict::Drop(why) => panic!("{policy:?}: SYN {i} dropped: {why:?}"),
             }
         }
         set_counting(false);
@@ -145,6 +184,7 @@ fn per_syn_path_does_not_allocate() {
             forwarded > 0,
             "{policy:?} forwarded nothing: the test would prove nothing"
         );
+        assert!(accepted > 0, "{policy:?} accepted nothing");
         assert_eq!(
             ALLOCS.load(Relaxed),
             0,
@@ -156,8 +196,10 @@ fn per_syn_path_does_not_allocate() {
             tdscd::cluster::takeover::HANDOFF_CAPACITY,
             "{policy:?}"
         );
+        let c = counters.snapshot();
+        assert_eq!(c.syns_dispatched, 10_000, "{policy:?}");
         assert!(
-            d.take_handoff_drops() > 0,
+            c.records_handoff_overflow > 0,
             "{policy:?}: overflow path not run"
         );
     }

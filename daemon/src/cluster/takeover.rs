@@ -13,10 +13,12 @@
 //! 4. When leadership arrives, *before* the master ruleset goes in, [`Takeover::adopt`]
 //!    asks every alive member for the remote address and port of its SYN-RECV sockets on the
 //!    VIP (a [`SynRecvQuery`] on the report socket, answered by [`answer_queries`]), waits
-//!    for all answers or `scheduler.syn_recv_wait_ms`, adds its own SYN-RECV sockets, and
-//!    builds the replica's live records plus one any-ISN record per SYN-RECV socket
-//!    ([`build_adoption`]). It hands them to the master thread as a command that is
-//!    processed before the first queued SYN; only then does the master ruleset go in.
+//!    for all answers (but the previous master's) or `scheduler.syn_recv_wait_ms`, adds its
+//!    own SYN-RECV sockets, and builds the replica's live records plus one any-ISN record per
+//!    SYN-RECV socket ([`build_adoption`]). Whom to ask, whom to wait for and when to stop is
+//!    the pure [`Gathering`]; `Takeover` only sends, receives and keeps time. The node hands
+//!    the records to the master thread as a command that is processed before the first
+//!    queued SYN; only then does the master ruleset go in.
 //!
 //! # What is guaranteed, and in which window
 //!
@@ -181,6 +183,179 @@ pub fn build_adoption(
     out
 }
 
+/// One slot of the cluster view, as a [`Gathering`] sees it: a snapshot, so the rule is a
+/// plain value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The slot's index in the view: SYN-RECV records name the holder by it.
+    pub index: usize,
+    pub id: u32,
+    pub address: IpAddr,
+    pub present: bool,
+    pub alive: bool,
+}
+
+impl Peer {
+    /// The view's slots in use, now.
+    pub fn snapshot(view: &ClusterView) -> Vec<Peer> {
+        view.slots()
+            .iter()
+            .enumerate()
+            .map(|(index, n)| Peer {
+                index,
+                id: n.id(),
+                address: n.address(),
+                present: n.is_present(),
+                alive: n.alive.load(Relaxed),
+            })
+            .collect()
+    }
+}
+
+/// A member to send the [`SynRecvQuery`] to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub index: usize,
+    pub id: u32,
+    pub address: IpAddr,
+}
+
+/// What a gathering collected: the members' SYN-RECV sockets as
+/// `(view index, client address, client port)`, and the figures for [`TakeoverReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gathered {
+    pub entries: Vec<(u16, IpAddr, u16)>,
+    pub asked: u32,
+    pub answered: u32,
+    /// Some member had more SYN-RECV sockets than one answer carries.
+    pub truncated: bool,
+}
+
+/// A new master's gathering rule, sans-IO: whom to ask, whom to wait for, when to stop.
+///
+/// * **Asked:** every present, alive member but this node ([`Gathering::targets`]). An absent
+///   slot or a member not heard from within `health.dead_after_ms` is not asked: it could not
+///   answer in time anyway.
+/// * **Not waited for:** the previous master (the last other node seen leading). After a
+///   crash or a partition it cannot answer, and waiting for it would make every such
+///   takeover pay the whole `syn_recv_wait_ms`. It is still asked, and its answer counts if
+///   it arrives before [`Gathering::finish`]. (After a graceful stop it answers at once, and
+///   it stopped dispatching before it handed leadership over, so its records had time to
+///   commit.)
+/// * **Done:** every awaited member has answered, or the deadline (`now + wait`) has passed.
+///   Answers with another nonce, from a member not asked, or a second answer from the same
+///   member are ignored.
+///
+/// The caller sends the queries, feeds answers ([`Gathering::on_answer`]) and the time
+/// ([`Gathering::on_tick`]) until [`Gathering::done`], takes the answers already received,
+/// then calls [`Gathering::finish`].
+#[derive(Debug)]
+pub struct Gathering {
+    nonce: u64,
+    targets: Vec<Target>,
+    /// Parallel to `targets`.
+    answered: Vec<bool>,
+    /// The previous master's id, if it is among the targets.
+    not_awaited: Option<u32>,
+    deadline_ms: u64,
+    expired: bool,
+    gathered: Gathered,
+}
+
+impl Gathering {
+    /// `peers` is a snapshot of the view ([`Peer::snapshot`]); `now_ms` and `wait_ms` are on
+    /// the caller's clock, the one it later passes to [`Gathering::on_tick`].
+    pub fn new(
+        peers: &[Peer],
+        self_id: u32,
+        previous_master: Option<u32>,
+        nonce: u64,
+        now_ms: u64,
+        wait_ms: u64,
+    ) -> Self {
+        let targets: Vec<Target> = peers
+            .iter()
+            .filter(|p| p.id != self_id && p.present && p.alive)
+            .map(|p| Target {
+                index: p.index,
+                id: p.id,
+                address: p.address,
+            })
+            .collect();
+        Gathering {
+            nonce,
+            answered: vec![false; targets.len()],
+            not_awaited: previous_master.filter(|id| targets.iter().any(|t| t.id == *id)),
+            deadline_ms: now_ms.saturating_add(wait_ms),
+            expired: false,
+            gathered: Gathered {
+                asked: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+                ..Gathered::default()
+            },
+            targets,
+        }
+    }
+
+    /// The nonce the query carries and answers must repeat.
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    /// The members to ask.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// When waiting stops, on the caller's clock.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
+
+    /// Takes an answer from member `from`; returns whether it counted.
+    pub fn on_answer(&mut self, from: u32, answer: &SynRecvAnswer) -> bool {
+        if answer.nonce != self.nonce {
+            return false;
+        }
+        let Some(t) = self.targets.iter().position(|t| t.id == from) else {
+            return false;
+        };
+        if self.answered[t] {
+            return false;
+        }
+        self.answered[t] = true;
+        self.gathered.answered += 1;
+        self.gathered.truncated |= answer.truncated;
+        push_peers(
+            &mut self.gathered.entries,
+            self.targets[t].index,
+            &answer.sockets,
+        );
+        true
+    }
+
+    /// The time is now `now_ms`.
+    pub fn on_tick(&mut self, now_ms: u64) {
+        if now_ms >= self.deadline_ms {
+            self.expired = true;
+        }
+    }
+
+    /// Stop waiting: every awaited member answered, or the deadline passed.
+    pub fn done(&self) -> bool {
+        self.expired
+            || self
+                .targets
+                .iter()
+                .zip(&self.answered)
+                .all(|(t, answered)| *answered || Some(t.id) == self.not_awaited)
+    }
+
+    /// What the answers carried.
+    pub fn finish(self) -> Gathered {
+        self.gathered
+    }
+}
+
 /// The pieces a new master needs to take over. Owned by the role loop.
 #[derive(Debug)]
 pub struct Takeover {
@@ -241,17 +416,19 @@ impl Takeover {
     /// Gathers the replica and the cluster's SYN-RECV sockets and hands them to the master
     /// thread (processed before its next SYN). Call before the master ruleset goes in.
     ///
-    /// `previous_master` (the last other node seen leading) is asked too, but not waited for:
-    /// after a crash or a partition it cannot answer, and waiting for it would make every such
-    /// takeover pay the whole `syn_recv_wait_ms`. Its answer counts if it arrives while the
-    /// others are still answering. (After a graceful stop it answers at once, and it stopped
-    /// dispatching before it handed leadership over, so its records had time to commit.)
+    /// `previous_master` (the last other node seen leading) is asked too, but not waited for;
+    /// see [`Gathering`] for the whole rule.
     pub async fn adopt(&mut self, term: u64, previous_master: Option<u32>) {
         let started = std::time::Instant::now();
-        let (syn_recv, asked, answered, truncated) = if self.reconcile {
+        let Gathered {
+            entries: syn_recv,
+            asked,
+            answered,
+            truncated,
+        } = if self.reconcile {
             self.ask_members(term, previous_master).await
         } else {
-            (Vec::new(), 0, 0, false)
+            Gathered::default()
         };
         let now = self.role.now_ms();
         let replica = match self.replica.lock() {
@@ -279,70 +456,62 @@ impl Takeover {
         }
     }
 
-    /// Asks every alive member, waits for all answers (but `optional`'s) or `wait`, adds this
-    /// node's own SYN-RECV sockets. Returns (entries, asked, answered, truncated).
-    async fn ask_members(
-        &mut self,
-        term: u64,
-        optional: Option<u32>,
-    ) -> (Vec<(u16, IpAddr, u16)>, u32, u32, bool) {
+    /// Runs a [`Gathering`]: sends its queries, feeds it answers and the time until it is
+    /// done, then adds this node's own SYN-RECV sockets.
+    async fn ask_members(&mut self, term: u64, previous_master: Option<u32>) -> Gathered {
         self.nonce = self.nonce.wrapping_add(1);
-        let nonce = self.nonce;
         // Answers to an earlier query are stale.
         while self.answers.try_recv().is_ok() {}
+        let wait_ms = u64::try_from(self.wait.as_millis()).unwrap_or(u64::MAX);
+        let mut gathering = Gathering::new(
+            &Peer::snapshot(&self.view),
+            self.node_id,
+            previous_master,
+            self.nonce,
+            0,
+            wait_ms,
+        );
         let query = Envelope {
             from: self.node_id,
             term,
-            body: Some(Body::SynRecvQuery(SynRecvQuery { nonce })),
+            body: Some(Body::SynRecvQuery(SynRecvQuery {
+                nonce: gathering.nonce(),
+            })),
         }
         .to_bytes();
-        let mut pending: Vec<usize> = Vec::new();
-        for (i, n) in self.view.slots().iter().enumerate() {
-            if i != self.view.self_index && n.is_present() && n.alive.load(Relaxed) {
-                let _ = self
-                    .sock
-                    .send_to(&query, SocketAddr::new(n.address(), self.port))
-                    .await;
-                pending.push(i);
+        for t in gathering.targets() {
+            let _ = self
+                .sock
+                .send_to(&query, SocketAddr::new(t.address, self.port))
+                .await;
+        }
+        // The gathering's clock starts once the queries are out: time 0 is now.
+        let clock = tokio::time::Instant::now();
+        let elapsed_ms = || u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        while !gathering.done() {
+            let deadline = clock + Duration::from_millis(gathering.deadline_ms());
+            match tokio::time::timeout_at(deadline, self.answers.recv()).await {
+                Ok(Some((from, answer))) => {
+                    gathering.on_answer(from, &answer);
+                }
+                // The report loop has stopped: nothing more will come.
+                Ok(None) => break,
+                Err(_) => gathering.on_tick(elapsed_ms()),
             }
         }
-        let asked = u32::try_from(pending.len()).unwrap_or(u32::MAX);
-        let optional = optional.and_then(|id| self.view.index_of_id(id));
-        let mut entries = Vec::new();
-        let mut truncated = false;
-        let deadline = tokio::time::Instant::now() + self.wait;
-        let mut take = |from: u32, answer: SynRecvAnswer, pending: &mut Vec<usize>| {
-            let Some(i) = self.view.index_of_id(from) else {
-                return;
-            };
-            if answer.nonce != nonce || !pending.contains(&i) {
-                return;
-            }
-            pending.retain(|p| *p != i);
-            truncated |= answer.truncated;
-            push_peers(&mut entries, i, &answer.sockets);
-        };
-        while pending.iter().any(|p| Some(*p) != optional) {
-            let Ok(Some((from, answer))) =
-                tokio::time::timeout_at(deadline, self.answers.recv()).await
-            else {
-                break;
-            };
-            take(from, answer, &mut pending);
-        }
-        // The optional member's answer, if it is here already.
+        // Answers already here count, the previous master's among them.
         while let Ok((from, answer)) = self.answers.try_recv() {
-            take(from, answer, &mut pending);
+            gathering.on_answer(from, &answer);
         }
-        let answered = asked - u32::try_from(pending.len()).unwrap_or(0);
+        let mut gathered = gathering.finish();
         match own_syn_recv(&self.vip) {
             Ok((own, t)) => {
-                truncated |= t;
-                push_peers(&mut entries, self.view.self_index, &own.sockets);
+                gathered.truncated |= t;
+                push_peers(&mut gathered.entries, self.view.self_index, &own.sockets);
             }
             Err(e) => tracing::warn!(error = %e, "cannot list own SYN-RECV sockets"),
         }
-        (entries, asked, answered, truncated)
+        gathered
     }
 }
 
@@ -412,6 +581,151 @@ mod tests {
     fn view() -> ClusterView {
         let nodes = crate::config::test_nodes(3);
         ClusterView::new(&nodes, 1)
+    }
+
+    fn peers(n: u32) -> Vec<Peer> {
+        (1..=n)
+            .map(|id| Peer {
+                index: usize::try_from(id - 1).unwrap(),
+                id,
+                address: IpAddr::from([198, 51, 100, 10 + u8::try_from(id).unwrap()]),
+                present: true,
+                alive: true,
+            })
+            .collect()
+    }
+
+    /// An answer carrying one SYN-RECV socket whose client port is `port`.
+    fn answer(nonce: u64, port: u32) -> SynRecvAnswer {
+        SynRecvAnswer {
+            nonce,
+            sockets: vec![PeerAddr {
+                addr: vec![192, 0, 2, 101],
+                port,
+            }],
+            truncated: false,
+        }
+    }
+
+    fn ports(g: &Gathered) -> Vec<(u16, u16)> {
+        g.entries.iter().map(|(i, _, p)| (*i, *p)).collect()
+    }
+
+    const NONCE: u64 = 42;
+    const WAIT: u64 = 50;
+
+    /// The previous master crashed: it is asked, never answers, and is not waited for.
+    #[test]
+    fn crash_previous_master_is_not_waited_for() {
+        let mut g = Gathering::new(&peers(3), 1, Some(2), NONCE, 1000, WAIT);
+        let asked: Vec<u32> = g.targets().iter().map(|t| t.id).collect();
+        assert_eq!(asked, vec![2, 3], "the previous master is asked too");
+        assert!(!g.done());
+        assert!(g.on_answer(3, &answer(NONCE, 7)));
+        assert!(g.done(), "done at once, long before the deadline");
+        let got = g.finish();
+        assert_eq!((got.asked, got.answered), (2, 1));
+        assert_eq!(ports(&got), vec![(2, 7)]);
+    }
+
+    /// An alive member cut off: the gathering stops at the deadline with what it has.
+    #[test]
+    fn partition_stops_at_the_deadline_with_what_it_has() {
+        let mut g = Gathering::new(&peers(3), 1, None, NONCE, 1000, WAIT);
+        assert_eq!(g.deadline_ms(), 1050);
+        assert!(g.on_answer(2, &answer(NONCE, 7)));
+        assert!(!g.done(), "node 3 is still awaited");
+        g.on_tick(1049);
+        assert!(!g.done());
+        g.on_tick(1050);
+        assert!(g.done());
+        let got = g.finish();
+        assert_eq!((got.asked, got.answered), (2, 1));
+        assert_eq!(ports(&got), vec![(1, 7)]);
+    }
+
+    /// A graceful hand-over: the previous master answers and its answer is used, and once
+    /// everyone has answered the gathering is done before the deadline.
+    #[test]
+    fn graceful_previous_master_answer_is_used_and_all_answers_end_early() {
+        let mut g = Gathering::new(&peers(3), 1, Some(2), NONCE, 0, WAIT);
+        assert!(g.on_answer(2, &answer(NONCE, 7)));
+        assert!(!g.done(), "node 3 is awaited");
+        assert!(g.on_answer(3, &answer(NONCE, 8)));
+        assert!(g.done());
+        let got = g.finish();
+        assert_eq!((got.asked, got.answered), (2, 2));
+        assert_eq!(ports(&got), vec![(1, 7), (2, 8)]);
+
+        // Its answer also counts when it comes after the others, before `finish`.
+        let mut g = Gathering::new(&peers(3), 1, Some(2), NONCE, 0, WAIT);
+        assert!(g.on_answer(3, &answer(NONCE, 8)));
+        assert!(g.done());
+        assert!(g.on_answer(2, &answer(NONCE, 7)));
+        assert_eq!(ports(&g.finish()), vec![(2, 8), (1, 7)]);
+
+        // With no previous master to spare, everyone is awaited.
+        let mut g = Gathering::new(&peers(3), 1, None, NONCE, 0, WAIT);
+        g.on_answer(3, &answer(NONCE, 8));
+        assert!(!g.done());
+    }
+
+    #[test]
+    fn duplicate_stale_and_unsolicited_answers_are_ignored() {
+        let mut p = peers(4);
+        p[3].alive = false;
+        let mut g = Gathering::new(&p, 1, None, NONCE, 0, WAIT);
+        assert!(!g.on_answer(2, &answer(NONCE - 1, 1)), "an earlier query's");
+        assert!(!g.on_answer(9, &answer(NONCE, 2)), "an unknown node");
+        assert!(!g.on_answer(1, &answer(NONCE, 3)), "this node");
+        assert!(!g.on_answer(4, &answer(NONCE, 4)), "a member not asked");
+        assert!(g.on_answer(2, &answer(NONCE, 5)));
+        let mut twice = answer(NONCE, 6);
+        twice.truncated = true;
+        assert!(!g.on_answer(2, &twice), "a second answer");
+        assert!(
+            !g.done(),
+            "node 2 answering twice does not stand in for node 3"
+        );
+        let got = g.finish();
+        assert_eq!((got.asked, got.answered), (2, 1));
+        assert_eq!(ports(&got), vec![(1, 5)]);
+        assert!(!got.truncated);
+    }
+
+    #[test]
+    fn absent_slots_dead_members_and_self_are_not_asked() {
+        let v = ClusterView::new(&crate::config::test_nodes(4), 2);
+        for s in v.slots() {
+            s.alive.store(true, Relaxed);
+        }
+        v.nodes[3].alive.store(false, Relaxed);
+        let m = |id: u32| crate::cluster::view::MemberSlot {
+            id,
+            address: v.nodes[usize::try_from(id - 1).unwrap()].address(),
+            weight: 1,
+            voter: true,
+        };
+        // Node 3 leaves: its slot stays, absent.
+        v.set_members(&[m(1), m(2), m(4)]).unwrap();
+        let snap = Peer::snapshot(&v);
+        assert_eq!(snap.len(), 4);
+        assert!(!snap[2].present);
+        let g = Gathering::new(&snap, 2, Some(3), NONCE, 0, WAIT);
+        assert_eq!(
+            g.targets(),
+            &[Target {
+                index: 0,
+                id: 1,
+                address: v.nodes[0].address()
+            }]
+        );
+        assert!(!g.done());
+        // Nobody to ask: done at once.
+        let alone = Gathering::new(&snap[1..2], 2, None, NONCE, 0, WAIT);
+        assert!(alone.targets().is_empty());
+        assert!(alone.done());
+        assert_eq!(alone.finish(), Gathered::default());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The packet path, in the order a new connection's SYN sees it.
 //!
-//! On the master: the queue thread ([`queue`]) takes the SYN off NFQUEUE, [`classify`] reads
-//! it, the [`dispatch`] decision consults the SYN-forward [`records`] and then the [`policy`],
-//! and a forward leaves through a [`rawsock`]. On the chosen member: the receive thread
-//! ([`receive`]) checks the forward and re-injects the SYN, built by [`inject`], into the local
-//! TCP stack. [`affinity`] pins both threads when configured. [`nfqueue`] is the queue protocol as
-//! bytes (batched verdicts), not yet used by the queue thread.
+//! On the master: the queue thread ([`queue`]) takes the SYN off NFQUEUE and hands it to the
+//! sans-IO [`syn_path`] core, which checks the lease, lets [`classify`] read it, asks the
+//! [`dispatch`] decision (the SYN-forward [`records`], then the [`policy`]) and encodes the
+//! forward; the queue thread sends a forward through a [`rawsock`]. On the chosen member: the
+//! receive thread ([`receive`]) checks the forward and re-injects the SYN, built by [`inject`],
+//! into the local TCP stack. [`affinity`] pins both threads when configured. [`nfqueue`] is
+//! the queue protocol as bytes (batched verdicts), not yet used by the queue thread.
 
 pub mod affinity;
 pub mod classify;
@@ -17,3 +18,4 @@ pub mod queue;
 pub mod rawsock;
 pub mod receive;
 pub mod records;
+pub mod syn_path;

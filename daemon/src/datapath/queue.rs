@@ -1,5 +1,7 @@
-//! The master path: a dedicated thread takes SYNs off the NFQUEUE, asks the dispatcher, and
-//! either accepts the SYN locally or forwards it as protocol 253 and drops the original.
+//! The master path: a dedicated thread takes SYNs off the NFQUEUE, asks the SYN-path core
+//! ([`crate::datapath::syn_path`]: lease, classifier, dispatcher, encoding), and carries out
+//! its verdict: accept the SYN locally, drop it, or send the forward as protocol 253 and drop
+//! the original.
 //!
 //! The hot path (one loop iteration) does not allocate and takes no lock: the packet buffer
 //! belongs to the nfq crate and is reused while every message is given its verdict before the
@@ -8,19 +10,19 @@
 //! `try_recv`.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
 use nfq::{Queue, Verdict};
-use tdsc_proto::forward::{ForwardHeader, MAX_HEADER_LEN};
+use tdsc_proto::forward::MAX_HEADER_LEN;
 
 use crate::cluster::view::{add, ClusterView, Counters};
-use crate::datapath::classify::classify;
-use crate::datapath::dispatch::{Decision, Dispatcher};
+use crate::datapath::dispatch::Dispatcher;
 use crate::datapath::policy::Policy;
 use crate::datapath::rawsock::{Dest, RawSocket};
+use crate::datapath::syn_path::{SynPath, Verdict as SynVerdict};
 
 /// Whether this node dispatches right now, and under which term. Written by the role task
 /// and the election, read per packet by the master thread.
@@ -84,14 +86,11 @@ pub enum MasterError {
 pub struct MasterPath {
     queue: Queue,
     queue_num: u16,
-    vip: IpAddr,
-    ports: Vec<u16>,
-    self_id: u32,
-    view: Arc<ClusterView>,
+    /// The per-SYN decision and encoding; everything here around it is I/O.
+    core: SynPath,
     counters: Arc<Counters>,
     role: Arc<RoleCell>,
     commands: Receiver<MasterCommand>,
-    dispatcher: Dispatcher,
     dests: Vec<Option<Dest>>,
     socket_v4: Option<RawSocket>,
     socket_v6: Option<RawSocket>,
@@ -148,17 +147,22 @@ impl MasterPath {
         } else {
             None
         };
-        Ok(MasterPath {
-            queue,
-            queue_num,
+        let core = SynPath::new(
             vip,
             ports,
             self_id,
             view,
+            counters.clone(),
+            role.clone(),
+            dispatcher,
+        );
+        Ok(MasterPath {
+            queue,
+            queue_num,
+            core,
             counters,
             role,
             commands,
-            dispatcher,
             dests,
             socket_v4,
             socket_v6,
@@ -169,7 +173,6 @@ impl MasterPath {
     /// Runs for the life of the process. While this node is a member nothing is queued and the
     /// thread sleeps in `recv`.
     pub fn run(mut self) {
-        let epoch = self.role.epoch;
         tracing::info!(queue = self.queue_num, "master path ready");
         loop {
             let mut msg = match self.queue.recv() {
@@ -183,15 +186,15 @@ impl MasterPath {
                 match cmd {
                     MasterCommand::SetPolicy(p) => {
                         tracing::info!(policy = p.name().as_str(), "policy switched");
-                        self.dispatcher.set_policy(p);
+                        self.core.set_policy(p);
                     }
                     MasterCommand::Adopt(entries) => {
-                        self.dispatcher.adopt(&entries);
+                        self.core.adopt(&entries);
                         tracing::info!(records = entries.len(), "records adopted");
                     }
                 }
             }
-            let verdict = self.handle(msg.get_payload(), epoch);
+            let verdict = self.handle(msg.get_payload());
             msg.set_verdict(verdict);
             if let Err(e) = self.queue.verdict(msg) {
                 tracing::warn!(error = %e, "nfqueue verdict failed");
@@ -199,68 +202,23 @@ impl MasterPath {
         }
     }
 
-    fn handle(&mut self, pkt: &[u8], epoch: Instant) -> Verdict {
-        // Milliseconds since start fit in u64 for 584 million years.
-        let now_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if !self.role.master.load(Relaxed) || now_ms >= self.role.lease_until_ms.load(Relaxed) {
-            // Queued in the instant before the ruleset turned member, or the election lease
-            // has lapsed: another node may be dispatching already.
-            add(&self.counters.dropped_not_master);
-            return Verdict::Drop;
-        }
-        let syn = match classify(pkt, self.vip, &self.ports) {
-            Ok(s) => s,
-            Err(_) => {
-                add(&self.counters.queue_rejected);
-                return Verdict::Drop;
-            }
-        };
-        let out = self.dispatcher.decide(&syn, &self.view, now_ms);
-        add(&self.counters.syns_dispatched);
-        if out.retransmit {
-            add(&self.counters.retransmit_hits);
-        }
-        let dropped = self.dispatcher.take_handoff_drops();
-        if dropped > 0 {
-            self.counters
-                .records_handoff_overflow
-                .fetch_add(dropped, Relaxed);
-        }
-        let evicted = self.dispatcher.take_evictions();
-        if evicted > 0 {
-            self.counters
-                .records_evicted_live
-                .fetch_add(evicted, Relaxed);
-        }
-        match out.decision {
-            Decision::Local => {
-                add(&self.counters.accepted_locally);
-                Verdict::Accept
-            }
-            Decision::NoNode => {
-                add(&self.counters.dropped_no_node);
-                Verdict::Drop
-            }
-            Decision::Forward { index } => {
-                let header = ForwardHeader {
-                    term: self.role.term.load(Relaxed),
-                    origin: self.self_id,
-                    client: syn.client,
-                    vip: syn.vip,
+    /// Carries out the core's verdict for one queued packet.
+    fn handle(&mut self, pkt: &[u8]) -> Verdict {
+        match self.core.on_syn(pkt, self.role.now_ms(), &mut self.buf) {
+            SynVerdict::Accept => Verdict::Accept,
+            SynVerdict::Drop(_) => Verdict::Drop,
+            SynVerdict::Forward {
+                index, dest, len, ..
+            } => {
+                let sock = if dest.is_ipv6() {
+                    &self.socket_v6
+                } else {
+                    &self.socket_v4
                 };
-                let sent = header
-                    .encode_packet(syn.segment, &mut self.buf)
-                    .ok()
-                    .and_then(|n| {
-                        let addr = self.view.nodes[index].address();
-                        let sock = if addr.is_ipv6() {
-                            &self.socket_v6
-                        } else {
-                            &self.socket_v4
-                        };
-                        let dest = self.dests[index].get_or_insert_with(|| Dest::new(&addr));
-                        sock.as_ref()?.send_to(&self.buf[..n], dest).ok()
-                    });
+                let to = self.dests[index].get_or_insert_with(|| Dest::new(&dest));
+                let sent = sock
+                    .as_ref()
+                    .and_then(|s| s.send_to(&self.buf[..len], to).ok());
                 if sent.is_some() {
                     add(&self.counters.forwarded_out);
                 } else {
