@@ -2,10 +2,15 @@
 //!
 //! The Raft task ([`raft`]) elects the master and replicates [`membership`], settings and the
 //! SYN-forward records; a new master adopts them at [`takeover`]. Liveness and load travel in
-//! [`report`]s. What the threads share without locks is the cluster [`view`].
+//! [`report`]s. All of these messages share one UDP socket, whose receive loop ([`bus`])
+//! authenticates each sender and routes each message to its owner. What the threads share
+//! without locks is the cluster [`view`], the [`role`] cell and the [`counters`].
 
+pub mod bus;
+pub mod counters;
 pub mod membership;
 pub mod raft;
 pub mod report;
+pub mod role;
 pub mod takeover;
 pub mod view;
