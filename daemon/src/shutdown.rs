@@ -114,7 +114,8 @@ impl StopFlag {
 }
 
 /// A std thread and its stop flag. Dropped without [`ThreadHandle::stop`] (an early error
-/// return), it still sets the flag, so the thread ends on its own.
+/// return), it still sets the flag (and wakes an interruptible thread once), so the thread
+/// ends on its own; nobody joins it then.
 #[derive(Debug)]
 pub struct ThreadHandle {
     name: &'static str,
@@ -127,6 +128,11 @@ pub struct ThreadHandle {
 impl Drop for ThreadHandle {
     fn drop(&mut self) {
         self.stop.0.store(true, Relaxed);
+        if let (true, Some(join)) = (self.interrupt, &self.join) {
+            if !join.is_finished() {
+                interrupt(join);
+            }
+        }
     }
 }
 
