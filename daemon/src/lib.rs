@@ -11,10 +11,13 @@
 //!    SYN with a fresh checksum ([`datapath::inject`]); its TCP stack answers the client directly.
 //!
 //! The control path runs beside it: the role signal ([`tdsc_election`]) turns the ruleset and
-//! the queue thread between master and member; [`cluster::report`] exchanges liveness and load; the
-//! Raft task ([`cluster::raft`]) also owns the cluster's [`cluster::membership`], which it applies to the
-//! dispatch [`cluster::view`] and, through the role task ([`node`]), to the ruleset; the control socket
-//! ([`admin`]) serves `tdscctl`.
+//! the queue thread between master and member, one step of a [`cluster::role`] plan at a time;
+//! [`cluster::report`] exchanges liveness and load over the cluster socket, whose receive loop
+//! ([`cluster::bus`]) routes every message to its owner; the Raft task ([`cluster::raft`]) also
+//! owns the cluster's [`cluster::membership`], which it applies to the dispatch
+//! [`cluster::view`] and, through the role task ([`node`]), to the ruleset; the control socket
+//! ([`admin`]) serves `tdscctl`. Every thread and task is owned by a handle that stops it
+//! cooperatively and joins it ([`shutdown`]).
 
 pub mod admin;
 pub mod cluster;
@@ -22,3 +25,4 @@ pub mod config;
 pub mod datapath;
 pub mod host;
 pub mod node;
+pub mod shutdown;

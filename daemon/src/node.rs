@@ -13,10 +13,21 @@
 //!    the cluster's SYN-RECV sockets (`crate::cluster::takeover`): the master thread gets them as a
 //!    command it processes before the first SYN the new master ruleset queues.
 //!
-//! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
-//! the VIP without the rules that keep it from accepting SYNs.
+//! Every role change is a plan of steps ([`crate::cluster::role::plan`], a pure function whose
+//! order the unit tests assert); the role shell here only carries the steps out, in order.
 //!
-//! SIGTERM or SIGINT first stops the node *gracefully* (`graceful_stop`), so that no
+//! **Owners.** What the owners share and talk through is made in one place, `Wiring`, whose
+//! field docs say who writes and who reads each piece and what it does at shutdown. Every
+//! thread and task is then held by a handle in a named field of `Owners` (or, for the Raft
+//! task, `Election`; see [`crate::shutdown`]): stopping one is its signal plus a bounded join, never an abort of
+//! something that could have been asked.
+//!
+//! Shutdown removes the VIP before the ruleset, so there is no window in which the node holds
+//! the VIP without the rules that keep it from accepting SYNs. Before that, the teardown plan
+//! stops the election (no lease, no election messages) and returns to the member ruleset, and
+//! only then are the other tasks and the threads stopped, in `Owners`' order.
+//!
+//! SIGTERM or SIGINT first stops the node *gracefully* (`Node::graceful_stop`), so that no
 //! connection is lost:
 //! 1. it announces `draining` in its reports: the master gives it no new connections;
 //! 2. under Raft it resigns (lease revoked for good, member ruleset, master flag off) and
@@ -29,25 +40,32 @@
 //!
 //! A second SIGTERM or SIGINT skips the waits of 2 and 3 (not the resignation).
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tdsc_election::{Leadership, Role, RoleSignal, StaticElection};
 use tdsc_rules::{ClusterSpec, Firewall, HostFacts, QueueBackend, StaticHash};
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
+use crate::cluster::bus::{Bus, Routes};
+use crate::cluster::counters::{Counters, ReportCounters};
 use crate::cluster::membership::Members;
-use crate::cluster::raft::{MemberRequest, MembershipLink, RaftHandle, RaftTask};
-use crate::cluster::report::{ReportCounters, Reporter};
-use crate::cluster::takeover::{RecordStats, Replica, Takeover};
-use crate::cluster::view::{ClusterView, Counters};
+use crate::cluster::raft::{
+    MembershipLink, RaftHandle, RaftLinks, RaftRequest, RaftTask, RecordsLink, Settings,
+};
+use crate::cluster::report::Reporter;
+use crate::cluster::role::{self, Duty, ElectionWriter, MasterFlag, RoleCell, Step, Transition};
+use crate::cluster::takeover::{RecordStats, Replica, Takeover, TakeoverLinks};
+use crate::cluster::view::ClusterView;
 use crate::config::{Config, ElectionMode, PolicyName};
 use crate::datapath::dispatch::Dispatcher;
-use crate::datapath::queue::{MasterCommand, MasterPath, RoleCell};
-use crate::datapath::receive::MemberPath;
-use crate::datapath::records::SynRecords;
+use crate::datapath::queue::{MasterCommand, MasterLinks, MasterPath};
+use crate::datapath::receive::{MemberLinks, MemberPath};
+use crate::datapath::records::{Dispatched, SynRecords};
 use crate::host::setup::HostSetup;
+use crate::shutdown::{Shutdown, TaskHandle, ThreadHandle, STOP_WAIT};
 
 /// Seed of the static hash for undispatched flows; any fixed value, the same on every node.
 pub const STATIC_HASH_SEED: u32 = 0x7464_7363; // "tdsc"
@@ -92,8 +110,9 @@ pub struct Shared {
     pub master_commands: Mutex<mpsc::Sender<MasterCommand>>,
     /// The cluster's current members as this node has applied them.
     pub members: watch::Receiver<Members>,
-    /// `tdscctl node add|remove` go to the Raft task here; None under a static election.
-    pub member_requests: Option<tokio::sync::mpsc::Sender<MemberRequest>>,
+    /// `tdscctl node add|remove` and `policy set` go to the Raft task here; None under a
+    /// static election.
+    pub raft_requests: Option<tokio::sync::mpsc::Sender<RaftRequest>>,
     /// Replication and takeover figures (`crate::cluster::takeover`).
     pub records: Arc<RecordStats>,
     /// This node's replica of the master's records.
@@ -177,23 +196,31 @@ fn apply_role(
 /// Runs the node until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let epoch = Instant::now();
-    let spec = cluster_spec(&cfg);
+    let (role, election, flag) = RoleCell::new();
 
     // 1. Safe state before anything else.
     let mut fw = Firewall::open()?;
     let facts = fw.probe()?;
-    apply_role(&mut fw, Role::Member, &spec, &facts)?;
-    tracing::info!(backend = ?facts.queue, "member ruleset installed");
+    let mut shell = RoleShell {
+        fw: &mut fw,
+        spec: cluster_spec(&cfg),
+        facts,
+        flag,
+        duty: Duty::Starting,
+    };
+    shell.start()?;
+    tracing::info!(backend = ?shell.facts.queue, "member ruleset installed");
 
     // 2. Host.
     let mut host = match HostSetup::apply(&cfg) {
         Ok(h) => h,
         Err(e) => {
+            drop(shell);
             let _ = fw.remove();
             return Err(e.into());
         }
     };
-    let result = serve(cfg, epoch, spec, &mut fw, facts).await;
+    let result = serve(cfg, epoch, shell, role, election).await;
 
     // Undo in reverse: VIP (and MAC, sysctls) first, then the ruleset.
     let mut errors = Vec::new();
@@ -214,277 +241,769 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
 async fn serve(
     cfg: Config,
     epoch: Instant,
-    spec: ClusterSpec,
-    fw: &mut Firewall,
-    facts: HostFacts,
+    shell: RoleShell<'_>,
+    role: Arc<RoleCell>,
+    election: ElectionWriter,
 ) -> Result<(), NodeError> {
-    let view = Arc::new(ClusterView::new(&cfg.nodes, cfg.node_id));
-    view.set_weights(&cfg.weights);
-    let counters = Arc::new(Counters::default());
-    let role = Arc::new(RoleCell::default());
-    let stop = Arc::new(AtomicBool::new(false));
-
-    // 3. Data paths.
-    let member = MemberPath::open(
-        cfg.self_address(),
-        &cfg.cluster_interface,
-        cfg.vip,
-        cfg.tcp_ports.clone(),
-        view.clone(),
-        counters.clone(),
-        role.clone(),
-        stop.clone(),
-    )
-    .map_err(NodeError::Member)?;
-    let cpu = cfg.data_path_cpu;
-    if let Some(c) = cpu {
-        crate::datapath::affinity::check(c)?;
-    }
-    let member_thread = std::thread::Builder::new()
-        .name("tdsc-member".into())
-        .spawn(move || {
-            pin_data_path_thread(cpu);
-            member.run()
-        })
+    let mut node = Node::start(cfg, epoch, shell, role, election).await?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(NodeError::Member)?;
-
-    let load_thread = crate::host::load::spawn(
-        cfg.load_source.clone(),
-        crate::host::load::sample_period(cfg.report_interval),
-        view.clone(),
-        stop.clone(),
-    )
-    .map_err(NodeError::Member)?;
-
-    let (cmd_tx, cmd_rx) = mpsc::channel();
-    let window_ms = u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX);
-    let mut dispatcher = Dispatcher::new(
-        crate::datapath::policy::build(cfg.policy),
-        SynRecords::new(cfg.syn_record_capacity, window_ms),
-        cfg.nodes.len(),
-    );
-    // Records are replicated through Raft; the hand-off is preallocated here, once.
-    let record_stats = Arc::new(RecordStats::default());
-    let replica = Arc::new(Mutex::new(Replica::new(cfg.syn_record_capacity, window_ms)));
-    let (handoff_tx, handoff_rx) = mpsc::sync_channel(crate::cluster::takeover::HANDOFF_CAPACITY);
-    if matches!(cfg.election, ElectionMode::Raft { .. }) {
-        dispatcher = dispatcher.with_handoff(handoff_tx);
+    let result = node.follow_roles(&mut sigterm).await;
+    // The member set may have changed since the last look: the rules from here on are for
+    // the members now.
+    node.shell.spec = cluster_spec_for(&node.shared.config, &node.members.borrow());
+    if result.is_ok() {
+        node.graceful_stop(&mut sigterm).await;
     }
-    let master = MasterPath::new(
-        cfg.queue_num,
-        cfg.vip,
-        cfg.tcp_ports.clone(),
-        cfg.node_id,
-        view.clone(),
-        counters.clone(),
-        role.clone(),
-        cmd_rx,
-        dispatcher,
-    )?;
-    // The queue thread blocks in recv for the life of the process; it holds no resources
-    // that need orderly release (the kernel unbinds the queue when the socket closes).
-    std::thread::Builder::new()
-        .name("tdsc-master".into())
-        .spawn(move || {
-            pin_data_path_thread(cpu);
-            master.run()
-        })
-        .map_err(NodeError::Member)?;
+    node.stop().await;
+    result
+}
 
-    // Election. Raft messages share the report socket; the report loop hands them over.
-    let signal = Arc::new(match cfg.election {
-        ElectionMode::Static { master } => {
-            role.lease_until_ms.store(u64::MAX, Relaxed);
-            StaticElection {
+/// Everything the node's owners share or talk through, made in one place before any of them
+/// starts, and then moved, field by field, into its owners by [`Node::start`]. Each field
+/// says who writes it, who reads it, and its part in shutdown.
+///
+/// The shared state (`Arc`s) outlives every owner and needs nothing at shutdown. A channel's
+/// owners never rely on it closing to stop: each stops on its own signal ([`Owners`]).
+struct Wiring {
+    /// The dispatch view. Writers: the Raft task (membership), the bus (peers' reports), the
+    /// report task (own connection counts), the load thread (own load), the control socket
+    /// (own weight and drain). Readers: all of these and both data-path threads.
+    view: Arc<ClusterView>,
+    /// Data-path counters: the master and receive threads bump them, status reads them.
+    counters: Arc<Counters>,
+    /// Cluster-socket counters: the report task (`sent`), the bus (`received`, `rejected`);
+    /// status reads them.
+    reports: Arc<ReportCounters>,
+    /// Master flag, term and lease. Read per packet by both data-path threads, and by the
+    /// bus, report and answer tasks and the takeover. Written through the
+    /// [`ElectionWriter`] (the Raft task, or [`Node::start`] under a static election) and the
+    /// [`MasterFlag`] (the role shell). At shutdown the teardown plan revokes the lease (the
+    /// writer's drop) and clears the flag.
+    role: Arc<RoleCell>,
+    /// Replication and takeover figures: the Raft task, the takeover and the answer task
+    /// write them, status reads them.
+    records: Arc<RecordStats>,
+    /// This node's replica of the master's records: the Raft task applies committed batches,
+    /// the takeover reads it at adoption, status counts it.
+    replica: Arc<Mutex<Replica>>,
+    /// The leadership watch: the election publishes (the Raft task, or a static decision made
+    /// here), the role shell follows, status reads. Kept alive by [`Node`], so that the role
+    /// loop ends only on a signal.
+    signal: Arc<RoleSignal>,
+    /// Master-thread commands. Senders: `Shared::set_policy` (control socket, settings task)
+    /// and the takeover; receiver: the master thread, which polls it before every SYN.
+    master_commands: mpsc::Sender<MasterCommand>,
+    master_commands_rx: mpsc::Receiver<MasterCommand>,
+    /// New dispatch records, master thread → Raft task (bounded, never blocks the master
+    /// thread; under a static election nobody holds the sender).
+    handoff: mpsc::SyncSender<Dispatched>,
+    handoff_rx: mpsc::Receiver<Dispatched>,
+    /// `Body::Raft` messages, bus → Raft task. The Raft task also ends if the bus goes.
+    raft_inbox: tokio::sync::mpsc::Sender<(u32, Vec<u8>)>,
+    raft_inbox_rx: tokio::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    /// Membership changes and settings (control socket) and `Removed` notices (bus) → the
+    /// Raft task. A request in flight when the Raft task stops is answered with an error (its
+    /// reply channel drops).
+    raft_requests: tokio::sync::mpsc::Sender<RaftRequest>,
+    raft_requests_rx: tokio::sync::mpsc::Receiver<RaftRequest>,
+    /// The applied membership: the Raft task publishes; the role shell re-applies the ruleset
+    /// from it, the bus sends removal notices from it, status reads it.
+    members: watch::Sender<Members>,
+    members_rx: watch::Receiver<Members>,
+    /// The committed cluster-wide settings: the Raft task publishes, the settings task applies
+    /// them.
+    settings: watch::Sender<Settings>,
+    settings_rx: watch::Receiver<Settings>,
+    /// SYN-RECV queries, bus → answer task.
+    queries: tokio::sync::mpsc::Sender<(std::net::SocketAddr, u64)>,
+    queries_rx: tokio::sync::mpsc::Receiver<(std::net::SocketAddr, u64)>,
+    /// Answers to this node's SYN-RECV queries, bus → takeover.
+    answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::SynRecvAnswer)>,
+    answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::SynRecvAnswer)>,
+}
+
+impl Wiring {
+    fn new(cfg: &Config, role: Arc<RoleCell>) -> Self {
+        let view = Arc::new(ClusterView::new(&cfg.nodes, cfg.node_id));
+        view.set_weights(&cfg.weights);
+        let window_ms = record_window_ms(cfg);
+        let signal = Arc::new(match cfg.election {
+            ElectionMode::Static { master } => StaticElection {
                 node_id: cfg.node_id,
                 master,
             }
-            .start()
+            .start(),
+            ElectionMode::Raft { .. } => RoleSignal::new(),
+        });
+        let (master_commands, master_commands_rx) = mpsc::channel();
+        let (handoff, handoff_rx) = mpsc::sync_channel(crate::cluster::takeover::HANDOFF_CAPACITY);
+        let (raft_inbox, raft_inbox_rx) =
+            tokio::sync::mpsc::channel(crate::cluster::raft::INBOX_CAPACITY);
+        let (raft_requests, raft_requests_rx) =
+            tokio::sync::mpsc::channel(crate::cluster::raft::REQUEST_CAPACITY);
+        let (members, members_rx) = watch::channel(Members::bootstrap(cfg));
+        let (settings, settings_rx) = watch::channel(Settings::new());
+        let (queries, queries_rx) =
+            tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
+        let (answers, answers_rx) =
+            tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
+        Wiring {
+            view,
+            counters: Arc::new(Counters::default()),
+            reports: Arc::new(ReportCounters::default()),
+            role,
+            records: Arc::new(RecordStats::default()),
+            replica: Arc::new(Mutex::new(Replica::new(cfg.syn_record_capacity, window_ms))),
+            signal,
+            master_commands,
+            master_commands_rx,
+            handoff,
+            handoff_rx,
+            raft_inbox,
+            raft_inbox_rx,
+            raft_requests,
+            raft_requests_rx,
+            members,
+            members_rx,
+            settings,
+            settings_rx,
+            queries,
+            queries_rx,
+            answers,
+            answers_rx,
         }
-        ElectionMode::Raft { .. } => RoleSignal::new(),
-    });
-    let mut leadership = signal.subscribe();
-    let (raft_tx, raft_rx) = tokio::sync::mpsc::channel(crate::cluster::raft::INBOX_CAPACITY);
-    let (members_tx, mut members_rx) = watch::channel(Members::bootstrap(&cfg));
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel(crate::cluster::raft::REQUEST_CAPACITY);
-    let (settings_tx, settings_rx) = watch::channel(crate::cluster::raft::Settings::new());
-    let member_requests = matches!(cfg.election, ElectionMode::Raft { .. }).then_some(req_tx);
-    let (query_tx, query_rx) =
-        tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
-    let (answer_tx, answer_rx) =
-        tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
+    }
+}
 
-    let reports = Arc::new(ReportCounters::default());
-    let reporter = Reporter {
-        node_id: cfg.node_id,
-        vip: cfg.vip,
-        port: cfg.control_port,
-        interval: cfg.report_interval,
-        dead_after: cfg.dead_after,
-        view: view.clone(),
-        role: role.clone(),
-        counters: reports.clone(),
-        epoch,
-        raft_inbox: matches!(cfg.election, ElectionMode::Raft { .. }).then_some(raft_tx),
-        membership: member_requests.clone().map(|tx| (members_rx.clone(), tx)),
-        syn_recv_queries: Some(query_tx),
-        syn_recv_answers: Some(answer_tx),
-    };
-    let sock = Arc::new(reporter.bind().await.map_err(NodeError::Report)?);
-    let mut raft_handle = None;
-    let raft_task = match &cfg.election {
-        ElectionMode::Raft { settings, data_dir } => {
-            let task = RaftTask::open(
-                cfg.node_id,
-                &cfg.nodes,
-                cfg.control_port,
-                *settings,
-                data_dir,
-                sock.clone(),
-                raft_rx,
-                signal.clone(),
-                role.clone(),
-            )?
-            .with_membership(MembershipLink {
-                config: cfg.clone(),
-                view: view.clone(),
-                members: members_tx,
-                requests: req_rx,
-                settings: settings_tx,
-            })
-            .with_records(crate::cluster::raft::RecordsLink {
-                handoff: handoff_rx,
-                replica: replica.clone(),
-                stats: record_stats.clone(),
-                view: view.clone(),
-                replicate: cfg.replicate_records,
-                batch: Vec::with_capacity(crate::cluster::takeover::MAX_RECORDS_PER_BATCH),
-            });
-            raft_handle = Some(task.handle());
-            Some(tokio::spawn(task.run()))
+/// `[scheduler] syn_record_window_ms`, for the master's records and the replica alike.
+fn record_window_ms(cfg: &Config) -> u64 {
+    u64::try_from(cfg.syn_record_window.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Every thread and task of a running node but the election's ([`Election`]), each held by
+/// the handle that stops it. [`Node::stop`] ends them in field order, after the teardown plan
+/// has stopped the election and returned the node to the member ruleset.
+#[derive(Debug)]
+struct Owners {
+    /// The control socket's accept loop and its sessions. First, so that no request starts
+    /// once teardown has begun; a session ends after the request in hand.
+    control: TaskHandle,
+    /// Applies committed settings (the policy) through `Shared::set_policy`.
+    settings: TaskHandle,
+    /// The cluster socket's receive loop ([`Bus`]).
+    bus: TaskHandle,
+    /// Report sender and dead-node sweep ([`Reporter`]).
+    reporter: TaskHandle,
+    /// Answers SYN-RECV queries (`crate::cluster::takeover::answer_queries`).
+    answers: TaskHandle,
+    /// The master path: NFQUEUE receive and dispatch. Its `recv` has no timeout, so it is
+    /// interruptible (see `crate::shutdown`). Stopped after the member ruleset is back, when
+    /// nothing is queued any more.
+    master: ThreadHandle,
+    /// The member path: receive and re-inject forwards (read timeout 250 ms).
+    member: ThreadHandle,
+    /// The load sampler (sleeps at most 50 ms between samples).
+    load: ThreadHandle,
+}
+
+/// The election, as the role shell reaches it.
+#[derive(Debug)]
+enum Election {
+    /// The Raft task owns the term and lease writer; `task` is taken by the teardown step.
+    Raft {
+        task: Option<TaskHandle>,
+        handle: RaftHandle,
+    },
+    /// A static election: the term (1) and the endless lease were written at start; the
+    /// writer is dropped (revoking the lease) by the teardown step.
+    Static { writer: Option<ElectionWriter> },
+}
+
+impl Election {
+    /// The teardown step [`Step::StopElection`]: afterwards the lease is revoked and no
+    /// election message leaves this node.
+    async fn stop(&mut self) {
+        match self {
+            Election::Raft { task, .. } => {
+                if let Some(t) = task.take() {
+                    t.stop(STOP_WAIT).await;
+                }
+            }
+            Election::Static { writer } => drop(writer.take()),
         }
-        ElectionMode::Static { .. } => None,
-    };
-    let answer_task = tokio::spawn(crate::cluster::takeover::answer_queries(
-        query_rx,
-        sock.clone(),
-        cfg.node_id,
-        cfg.vip,
-        role.clone(),
-        record_stats.clone(),
-    ));
-    let mut takeover = Takeover::new(
-        cfg.node_id,
-        cfg.vip,
-        cfg.control_port,
-        cfg.syn_recv_wait,
-        sock.clone(),
-        view.clone(),
-        role.clone(),
-        replica.clone(),
-        record_stats.clone(),
-        answer_rx,
-        cmd_tx.clone(),
-    );
-    takeover.reconcile = cfg.reconcile_syn_recv;
-    let report_task = tokio::spawn(reporter.run(sock));
+    }
+}
 
-    let listener = crate::admin::server::bind(&cfg.control_socket).await?;
-    let socket_path = cfg.control_socket.clone();
-    let shared = Arc::new(Shared {
-        policy: AtomicU8::new(
-            u8::try_from(
-                PolicyName::ALL
-                    .iter()
-                    .position(|(_, p)| *p == cfg.policy)
-                    .unwrap_or(0),
-            )
-            .unwrap_or(0),
-        ),
-        config: cfg,
-        leadership: signal.subscribe(),
-        view,
-        counters,
-        reports,
-        role: role.clone(),
-        queue_backend: match facts.queue {
-            QueueBackend::Native => "native",
-            QueueBackend::Compat => "compat",
-        },
-        epoch,
-        counter_fw: Mutex::new(Firewall::open().ok()),
-        master_commands: Mutex::new(cmd_tx),
-        members: members_rx.clone(),
-        member_requests,
-        records: record_stats,
-        replica,
-    });
-    let control_task = tokio::spawn(crate::admin::server::serve(listener, shared.clone()));
-    let settings_task = tokio::spawn(follow_settings(settings_rx, shared.clone()));
+/// Carries out the ruleset and master-flag steps of a role plan. The only writer of the
+/// master flag; holds the firewall for the life of the node.
+struct RoleShell<'a> {
+    fw: &'a mut Firewall,
+    /// The ruleset's cluster description for the current members.
+    spec: ClusterSpec,
+    facts: HostFacts,
+    flag: MasterFlag,
+    duty: Duty,
+}
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(NodeError::Member)?;
-    let result = follow_roles(
-        &signal,
-        &mut leadership,
-        fw,
-        &spec,
-        &facts,
-        &role,
-        &mut term,
-        &mut MembershipRules {
-            cfg: &shared.config,
-            members: &mut members_rx,
-        },
-        &mut takeover,
-    )
-    .await;
-    // The member set may have changed since start: the rules from here on are for the
-    // members now.
-    let spec = cluster_spec_for(&shared.config, &members_rx.borrow());
-    if result.is_ok() {
-        graceful_stop(
-            &shared,
-            raft_handle.as_ref(),
-            &mut leadership,
-            fw,
-            &spec,
-            &facts,
-            &mut term,
+impl RoleShell<'_> {
+    /// Start-up: the plan from nothing to member, which needs nothing but the shell.
+    fn start(&mut self) -> Result<(), tdsc_rules::Error> {
+        let t = Transition::Become(Role::Member);
+        for &step in role::plan(self.duty, t) {
+            self.local(step)?;
+        }
+        self.duty = role::after(t);
+        Ok(())
+    }
+
+    /// One step that needs only the shell. The others are the running node's
+    /// ([`Node::step`]).
+    fn local(&mut self, step: Step) -> Result<(), tdsc_rules::Error> {
+        match step {
+            Step::SetMasterFlag => self.flag.set(),
+            Step::ClearMasterFlag => self.flag.clear(),
+            Step::InstallMasterRules => {
+                apply_role(self.fw, Role::Master, &self.spec, &self.facts)?;
+            }
+            Step::InstallMemberRules => {
+                apply_role(self.fw, Role::Member, &self.spec, &self.facts)?;
+            }
+            Step::Adopt | Step::Resign | Step::HandOver | Step::StopElection => {
+                tracing::error!(?step, "role step needs the running node; skipped");
+            }
+        }
+        Ok(())
+    }
+
+    /// The role whose ruleset is installed (a half-done plan towards master counts as
+    /// master, so that the way back runs in full).
+    fn role(&self) -> Role {
+        match self.duty {
+            Duty::Master => Role::Master,
+            Duty::Member | Duty::Starting => Role::Member,
+        }
+    }
+}
+
+/// What a plan's election steps found: whether this node led when it resigned, and whom
+/// leadership was handed to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Handover {
+    was_leader: bool,
+    to: Option<u64>,
+}
+
+/// What a failed step does to the rest of its plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnError {
+    /// Stop the plan and return the error (the role loop: it ends, and teardown follows).
+    Return,
+    /// Log it and carry on (resignation and teardown: every later step still matters).
+    Log,
+}
+
+/// A running node: its owners, the role shell, and what the role loop follows.
+struct Node<'a> {
+    shared: Arc<Shared>,
+    shell: RoleShell<'a>,
+    /// Owned by the role loop; used by the [`Step::Adopt`] step.
+    takeover: Takeover,
+    election: Election,
+    owners: Owners,
+    leadership: watch::Receiver<Leadership>,
+    members: watch::Receiver<Members>,
+    /// The last other node seen leading: at takeover it is the one most likely dead or cut off.
+    previous_master: Option<u32>,
+    /// Kept so that the leadership watch stays open (a static election publishes once).
+    _signal: Arc<RoleSignal>,
+}
+
+impl<'a> Node<'a> {
+    /// Starts the data paths, the election and the tasks, in the order of the module docs.
+    async fn start(
+        cfg: Config,
+        epoch: Instant,
+        shell: RoleShell<'a>,
+        role: Arc<RoleCell>,
+        election: ElectionWriter,
+    ) -> Result<Node<'a>, NodeError> {
+        let w = Wiring::new(&cfg, role);
+        let raft = matches!(cfg.election, ElectionMode::Raft { .. });
+
+        // 3. Data paths.
+        let member_path = MemberPath::open(
+            &cfg,
+            MemberLinks {
+                view: w.view.clone(),
+                counters: w.counters.clone(),
+                role: w.role.clone(),
+            },
         )
-        .await;
+        .map_err(NodeError::Member)?;
+        let cpu = cfg.data_path_cpu;
+        if let Some(c) = cpu {
+            crate::datapath::affinity::check(c)?;
+        }
+        let member = ThreadHandle::spawn("tdsc-member", move |stop| {
+            pin_data_path_thread(cpu);
+            member_path.run(&stop);
+        })
+        .map_err(NodeError::Member)?;
+
+        let load = {
+            let source = cfg.load_source.clone();
+            let period = crate::host::load::sample_period(cfg.report_interval);
+            let view = w.view.clone();
+            ThreadHandle::spawn("tdsc-load", move |stop| {
+                crate::host::load::run(&source, period, &view, &stop);
+            })
+            .map_err(NodeError::Member)?
+        };
+
+        let mut dispatcher = Dispatcher::new(
+            crate::datapath::policy::build(cfg.policy),
+            SynRecords::new(cfg.syn_record_capacity, record_window_ms(&cfg)),
+            cfg.nodes.len(),
+        );
+        // Records are replicated through Raft; the hand-off is preallocated, once.
+        if raft {
+            dispatcher = dispatcher.with_handoff(w.handoff);
+        }
+        let master_path = MasterPath::new(
+            &cfg,
+            MasterLinks {
+                view: w.view.clone(),
+                counters: w.counters.clone(),
+                role: w.role.clone(),
+                commands: w.master_commands_rx,
+                dispatcher,
+            },
+        )?;
+        let master = ThreadHandle::spawn_interruptible("tdsc-master", move |stop| {
+            pin_data_path_thread(cpu);
+            master_path.run(&stop);
+        })
+        .map_err(NodeError::Member)?;
+
+        // Election. Raft messages share the cluster socket; the bus hands them over.
+        let sock: Arc<UdpSocket> = Arc::new(
+            crate::cluster::bus::bind(&w.view, cfg.control_port)
+                .await
+                .map_err(NodeError::Report)?,
+        );
+        let election = match &cfg.election {
+            ElectionMode::Raft { settings, data_dir } => {
+                let task = RaftTask::open(
+                    &cfg,
+                    *settings,
+                    data_dir,
+                    RaftLinks {
+                        sock: sock.clone(),
+                        inbox: w.raft_inbox_rx,
+                        signal: w.signal.clone(),
+                        election,
+                    },
+                )?
+                .with_membership(MembershipLink {
+                    config: cfg.clone(),
+                    view: w.view.clone(),
+                    members: w.members,
+                    requests: w.raft_requests_rx,
+                    settings: w.settings,
+                })
+                .with_records(RecordsLink {
+                    handoff: w.handoff_rx,
+                    replica: w.replica.clone(),
+                    stats: w.records.clone(),
+                    view: w.view.clone(),
+                    replicate: cfg.replicate_records,
+                    batch: Vec::with_capacity(crate::cluster::takeover::MAX_RECORDS_PER_BATCH),
+                });
+                let handle = task.handle();
+                Election::Raft {
+                    task: Some(TaskHandle::spawn("raft", move |s| task.run(s))),
+                    handle,
+                }
+            }
+            ElectionMode::Static { .. } => {
+                election.raise_term(w.signal.current().term);
+                election.set_lease_until_ms(u64::MAX);
+                Election::Static {
+                    writer: Some(election),
+                }
+            }
+        };
+        let answers = {
+            let (sock, role, stats) = (sock.clone(), w.role.clone(), w.records.clone());
+            let (node_id, vip) = (cfg.node_id, cfg.vip);
+            TaskHandle::spawn("syn-recv answers", move |s| {
+                crate::cluster::takeover::answer_queries(
+                    w.queries_rx,
+                    sock,
+                    node_id,
+                    vip,
+                    role,
+                    stats,
+                    s,
+                )
+            })
+        };
+        let takeover = Takeover::new(
+            &cfg,
+            TakeoverLinks {
+                sock: sock.clone(),
+                view: w.view.clone(),
+                role: w.role.clone(),
+                replica: w.replica.clone(),
+                stats: w.records.clone(),
+                answers: w.answers_rx,
+                commands: w.master_commands.clone(),
+            },
+        );
+        let reporter = {
+            let r = Reporter {
+                node_id: cfg.node_id,
+                vip: cfg.vip,
+                port: cfg.control_port,
+                interval: cfg.report_interval,
+                dead_after: cfg.dead_after,
+                view: w.view.clone(),
+                role: w.role.clone(),
+                counters: w.reports.clone(),
+                epoch,
+            };
+            let sock = sock.clone();
+            TaskHandle::spawn("reports", move |s| r.run(sock, s))
+        };
+        let bus = {
+            let b = Bus {
+                node_id: cfg.node_id,
+                view: w.view.clone(),
+                role: w.role.clone(),
+                counters: w.reports.clone(),
+                epoch,
+                notice_interval: cfg.report_interval,
+                members: raft.then(|| w.members_rx.clone()),
+                routes: Routes {
+                    raft: raft.then_some(w.raft_inbox),
+                    raft_requests: raft.then(|| w.raft_requests.clone()),
+                    syn_recv_queries: w.queries,
+                    syn_recv_answers: w.answers,
+                },
+            };
+            TaskHandle::spawn("bus", move |s| b.run(sock, s))
+        };
+
+        let listener = crate::admin::server::bind(&cfg.control_socket).await?;
+        let shared = Arc::new(Shared {
+            policy: AtomicU8::new(
+                u8::try_from(
+                    PolicyName::ALL
+                        .iter()
+                        .position(|(_, p)| *p == cfg.policy)
+                        .unwrap_or(0),
+                )
+                .unwrap_or(0),
+            ),
+            config: cfg,
+            leadership: w.signal.subscribe(),
+            view: w.view,
+            counters: w.counters,
+            reports: w.reports,
+            role: w.role,
+            queue_backend: match shell.facts.queue {
+                QueueBackend::Native => "native",
+                QueueBackend::Compat => "compat",
+            },
+            epoch,
+            counter_fw: Mutex::new(Firewall::open().ok()),
+            master_commands: Mutex::new(w.master_commands),
+            members: w.members_rx.clone(),
+            raft_requests: raft.then_some(w.raft_requests),
+            records: w.records,
+            replica: w.replica,
+        });
+        let control = {
+            let shared = shared.clone();
+            TaskHandle::spawn("control", move |s| {
+                crate::admin::server::serve(listener, shared, s)
+            })
+        };
+        let settings = {
+            let shared = shared.clone();
+            TaskHandle::spawn("settings", move |s| {
+                follow_settings(w.settings_rx, shared, s)
+            })
+        };
+        Ok(Node {
+            shared,
+            shell,
+            takeover,
+            election,
+            owners: Owners {
+                control,
+                settings,
+                bus,
+                reporter,
+                answers,
+                master,
+                member,
+                load,
+            },
+            leadership: w.signal.subscribe(),
+            members: w.members_rx,
+            previous_master: None,
+            _signal: w.signal,
+        })
     }
 
-    // Stop taking SYNs before anything else goes: no lease, no election messages, then the
-    // member ruleset.
-    if let Some(t) = raft_task {
-        t.abort();
-    }
-    role.lease_until_ms.store(0, Relaxed);
-    if role.master.load(Relaxed) {
-        if let Err(e) = apply_role(fw, Role::Member, &spec, &facts) {
-            tracing::error!(error = %e, "could not return to member rules at shutdown");
+    /// Carries out `role::plan(duty, t)` step by step, in order (`l`: the leadership the
+    /// transition follows, for the adoption's term).
+    async fn transition(
+        &mut self,
+        t: Transition,
+        l: Leadership,
+        on_error: OnError,
+    ) -> Result<Handover, NodeError> {
+        let steps = role::plan(self.shell.duty, t);
+        if t == Transition::Become(Role::Master) {
+            // From the first step on the node may be partly master; see `RoleShell::role`.
+            self.shell.duty = Duty::Master;
         }
-        role.master.store(false, Relaxed);
+        let mut out = Handover::default();
+        for &step in steps {
+            if let Err(e) = self.step(step, l, &mut out).await {
+                match on_error {
+                    OnError::Return => return Err(e),
+                    OnError::Log => {
+                        tracing::error!(?step, error = %e, "role step failed; carrying on");
+                    }
+                }
+            }
+        }
+        self.shell.duty = role::after(t);
+        Ok(out)
     }
-    control_task.abort();
-    settings_task.abort();
-    report_task.abort();
-    answer_task.abort();
-    stop.store(true, Relaxed);
-    let _ = member_thread.join();
-    let _ = load_thread.join();
-    let _ = std::fs::remove_file(&socket_path);
-    drop(shared);
-    result
+
+    /// One step of a plan.
+    async fn step(
+        &mut self,
+        step: Step,
+        l: Leadership,
+        out: &mut Handover,
+    ) -> Result<(), NodeError> {
+        match step {
+            // Before the master ruleset: the master thread must hold the adopted records
+            // when the first SYN is queued.
+            Step::Adopt => self.takeover.adopt(l.term, self.previous_master).await,
+            Step::Resign => {
+                if let Election::Raft { handle, .. } = &self.election {
+                    out.was_leader = handle.resign().await.unwrap_or(false);
+                }
+            }
+            // Only after the lease is revoked and the dispatcher has stopped: no
+            // MsgTimeoutNow leaves before.
+            Step::HandOver => {
+                if let (true, Election::Raft { handle, .. }) = (out.was_leader, &self.election) {
+                    out.to = handle.transfer(self.candidates()).await;
+                }
+            }
+            Step::StopElection => self.election.stop().await,
+            Step::SetMasterFlag
+            | Step::ClearMasterFlag
+            | Step::InstallMasterRules
+            | Step::InstallMemberRules => self.shell.local(step)?,
+        }
+        Ok(())
+    }
+
+    /// Live, present, not draining followers to hand leadership to.
+    fn candidates(&self) -> Vec<u64> {
+        let view = &self.shared.view;
+        view.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| {
+                *i != view.self_index
+                    && n.is_present()
+                    && n.alive.load(Relaxed)
+                    && !n.draining.load(Relaxed)
+            })
+            .map(|(_, n)| u64::from(n.id()))
+            .collect()
+    }
+
+    /// The spec for the members now, if they changed since the shell's was built.
+    fn membership_update(&mut self) -> Option<ClusterSpec> {
+        let members = self.members.borrow_and_update().clone();
+        let new = cluster_spec_for(&self.shared.config, &members);
+        (new != self.shell.spec).then_some(new)
+    }
+
+    /// The role loop: follows the leadership and the membership until a signal.
+    async fn follow_roles(
+        &mut self,
+        sigterm: &mut tokio::signal::unix::Signal,
+    ) -> Result<(), NodeError> {
+        loop {
+            // Membership first: a role change below then installs the current member set.
+            // The ruleset for the current role is replaced in one atomic batch (see
+            // `tdsc_rules`).
+            if let Some(new) = self.membership_update() {
+                self.shell.spec = new;
+                let current = self.shell.role();
+                apply_role(self.shell.fw, current, &self.shell.spec, &self.shell.facts)?;
+                let spec = &self.shell.spec;
+                tracing::info!(
+                    members = ?spec.members,
+                    bucket = spec.static_hash.index,
+                    of = spec.static_hash.count,
+                    role = current.as_str(),
+                    "ruleset re-applied for the new membership"
+                );
+            }
+            let l = *self.leadership.borrow_and_update();
+            if let Some(m) = l.master_id.filter(|m| *m != self.shared.config.node_id) {
+                self.previous_master = Some(m);
+            }
+            if l.role != self.shell.role() {
+                self.transition(Transition::Become(l.role), l, OnError::Return)
+                    .await?;
+                tracing::info!(role = l.role.as_str(), master = ?l.master_id, term = l.term, "role changed");
+            }
+            tokio::select! {
+                changed = self.leadership.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("interrupted; shutting down");
+                    return Ok(());
+                }
+                _ = sigterm.recv() => {
+                    tracing::info!("terminated; shutting down");
+                    return Ok(());
+                }
+                Ok(()) = self.members.changed() => {}
+            }
+        }
+    }
+
+    /// Steps 1–3 of a graceful stop (see the module docs). Never fails: whatever goes wrong,
+    /// the teardown that follows still runs.
+    async fn graceful_stop(&mut self, sigterm: &mut tokio::signal::unix::Signal) {
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        let view = &shared.view;
+        let own = &view.nodes[view.self_index];
+        // 1. Announce: every report from now on says draining.
+        own.draining.store(true, Relaxed);
+        tracing::info!(
+            drain_timeout_ms = cfg.drain_timeout.as_millis(),
+            "stopping gracefully: draining (a second SIGTERM or SIGINT skips the waits)"
+        );
+        let mut again = std::pin::pin!(async {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        });
+
+        // 2. Stop dispatching for good, then (if leader) hand leadership over: the resign
+        //    plan (the Raft task stores the revoked lease; then the ruleset and the master
+        //    flag, both before any MsgTimeoutNow can leave).
+        if matches!(self.election, Election::Raft { .. }) {
+            let l = *self.leadership.borrow();
+            let old_term = l.term;
+            let handover = self
+                .transition(Transition::Resign, l, OnError::Log)
+                .await
+                .unwrap_or_default();
+            if handover.was_leader {
+                let Some(to) = handover.to else {
+                    tracing::warn!("no live follower to hand leadership to; stopping as leader");
+                    return drain_unless(cfg, &mut again).await;
+                };
+                let wait = transfer_wait(cfg);
+                let me = cfg.node_id;
+                let leadership = &mut self.leadership;
+                let handed_over = async {
+                    loop {
+                        let l = *leadership.borrow_and_update();
+                        if l.term > old_term && l.master_id.is_some_and(|m| m != me) {
+                            return l;
+                        }
+                        if leadership.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = tokio::time::timeout(wait, handed_over) => match r {
+                        Ok(l) => tracing::info!(to, master = ?l.master_id, term = l.term, "leadership handed over"),
+                        Err(_) => tracing::warn!(to, "no new leader within {wait:?}; stopping anyway"),
+                    },
+                    _ = &mut again => {
+                        tracing::info!("second signal: not waiting for the new leader");
+                        return;
+                    }
+                }
+            }
+        }
+
+        // 3. Wait for this node's own connections to finish.
+        drain_unless(cfg, &mut again).await;
+    }
+
+    /// Teardown: stop taking SYNs before anything else goes (the stop plan: no lease, no
+    /// election messages, then the member ruleset and the flag), then every other owner in
+    /// [`Owners`]' order, then the control socket's file.
+    async fn stop(mut self) {
+        let started = Instant::now();
+        let l = *self.leadership.borrow();
+        let _ = self.transition(Transition::Stop, l, OnError::Log).await;
+        let Owners {
+            control,
+            settings,
+            bus,
+            reporter,
+            answers,
+            master,
+            member,
+            load,
+        } = self.owners;
+        let joined = [
+            control.stop(STOP_WAIT).await,
+            settings.stop(STOP_WAIT).await,
+            bus.stop(STOP_WAIT).await,
+            reporter.stop(STOP_WAIT).await,
+            answers.stop(STOP_WAIT).await,
+            master.stop(STOP_WAIT).await,
+            member.stop(STOP_WAIT).await,
+            load.stop(STOP_WAIT).await,
+        ];
+        let _ = std::fs::remove_file(&self.shared.config.control_socket);
+        let left = joined.iter().filter(|j| !**j).count();
+        if left == 0 {
+            tracing::info!(
+                ms = started.elapsed().as_millis(),
+                "election stopped, member ruleset back, every task and thread joined"
+            );
+        } else {
+            tracing::error!(left, "some tasks or threads did not stop (see above)");
+        }
+    }
 }
 
 /// Applies the cluster-wide settings committed through Raft: today the scheduling policy
 /// (`tdscctl policy set`), which then overrides `[scheduler] policy` on every node, a new
-/// master and a restarted node included.
+/// master and a restarted node included. Runs until `shutdown` or the Raft task is gone.
 async fn follow_settings(
-    mut settings: watch::Receiver<crate::cluster::raft::Settings>,
+    mut settings: watch::Receiver<Settings>,
     shared: Arc<Shared>,
+    mut shutdown: Shutdown,
 ) {
     loop {
         let policy = settings
@@ -503,8 +1022,13 @@ async fn follow_settings(
                 }
             }
         }
-        if settings.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = shutdown.requested() => return,
         }
     }
 }
@@ -522,93 +1046,6 @@ fn pin_data_path_thread(cpu: Option<usize>) {
 
 /// How often the drain wait counts this node's connections.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
-
-/// Steps 1–3 of a graceful stop (see the module docs). Never fails: whatever goes wrong, the
-/// teardown that follows still runs.
-async fn graceful_stop(
-    shared: &Shared,
-    raft: Option<&RaftHandle>,
-    leadership: &mut watch::Receiver<Leadership>,
-    fw: &mut Firewall,
-    spec: &ClusterSpec,
-    facts: &HostFacts,
-    term: &mut tokio::signal::unix::Signal,
-) {
-    let cfg = &shared.config;
-    let view = &shared.view;
-    let role = &shared.role;
-    let own = &view.nodes[view.self_index];
-    // 1. Announce: every report from now on says draining.
-    own.draining.store(true, Relaxed);
-    tracing::info!(
-        drain_timeout_ms = cfg.drain_timeout.as_millis(),
-        "stopping gracefully: draining (a second SIGTERM or SIGINT skips the waits)"
-    );
-    let mut again = std::pin::pin!(async {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    });
-
-    // 2. Stop dispatching for good, then (if leader) hand leadership over.
-    if let Some(raft) = raft {
-        let old_term = leadership.borrow().term;
-        let was_leader = raft.resign().await.unwrap_or(false);
-        // The task has stored the revoked lease; now the ruleset and the master flag, both
-        // before any MsgTimeoutNow can leave.
-        if role.master.load(Relaxed) {
-            if let Err(e) = apply_role(fw, Role::Member, spec, facts) {
-                tracing::error!(error = %e, "could not return to member rules");
-            }
-            role.master.store(false, Relaxed);
-        }
-        if was_leader {
-            let candidates: Vec<u64> = view
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(i, n)| {
-                    *i != view.self_index
-                        && n.is_present()
-                        && n.alive.load(Relaxed)
-                        && !n.draining.load(Relaxed)
-                })
-                .map(|(_, n)| u64::from(n.id()))
-                .collect();
-            let Some(to) = raft.transfer(candidates).await else {
-                tracing::warn!("no live follower to hand leadership to; stopping as leader");
-                return drain_unless(cfg, &mut again).await;
-            };
-            let wait = transfer_wait(cfg);
-            let me = cfg.node_id;
-            let handed_over = async {
-                loop {
-                    let l = *leadership.borrow_and_update();
-                    if l.term > old_term && l.master_id.is_some_and(|m| m != me) {
-                        return l;
-                    }
-                    if leadership.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-            };
-            tokio::select! {
-                r = tokio::time::timeout(wait, handed_over) => match r {
-                    Ok(l) => tracing::info!(to, master = ?l.master_id, term = l.term, "leadership handed over"),
-                    Err(_) => tracing::warn!(to, "no new leader within {wait:?}; stopping anyway"),
-                },
-                _ = &mut again => {
-                    tracing::info!("second signal: not waiting for the new leader");
-                    return;
-                }
-            }
-        }
-    }
-
-    // 3. Wait for this node's own connections to finish.
-    drain_unless(cfg, &mut again).await;
-}
 
 /// Step 3 of a graceful stop, cut short by `again` (a second signal).
 async fn drain_unless(cfg: &Config, again: &mut (impl std::future::Future<Output = ()> + Unpin)) {
@@ -674,92 +1111,5 @@ async fn drain(vip: &std::net::IpAddr, timeout: Duration, report_interval: Durat
             }
         }
         tokio::time::sleep(DRAIN_POLL).await;
-    }
-}
-
-/// Where the role task learns of membership changes, to re-apply the ruleset for them.
-struct MembershipRules<'a> {
-    cfg: &'a Config,
-    members: &'a mut watch::Receiver<Members>,
-}
-
-impl MembershipRules<'_> {
-    /// The spec for the members now, if they changed since `spec` was built.
-    fn updated(&mut self, spec: &ClusterSpec) -> Option<ClusterSpec> {
-        let members = self.members.borrow_and_update().clone();
-        let new = cluster_spec_for(self.cfg, &members);
-        (new != *spec).then_some(new)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn follow_roles(
-    _signal: &RoleSignal,
-    leadership: &mut watch::Receiver<Leadership>,
-    fw: &mut Firewall,
-    spec: &ClusterSpec,
-    facts: &HostFacts,
-    role: &RoleCell,
-    term: &mut tokio::signal::unix::Signal,
-    membership: &mut MembershipRules<'_>,
-    takeover: &mut Takeover,
-) -> Result<(), NodeError> {
-    let mut current = Role::Member;
-    let mut spec = spec.clone();
-    let spec = &mut spec;
-    // The last other node seen leading: at takeover it is the one most likely dead or cut off.
-    let mut previous_master: Option<u32> = None;
-    loop {
-        // Membership first: a role change below then installs the current member set. The
-        // ruleset for the current role is replaced in one atomic batch (see `tdsc_rules`).
-        if let Some(new) = membership.updated(spec) {
-            *spec = new;
-            apply_role(fw, current, spec, facts)?;
-            tracing::info!(
-                members = ?spec.members,
-                bucket = spec.static_hash.index,
-                of = spec.static_hash.count,
-                role = current.as_str(),
-                "ruleset re-applied for the new membership"
-            );
-        }
-        let l = *leadership.borrow_and_update();
-        role.term.store(l.term, Relaxed);
-        if let Some(m) = l.master_id.filter(|m| *m != takeover.node_id()) {
-            previous_master = Some(m);
-        }
-        if l.role != current {
-            match l.role {
-                Role::Master => {
-                    // Before the master ruleset: the master thread must hold the adopted
-                    // records when the first SYN is queued.
-                    takeover.adopt(l.term, previous_master).await;
-                    role.master.store(true, Relaxed);
-                    apply_role(fw, Role::Master, spec, facts)?;
-                }
-                Role::Member => {
-                    apply_role(fw, Role::Member, spec, facts)?;
-                    role.master.store(false, Relaxed);
-                }
-            }
-            tracing::info!(role = l.role.as_str(), master = ?l.master_id, term = l.term, "role changed");
-            current = l.role;
-        }
-        tokio::select! {
-            changed = leadership.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted; shutting down");
-                return Ok(());
-            }
-            _ = term.recv() => {
-                tracing::info!("terminated; shutting down");
-                return Ok(());
-            }
-            Ok(()) = membership.members.changed() => {}
-        }
     }
 }

@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use tdsc_proto::forward::MAX_HEADER_LEN;
-use tdscd::cluster::view::{ClusterView, Counters, MemberSlot};
+use tdscd::cluster::counters::Counters;
+use tdscd::cluster::role::RoleCell;
+use tdscd::cluster::view::{ClusterView, MemberSlot};
 use tdscd::config::{Node, PolicyName};
 use tdscd::datapath::dispatch::Dispatcher;
 use tdscd::datapath::policy::build;
-use tdscd::datapath::queue::RoleCell;
 use tdscd::datapath::records::SynRecords;
 use tdscd::datapath::syn_path::{SynPath, Verdict};
 
@@ -121,10 +122,10 @@ fn per_syn_path_does_not_allocate() {
     for s in view.nodes.iter() {
         s.alive.store(true, Relaxed);
     }
-    let role = Arc::new(RoleCell::default());
-    role.master.store(true, Relaxed);
-    role.term.store(1, Relaxed);
-    role.lease_until_ms.store(u64::MAX, Relaxed);
+    let (role, election, flag) = RoleCell::new();
+    flag.set();
+    election.raise_term(1);
+    election.set_lease_until_ms(u64::MAX);
     let vip = "192.0.2.1".parse().unwrap();
     let packets: Vec<Vec<u8>> = (0..10_000u32)
         .map(|i| syn(1024 + (i % 60000) as u16, i))

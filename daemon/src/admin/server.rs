@@ -8,9 +8,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::admin::protocol::{NodeStatus, Rejected, Reply, Request, Status};
-use crate::cluster::raft::MemberRequest;
+use crate::cluster::raft::{MemberRequest, RaftRequest, SettingRequest};
 use crate::config::{PolicyName, MAX_WEIGHT};
 use crate::node::Shared;
+use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -44,32 +45,53 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     UnixListener::bind(path).map_err(err)
 }
 
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+/// Serves until `shutdown`: then stops accepting, and waits for the sessions, which see the
+/// same signal and end after the request in hand (the owner's bounded wait covers them).
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = session(stream, &shared).await {
-                        tracing::debug!(error = %e, "control session ended");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "control accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    let shutdown = shutdown.clone();
+                    sessions.spawn(async move {
+                        if let Err(e) = session(stream, &shared, shutdown).await {
+                            tracing::debug!(error = %e, "control session ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            // Reap ended sessions as they go.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            () = shutdown.requested() => break,
         }
     }
+    drop(listener);
+    while sessions.join_next().await.is_some() {}
 }
 
-async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+async fn session(
+    stream: UnixStream,
+    shared: &Shared,
+    mut shutdown: Shutdown,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
-    while let Some(line) = lines.next_line().await? {
+    loop {
+        // `next_line` is cancel-safe: a stop between lines loses nothing.
+        let line = tokio::select! {
+            l = lines.next_line() => l?,
+            () = shutdown.requested() => return Ok(()),
+        };
+        let Some(line) = line else { return Ok(()) };
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
-            Ok(Request::PolicySet { policy }) if shared.member_requests.is_some() => {
+            Ok(Request::PolicySet { policy }) if shared.raft_requests.is_some() => {
                 match cluster_policy(shared, &policy).await {
                     Ok(done) => Reply::Done { done },
                     Err(error) => Reply::Error { error },
@@ -93,7 +115,6 @@ async fn session(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
         out.push(b'\n');
         w.write_all(&out).await?;
     }
-    Ok(())
 }
 
 /// Parses a policy name, or says which names there are.
@@ -112,14 +133,14 @@ fn parse_policy(policy: &str) -> Result<PolicyName, String> {
 async fn cluster_policy(s: &Shared, policy: &str) -> Result<String, String> {
     let name = parse_policy(policy)?;
     let tx = s
-        .member_requests
+        .raft_requests
         .as_ref()
         .ok_or("cluster-wide settings need [election] mode = \"raft\"")?;
     let (reply, rx) = tokio::sync::oneshot::channel();
-    tx.try_send(MemberRequest::SetPolicy {
+    tx.try_send(RaftRequest::Setting(SettingRequest::Policy {
         policy: name,
         reply,
-    })
+    }))
     .map_err(|_| "the Raft task is busy or stopped; retry".to_owned())?;
     rx.await
         .map_err(|_| "the Raft task stopped before answering".to_owned())?
@@ -127,7 +148,7 @@ async fn cluster_policy(s: &Shared, policy: &str) -> Result<String, String> {
 
 /// Hands `node add|remove` to the Raft task and waits for its answer (after commit).
 async fn member_change(s: &Shared, req: Request) -> Result<String, String> {
-    let tx = s.member_requests.as_ref().ok_or(
+    let tx = s.raft_requests.as_ref().ok_or(
         "membership changes need [election] mode = \"raft\"; under a static election the \
          members are the configured [[nodes]]",
     )?;
@@ -151,7 +172,7 @@ async fn member_change(s: &Shared, req: Request) -> Result<String, String> {
         Request::NodeRemove { id } => MemberRequest::Remove { id, reply },
         _ => return Err("not a membership change".into()),
     };
-    tx.try_send(msg)
+    tx.try_send(RaftRequest::Member(msg))
         .map_err(|_| "the Raft task is busy or stopped; retry".to_owned())?;
     rx.await
         .map_err(|_| "the Raft task stopped before answering".to_owned())?

@@ -2,12 +2,17 @@
 //!
 //! The Raft task ([`raft`]) elects the master and replicates [`membership`], settings and the
 //! SYN-forward records; a new master adopts them at [`takeover`]. Liveness and load travel in
-//! [`report`]s. What the threads share without locks is the cluster [`view`]. The cluster key
-//! ([`keyfile`]) is read and checked here.
+//! [`report`]s. All of these messages share one UDP socket, whose receive loop ([`bus`])
+//! authenticates each sender and routes each message to its owner. What the threads share
+//! without locks is the cluster [`view`], the [`role`] cell and the [`counters`]. The cluster
+//! key ([`keyfile`]) is read and checked here.
 
+pub mod bus;
+pub mod counters;
 pub mod keyfile;
 pub mod membership;
 pub mod raft;
 pub mod report;
+pub mod role;
 pub mod takeover;
 pub mod view;

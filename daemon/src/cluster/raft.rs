@@ -1,21 +1,23 @@
 //! The Raft election's I/O shell: one tokio task owns the [`RaftCore`] (and so the `RawNode`),
-//! feeds it ticks and the messages the report socket's receive loop hands over, and carries
-//! out each [`tdsc_election::Output`] in its documented order: lease, leadership, persist,
-//! send.
+//! feeds it ticks and the messages the cluster socket's receive loop (`crate::cluster::bus`)
+//! hands over, and carries out each [`tdsc_election::Output`] in its documented order: lease,
+//! leadership, persist, send. It is the only writer of the node's term and lease (it holds
+//! the [`ElectionWriter`]).
 //!
-//! Raft messages travel as `Body::Raft` envelopes on the report socket (`control_port`), so
+//! Raft messages travel as `Body::Raft` envelopes on the cluster socket (`control_port`), so
 //! they share its address check: a message is stepped only if it came from a current
 //! member's address with that member's id.
 //!
 //! A graceful stop talks to the task through a [`RaftHandle`]: first [`RaftHandle::resign`]
 //! (from then on the task stores a revoked lease and publishes this node as member, whatever
 //! the core says), then, once the node's dispatcher and ruleset are member,
-//! [`RaftHandle::transfer`]. The task keeps running as a follower (a voter) until the node
-//! exits, and hands leadership on again if it should win an election meanwhile.
+//! [`RaftHandle::transfer`]. The task keeps running as a follower (a voter) until the node's
+//! teardown stops it (its [`Shutdown`]; it revokes the lease as it ends), and hands
+//! leadership on again if it should win an election meanwhile.
 //!
-//! **Membership.** The task also owns the cluster's membership ([`MembershipLink`]): it
-//! serves `tdscctl node add|remove` (only on the leader, one change at a time, answered once
-//! the change has committed) and, whenever committed conf changes come out of the core, it
+//! **Requests.** [`RaftRequest`]s keep membership and settings apart. The task owns the
+//! cluster's membership ([`MembershipLink`]): it serves `tdscctl node add|remove` (only on
+//! the leader, one change at a time, answered once the change has committed) and, whenever committed conf changes come out of the core, it
 //! updates its peer table, the dispatch view and the membership watch that the role task
 //! re-applies the ruleset from — after the new state is persisted and this round's messages
 //! are sent.
@@ -42,10 +44,21 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cluster::membership::{check_add, check_remove, Members};
-use crate::config::{Config, Node, PolicyName};
-use crate::datapath::queue::RoleCell;
+use crate::cluster::role::ElectionWriter;
+use crate::config::{Config, PolicyName};
+use crate::shutdown::Shutdown;
 
-/// A `tdscctl node add|remove`, answered (text or error) once it has committed or failed.
+/// What the rest of the daemon asks of the Raft task through its request channel.
+#[derive(Debug)]
+pub enum RaftRequest {
+    /// A membership change, or a member's word about this node's membership.
+    Member(MemberRequest),
+    /// A cluster-wide setting.
+    Setting(SettingRequest),
+}
+
+/// A `tdscctl node add|remove`, answered (text or error) once it has committed or failed; or
+/// a `Body::Removed` notice.
 #[derive(Debug)]
 pub enum MemberRequest {
     Add {
@@ -58,17 +71,22 @@ pub enum MemberRequest {
         id: u32,
         reply: oneshot::Sender<Result<String, String>>,
     },
-    /// `tdscctl policy set` under Raft: a cluster-wide setting (see [`POLICY_SETTING`]).
-    SetPolicy {
-        policy: PolicyName,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
     /// A member (`from`) says this node is not among the voters of its membership at Raft
-    /// log index `index` (a `Body::Removed` notice; see `report::Reporter::removal_notice`).
+    /// log index `index` (a `Body::Removed` notice; see `crate::cluster::bus`).
     Removed {
         from: u32,
         index: u64,
         voters: Vec<u32>,
+    },
+}
+
+/// A cluster-wide setting, answered once it has committed here or failed.
+#[derive(Debug)]
+pub enum SettingRequest {
+    /// `tdscctl policy set` under Raft (see [`POLICY_SETTING`]).
+    Policy {
+        policy: PolicyName,
+        reply: oneshot::Sender<Result<String, String>>,
     },
 }
 
@@ -94,7 +112,8 @@ pub struct MembershipLink {
     pub view: Arc<ClusterView>,
     /// The role task re-applies the ruleset from it; status reads it.
     pub members: watch::Sender<Members>,
-    pub requests: mpsc::Receiver<MemberRequest>,
+    /// Membership changes and settings from the control socket, notices from the bus.
+    pub requests: mpsc::Receiver<RaftRequest>,
     /// The committed settings; the node applies the policy from it.
     pub settings: watch::Sender<Settings>,
 }
@@ -198,7 +217,8 @@ pub struct RaftTask {
     peers: HashMap<u64, SocketAddr>,
     inbox: mpsc::Receiver<(u32, Vec<u8>)>,
     signal: Arc<RoleSignal>,
-    role: Arc<RoleCell>,
+    /// The only writer of the term and the lease (see `crate::cluster::role`).
+    election: ElectionWriter,
     state_path: PathBuf,
     log_path: PathBuf,
     /// What `log_path` holds; the first write after start rewrites it.
@@ -213,6 +233,20 @@ pub struct RaftTask {
     pending: Option<Pending>,
     ticks: u64,
     records: Option<RecordsLink>,
+}
+
+/// What the Raft task talks through and writes to.
+#[derive(Debug)]
+pub struct RaftLinks {
+    /// The cluster socket, to send (the bus receives for this task).
+    pub sock: Arc<UdpSocket>,
+    /// `Body::Raft` messages the bus accepted: (sender id, raft bytes). The bus holds the
+    /// sender; when it is gone the task ends.
+    pub inbox: mpsc::Receiver<(u32, Vec<u8>)>,
+    /// Where the task publishes leadership; the role shell follows it.
+    pub signal: Arc<RoleSignal>,
+    /// The term and the lease: this task is their only writer.
+    pub election: ElectionWriter,
 }
 
 /// What the Raft task needs to replicate SYN-forward records.
@@ -233,18 +267,19 @@ pub struct RecordsLink {
 impl RaftTask {
     /// Loads `data_dir/raft.state` if present (a restarted node resumes its term, vote and
     /// log) and builds the core. Nothing is sent yet.
-    #[allow(clippy::too_many_arguments)]
     pub fn open(
-        node_id: u32,
-        nodes: &[Node],
-        port: u16,
+        cfg: &Config,
         settings: RaftSettings,
         data_dir: &Path,
-        sock: Arc<UdpSocket>,
-        inbox: mpsc::Receiver<(u32, Vec<u8>)>,
-        signal: Arc<RoleSignal>,
-        role: Arc<RoleCell>,
+        links: RaftLinks,
     ) -> Result<Self, RaftTaskError> {
+        let RaftLinks {
+            sock,
+            inbox,
+            signal,
+            election,
+        } = links;
+        let (node_id, nodes, port) = (cfg.node_id, &cfg.nodes[..], cfg.control_port);
         std::fs::create_dir_all(data_dir).map_err(|source| RaftTaskError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -290,7 +325,7 @@ impl RaftTask {
             &voters,
             settings,
             persisted,
-            role.now_ms(),
+            election.cell().now_ms(),
             &tdsc_election::raft_core::logger(),
         )
         .map_err(RaftTaskError::Start)?;
@@ -308,7 +343,7 @@ impl RaftTask {
             peers,
             inbox,
             signal,
-            role,
+            election,
             state_path,
             log_path,
             log: LogTracker::default(),
@@ -335,7 +370,7 @@ impl RaftTask {
             RaftCommand::Resign { was_leader } => {
                 self.resigned = true;
                 // Revoked before anything else this task does; flush keeps it revoked.
-                self.role.lease_until_ms.store(0, Relaxed);
+                self.election.revoke_lease();
                 self.signal.publish(Leadership {
                     role: Role::Member,
                     ..self.core.leadership()
@@ -410,7 +445,7 @@ impl RaftTask {
         if committed.is_empty() {
             return;
         }
-        let now = self.role.now_ms();
+        let now = self.election.cell().now_ms();
         let Ok(mut replica) = link.replica.lock() else {
             return;
         };
@@ -422,7 +457,9 @@ impl RaftTask {
         }
     }
 
-    pub async fn run(mut self) {
+    /// Runs until `shutdown`; as it ends it revokes the lease, so nothing this node says
+    /// after that (it says nothing more) can find it dispatching.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.settings.tick_ms));
         // Never catch up in a burst: see RaftCore::tick and the lease argument.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -430,7 +467,7 @@ impl RaftTask {
             tokio::select! {
                 _ = tick.tick() => {
                     self.ticks += 1;
-                    self.core.tick(self.role.now_ms());
+                    self.core.tick(self.election.cell().now_ms());
                     self.propose_records();
                     // A resigned node that leads (again) hands over again; a transfer that
                     // raft-rs aborted after an election timeout is retried here too.
@@ -440,9 +477,18 @@ impl RaftTask {
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd),
                 Some(req) = next_request(&mut self.membership) => self.handle_request(req),
+                () = shutdown.requested() => {
+                    self.election.revoke_lease();
+                    tracing::info!("raft: stopped");
+                    return;
+                }
                 msg = self.inbox.recv() => {
-                    let Some((from, bytes)) = msg else { return };
-                    if let Err(e) = self.core.step(u64::from(from), &bytes, self.role.now_ms()) {
+                    let Some((from, bytes)) = msg else {
+                        self.election.revoke_lease();
+                        return;
+                    };
+                    let now = self.election.cell().now_ms();
+                    if let Err(e) = self.core.step(u64::from(from), &bytes, now) {
                         tracing::debug!(from, error = %e, "raft message not stepped");
                     }
                 }
@@ -456,7 +502,7 @@ impl RaftTask {
         // 1. Lease first: a revoked lease must bind the dispatcher before a vote goes out (or,
         //    after `Resign`, before a MsgTimeoutNow does: it stays revoked).
         let lease = if self.resigned { 0 } else { out.lease_until_ms };
-        self.role.lease_until_ms.store(lease, Relaxed);
+        self.election.set_lease_until_ms(lease);
         // Committed records before leadership: a new master must have applied them all.
         self.apply_committed(&out.committed);
         // 2. Leadership. The term also fences stale forwards at the member path at once.
@@ -465,7 +511,7 @@ impl RaftTask {
                 l.role = Role::Member;
             }
             tracing::info!(role = l.role.as_str(), master = ?l.master_id, term = l.term, "raft leadership");
-            self.role.term.fetch_max(l.term, Relaxed);
+            self.election.raise_term(l.term);
             self.signal.publish(l);
         }
         // 3. Persist before sending: a vote or an acknowledged entry must survive a crash.
@@ -565,31 +611,31 @@ impl RaftTask {
         self.publish_members(members);
     }
 
-    fn handle_request(&mut self, req: MemberRequest) {
+    fn handle_request(&mut self, req: RaftRequest) {
         let (reply, result, kind) = match req {
-            MemberRequest::Add {
+            RaftRequest::Member(MemberRequest::Add {
                 id,
                 address,
                 weight,
                 reply,
-            } => (
+            }) => (
                 reply,
                 self.propose_add(id, address, weight),
                 PendingKind::Membership,
             ),
-            MemberRequest::Remove { id, reply } => {
+            RaftRequest::Member(MemberRequest::Remove { id, reply }) => {
                 (reply, self.propose_remove(id), PendingKind::Membership)
             }
-            MemberRequest::SetPolicy { policy, reply } => {
-                (reply, self.propose_policy(policy), PendingKind::Setting)
-            }
-            MemberRequest::Removed {
+            RaftRequest::Member(MemberRequest::Removed {
                 from,
                 index,
                 voters,
-            } => {
+            }) => {
                 self.removed_notice(from, index, &voters);
                 return;
+            }
+            RaftRequest::Setting(SettingRequest::Policy { policy, reply }) => {
+                (reply, self.propose_policy(policy), PendingKind::Setting)
             }
         };
         match result {
@@ -721,7 +767,7 @@ impl RaftTask {
 }
 
 /// The next membership request, or never when membership is not managed here.
-async fn next_request(link: &mut Option<MembershipLink>) -> Option<MemberRequest> {
+async fn next_request(link: &mut Option<MembershipLink>) -> Option<RaftRequest> {
     match link {
         Some(l) => l.requests.recv().await,
         None => std::future::pending().await,

@@ -56,16 +56,18 @@ use tdsc_proto::control::{
 };
 use tokio::net::UdpSocket;
 
+use crate::cluster::role::RoleCell;
 use crate::cluster::view::ClusterView;
-use crate::datapath::queue::{MasterCommand, RoleCell};
+use crate::datapath::queue::MasterCommand;
 use crate::datapath::records::{Dispatched, RecordEntry, SynRecords};
 use crate::host::sockdiag::SockDiag;
+use crate::shutdown::Shutdown;
 
 /// Records waiting between the master thread and the Raft task: many batches' worth, so a
 /// burst rides out a slow tick. 28 bytes each, preallocated.
 pub const HANDOFF_CAPACITY: usize = 8 * MAX_RECORDS_PER_BATCH;
 
-/// Queries or answers waiting in the report loop's channels; beyond this they are dropped.
+/// Queries or answers waiting in the bus's channels; beyond this they are dropped.
 pub const QUERY_CHANNEL_CAPACITY: usize = 64;
 
 /// Replication and adoption figures for `tdscctl status`.
@@ -368,7 +370,7 @@ pub struct Takeover {
     pub role: Arc<RoleCell>,
     pub replica: Arc<Mutex<Replica>>,
     pub stats: Arc<RecordStats>,
-    /// Answers the report loop accepted: (member id, answer).
+    /// Answers the bus accepted: (member id, answer).
     pub answers: tokio::sync::mpsc::Receiver<(u32, SynRecvAnswer)>,
     pub commands: mpsc::Sender<MasterCommand>,
     /// `scheduler.reconcile_syn_recv`: off (tests only) adopts the replica alone.
@@ -376,26 +378,25 @@ pub struct Takeover {
     nonce: u64,
 }
 
+/// What a [`Takeover`] talks through and reads.
+#[derive(Debug)]
+pub struct TakeoverLinks {
+    /// The cluster socket, to send queries (answers come back through the bus).
+    pub sock: Arc<UdpSocket>,
+    pub view: Arc<ClusterView>,
+    pub role: Arc<RoleCell>,
+    /// Filled by the Raft task; read at adoption.
+    pub replica: Arc<Mutex<Replica>>,
+    pub stats: Arc<RecordStats>,
+    /// Answers the bus accepted: (member id, answer).
+    pub answers: tokio::sync::mpsc::Receiver<(u32, SynRecvAnswer)>,
+    /// To the master thread.
+    pub commands: mpsc::Sender<MasterCommand>,
+}
+
 impl Takeover {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        node_id: u32,
-        vip: IpAddr,
-        port: u16,
-        wait: Duration,
-        sock: Arc<UdpSocket>,
-        view: Arc<ClusterView>,
-        role: Arc<RoleCell>,
-        replica: Arc<Mutex<Replica>>,
-        stats: Arc<RecordStats>,
-        answers: tokio::sync::mpsc::Receiver<(u32, SynRecvAnswer)>,
-        commands: mpsc::Sender<MasterCommand>,
-    ) -> Self {
-        Takeover {
-            node_id,
-            vip,
-            port,
-            wait,
+    pub fn new(cfg: &crate::config::Config, links: TakeoverLinks) -> Self {
+        let TakeoverLinks {
             sock,
             view,
             role,
@@ -403,8 +404,21 @@ impl Takeover {
             stats,
             answers,
             commands,
-            reconcile: true,
-            nonce: u64::from(node_id) << 48,
+        } = links;
+        Takeover {
+            node_id: cfg.node_id,
+            vip: cfg.vip,
+            port: cfg.control_port,
+            wait: cfg.syn_recv_wait,
+            sock,
+            view,
+            role,
+            replica,
+            stats,
+            answers,
+            commands,
+            reconcile: cfg.reconcile_syn_recv,
+            nonce: u64::from(cfg.node_id) << 48,
         }
     }
 
@@ -543,8 +557,8 @@ fn own_syn_recv(vip: &IpAddr) -> std::io::Result<(SynRecvAnswer, bool)> {
     Ok((answer, truncated))
 }
 
-/// Answers the SYN-RECV queries the report loop accepted (from a member's address with that
-/// member's id): (querier's address, nonce).
+/// Answers the SYN-RECV queries the bus accepted (from a member's address with that
+/// member's id): (querier's address, nonce). Runs until `shutdown`.
 pub async fn answer_queries(
     mut queries: tokio::sync::mpsc::Receiver<(SocketAddr, u64)>,
     sock: Arc<UdpSocket>,
@@ -552,8 +566,14 @@ pub async fn answer_queries(
     vip: IpAddr,
     role: Arc<RoleCell>,
     stats: Arc<RecordStats>,
+    mut shutdown: Shutdown,
 ) {
-    while let Some((to, nonce)) = queries.recv().await {
+    loop {
+        let query = tokio::select! {
+            q = queries.recv() => q,
+            () = shutdown.requested() => return,
+        };
+        let Some((to, nonce)) = query else { return };
         let mut answer = match own_syn_recv(&vip) {
             Ok((a, _)) => a,
             Err(e) => {
@@ -564,7 +584,7 @@ pub async fn answer_queries(
         answer.nonce = nonce;
         let env = Envelope {
             from: node_id,
-            term: role.term.load(Relaxed),
+            term: role.term(),
             body: Some(Body::SynRecvAnswer(answer)),
         };
         if sock.send_to(&env.to_bytes(), to).await.is_ok() {

@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering:
 use std::sync::atomic::{Ordering::Relaxed, Ordering::Release};
 use std::sync::OnceLock;
 
-use serde::Serialize;
-
 /// Slots in a [`ClusterView`]: the most distinct (id, address) pairs one daemon run can know.
 /// A slot is 100-odd bytes, so the whole table is a few KiB, allocated once at start.
 pub const MAX_NODES: usize = 64;
@@ -215,64 +213,6 @@ impl ClusterView {
         self.used.store(i + 1, Release);
         Ok(i)
     }
-}
-
-macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// Event counters; `tdscctl status` shows a snapshot.
-        #[derive(Debug, Default)]
-        pub struct Counters { $( $(#[$doc])* pub $name: AtomicU64, )* }
-
-        #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
-        pub struct CountersSnapshot { $( pub $name: u64, )* }
-
-        impl Counters {
-            pub fn snapshot(&self) -> CountersSnapshot {
-                CountersSnapshot { $( $name: self.$name.load(Relaxed), )* }
-            }
-        }
-    };
-}
-
-counters! {
-    /// SYNs taken off the queue and given to the policy (master).
-    syns_dispatched,
-    /// Of those, sent to another node as proto-253.
-    forwarded_out,
-    /// Of those, accepted by the master itself.
-    accepted_locally,
-    /// Retransmitted SYNs sent to the node that took the first copy.
-    retransmit_hits,
-    /// SYNs dropped because no node was eligible.
-    dropped_no_node,
-    /// Queued packets that were not a dispatchable SYN (should stay 0: the ruleset filters).
-    queue_rejected,
-    /// Packets queued while this node was not master (a role change in flight); dropped.
-    dropped_not_master,
-    /// sendto() of a forward failed.
-    forward_send_errors,
-    /// Valid forwarded SYNs received from the master (member path).
-    received_forwarded,
-    /// Of those, written into the local TCP stack.
-    reinjected,
-    /// Re-injection failed (the SYN is lost; the client will retransmit).
-    reinject_errors,
-    /// Forward packets refused, by reason.
-    rejected_malformed,
-    rejected_unknown_peer,
-    rejected_wrong_vip,
-    rejected_not_syn,
-    rejected_bad_port,
-    /// Forwards stamped with an older election term than this node knows (a deposed master).
-    rejected_stale_term,
-    /// Live SYN-forward records pushed out by a full table (SYN flood).
-    records_evicted_live,
-    /// New records not handed to the Raft task for replication: the hand-off was full.
-    records_handoff_overflow,
-}
-
-pub fn add(c: &AtomicU64) {
-    c.fetch_add(1, Relaxed);
 }
 
 #[cfg(test)]

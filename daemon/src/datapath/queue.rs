@@ -10,54 +10,21 @@
 //! `try_recv`.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Instant;
 
 use nfq::{Queue, Verdict};
 use tdsc_proto::forward::MAX_HEADER_LEN;
 
-use crate::cluster::view::{add, ClusterView, Counters};
+use crate::cluster::counters::{add, Counters};
+use crate::cluster::role::RoleCell;
+use crate::cluster::view::ClusterView;
+use crate::config::Config;
 use crate::datapath::dispatch::Dispatcher;
 use crate::datapath::policy::Policy;
 use crate::datapath::rawsock::{Dest, RawSocket};
 use crate::datapath::syn_path::{SynPath, Verdict as SynVerdict};
-
-/// Whether this node dispatches right now, and under which term. Written by the role task
-/// and the election, read per packet by the master thread.
-#[derive(Debug)]
-pub struct RoleCell {
-    pub master: AtomicBool,
-    /// The highest election term this node knows: stamped on every forward while master, and
-    /// the member path's fence against forwards from older terms (see `crate::datapath::receive`).
-    pub term: AtomicU64,
-    /// The election lease: the master thread dispatches only while `epoch.elapsed()` in ms is
-    /// below this. The Raft task writes it (and writes 0 before it says anything that could
-    /// help another node win); static election sets it to `u64::MAX`. See `tdsc_election`'s
-    /// docs for the timing argument.
-    pub lease_until_ms: AtomicU64,
-    /// The clock both the lease and the SYN-forward records are measured on.
-    pub epoch: Instant,
-}
-
-impl Default for RoleCell {
-    fn default() -> Self {
-        RoleCell {
-            master: AtomicBool::new(false),
-            term: AtomicU64::new(0),
-            lease_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-}
-
-impl RoleCell {
-    /// Milliseconds on the lease clock.
-    pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
+use crate::shutdown::StopFlag;
 
 /// Commands for the master thread.
 #[derive(Debug)]
@@ -105,20 +72,33 @@ impl std::fmt::Debug for MasterPath {
     }
 }
 
+/// What the master thread shares with the rest of the node.
+#[derive(Debug)]
+pub struct MasterLinks {
+    /// Read per SYN (eligibility, addresses); written by the Raft task, the bus and the
+    /// control socket.
+    pub view: Arc<ClusterView>,
+    /// The master path's counters are this thread's.
+    pub counters: Arc<Counters>,
+    /// Read per SYN: the master flag, the lease, the term to stamp.
+    pub role: Arc<RoleCell>,
+    /// Policy switches and adoptions; polled before each SYN.
+    pub commands: Receiver<MasterCommand>,
+    pub dispatcher: Dispatcher,
+}
+
 impl MasterPath {
     /// Binds the queue now, so that a failure shows at start-up rather than at first SYN.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        queue_num: u16,
-        vip: IpAddr,
-        ports: Vec<u16>,
-        self_id: u32,
-        view: Arc<ClusterView>,
-        counters: Arc<Counters>,
-        role: Arc<RoleCell>,
-        commands: Receiver<MasterCommand>,
-        dispatcher: Dispatcher,
-    ) -> Result<Self, MasterError> {
+    pub fn new(cfg: &Config, links: MasterLinks) -> Result<Self, MasterError> {
+        let MasterLinks {
+            view,
+            counters,
+            role,
+            commands,
+            dispatcher,
+        } = links;
+        let (queue_num, vip, ports, self_id) =
+            (cfg.queue_num, cfg.vip, cfg.tcp_ports.clone(), cfg.node_id);
         let q = |source| MasterError::Queue {
             queue: queue_num,
             source,
@@ -170,13 +150,16 @@ impl MasterPath {
         })
     }
 
-    /// Runs for the life of the process. While this node is a member nothing is queued and the
-    /// thread sleeps in `recv`.
-    pub fn run(mut self) {
+    /// Runs until `stop`. While this node is a member nothing is queued and the thread sleeps
+    /// in `recv`, which has no timeout: the thread is spawned interruptible
+    /// (`crate::shutdown::ThreadHandle::spawn_interruptible`), so a stop wakes that `recv`
+    /// with `EINTR` and the loop sees the flag.
+    pub fn run(mut self, stop: &StopFlag) {
         tracing::info!(queue = self.queue_num, "master path ready");
-        loop {
+        while !stop.is_set() {
             let mut msg = match self.queue.recv() {
                 Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "nfqueue receive failed");
                     continue;

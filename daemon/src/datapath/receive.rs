@@ -13,19 +13,22 @@
 //! term, and every member that has heard of a newer term refuses them.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tdsc_proto::forward::ForwardPacket;
 
-use crate::cluster::view::{add, ClusterView, Counters};
+use crate::cluster::counters::{add, Counters};
+use crate::cluster::role::RoleCell;
+use crate::cluster::view::ClusterView;
+use crate::config::Config;
 use crate::datapath::classify::{ACK, FIN, RST, SYN};
 use crate::datapath::inject;
-use crate::datapath::queue::RoleCell;
 use crate::datapath::rawsock::{Dest, RawSocket};
+use crate::shutdown::StopFlag;
 
-/// How often the receive loop wakes to check for shutdown.
+/// How often the receive loop wakes to check for shutdown: the receive socket's
+/// `SO_RCVTIMEO`, so the blocking `recvfrom` returns at least this often.
 const POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -78,6 +81,17 @@ pub fn check<'a>(
     Ok(p)
 }
 
+/// What the receive thread shares with the rest of the node.
+#[derive(Debug)]
+pub struct MemberLinks {
+    /// Read per forward (who may send); written by the Raft task.
+    pub view: Arc<ClusterView>,
+    /// The member path's counters are this thread's.
+    pub counters: Arc<Counters>,
+    /// Read per forward: the highest election term this node knows, for the stale-term fence.
+    pub role: Arc<RoleCell>,
+}
+
 #[derive(Debug)]
 pub struct MemberPath {
     pub rx: RawSocket,
@@ -88,39 +102,28 @@ pub struct MemberPath {
     pub counters: Arc<Counters>,
     /// `term`: the highest election term this node knows, for the stale-term fence.
     pub role: Arc<RoleCell>,
-    pub stop: Arc<AtomicBool>,
 }
 
 impl MemberPath {
-    #[allow(clippy::too_many_arguments)]
-    pub fn open(
-        self_addr: IpAddr,
-        cluster_interface: &str,
-        vip: IpAddr,
-        ports: Vec<u16>,
-        view: Arc<ClusterView>,
-        counters: Arc<Counters>,
-        role: Arc<RoleCell>,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<Self> {
+    pub fn open(cfg: &Config, links: MemberLinks) -> std::io::Result<Self> {
         Ok(MemberPath {
-            rx: RawSocket::receive_forwards(&self_addr, cluster_interface, POLL)?,
-            inject: RawSocket::inject(&vip)?,
-            vip,
-            ports,
-            view,
-            counters,
-            role,
-            stop,
+            rx: RawSocket::receive_forwards(&cfg.self_address(), &cfg.cluster_interface, POLL)?,
+            inject: RawSocket::inject(&cfg.vip)?,
+            vip: cfg.vip,
+            ports: cfg.tcp_ports.clone(),
+            view: links.view,
+            counters: links.counters,
+            role: links.role,
         })
     }
 
-    pub fn run(self) {
+    /// Runs until `stop` (seen within `POLL`, 250 ms).
+    pub fn run(self, stop: &StopFlag) {
         let mut rbuf = vec![0u8; 0x10000];
         let mut obuf = vec![0u8; inject::MAX_PACKET];
         let to = Dest::new(&self.vip);
         tracing::info!("member path ready");
-        while !self.stop.load(Relaxed) {
+        while !stop.is_set() {
             let (n, src) = match self.rx.recv_from(&mut rbuf) {
                 Ok(Some(x)) => x,
                 Ok(None) => continue,
@@ -142,7 +145,7 @@ impl MemberPath {
             } else {
                 pkt
             };
-            let known_term = self.role.term.load(Relaxed);
+            let known_term = self.role.term();
             match check(&self.view, self.vip, &self.ports, known_term, src, payload) {
                 Ok(p) => {
                     add(&self.counters.received_forwarded);

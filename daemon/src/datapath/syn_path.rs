@@ -15,11 +15,12 @@ use std::sync::Arc;
 
 use tdsc_proto::forward::ForwardHeader;
 
-use crate::cluster::view::{add, ClusterView, Counters};
+use crate::cluster::counters::{add, Counters};
+use crate::cluster::role::RoleCell;
+use crate::cluster::view::ClusterView;
 use crate::datapath::classify::{classify, Reject};
 use crate::datapath::dispatch::{Decision, Dispatcher};
 use crate::datapath::policy::Policy;
-use crate::datapath::queue::RoleCell;
 use crate::datapath::records::RecordEntry;
 
 /// What the queue thread does with one queued packet.
@@ -99,11 +100,11 @@ impl SynPath {
     /// (`RoleCell::now_ms`). A forward is encoded into `out`, which must hold
     /// `tdsc_proto::forward::MAX_HEADER_LEN` plus the largest queued segment.
     pub fn on_syn(&mut self, packet: &[u8], now_ms: u64, out: &mut [u8]) -> Verdict {
-        if !self.role.master.load(Relaxed) {
+        if !self.role.is_master() {
             add(&self.counters.dropped_not_master);
             return Verdict::Drop(DropReason::NotMaster);
         }
-        if now_ms >= self.role.lease_until_ms.load(Relaxed) {
+        if now_ms >= self.role.lease_until_ms() {
             add(&self.counters.dropped_not_master);
             return Verdict::Drop(DropReason::LeaseLapsed);
         }
@@ -142,7 +143,7 @@ impl SynPath {
             }
             Decision::Forward { index } => {
                 let header = ForwardHeader {
-                    term: self.role.term.load(Relaxed),
+                    term: self.role.term(),
                     origin: self.self_id,
                     client: syn.client,
                     vip: syn.vip,
@@ -184,6 +185,7 @@ impl SynPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::role::{ElectionWriter, MasterFlag};
     use crate::config::PolicyName;
     use crate::datapath::classify::fixtures::v4_tcp;
     use crate::datapath::classify::{ACK, SYN};
@@ -199,7 +201,8 @@ mod tests {
         path: SynPath,
         view: Arc<ClusterView>,
         counters: Arc<Counters>,
-        role: Arc<RoleCell>,
+        election: ElectionWriter,
+        flag: MasterFlag,
         buf: Vec<u8>,
     }
 
@@ -210,10 +213,10 @@ mod tests {
             s.alive.store(true, Relaxed);
         }
         let counters = Arc::new(Counters::default());
-        let role = Arc::new(RoleCell::default());
-        role.master.store(true, Relaxed);
-        role.term.store(TERM, Relaxed);
-        role.lease_until_ms.store(10_000, Relaxed);
+        let (role, election, flag) = RoleCell::new();
+        flag.set();
+        election.raise_term(TERM);
+        election.set_lease_until_ms(10_000);
         let dispatcher = Dispatcher::new(
             build(PolicyName::RoundRobin),
             SynRecords::new(1024, 64_000),
@@ -231,7 +234,8 @@ mod tests {
             ),
             view,
             counters,
-            role,
+            election,
+            flag,
             buf: vec![0u8; MAX_HEADER_LEN + 0x10000],
         }
     }
@@ -255,10 +259,10 @@ mod tests {
             Verdict::Drop(DropReason::LeaseLapsed),
             "the lease ends at its deadline"
         );
-        f.role.lease_until_ms.store(0, Relaxed);
+        f.election.revoke_lease();
         assert_eq!(f.on(&syn(3), 0), Verdict::Drop(DropReason::LeaseLapsed));
-        f.role.lease_until_ms.store(u64::MAX, Relaxed);
-        f.role.master.store(false, Relaxed);
+        f.election.set_lease_until_ms(u64::MAX);
+        f.flag.clear();
         assert_eq!(f.on(&syn(4), 0), Verdict::Drop(DropReason::NotMaster));
         let c = f.counters.snapshot();
         assert_eq!(c.dropped_not_master, 3);

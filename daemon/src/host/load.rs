@@ -19,12 +19,12 @@
 //! and queue count.
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::cluster::view::ClusterView;
 use crate::config::LoadSource;
+use crate::shutdown::StopFlag;
 
 /// Why a sample failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,33 +98,25 @@ pub fn sample_period(report_interval: Duration) -> Duration {
     (report_interval / 4).clamp(Duration::from_millis(5), Duration::from_millis(50))
 }
 
-/// Starts the sampler thread; it ends when `stop` is set.
-pub fn spawn(
-    source: LoadSource,
-    interval: Duration,
-    view: Arc<ClusterView>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("tdsc-load".into())
-        .spawn(move || {
-            let own = view.own();
-            let mut failing = false;
-            while !stop.load(Relaxed) {
-                match sample(&source) {
-                    Ok(v) => {
-                        own.load.store(v, Relaxed);
-                        failing = false;
-                    }
-                    Err(e) if !failing => {
-                        tracing::warn!(error = %e, "load sample failed; keeping the last figure");
-                        failing = true;
-                    }
-                    Err(_) => {}
-                }
-                std::thread::sleep(interval);
+/// The sampler thread's body: samples every `interval` until `stop` (seen within one
+/// interval, at most 50 ms: see [`sample_period`]).
+pub fn run(source: &LoadSource, interval: Duration, view: &ClusterView, stop: &StopFlag) {
+    let own = view.own();
+    let mut failing = false;
+    while !stop.is_set() {
+        match sample(source) {
+            Ok(v) => {
+                own.load.store(v, Relaxed);
+                failing = false;
             }
-        })
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "load sample failed; keeping the last figure");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(interval);
+    }
 }
 
 #[cfg(test)]

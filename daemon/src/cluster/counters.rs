@@ -1,0 +1,78 @@
+//! Event counters, bumped lock-free by their one writer each and read by `tdscctl status`.
+//!
+//! [`Counters`] are the data paths' (the master thread's and the receive thread's; which
+//! counter belongs to which is in its doc); [`ReportCounters`] the cluster socket's (the
+//! report sender counts `sent`, the bus receive loop `received` and `rejected`).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Event counters; `tdscctl status` shows a snapshot.
+        #[derive(Debug, Default)]
+        pub struct Counters { $( $(#[$doc])* pub $name: AtomicU64, )* }
+
+        #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+        pub struct CountersSnapshot { $( pub $name: u64, )* }
+
+        impl Counters {
+            pub fn snapshot(&self) -> CountersSnapshot {
+                CountersSnapshot { $( $name: self.$name.load(Relaxed), )* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// SYNs taken off the queue and given to the policy (master).
+    syns_dispatched,
+    /// Of those, sent to another node as proto-253.
+    forwarded_out,
+    /// Of those, accepted by the master itself.
+    accepted_locally,
+    /// Retransmitted SYNs sent to the node that took the first copy.
+    retransmit_hits,
+    /// SYNs dropped because no node was eligible.
+    dropped_no_node,
+    /// Queued packets that were not a dispatchable SYN (should stay 0: the ruleset filters).
+    queue_rejected,
+    /// Packets queued while this node was not master (a role change in flight); dropped.
+    dropped_not_master,
+    /// sendto() of a forward failed.
+    forward_send_errors,
+    /// Valid forwarded SYNs received from the master (member path).
+    received_forwarded,
+    /// Of those, written into the local TCP stack.
+    reinjected,
+    /// Re-injection failed (the SYN is lost; the client will retransmit).
+    reinject_errors,
+    /// Forward packets refused, by reason.
+    rejected_malformed,
+    rejected_unknown_peer,
+    rejected_wrong_vip,
+    rejected_not_syn,
+    rejected_bad_port,
+    /// Forwards stamped with an older election term than this node knows (a deposed master).
+    rejected_stale_term,
+    /// Live SYN-forward records pushed out by a full table (SYN flood).
+    records_evicted_live,
+    /// New records not handed to the Raft task for replication: the hand-off was full.
+    records_handoff_overflow,
+}
+
+pub fn add(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Datagrams on the cluster socket (`crate::cluster::bus`, `crate::cluster::report`).
+#[derive(Debug, Default)]
+pub struct ReportCounters {
+    /// Reports sent (the report task).
+    pub sent: AtomicU64,
+    /// Datagrams accepted: an authenticated sender, and an owner that took the body (the bus).
+    pub received: AtomicU64,
+    /// Datagrams refused: undecodable, an unknown sender, or no owner with room (the bus).
+    pub rejected: AtomicU64,
+}
