@@ -182,3 +182,62 @@ fn a_vip_the_operator_configured_stays_through_crash_restart_and_stop() -> anyho
         Ok(())
     })
 }
+
+#[test]
+fn a_corrupt_host_state_file_is_kept_reported_and_does_not_stop_the_node() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("host_state_corrupt") else {
+        return Ok(());
+    };
+    run("tdsc-hostbad", |cluster| {
+        let node = cluster.node("node2")?.clone();
+        let state = node.socket.with_extension("host-state");
+        let aside = node.socket.with_extension("host-state.corrupt");
+        let garbage = "{\"version\": 1, \"vip\": {\"interface\": \"eth0\", \"addr";
+        let ns = cluster.netns("node2");
+
+        // The one-shot command: the file stays as it is, the rules go in, the exit is non-zero.
+        std::fs::write(&state, garbage)?;
+        let tdscd = BinDir::locate()?.path("tdscd")?;
+        let out = netns::exec(
+            &ns,
+            &tdscd.display().to_string(),
+            [
+                "--config".to_owned(),
+                node.config.display().to_string(),
+                "--install-member-rules".to_owned(),
+            ],
+        );
+        let Err(netns::NetnsError::Command { stderr, .. }) = out else {
+            anyhow::bail!("--install-member-rules with a corrupt record succeeded: {out:?}");
+        };
+        ensure!(
+            stderr.contains("is not a tcp-dsc host record"),
+            "unclear error: {stderr}"
+        );
+        ensure!(
+            std::fs::read_to_string(&state)? == garbage,
+            "record changed"
+        );
+        netns::exec(&ns, "nft", ["list", "table", "inet", "tdsc"])
+            .context("the member ruleset is installed even so")?;
+
+        // The daemon: moves it aside, says so, starts, and records afresh.
+        let before = view(&ns)?;
+        start_and_check(cluster, "node2", &before)?;
+        ensure!(
+            std::fs::read_to_string(&aside)? == garbage,
+            "the corrupt record was not kept beside"
+        );
+        let log = cluster.daemon_log_tail("node2", 40);
+        ensure!(
+            log.contains("host state file unreadable"),
+            "not reported:\n{log}"
+        );
+        ensure!(state.exists(), "no new record while tdscd runs");
+        stop(cluster, "node2")?;
+        let after = view(&ns)?;
+        ensure!(after == before, "after stop: {after:?}, before: {before:?}");
+        ensure!(!state.exists(), "record left after a clean stop");
+        Ok(())
+    })
+}
