@@ -57,7 +57,7 @@ cache=${TDSC_TEST_CACHE:-/var/cache/tdsc-test}
 base=${TDSC_BASE_ROOT:-$cache/bookworm-minbase}
 [ -x "$base/usr/bin/apt-get" ] || cannot "no debootstrap root at $base (install-test.sh makes it)"
 sdroot=$repo/target/tdsc-test/bookworm-systemd
-sdpkgs="systemd systemd-sysv dbus libnftnl11 libmnl0 nftables iproute2"
+sdpkgs="systemd systemd-sysv dbus libnftnl11 libmnl0 nftables iproute2 procps"
 # The marker holds the package list: a changed list makes the root again.
 if [ "$(cat "$sdroot/.tdsc-complete" 2>/dev/null)" != "$sdpkgs" ]; then
   echo "== systemd root: $base + $sdpkgs -> $sdroot (once)"
@@ -96,7 +96,7 @@ cleanup() {
   set +e
   if [ -n "$dpid" ] && kill -0 "$dpid" 2>/dev/null; then
     "$docker" rm -f "$ctr" >/dev/null 2>&1
-    "$docker" rmi -f "$image" >/dev/null 2>&1
+    "$docker" rmi -f "tdsc-node-test:$$" "$image" >/dev/null 2>&1
     kill "$dpid"
     for _ in $(seq 100); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$dpid" 2>/dev/null
@@ -286,5 +286,22 @@ check "and no VIP ($gone)" bash -c '[[ "$0" == vip=0\ * ]]' "$gone"
 check "purge deleted /etc/tdsc, /var/lib/tdsc and /run/tdsc" in_ctr sh -c '! test -e /etc/tdsc && ! test -e /var/lib/tdsc && ! test -e /run/tdsc'
 check "systemd no longer knows the units" bash -c '
   ! "$0" exec "$1" systemctl cat tdscd.service >/dev/null 2>&1' "$docker" "$ctr"
+
+echo "== the containerlab node image (deploy/containerlab/Dockerfile), built with no network"
+# The build context holds only what the Dockerfile copies (the repository's target/ is large).
+ctx=$tmp/context
+mkdir -p "$ctx/target/debian" "$ctx/target/release" "$ctx/deploy/containerlab"
+cp "$deb" "$ctx/target/debian/"
+cp "$repo/target/release/tdsc-lab-httpd" "$ctx/target/release/" 2>/dev/null || true
+cp "$repo/deploy/containerlab/Dockerfile" "$repo/deploy/containerlab/tdsc-node-entrypoint" "$ctx/deploy/containerlab/"
+node_image=tdsc-node-test:$$
+check "docker build --network none --build-arg BASE=<the systemd root>" \
+  "$docker" build -q --network none --build-arg BASE="$image" -t "$node_image" \
+    -f "$ctx/deploy/containerlab/Dockerfile" "$ctx"
+check "the node image runs tdscd and tdsc-lab-httpd (through its entrypoint)" bash -c '
+  out=$("$0" run --rm --network none -e CLAB_INTFS_WITH_MGMT=0 "$1" sh -c \
+    "tdscd --version && tdsc-lab-httpd --help >/dev/null && nft --version >/dev/null && echo fine")
+  [[ "$out" == *fine ]] || { echo "$out"; exit 1; }' "$docker" "$node_image"
+"$docker" rmi -f "$node_image" >/dev/null 2>&1 || true
 
 harness_summary
