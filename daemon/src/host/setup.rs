@@ -312,6 +312,10 @@ pub fn undo_recorded(path: &Path) -> Result<Recorded, HostError> {
     let Some(record) = file.load()? else {
         return Ok(Recorded::Nothing);
     };
+    if record.is_empty() {
+        file.clear()?;
+        return Ok(Recorded::Undone { restored: 0 });
+    }
     let mut setup = HostSetup {
         file,
         record,
@@ -347,7 +351,7 @@ impl HostSetup {
     }
 
     /// Writes the record (before the change it announces).
-    fn record(&mut self) -> Result<(), HostError> {
+    fn write_record(&mut self) -> Result<(), HostError> {
         Ok(self.file.store(&self.record)?)
     }
 
@@ -388,7 +392,7 @@ impl HostSetup {
             return Err(HostError::Undo(errors));
         }
         self.record = resume.keep;
-        self.record()
+        self.write_record()
     }
 
     fn apply_inner(&mut self, cfg: &Config) -> Result<(), HostError> {
@@ -405,7 +409,7 @@ impl HostSetup {
                     previous: old,
                     set: value.clone(),
                 });
-                self.record()?;
+                self.write_record()?;
                 write_sysctl(key, value)?;
             }
         }
@@ -424,7 +428,7 @@ impl HostSetup {
                     original: old,
                     set: mac,
                 });
-                self.record()?;
+                self.write_record()?;
                 hwaddr(&cfg.client_interface, Some(mac)).map_err(set_mac_error)?;
             }
         }
@@ -436,13 +440,13 @@ impl HostSetup {
                 return Ok(());
             }
             self.record.vip = Some(wanted.vip.clone());
-            self.record()?;
+            self.write_record()?;
             match nl_add_address(idx, cfg) {
                 Ok(()) => {}
                 // Added by someone else since we looked: not ours to remove.
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     self.record.vip = None;
-                    self.record()?;
+                    self.write_record()?;
                     tracing::info!(vip = %cfg.vip, "VIP already present on {}; leaving it in place at exit", cfg.client_interface);
                 }
                 Err(source) => {
@@ -463,7 +467,8 @@ impl HostSetup {
     /// record, so that `ExecStopPost=` or the next start can finish the job.
     pub fn undo(&mut self) -> Result<usize, HostError> {
         if self.record.is_empty() {
-            self.file.clear()?;
+            // Nothing of ours, and the file is not ours to touch either: after a failed
+            // take-over it still holds the predecessor's whole record.
             return Ok(0);
         }
         let now = observe_for(&self.record, None)?;
