@@ -61,6 +61,8 @@ sdpkgs="systemd systemd-sysv dbus libnftnl11 libmnl0 nftables iproute2 procps"
 # The marker holds the package list: a changed list makes the root again.
 if [ "$(cat "$sdroot/.tdsc-complete" 2>/dev/null)" != "$sdpkgs" ]; then
   echo "== systemd root: $base + $sdpkgs -> $sdroot (once)"
+  # A run killed while building left proc mounted there: never rm -rf into it.
+  umount -l "$sdroot/proc" 2>/dev/null || true
   rm -rf "$sdroot"
   mkdir -p "$sdroot"
   cp -a "$base/." "$sdroot/"
