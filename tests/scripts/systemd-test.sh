@@ -293,7 +293,7 @@ echo "== the containerlab node image (deploy/containerlab/Dockerfile), built wit
 # The build context holds only what the Dockerfile copies (the repository's target/ is large).
 ctx=$tmp/context
 mkdir -p "$ctx/target/debian" "$ctx/target/release" "$ctx/deploy/containerlab"
-cp "$deb" "$ctx/target/debian/"
+cp "$deb" "$ctx/target/debian/tcp-dsc_test_amd64.deb"   # the name the COPY glob wants
 cp "$repo/target/release/tdsc-lab-httpd" "$ctx/target/release/" 2>/dev/null || true
 cp "$repo/deploy/containerlab/Dockerfile" "$repo/deploy/containerlab/tdsc-node-entrypoint" "$ctx/deploy/containerlab/"
 node_image=tdsc-node-test:$$
