@@ -104,6 +104,7 @@ struct RawElection {
 #[serde(deny_unknown_fields)]
 struct RawControl {
     socket: Option<PathBuf>,
+    host_state: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -253,6 +254,10 @@ pub struct Config {
     pub weights: Vec<u32>,
     pub election: ElectionMode,
     pub control_socket: PathBuf,
+    /// `[control] host_state`: the host state file, where the daemon records what it changes
+    /// on the host before it changes it (see [`crate::host::state`]). Default
+    /// [`crate::host::state::DEFAULT_STATE_FILE`].
+    pub host_state: PathBuf,
     pub report_interval: Duration,
     pub dead_after: Duration,
     /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
@@ -627,6 +632,10 @@ impl Config {
                 .control
                 .socket
                 .unwrap_or_else(|| PathBuf::from("/run/tdsc/tdscd.sock")),
+            host_state: raw
+                .control
+                .host_state
+                .unwrap_or_else(|| PathBuf::from(crate::host::state::DEFAULT_STATE_FILE)),
             report_interval: Duration::from_millis(report_ms),
             dead_after: Duration::from_millis(dead_ms),
             data_path_cpu,

@@ -9,7 +9,8 @@
 # dependencies come from the Debian mirror of the host's apt sources), checks the files, the
 # conffile and the units, runs `tdscd --version` and `tdscd --check-config`, installs the safe
 # member ruleset in a throw-away network namespace, upgrades with an edited conffile, then
-# removes and purges and checks that nothing is left behind.
+# removes and purges and checks that nothing is left behind. Then tests/scripts/systemd-test.sh
+# boots the same root (plus systemd) as a container and drives the units under systemd.
 #
 # Needs root (prints SKIP otherwise). Changes on the host: /var/cache/tdsc-test/ (or
 # $TDSC_TEST_CACHE: the cached base root, kept between runs; delete it to start afresh) and a
@@ -180,5 +181,12 @@ check "the image entrypoint waits for the links and the cluster address, then ru
     out=$(CLAB_INTFS_WITH_MGMT=2 TDSC_WAIT_ADDRESSES=198.51.100.11 "$0" sh -c \
       "ip -o addr show | grep -q \" 198.51.100.11/\" && echo ready")
     [ "$out" = ready ]' "$repo/deploy/containerlab/tdsc-node-entrypoint"
+
+echo "== the package under a real systemd (tests/scripts/systemd-test.sh, in a container)"
+if TDSC_BASE_ROOT=$base bash tests/scripts/systemd-test.sh --deb "$deb"; then
+  ok "the package under systemd: every check passed"
+else
+  bad "the package under systemd: see its failures above"
+fi
 
 harness_summary

@@ -3,7 +3,8 @@
 //!
 //! Roles come from the topology's `tdsc.role` labels; a cluster node's configuration is the
 //! file its topology entry binds to `/etc/tdsc/tdscd.toml`. The harness copies that file into
-//! the lab's work directory, changing only `[control].socket` (one socket per node, per lab)
+//! the lab's work directory, changing only `[control].socket` and `[control].host_state` (one
+//! socket and one host state file per node, per lab)
 //! and, if asked, `[scheduler].policy`. Everything else (VIP, port, node list, master) is read
 //! from it.
 //!
@@ -753,7 +754,8 @@ struct NodeFacts {
     master: Option<u32>,
 }
 
-/// Copies a node config to `dst`, pointing `[control].socket` at `socket` and optionally
+/// Copies a node config to `dst`, pointing `[control].socket` at `socket` (and
+/// `[control].host_state` at the same path with extension `host-state`) and optionally
 /// replacing the policy, and the election with Raft keeping its state in `raft_dir`.
 fn write_node_config(
     src: &Path,
@@ -814,6 +816,11 @@ fn write_node_config(
     control.insert(
         "socket".into(),
         toml::Value::String(socket.display().to_string()),
+    );
+    // The host state file beside it (`node1.host-state`): the nodes share one filesystem.
+    control.insert(
+        "host_state".into(),
+        toml::Value::String(socket.with_extension("host-state").display().to_string()),
     );
     if policy.is_some() || load_file.is_some() {
         let scheduler = table
@@ -925,6 +932,10 @@ mod tests {
         assert_eq!(
             written["control"]["socket"].as_str(),
             Some(dir.join("n2.sock").to_str().unwrap())
+        );
+        assert_eq!(
+            written["control"]["host_state"].as_str(),
+            Some(dir.join("n2.host-state").to_str().unwrap())
         );
         assert_eq!(
             written["scheduler"]["policy"].as_str(),

@@ -20,13 +20,17 @@ struct Args {
     #[arg(long)]
     check_config: bool,
     /// Install the member ruleset (the safe state: no client SYN accepted, no RST for foreign
-    /// segments) and exit. Touches neither VIP, MAC nor sysctls, and leaves out the netdev
-    /// egress table, whose device may not exist yet. Run at boot before the network comes up
-    /// (tdsc-safe-rules.service) and after the daemon stops.
+    /// segments) and exit. Leaves out the netdev egress table, whose device may not exist yet.
+    /// Touches neither VIP, MAC nor sysctls, except to undo what a tdscd that did not stop
+    /// cleanly recorded in its host state file (`[control] host_state`). Run at boot before
+    /// the network comes up (tdsc-safe-rules.service) and after the daemon stops.
     #[arg(long, conflicts_with_all = ["check_config", "remove_rules"])]
     install_member_rules: bool,
     /// Delete tcp-dsc's nftables tables (`inet tdsc`, `netdev tdsc`) and exit; no other table
-    /// is touched. Succeeds when they are absent; reads no configuration.
+    /// is touched. Succeeds when they are absent. First undoes what a tdscd that did not stop
+    /// cleanly recorded in its host state file: `[control] host_state` of the configuration
+    /// if it can be read, else the default, /run/tdsc/host.state. A missing or broken
+    /// configuration never keeps the tables in the kernel.
     #[arg(long, conflicts_with = "check_config")]
     remove_rules: bool,
 }
@@ -42,15 +46,24 @@ fn main() -> ExitCode {
     // Removing our tables needs nothing from the configuration, so a broken or missing file
     // never keeps them in the kernel (package removal runs this).
     if args.remove_rules {
-        return match remove_rules() {
+        let state = Config::load(&args.config)
+            .map(|c| c.host_state)
+            .unwrap_or_else(|_| PathBuf::from(tdscd::host::state::DEFAULT_STATE_FILE));
+        let host = undo_host_state(&state);
+        let rules = match remove_rules() {
             Ok(()) => {
                 println!("tdscd: tcp-dsc tables removed");
-                ExitCode::SUCCESS
+                true
             }
             Err(e) => {
                 eprintln!("tdscd: {}", chain(&e));
-                ExitCode::FAILURE
+                false
             }
+        };
+        return if host && rules {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         };
     }
     let cfg = match Config::load(&args.config) {
@@ -67,15 +80,23 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if args.install_member_rules {
-        return match install_member_rules(&cfg) {
+        // The host first (a crashed daemon's VIP must go), then the rules whatever happened:
+        // a host state problem never keeps the node out of the safe state.
+        let host = undo_host_state(&cfg.host_state);
+        let rules = match install_member_rules(&cfg) {
             Ok(()) => {
                 println!("tdscd: member ruleset installed (safe state)");
-                ExitCode::SUCCESS
+                true
             }
             Err(e) => {
                 eprintln!("tdscd: {}", chain(&e));
-                ExitCode::FAILURE
+                false
             }
+        };
+        return if host && rules {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         };
     }
     if args.check_config {
@@ -111,6 +132,25 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("tdscd: {}", chain(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Undoes what a tdscd that did not stop cleanly recorded in its host state file; false (after
+/// saying why) when that failed or the file is unreadable, which is then left in place.
+fn undo_host_state(path: &std::path::Path) -> bool {
+    match tdscd::host::setup::undo_recorded(path) {
+        Ok(tdscd::host::setup::Recorded::Nothing) => true,
+        Ok(tdscd::host::setup::Recorded::Undone { restored }) => {
+            println!(
+                "tdscd: {}: undid what an earlier tdscd left on the host ({restored} changes put back)",
+                path.display()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("tdscd: {}", chain(&e));
+            false
         }
     }
 }

@@ -6,3 +6,4 @@ pub mod load;
 pub mod netlink;
 pub mod setup;
 pub mod sockdiag;
+pub mod state;

@@ -1,15 +1,25 @@
 //! Host setup: the VIP, the cluster MAC and the sysctls a node needs. Everything changed is
-//! remembered in [`HostSetup`] and put back by [`HostSetup::undo`]; nothing else is touched.
+//! remembered in [`HostSetup`], and in the host state file before it is changed
+//! ([`crate::host::state`]), and put back by [`HostSetup::undo`] (or, after a crash, by the
+//! next start or [`undo_recorded`]); nothing else is touched.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::{format_mac, Config};
-use crate::host::netlink::{put_attr, Netlink, AF_INET, AF_INET6, NLM_F_CREATE, NLM_F_EXCL};
+use crate::host::netlink::{
+    align4, put_attr, Netlink, AF_INET, AF_INET6, NLM_F_CREATE, NLM_F_EXCL,
+};
+use crate::host::state::{
+    plan_resume, plan_undo, HostRecord, MacRecord, Observed, Plan, Restore, StateError, StateFile,
+    SysctlRecord, VipRecord, Wanted, MANAGED_SYSCTLS,
+};
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 /// Every node holds the same address: IPv6 duplicate address detection must not run, or
@@ -42,6 +52,8 @@ pub enum HostError {
     },
     #[error("netlink")]
     Netlink(#[source] io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("{} errors while undoing host setup: {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Undo(Vec<HostError>),
 }
@@ -122,12 +134,15 @@ fn hwaddr(ifname: &str, set: Option<[u8; 6]>) -> io::Result<[u8; 6]> {
     Ok(old)
 }
 
-/// What this daemon changed on the host, so that exit restores exactly that.
-#[derive(Debug, Default)]
+/// What this daemon changed on the host, so that exit restores exactly that. The same record
+/// is kept in the host state file ([`crate::host::state`]), written before each change, so
+/// that a daemon that dies without undoing leaves it to the next one.
+#[derive(Debug)]
 pub struct HostSetup {
-    vip: Option<(u32, IpAddr, u8)>,
-    mac: Option<(String, [u8; 6])>,
-    sysctls: Vec<(PathBuf, String)>,
+    file: StateFile,
+    record: HostRecord,
+    /// Unreadable state files found at start and moved aside (0 or 1).
+    corrupt_state_files: u64,
 }
 
 /// The sysctls a node needs, and why.
@@ -135,18 +150,194 @@ fn wanted_sysctls() -> [(&'static str, &'static str); 2] {
     [
         // A segment with no conntrack entry is another node's connection; with loose
         // pick-up off it is INVALID, and the ruleset drops it before TCP can answer with RST.
-        ("net/netfilter/nf_conntrack_tcp_loose", "0"),
+        (MANAGED_SYSCTLS[0], "0"),
         // Window tracking must never make us drop segments of our own connections; the
         // ruleset relies on conntrack only for "is there an entry at all".
-        ("net/netfilter/nf_conntrack_tcp_be_liberal", "1"),
+        (MANAGED_SYSCTLS[1], "1"),
     ]
 }
 
+const SYSCTL_ROOT: &str = "/proc/sys";
+
+fn wanted(cfg: &Config) -> Wanted {
+    Wanted {
+        vip: VipRecord {
+            interface: cfg.client_interface.clone(),
+            address: cfg.vip,
+            prefix_len: cfg.vip_prefix_len,
+        },
+        mac: cfg.cluster_mac.map(|m| (cfg.client_interface.clone(), m)),
+        sysctls: wanted_sysctls()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+fn read_sysctl(key: &str) -> Result<String, HostError> {
+    let path = PathBuf::from(SYSCTL_ROOT).join(key);
+    std::fs::read_to_string(&path)
+        .map(|v| v.trim().to_owned())
+        .map_err(|source| HostError::Sysctl { path, source })
+}
+
+fn write_sysctl(key: &str, value: &str) -> Result<(), HostError> {
+    let path = PathBuf::from(SYSCTL_ROOT).join(key);
+    std::fs::write(&path, value).map_err(|source| HostError::Sysctl { path, source })
+}
+
+/// The addresses of every interface, by ifindex, from one RTM_GETADDR dump.
+fn addresses_by_index() -> Result<BTreeMap<u32, Vec<(IpAddr, u8)>>, HostError> {
+    let mut nl = Netlink::open(libc::NETLINK_ROUTE).map_err(HostError::Netlink)?;
+    let mut by_index: BTreeMap<u32, Vec<(IpAddr, u8)>> = BTreeMap::new();
+    // ifaddrmsg with family AF_UNSPEC: every family.
+    nl.dump(RTM_GETADDR, &[0u8; 8], |msg| {
+        if let Some((idx, addr, prefix)) = parse_addr_msg(msg) {
+            by_index.entry(idx).or_default().push((addr, prefix));
+        }
+    })
+    .map_err(HostError::Netlink)?;
+    Ok(by_index)
+}
+
+/// Reads what the host shows now for these interfaces and sysctls; an interface that does
+/// not exist, or a sysctl that cannot be read, is left out.
+fn observe<'a>(
+    interfaces: impl IntoIterator<Item = &'a str>,
+    sysctls: impl IntoIterator<Item = &'a str>,
+) -> Result<Observed, HostError> {
+    let mut now = Observed::default();
+    let by_index = addresses_by_index()?;
+    for name in interfaces {
+        let Ok(idx) = ifindex(name) else { continue };
+        now.addresses.insert(
+            name.to_owned(),
+            by_index.get(&idx).cloned().unwrap_or_default(),
+        );
+        if let Ok(mac) = hwaddr(name, None) {
+            now.macs.insert(name.to_owned(), mac);
+        }
+    }
+    for key in sysctls {
+        if let Ok(v) = read_sysctl(key) {
+            now.sysctls.insert(key.to_owned(), v);
+        }
+    }
+    Ok(now)
+}
+
+fn observe_for(record: &HostRecord, wanted: Option<&Wanted>) -> Result<Observed, HostError> {
+    let mut interfaces: Vec<&str> = Vec::new();
+    interfaces.extend(record.vip.iter().map(|v| v.interface.as_str()));
+    interfaces.extend(record.mac.iter().map(|m| m.interface.as_str()));
+    if let Some(w) = wanted {
+        interfaces.push(&w.vip.interface);
+    }
+    observe(interfaces, record.sysctls.iter().map(|s| s.key.as_str()))
+}
+
+/// Carries out restore actions, collecting every error.
+fn execute(actions: &[Restore]) -> Vec<HostError> {
+    let mut errors = Vec::new();
+    for a in actions {
+        let r =
+            match a {
+                Restore::RemoveVip(v) => remove_address(&v.interface, &v.address, v.prefix_len),
+                Restore::SetMac { interface, mac } => hwaddr(interface, Some(*mac))
+                    .map(drop)
+                    .map_err(|source| HostError::SetMac {
+                        mac: format_mac(mac),
+                        ifname: interface.clone(),
+                        source,
+                    }),
+                Restore::WriteSysctl { key, value } => write_sysctl(key, value),
+            };
+        if let Err(e) = r {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
+fn remove_address(ifname: &str, addr: &IpAddr, prefix: u8) -> Result<(), HostError> {
+    let Ok(idx) = ifindex(ifname) else {
+        return Ok(()); // gone with its interface
+    };
+    let r = Netlink::open(libc::NETLINK_ROUTE)
+        .and_then(|mut nl| nl.request_ack(RTM_DELADDR, 0, &addr_msg(idx, addr, prefix)));
+    match r {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(HostError::Netlink(e)),
+    }
+}
+
+fn log_plan(plan: &Plan, file: &StateFile) {
+    for n in &plan.notes {
+        tracing::info!(state = %file.path().display(), "host state: {n}");
+    }
+    for a in &plan.actions {
+        tracing::info!(state = %file.path().display(), "host state: putting back {}", describe(a));
+    }
+}
+
+fn describe(a: &Restore) -> String {
+    match a {
+        Restore::RemoveVip(v) => format!(
+            "no VIP: removing {}/{} from {}",
+            v.address, v.prefix_len, v.interface
+        ),
+        Restore::SetMac { interface, mac } => {
+            format!("MAC {} on {interface}", format_mac(mac))
+        }
+        Restore::WriteSysctl { key, value } => format!("sysctl {key} = {value}"),
+    }
+}
+
+/// What [`undo_recorded`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// No state file: every tdscd stopped cleanly (or none ran since boot).
+    Nothing,
+    /// A record was there; this many changes were put back and the file deleted.
+    Undone { restored: usize },
+}
+
+/// Undoes what a tdscd that did not stop cleanly recorded in `path`, and deletes the record:
+/// what `tdscd --install-member-rules` (the unit's `ExecStopPost=`) and `--remove-rules` do
+/// before their rules. A corrupt file is left in place and reported.
+pub fn undo_recorded(path: &Path) -> Result<Recorded, HostError> {
+    let file = StateFile::new(path);
+    let Some(record) = file.load()? else {
+        return Ok(Recorded::Nothing);
+    };
+    if record.is_empty() {
+        file.clear()?;
+        return Ok(Recorded::Undone { restored: 0 });
+    }
+    let mut setup = HostSetup {
+        file,
+        record,
+        corrupt_state_files: 0,
+    };
+    setup.undo().map(|restored| Recorded::Undone { restored })
+}
+
 impl HostSetup {
-    /// Applies sysctls, cluster MAC and VIP, in that order. On error, what was done so far is
-    /// undone before returning.
+    /// Applies sysctls, cluster MAC and VIP, in that order, recording each change in the host
+    /// state file before making it. A record left by an earlier tdscd is taken over first
+    /// ([`plan_resume`]). On error, what was done so far is undone before returning.
     pub fn apply(cfg: &Config) -> Result<HostSetup, HostError> {
-        let mut done = HostSetup::default();
+        let mut done = HostSetup {
+            file: StateFile::new(&cfg.host_state),
+            record: HostRecord::default(),
+            corrupt_state_files: 0,
+        };
         match done.apply_inner(cfg) {
             Ok(()) => Ok(done),
             Err(e) => {
@@ -158,91 +349,183 @@ impl HostSetup {
         }
     }
 
+    /// Unreadable host state files this daemon found at start and moved aside.
+    pub fn corrupt_state_files(&self) -> u64 {
+        self.corrupt_state_files
+    }
+
+    /// Writes the record (before the change it announces).
+    fn write_record(&mut self) -> Result<(), HostError> {
+        Ok(self.file.store(&self.record)?)
+    }
+
+    /// Takes over (or undoes) what an earlier tdscd recorded and did not undo.
+    fn resume(&mut self, wanted: &Wanted) -> Result<(), HostError> {
+        let previous = match self.file.load() {
+            Ok(p) => p,
+            Err(e @ StateError::Corrupt { .. }) => {
+                self.corrupt_state_files += 1;
+                let aside = self.file.set_aside()?;
+                tracing::error!(
+                    error = %e,
+                    moved_to = %aside.display(),
+                    corrupt_state_files = self.corrupt_state_files,
+                    "host state file unreadable: what an earlier tdscd changed on this host \
+                     is unknown; starting afresh. Compare the moved file with the host by hand"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Some(previous) = previous else {
+            return Ok(());
+        };
+        let now = observe_for(&previous, Some(wanted))?;
+        let resume = plan_resume(&previous, &now, wanted);
+        tracing::info!(
+            state = %self.file.path().display(),
+            vip = resume.keep.vip.is_some(),
+            mac = resume.keep.mac.is_some(),
+            sysctls = resume.keep.sysctls.len(),
+            "host state of an earlier tdscd that did not stop cleanly: taking its changes over"
+        );
+        log_plan(&resume.undo, &self.file);
+        let errors = execute(&resume.undo.actions);
+        if !errors.is_empty() {
+            // The file still holds the whole record: nothing is forgotten.
+            return Err(HostError::Undo(errors));
+        }
+        self.record = resume.keep;
+        self.write_record()
+    }
+
     fn apply_inner(&mut self, cfg: &Config) -> Result<(), HostError> {
-        for (key, value) in wanted_sysctls() {
-            let path = PathBuf::from("/proc/sys").join(key);
-            let old = std::fs::read_to_string(&path).map_err(|source| HostError::Sysctl {
-                path: path.clone(),
-                source,
-            })?;
-            let old = old.trim().to_string();
-            if old != value {
-                std::fs::write(&path, value).map_err(|source| HostError::Sysctl {
-                    path: path.clone(),
-                    source,
-                })?;
-                self.sysctls.push((path, old));
+        let wanted = wanted(cfg);
+        self.resume(&wanted)?;
+        for (key, value) in &wanted.sysctls {
+            if self.record.sysctls.iter().any(|s| s.key == *key) {
+                continue; // taken over: still set, and its previous value is recorded
+            }
+            let old = read_sysctl(key)?;
+            if old != *value {
+                self.record.sysctls.push(SysctlRecord {
+                    key: key.clone(),
+                    previous: old,
+                    set: value.clone(),
+                });
+                self.write_record()?;
+                write_sysctl(key, value)?;
             }
         }
         let idx = ifindex(&cfg.client_interface)?;
         ifindex(&cfg.cluster_interface)?;
-        if let Some(mac) = cfg.cluster_mac {
-            let old =
-                hwaddr(&cfg.client_interface, Some(mac)).map_err(|source| HostError::SetMac {
-                    mac: format_mac(&mac),
-                    ifname: cfg.client_interface.clone(),
-                    source,
-                })?;
+        if let (Some(mac), None) = (cfg.cluster_mac, &self.record.mac) {
+            let set_mac_error = |source| HostError::SetMac {
+                mac: format_mac(&mac),
+                ifname: cfg.client_interface.clone(),
+                source,
+            };
+            let old = hwaddr(&cfg.client_interface, None).map_err(set_mac_error)?;
             if old != mac {
-                self.mac = Some((cfg.client_interface.clone(), old));
+                self.record.mac = Some(MacRecord {
+                    interface: cfg.client_interface.clone(),
+                    original: old,
+                    set: mac,
+                });
+                self.write_record()?;
+                hwaddr(&cfg.client_interface, Some(mac)).map_err(set_mac_error)?;
             }
         }
-        let mut nl = Netlink::open(libc::NETLINK_ROUTE).map_err(HostError::Netlink)?;
-        match nl.request_ack(
-            RTM_NEWADDR,
-            NLM_F_CREATE | NLM_F_EXCL,
-            &addr_msg(idx, &cfg.vip, cfg.vip_prefix_len),
-        ) {
-            Ok(()) => self.vip = Some((idx, cfg.vip, cfg.vip_prefix_len)),
-            // Already there (configured by the operator): use it, but it is not ours to remove.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                tracing::info!(vip = %cfg.vip, "VIP already present on {}; leaving it in place at exit", cfg.client_interface);
+        if self.record.vip.is_none() {
+            let present = observe([cfg.client_interface.as_str()], [])?
+                .has_address(&cfg.client_interface, cfg.vip);
+            if present {
+                tracing::info!(vip = %cfg.vip, "VIP already present on {}, configured outside tcp-dsc; leaving it in place at exit", cfg.client_interface);
+                return Ok(());
             }
-            Err(source) => {
-                return Err(HostError::AddAddress {
-                    addr: cfg.vip,
-                    ifname: cfg.client_interface.clone(),
-                    source,
-                })
+            self.record.vip = Some(wanted.vip.clone());
+            self.write_record()?;
+            match nl_add_address(idx, cfg) {
+                Ok(()) => {}
+                // Added by someone else since we looked: not ours to remove.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    self.record.vip = None;
+                    self.write_record()?;
+                    tracing::info!(vip = %cfg.vip, "VIP already present on {}; leaving it in place at exit", cfg.client_interface);
+                }
+                Err(source) => {
+                    return Err(HostError::AddAddress {
+                        addr: cfg.vip,
+                        ifname: cfg.client_interface.clone(),
+                        source,
+                    })
+                }
             }
         }
         Ok(())
     }
 
-    /// Puts back everything [`HostSetup::apply`] changed, in reverse order, collecting errors.
-    pub fn undo(&mut self) -> Result<(), HostError> {
-        let mut errors = Vec::new();
-        if let Some((idx, addr, prefix)) = self.vip.take() {
-            let r = Netlink::open(libc::NETLINK_ROUTE)
-                .and_then(|mut nl| nl.request_ack(RTM_DELADDR, 0, &addr_msg(idx, &addr, prefix)));
-            match r {
-                Ok(()) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
-                        || e.raw_os_error() == Some(libc::ENODEV) => {}
-                Err(e) => errors.push(HostError::Netlink(e)),
-            }
+    /// Puts back everything recorded, VIP first, collecting errors; returns how many changes
+    /// were put back. Only what the host still shows as tcp-dsc set it is touched
+    /// ([`plan_undo`]). On success the state file is deleted; on error it keeps the whole
+    /// record, so that `ExecStopPost=` or the next start can finish the job.
+    pub fn undo(&mut self) -> Result<usize, HostError> {
+        if self.record.is_empty() {
+            // Nothing of ours, and the file is not ours to touch either: after a failed
+            // take-over it still holds the predecessor's whole record.
+            return Ok(0);
         }
-        if let Some((ifname, old)) = self.mac.take() {
-            if let Err(source) = hwaddr(&ifname, Some(old)) {
-                errors.push(HostError::SetMac {
-                    mac: format_mac(&old),
-                    ifname,
-                    source,
-                });
-            }
+        let now = observe_for(&self.record, None)?;
+        let plan = plan_undo(&self.record, &now);
+        log_plan(&plan, &self.file);
+        let errors = execute(&plan.actions);
+        if !errors.is_empty() {
+            return Err(HostError::Undo(errors));
         }
-        for (path, old) in self.sysctls.drain(..).rev() {
-            if let Err(source) = std::fs::write(&path, &old) {
-                errors.push(HostError::Sysctl { path, source });
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(HostError::Undo(errors))
-        }
+        self.record = HostRecord::default();
+        self.file.clear()?;
+        Ok(plan.actions.len())
     }
+}
+
+fn nl_add_address(idx: u32, cfg: &Config) -> io::Result<()> {
+    let mut nl = Netlink::open(libc::NETLINK_ROUTE)?;
+    nl.request_ack(
+        RTM_NEWADDR,
+        NLM_F_CREATE | NLM_F_EXCL,
+        &addr_msg(idx, &cfg.vip, cfg.vip_prefix_len),
+    )
+}
+
+/// One RTM_NEWADDR message of a dump: `ifaddrmsg` (family, prefix length, flags, scope,
+/// ifindex) and its attributes. The address is IFA_LOCAL when present (IPv4: IFA_ADDRESS is
+/// the peer of a point-to-point link), else IFA_ADDRESS (IPv6 sends only that).
+fn parse_addr_msg(msg: &[u8]) -> Option<(u32, IpAddr, u8)> {
+    let family = *msg.first()?;
+    let prefix = *msg.get(1)?;
+    let idx = u32::from_ne_bytes(msg.get(4..8)?.try_into().ok()?);
+    let mut at = 8;
+    let (mut local, mut address) = (None, None);
+    while at + 4 <= msg.len() {
+        let len = usize::from(u16::from_ne_bytes(msg[at..at + 2].try_into().ok()?));
+        let kind = u16::from_ne_bytes(msg[at + 2..at + 4].try_into().ok()?);
+        if len < 4 || at + len > msg.len() {
+            return None;
+        }
+        let payload = &msg[at + 4..at + len];
+        let ip = match (family, payload.len()) {
+            (AF_INET, 4) => Some(IpAddr::from(<[u8; 4]>::try_from(payload).ok()?)),
+            (AF_INET6, 16) => Some(IpAddr::from(<[u8; 16]>::try_from(payload).ok()?)),
+            _ => None,
+        };
+        match kind {
+            IFA_LOCAL => local = ip,
+            IFA_ADDRESS => address = ip,
+            _ => {}
+        }
+        at += align4(len);
+    }
+    Some((idx, local.or(address)?, prefix))
 }
 
 #[cfg(test)]
@@ -259,5 +542,31 @@ mod tests {
         let m6 = addr_msg(7, &"2001:db8::1".parse().unwrap(), 64);
         assert_eq!(m6[2], IFA_F_NODAD, "no DAD: every node holds the address");
         assert_eq!(m6.len(), 8 + 20 + 20);
+    }
+
+    #[test]
+    fn address_dump_messages_parse_local_first() {
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(parse_addr_msg(&addr_msg(7, &v4, 24)), Some((7, v4, 24)));
+        // Point-to-point: IFA_ADDRESS is the peer, IFA_LOCAL ours.
+        let mut ptp = vec![AF_INET, 32, 0, 0];
+        ptp.extend_from_slice(&9u32.to_ne_bytes());
+        put_attr(&mut ptp, IFA_ADDRESS, &[192, 0, 2, 9]);
+        put_attr(&mut ptp, IFA_LOCAL, &[192, 0, 2, 1]);
+        assert_eq!(parse_addr_msg(&ptp), Some((9, v4, 32)));
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut m6 = vec![AF_INET6, 64, 0, 0];
+        m6.extend_from_slice(&3u32.to_ne_bytes());
+        put_attr(&mut m6, IFA_ADDRESS, &v6_octets(v6));
+        assert_eq!(parse_addr_msg(&m6), Some((3, v6, 64)));
+        let truncated = &addr_msg(7, &v4, 24)[..14];
+        assert_eq!(parse_addr_msg(truncated), None);
+    }
+
+    fn v6_octets(a: IpAddr) -> [u8; 16] {
+        match a {
+            IpAddr::V6(a) => a.octets(),
+            IpAddr::V4(_) => unreachable!(),
+        }
     }
 }
