@@ -506,6 +506,7 @@ fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
 
 fn check_chain(family: Family, want: &crate::Chain, have: &KernelChain) -> Result<(), Error> {
     let hook = match want.name {
+        ChainName::Prerouting => libc::NF_INET_PRE_ROUTING,
         ChainName::Input => libc::NF_INET_LOCAL_IN,
         ChainName::Output => libc::NF_INET_LOCAL_OUT,
         ChainName::Egress => libc::NF_NETDEV_EGRESS,
@@ -960,8 +961,10 @@ mod tests {
         let newrule = c16((libc::NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_NEWRULE);
         let msg = messages(view)
             .map(Result::unwrap)
-            .find(|m| m.ty == newrule)
-            .expect("a rule");
+            .filter(|m| m.ty == newrule)
+            // The first rule clears the ownership mark; the second is the SYN rule.
+            .nth(1)
+            .expect("the SYN rule");
         let r = Owned::new(
             // SAFETY: plain allocation.
             unsafe { sys::nftnl_rule_alloc() },
@@ -1044,9 +1047,9 @@ mod tests {
                 "add table inet tdsc",
                 "delete table inet tdsc",
                 "add table inet tdsc",
-                "add chain inet tdsc input",
-                "the port set of rule 1 of inet tdsc input",
-                "the port set elements of rule 1 of inet tdsc input",
+                "add chain inet tdsc prerouting",
+                "the port set of rule 1 of inet tdsc prerouting",
+                "the port set elements of rule 1 of inet tdsc prerouting",
             ]
             .map(String::from)
         );
