@@ -505,3 +505,208 @@ fn retransmitted_syn_while_the_first_holds_syn_recv() -> anyhow::Result<()> {
         42400,
     )
 }
+
+/// What one client's loop saw.
+#[derive(Debug, Default)]
+struct LoopTally {
+    connects: u64,
+    failures: u64,
+    sample_errors: Vec<String>,
+    over_100ms: u64,
+    over_1s: u64,
+    slowest: Duration,
+}
+
+/// `n` sequential connects to `vip` from ephemeral ports. `abortive`: close at once with
+/// `SO_LINGER {1, 0}` (the server then reads an RST); otherwise send a request, read the reply
+/// to EOF and close (the server closes first).
+fn connect_loop(vip: SocketAddrV4, n: u64, abortive: bool) -> LoopTally {
+    let mut t = LoopTally::default();
+    for _ in 0..n {
+        let start = Instant::now();
+        let r = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5));
+        let took = start.elapsed();
+        t.connects += 1;
+        t.slowest = t.slowest.max(took);
+        if took > Duration::from_millis(100) {
+            t.over_100ms += 1;
+        }
+        if took > Duration::from_secs(1) {
+            t.over_1s += 1;
+        }
+        let outcome = r.and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            if abortive {
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: the fd is open (owned by `s`) and `linger` is live, size passed.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        std::ptr::from_ref(&linger).cast(),
+                        libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).expect("8"),
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            } else {
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut reply = Vec::new();
+                s.read_to_end(&mut reply)?;
+                if String::from_utf8_lossy(&reply).contains("node=") {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!("reply {reply:?}")))
+                }
+            }
+        });
+        if let Err(e) = outcome {
+            t.failures += 1;
+            if t.sample_errors.len() < 5 {
+                t.sample_errors.push(format!("after {took:?}: {e}"));
+            }
+        }
+    }
+    t
+}
+
+/// Every segment from the VIP a client received, judged against the node that sent the last
+/// SYN/ACK to that client port: a segment from any other node, or any RST, is foreign.
+#[derive(Debug, Default)]
+struct WireTally {
+    frames: u64,
+    rsts: u64,
+    foreign: u64,
+    samples: Vec<String>,
+}
+
+/// Steady state, no failover: 20,000 sequential connects with abortive close from client1 and
+/// 20,000 with graceful close from client2 at the same time. Ephemeral ports are reused after
+/// about 14,000 connects (Linux steps the port by 2 over 32768–60999), so every stale state of
+/// the abortive and graceful closes meets a new connection on another node. No connect may
+/// fail, none may take a SYN retransmission (1 s), and no node but a connection's owner may
+/// send the client anything.
+#[test]
+fn stress_20000_abortive_and_20000_graceful_connects() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("stress_20000_abortive_and_20000_graceful_connects") else {
+        return Ok(());
+    };
+    let per_client: u64 = std::env::var("TDSC_STRESS_CONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let mut cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-stress")),
+        policy: Some("round-robin".to_owned()),
+        ..ClusterOptions::default()
+    })
+    .context("start the cluster")?;
+    let clients = cluster.client_namespaces();
+    ensure!(clients.len() == 2, "two clients: {clients:?}");
+    let vip = cluster.vip();
+    let stop = Arc::new(AtomicBool::new(false));
+    let captures: Vec<_> = clients
+        .iter()
+        .map(|ns| {
+            let stop = stop.clone();
+            let vip_ip = *vip.ip();
+            netns::spawn_in(ns, move || -> std::io::Result<WireTally> {
+                let cap = Capture::open("eth0", Duration::from_millis(50))?;
+                let mut owner: std::collections::HashMap<u16, [u8; 6]> = Default::default();
+                let mut t = WireTally::default();
+                let mut buf = vec![0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) else {
+                        continue;
+                    };
+                    if f.src != vip_ip {
+                        continue;
+                    }
+                    t.frames += 1;
+                    if f.is_syn_ack() {
+                        owner.insert(f.dport, f.src_mac);
+                        continue;
+                    }
+                    let rst = f.flags & flags::RST != 0;
+                    let other = owner.get(&f.dport).is_some_and(|m| *m != f.src_mac);
+                    t.rsts += u64::from(rst);
+                    if rst || other {
+                        t.foreign += 1;
+                        if t.samples.len() < 10 {
+                            t.samples.push(format!(
+                                "port {} from {} {} seq {} ack {}",
+                                f.dport,
+                                packet::mac_string(&f.src_mac),
+                                flag_names(f.flags),
+                                f.seq,
+                                f.ack
+                            ));
+                        }
+                    }
+                }
+                Ok(t)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let loops: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| netns::spawn_in(ns, move || connect_loop(vip, per_client, i == 0)))
+        .collect();
+    let mut tallies = Vec::new();
+    for h in loops {
+        tallies.push(h.join().map_err(|_| anyhow::anyhow!("loop panicked"))??);
+    }
+    let took = start.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let mut wire = Vec::new();
+    for h in captures {
+        wire.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("capture panicked"))???,
+        );
+    }
+    let mut status = Vec::new();
+    for n in cluster.nodes() {
+        status.push((n.name.clone(), cluster.status(&n.name)?.counters));
+    }
+    cluster.check_daemons()?;
+    cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "{} connects per client in {took:?}\nabortive: {:?}\ngraceful: {:?}\nwire: {:?}\n{status:?}",
+        per_client, tallies[0], tallies[1], wire
+    );
+    for (t, kind) in tallies.iter().zip(["abortive", "graceful"]) {
+        ensure!(
+            t.failures == 0,
+            "{kind}: {} failed connects, e.g. {:?}",
+            t.failures,
+            t.sample_errors
+        );
+        ensure!(
+            t.over_1s == 0,
+            "{kind}: {} connects took over 1 s (slowest {:?})",
+            t.over_1s,
+            t.slowest
+        );
+    }
+    for (w, ns) in wire.iter().zip(&clients) {
+        ensure!(
+            w.foreign == 0,
+            "{ns}: {} segments from a non-owner or RSTs ({} RSTs), e.g. {:?}",
+            w.foreign,
+            w.rsts,
+            w.samples
+        );
+    }
+    Ok(())
+}
