@@ -15,7 +15,22 @@ use nftnl::nftnl_sys as sys;
 
 use crate::ffi::{attr, c16, c32, c8};
 use crate::lower::{self, Plan};
-use crate::model::{ChainName, Family, FOREIGN_DROP_COMMENT};
+use crate::model::{ChainName, Family, FOREIGN_DROP_COMMENT, NOT_OWNED_COMMENT, UNTRACKED_COMMENT};
+
+/// What the ruleset's counting drop rules have dropped since it was installed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleDrops {
+    /// Protocol 253 from a host that is not a member.
+    pub foreign_forward: u64,
+    /// Client segments of a connection this node was not given (input).
+    pub not_owned_in: u64,
+    /// Segments this node's TCP sent for such a connection (output): RSTs, ACKs, SYN/ACKs.
+    pub not_owned_out: u64,
+    /// Client segments conntrack has no entry for (input).
+    pub untracked_in: u64,
+    /// Segments from the VIP conntrack has no entry for (output).
+    pub untracked_out: u64,
+}
 use crate::{Error, HostFacts, QueueBackend, Ruleset, TABLE_NAME};
 
 /// Receive buffer size. Dumps come in skbs of at most 32 KiB (and a single message is at most
@@ -208,6 +223,35 @@ impl Firewall {
             .ok_or(Error::RuleNotFound {
                 comment: FOREIGN_DROP_COMMENT,
             })
+    }
+
+    /// The packet counters of every counting drop rule of ours, from one rule dump. A rule
+    /// the installed ruleset lacks counts 0.
+    pub fn drop_counters(&mut self) -> Result<RuleDrops, Error> {
+        let mut d = RuleDrops::default();
+        for r in self.dump_rules(Family::Inet)? {
+            let n = r.packets.unwrap_or(0);
+            let slot = match (r.chain.as_str(), r.comment.as_deref()) {
+                (c, Some(FOREIGN_DROP_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.foreign_forward
+                }
+                (c, Some(NOT_OWNED_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.not_owned_in
+                }
+                (c, Some(NOT_OWNED_COMMENT)) if c == ChainName::Output.as_str() => {
+                    &mut d.not_owned_out
+                }
+                (c, Some(UNTRACKED_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.untracked_in
+                }
+                (c, Some(UNTRACKED_COMMENT)) if c == ChainName::Output.as_str() => {
+                    &mut d.untracked_out
+                }
+                _ => continue,
+            };
+            *slot += n;
+        }
+        Ok(d)
     }
 
     /// The kernel's nf_tables generation id, which every committed transaction (ours or anyone

@@ -155,7 +155,7 @@ mod lower;
 mod model;
 
 pub use error::Error;
-pub use firewall::Firewall;
+pub use firewall::{Firewall, RuleDrops};
 pub use model::{
     ruleset, Action, Chain, ChainName, ClusterSpec, Family, HashInput, HostFacts, IpFamily,
     L4Proto, Match, QueueBackend, Role, Rule, Ruleset, StaticHash, Table,
