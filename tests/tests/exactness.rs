@@ -723,3 +723,80 @@ fn stress_20000_abortive_and_20000_graceful_connects() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A NAT gateway's view: 8 threads from one address, each cycling its own 8 of 64 explicit
+/// source ports, each connection a request and its reply, for 30 s (`TDSC_NAT_SECS`). Every
+/// port is reused within milliseconds, on whichever node round robin picks next. No request
+/// may fail. A connect the client's own stack refuses because the previous connection on that
+/// port is still closing locally (EADDRNOTAVAIL) is counted and retried on the next port, as a
+/// gateway would; it never reaches the cluster.
+#[test]
+fn nat_like_client_reuses_64_ports_from_8_threads() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("nat_like_client_reuses_64_ports_from_8_threads") else {
+        return Ok(());
+    };
+    let secs: u64 = std::env::var("TDSC_NAT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let mut cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-nat")),
+        policy: Some("round-robin".to_owned()),
+        ..ClusterOptions::default()
+    })
+    .context("start the cluster")?;
+    let client = cluster.client_namespaces()[0].clone();
+    let vip = cluster.vip();
+    const BASE: u16 = 43000;
+    let threads: Vec<_> = (0..8u16)
+        .map(|t| {
+            netns::spawn_in(&client, move || {
+                let (mut ok, mut busy, mut failed) = (0u64, 0u64, Vec::new());
+                let end = Instant::now() + Duration::from_secs(secs);
+                let mut k = 0u16;
+                while Instant::now() < end {
+                    let port = BASE + t + 8 * (k % 8);
+                    k = k.wrapping_add(1);
+                    match tdsc_lab::http::get_from_port(vip, port, "/", Duration::from_secs(5)) {
+                        Ok(_) => ok += 1,
+                        Err(tdsc_lab::http::HttpError::Connect { source, .. })
+                            if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+                        {
+                            busy += 1;
+                        }
+                        Err(e) => {
+                            failed.push(format!("port {port}: {}", tdsc_lab::error_chain(&e)))
+                        }
+                    }
+                }
+                (ok, busy, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut busy, mut failed) = (0, 0, Vec::new());
+    for h in threads {
+        let (o, b, f) = h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
+        ok += o;
+        busy += b;
+        failed.extend(f);
+    }
+    let mut drops = Vec::new();
+    for n in cluster.nodes() {
+        drops.push((n.name.clone(), cluster.status(&n.name)?.counters.drops));
+    }
+    cluster.check_daemons()?;
+    cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!(
+        "{ok} requests served, {busy} ports busy locally, {} failed\n{drops:?}",
+        failed.len()
+    );
+    ensure!(ok > 0, "nothing served");
+    ensure!(
+        failed.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    Ok(())
+}
