@@ -147,6 +147,12 @@ impl Shared {
         let mut g = self.counter_fw.lock().ok()?;
         g.as_mut()?.foreign_forward_drops().ok()
     }
+
+    /// Every counting drop rule of the installed ruleset (one rule dump).
+    pub fn ruleset_drops(&self) -> Option<tdsc_rules::RuleDrops> {
+        let mut g = self.counter_fw.lock().ok()?;
+        g.as_mut()?.drop_counters().ok()
+    }
 }
 
 /// The ruleset's cluster description for the configured (bootstrap) nodes.

@@ -118,9 +118,17 @@ fn install_member_rules_gives_the_member_ruleset_without_egress_and_remove_clear
         ),
         "{listing}"
     );
-    assert!(listing.contains("ct state invalid counter packets 0 bytes 0 drop comment \"tdsc: segment of a connection this node does not own\""), "{listing}");
     assert!(
-        listing.contains("tcp flags rst ct state invalid"),
+        listing.contains("ct state invalid counter packets 0 bytes 0 drop comment \"tdsc: segment of no connection this node tracks\""),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("ct mark != 0x0dc50001 counter packets 0 bytes 0 drop comment \"tdsc: segment of a connection this node does not own\""),
+        "{listing}"
+    );
+    assert!(
+        listing
+            .contains("oifname \"eth0\" ip saddr 192.0.2.1 meta l4proto tcp ct mark != 0x0dc50001"),
         "{listing}"
     );
     // No queue rule (member), no egress table (the device need not exist), and none of the

@@ -15,7 +15,22 @@ use nftnl::nftnl_sys as sys;
 
 use crate::ffi::{attr, c16, c32, c8};
 use crate::lower::{self, Plan};
-use crate::model::{ChainName, Family, FOREIGN_DROP_COMMENT};
+use crate::model::{ChainName, Family, FOREIGN_DROP_COMMENT, NOT_OWNED_COMMENT, UNTRACKED_COMMENT};
+
+/// What the ruleset's counting drop rules have dropped since it was installed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleDrops {
+    /// Protocol 253 from a host that is not a member.
+    pub foreign_forward: u64,
+    /// Client segments of a connection this node was not given (input).
+    pub not_owned_in: u64,
+    /// Segments this node's TCP sent for such a connection (output): RSTs, ACKs, SYN/ACKs.
+    pub not_owned_out: u64,
+    /// Client segments conntrack has no entry for (input).
+    pub untracked_in: u64,
+    /// Segments from the VIP conntrack has no entry for (output).
+    pub untracked_out: u64,
+}
 use crate::{Error, HostFacts, QueueBackend, Ruleset, TABLE_NAME};
 
 /// Receive buffer size. Dumps come in skbs of at most 32 KiB (and a single message is at most
@@ -208,6 +223,35 @@ impl Firewall {
             .ok_or(Error::RuleNotFound {
                 comment: FOREIGN_DROP_COMMENT,
             })
+    }
+
+    /// The packet counters of every counting drop rule of ours, from one rule dump. A rule
+    /// the installed ruleset lacks counts 0.
+    pub fn drop_counters(&mut self) -> Result<RuleDrops, Error> {
+        let mut d = RuleDrops::default();
+        for r in self.dump_rules(Family::Inet)? {
+            let n = r.packets.unwrap_or(0);
+            let slot = match (r.chain.as_str(), r.comment.as_deref()) {
+                (c, Some(FOREIGN_DROP_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.foreign_forward
+                }
+                (c, Some(NOT_OWNED_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.not_owned_in
+                }
+                (c, Some(NOT_OWNED_COMMENT)) if c == ChainName::Output.as_str() => {
+                    &mut d.not_owned_out
+                }
+                (c, Some(UNTRACKED_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.untracked_in
+                }
+                (c, Some(UNTRACKED_COMMENT)) if c == ChainName::Output.as_str() => {
+                    &mut d.untracked_out
+                }
+                _ => continue,
+            };
+            *slot += n;
+        }
+        Ok(d)
     }
 
     /// The kernel's nf_tables generation id, which every committed transaction (ours or anyone
@@ -506,6 +550,7 @@ fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
 
 fn check_chain(family: Family, want: &crate::Chain, have: &KernelChain) -> Result<(), Error> {
     let hook = match want.name {
+        ChainName::Prerouting => libc::NF_INET_PRE_ROUTING,
         ChainName::Input => libc::NF_INET_LOCAL_IN,
         ChainName::Output => libc::NF_INET_LOCAL_OUT,
         ChainName::Egress => libc::NF_NETDEV_EGRESS,
@@ -960,8 +1005,10 @@ mod tests {
         let newrule = c16((libc::NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_NEWRULE);
         let msg = messages(view)
             .map(Result::unwrap)
-            .find(|m| m.ty == newrule)
-            .expect("a rule");
+            .filter(|m| m.ty == newrule)
+            // The first rule clears the ownership mark; the second is the SYN rule.
+            .nth(1)
+            .expect("the SYN rule");
         let r = Owned::new(
             // SAFETY: plain allocation.
             unsafe { sys::nftnl_rule_alloc() },
@@ -1044,9 +1091,9 @@ mod tests {
                 "add table inet tdsc",
                 "delete table inet tdsc",
                 "add table inet tdsc",
-                "add chain inet tdsc input",
-                "the port set of rule 1 of inet tdsc input",
-                "the port set elements of rule 1 of inet tdsc input",
+                "add chain inet tdsc prerouting",
+                "the port set of rule 1 of inet tdsc prerouting",
+                "the port set elements of rule 1 of inet tdsc prerouting",
             ]
             .map(String::from)
         );

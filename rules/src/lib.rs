@@ -56,15 +56,75 @@
 //!
 //! See [`ruleset`] for each rule and the fact it relies on. In short: client SYNs for the VIP go
 //! to the master's NFQUEUE (members drop them); flows the master does not dispatch are split by a
-//! static hash; segments of connections this node does not own are INVALID to conntrack and are
-//! dropped before TCP could answer them with an RST; proto-253 forwarded SYNs are accepted only
-//! from cluster members.
+//! static hash; a node lets a TCP segment to or from the VIP through only if its conntrack
+//! entry carries the ownership mark, which the entry gets when this node is given the
+//! connection's SYN and loses when a client starts a new connection on the same 4-tuple;
+//! proto-253 forwarded SYNs are accepted only from cluster members.
+//!
+//! # Exact ownership
+//!
+//! A node's reaction to a client segment (letting it reach TCP, and anything TCP sends back)
+//! must depend only on whether this node holds that connection, never on what conntrack kept
+//! of an earlier connection with the same 4-tuple. Port reuse within a second is ordinary: Linux
+//! reuses a port at once after an abortive close, and NAT gateways multiplex thousands of
+//! clients over one address. The facts the rules rely on, from the kernel's conntrack TCP state
+//! machine (`net/netfilter/nf_conntrack_proto_tcp.c`: the `tcp_conntracks` table and
+//! `nf_conntrack_tcp_packet`):
+//!
+//! 1. Conntrack (prerouting, priority -200) sees every client frame on every node before any
+//!    filter rule does, and the daemon sets `nf_conntrack_tcp_be_liberal = 1` (window tracking
+//!    must never drop a node's own segments). With an entry present, every segment but an
+//!    out-of-window RST is therefore valid (`ct state established`): **`ct state invalid`
+//!    only means "no entry", not "not mine"**. That was the whole of the old test, and the
+//!    bug: a stale entry let another node's segments through to TCP, which answered them.
+//! 2. A SYN that meets an entry in TIME_WAIT or CLOSE whose connection was closed (a FIN seen)
+//!    or reset from the same side *reopens* it: conntrack kills the old entry and the SYN
+//!    builds a new, unconfirmed one. An unconfirmed entry lives only as long as its packet, so
+//!    when the SYN is dropped (member) or forwarded and dropped (master), nothing is left. This
+//!    is why letting the SYN through conntrack on every node, and queueing or dropping it only
+//!    *after* (prerouting at `mangle`, not `raw`), is the better choice: a SYN dropped before
+//!    conntrack (raw priority, netdev ingress) would leave even these entries in place.
+//! 3. In every other state (SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK, and a
+//!    TIME_WAIT or CLOSE that does not qualify) the table maps a SYN to `sIG`: conntrack
+//!    *ignores* it, keeps the old entry and lets the packet on as `established`. The old
+//!    socket behind that entry — an orphaned FIN_WAIT2, a SYN-RECV request socket that keeps
+//!    retransmitting its SYN/ACK, a TIME_WAIT socket — then answers the new connection's
+//!    segments with ACKs, SYN/ACKs or an RST. Measured in the lab (`tests/tests/exactness.rs`,
+//!    before these rules): A in FIN_WAIT2 sent ACKs and its FIN to the client during
+//!    connection 2 (3 and 4 of the 6 (A, B) pairs in two runs), and A holding SYN-RECV reset
+//!    connection 2 on 6 of 6 pairs.
+//! 4. `ct mark` is stored in the entry and `ct mark set` on a packet writes it; a new entry
+//!    starts at 0; a packet without an entry makes `ct mark` break the rule (neither `==` nor
+//!    `!=` matches), so the `ct state invalid` drops stay beside the mark drops.
+//! 5. An NFQUEUE verdict of ACCEPT continues with the next hook: the SYN the master's daemon
+//!    keeps for itself is routed and reaches the input chain; a member's re-injected SYN gets
+//!    its entry at local output and arrives at input via `lo` with it. Those two are the only
+//!    first SYNs on dispatched ports that ever reach the input hook, so marking there marks
+//!    exactly the connections this node was given.
+//! 6. With `nf_conntrack_tcp_loose = 0`, a non-SYN segment creates no entry: it is INVALID.
+//!
+//! The rules that follow: the client's first SYN clears the mark on whatever entry survived
+//! (facts 2 and 3) on every node, before it is queued or dropped; the input chain marks the
+//! SYN's entry on the node that was given it (fact 5); every other TCP segment from the
+//! client interface to the VIP, and every TCP segment from the VIP out of it, passes only
+//! with the mark (facts 1, 4, 6). The `socket` expression was weighed and left: it also finds
+//! listeners, TIME_WAIT and request sockets, and a stale one of those is the very problem.
+//!
+//! What remains: on a member, the client's own copy of a SYN normally reaches conntrack long
+//! before the copy the master forwards is re-injected (both start from the same bridge flood,
+//! and the forward needs two daemon wake-ups); if the forwarded copy ever overtook it, the late
+//! copy would take the mark off the member's fresh handshake and that connection would stall.
+//! The mark is the whole 32-bit `ct mark` of connections to and from the VIP; an administrator
+//! must not use conntrack marks for them. Connections open when a node first installs these
+//! rules carry no mark and are dropped.
 //!
 //! # Host requirements
 //!
 //! * `net.netfilter.nf_conntrack_tcp_loose = 0` (the daemon sets it). With the default of 1,
-//!   conntrack picks up a mid-stream segment as a new ESTABLISHED connection, so another node's
-//!   segments would not be INVALID and this node's TCP stack would answer them with RSTs.
+//!   conntrack picks up a mid-stream segment as a new ESTABLISHED connection (with mark 0, so
+//!   the mark rules would still drop it, but counted as "not owned" rather than "untracked").
+//! * Conntrack itself: the ownership mark lives in the conntrack entry, so a node that runs
+//!   out of entries (`nf_conntrack_max`) drops new connections instead of serving them.
 //! * The socket [`Firewall::open`] creates works in the network namespace of the calling thread
 //!   at the time of the call. To manage another namespace, `setns(CLONE_NEWNET)` on a
 //!   dedicated thread and open the `Firewall` there; afterwards it may move to any thread
@@ -95,7 +155,7 @@ mod lower;
 mod model;
 
 pub use error::Error;
-pub use firewall::Firewall;
+pub use firewall::{Firewall, RuleDrops};
 pub use model::{
     ruleset, Action, Chain, ChainName, ClusterSpec, Family, HashInput, HostFacts, IpFamily,
     L4Proto, Match, QueueBackend, Role, Rule, Ruleset, StaticHash, Table,
@@ -116,6 +176,20 @@ pub const FORWARD_PROTO: u8 = 253;
 /// -10 runs before the usual `filter` (0) chains an administrator writes, so a broad `accept`
 /// of theirs cannot let another node's segments reach TCP first.
 pub const INET_PRIORITY: i32 = -10;
+
+/// The conntrack mark of a connection this node owns (`ct mark`): set when this node's TCP
+/// sends the connection's SYN/ACK (or SYN), cleared when a client starts a new connection on
+/// the same 4-tuple. Every other TCP segment to or from the VIP on the client interface is
+/// dropped. tcp-dsc owns the whole conntrack mark of such connections.
+pub const CT_MARK_OWNED: u32 = 0x0dc5_0001;
+
+/// Priority of our `prerouting` base chain: `mangle` (-150, `NF_IP_PRI_MANGLE`).
+///
+/// After conntrack (-200), so that a client's SYN reaches conntrack on every node: there it
+/// ends an earlier connection's entry that may be reopened (TIME_WAIT, CLOSE after an RST),
+/// and our first rule takes the ownership mark off any entry it leaves. Before routing and the
+/// input hook, so the SYN is queued or dropped before anything else sees it.
+pub const PREROUTING_PRIORITY: i32 = -150;
 
 /// Priority of the netdev `egress` base chain (`filter`, 0). It is the only chain on that hook
 /// that we install; the number only orders it against other egress chains.

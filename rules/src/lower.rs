@@ -39,6 +39,8 @@ const ARPHRD_ETHER: u16 = 1;
 /// Offsets nft uses: TCP flags are byte 13 of the TCP header; FIN|SYN|RST|ACK = 0x17.
 const TCP_FLAGS_OFFSET: u32 = 13;
 const TCP_FLAGS_FIN_SYN_RST_ACK: u8 = 0x17;
+/// FIN|SYN|RST = 0x07: `tcp flags syn / fin,syn,rst` matches SYN and SYN/ACK.
+const TCP_FLAGS_FIN_SYN_RST: u8 = 0x07;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -176,6 +178,7 @@ fn add_chain(b: &mut Builder, table: &nftnl::Table, family: Family, chain: &Chai
     let name = CString::new(chain.name.as_str()).expect("chain names have no NUL");
     let mut nl_chain = nftnl::Chain::new(&name, table);
     let hook = match chain.name {
+        ChainName::Prerouting => nftnl::Hook::PreRouting,
         ChainName::Input => nftnl::Hook::In,
         ChainName::Output => nftnl::Hook::Out,
         ChainName::Egress => EGRESS_HOOK,
@@ -414,6 +417,18 @@ fn add_match(
             load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST_ACK);
             rule.add_expr(&cmp(CmpOp::Eq, &[TCP_FLAG_SYN]));
         }
+        Match::TcpNotSynOnly => {
+            load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST_ACK);
+            rule.add_expr(&cmp(CmpOp::Neq, &[TCP_FLAG_SYN]));
+        }
+        Match::TcpSynOrSynAck => {
+            load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST);
+            rule.add_expr(&cmp(CmpOp::Eq, &[TCP_FLAG_SYN]));
+        }
+        Match::CtMarkNot(mark) => {
+            rule.add_expr(&Conntrack::Mark { set: false });
+            rule.add_expr(&cmp(CmpOp::Neq, &mark.to_ne_bytes()));
+        }
         Match::TcpRst => {
             load_tcp_flags(rule, deps, TCP_FLAG_RST);
             rule.add_expr(&cmp(CmpOp::Neq, &[0]));
@@ -468,6 +483,10 @@ fn add_verdict(rule: &mut nftnl::Rule<'_>, action: &Action) {
                 len: 6,
                 sreg: reg::R1,
             });
+        }
+        Action::SetCtMark(mark) => {
+            rule.add_expr(&Immediate::new(mark.to_ne_bytes(), Register::Reg1));
+            rule.add_expr(&Conntrack::Mark { set: true });
         }
     }
 }

@@ -206,7 +206,7 @@ fn failed_apply_rolls_back_and_names_the_rule() {
         .expect_err("native queue must be rejected on this kernel");
     match &err {
         Error::Rejected { what, source, .. } => {
-            assert_eq!(what, "rule 1 of inet tdsc input");
+            assert_eq!(what, "rule 2 of inet tdsc prerouting");
             assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
         }
         other => panic!("unexpected error {other:?}"),

@@ -304,6 +304,27 @@ impl Capture {
         Ok(Capture { fd })
     }
 
+    /// Sets the socket's receive buffer to `bytes`, past `rmem_max` (SO_RCVBUFFORCE: root),
+    /// so that a capture of a busy interface loses no frames while its reader is descheduled.
+    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `v` is live and its size is passed with it; the fd is open.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                std::ptr::from_ref(&v).cast(),
+                socklen::<libc::c_int>(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Next received frame into `buf`; `None` on timeout.
     pub fn recv<'b>(&self, buf: &'b mut [u8]) -> io::Result<Option<&'b [u8]>> {
         loop {

@@ -78,6 +78,24 @@ pub struct Counters {
     pub retransmit_hits: u64,
     pub forward_send_errors: u64,
     pub forward_rejected: Rejected,
+    /// Drops outside the daemon's own code (NFQUEUE overruns, the ruleset's drop rules).
+    pub drops: Drops,
+}
+
+/// `counters.drops` of `tdscctl status --json`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Drops {
+    pub queue_kernel: u64,
+    pub queue_user: u64,
+    pub not_owned_in: u64,
+    pub not_owned_out: u64,
+    pub untracked_in: u64,
+    pub untracked_out: u64,
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+    pub conntrack_insert_failed: u64,
+    pub conntrack_drop: u64,
 }
 
 /// Why received proto-253 packets were refused.

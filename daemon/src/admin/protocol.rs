@@ -104,6 +104,39 @@ pub struct Counters {
     pub reports_sent: u64,
     pub reports_received: u64,
     pub reports_rejected: u64,
+    /// Packets dropped on the way that the daemon can see but never handled itself.
+    #[serde(default)]
+    pub drops: Drops,
+}
+
+/// Drops outside the daemon's own code, read when `status` is asked for.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Drops {
+    /// SYNs the kernel could not queue to the daemon (`queue_dropped` in
+    /// `/proc/net/netfilter/nfnetlink_queue`: queue full).
+    pub queue_kernel: u64,
+    /// SYNs the kernel could not copy to the daemon's socket (`queue_user_dropped`: socket
+    /// receive buffer full; `NETLINK_NO_ENOBUFS` hides these from the reader).
+    pub queue_user: u64,
+    /// Ruleset: client segments of connections this node was not given.
+    pub not_owned_in: u64,
+    /// Ruleset: segments this node's TCP sent for connections it was not given.
+    pub not_owned_out: u64,
+    /// Ruleset: client segments without a conntrack entry.
+    pub untracked_in: u64,
+    /// Ruleset: segments from the VIP without a conntrack entry.
+    pub untracked_out: u64,
+    /// This namespace's TCP: SYNs or handshake ACKs dropped because a listener's accept
+    /// queue was full (`TcpExtListenOverflows` in `/proc/net/netstat`).
+    pub listen_overflows: u64,
+    /// This namespace's TCP: every SYN or ACK a listener dropped (`TcpExtListenDrops`).
+    pub listen_drops: u64,
+    /// Conntrack: packets dropped because their new entry could not be inserted (a clash,
+    /// `insert_failed` of `/proc/net/stat/nf_conntrack`, summed over CPUs).
+    pub conntrack_insert_failed: u64,
+    /// Conntrack: packets dropped for want of an entry (table full: `drop`, summed).
+    pub conntrack_drop: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -305,9 +305,80 @@ pub fn status(s: &Shared) -> Status {
             reports_sent: s.reports.sent.load(Relaxed),
             reports_received: s.reports.received.load(Relaxed),
             reports_rejected: s.reports.rejected.load(Relaxed),
+            drops: drops(s),
         },
         records: records_status(s),
     }
+}
+
+/// The drops the daemon can see outside its own code: the ruleset's counting drop rules and
+/// the kernel's NFQUEUE overrun counts for our queue.
+fn drops(s: &Shared) -> crate::admin::protocol::Drops {
+    let r = s.ruleset_drops().unwrap_or_default();
+    let (queue_kernel, queue_user) = std::fs::read_to_string(NFQUEUE_PROC)
+        .ok()
+        .and_then(|text| queue_drops(&text, s.config.queue_num))
+        .unwrap_or((0, 0));
+    let netstat = std::fs::read_to_string(NETSTAT_PROC).unwrap_or_default();
+    let tcp_ext = |name| snmp_value(&netstat, "TcpExt:", name).unwrap_or(0);
+    let ct = std::fs::read_to_string(CONNTRACK_STAT_PROC).unwrap_or_default();
+    let ct_sum = |name| conntrack_stat(&ct, name).unwrap_or(0);
+    crate::admin::protocol::Drops {
+        listen_overflows: tcp_ext("ListenOverflows"),
+        listen_drops: tcp_ext("ListenDrops"),
+        conntrack_insert_failed: ct_sum("insert_failed"),
+        conntrack_drop: ct_sum("drop"),
+        queue_kernel,
+        queue_user,
+        not_owned_in: r.not_owned_in,
+        not_owned_out: r.not_owned_out,
+        untracked_in: r.untracked_in,
+        untracked_out: r.untracked_out,
+    }
+}
+
+/// One line per bound queue (`net/netfilter/nfnetlink_queue.c`, `seq_show`): queue number,
+/// peer port id, queue length, copy mode, copy range, queue_dropped, queue_user_dropped,
+/// last id, 1.
+const NFQUEUE_PROC: &str = "/proc/net/netfilter/nfnetlink_queue";
+
+/// TCP's extended counters, a header line of names and a line of values per group.
+const NETSTAT_PROC: &str = "/proc/net/netstat";
+
+/// Conntrack's per-CPU statistics: a header line of names, then one line of hex values per CPU.
+const CONNTRACK_STAT_PROC: &str = "/proc/net/stat/nf_conntrack";
+
+/// The value of `name` in the `group` (`TcpExt:`) lines of `/proc/net/netstat`.
+fn snmp_value(text: &str, group: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(group));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let i = names.split_whitespace().position(|n| n == name);
+        if let Some(i) = i {
+            return values.split_whitespace().nth(i)?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Column `name` of `/proc/net/stat/nf_conntrack`, summed over the CPU lines.
+fn conntrack_stat(text: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines();
+    let col = lines.next()?.split_whitespace().position(|n| n == name)?;
+    lines
+        .map(|l| u64::from_str_radix(l.split_whitespace().nth(col)?, 16).ok())
+        .sum()
+}
+
+/// `(queue_dropped, queue_user_dropped)` of queue `num`, if it is bound.
+fn queue_drops(text: &str, num: u16) -> Option<(u64, u64)> {
+    text.lines().find_map(|line| {
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (f.len() >= 7 && f[0] == u64::from(num)).then(|| (f[5], f[6]))
+    })
 }
 
 fn records_status(s: &Shared) -> crate::admin::protocol::RecordsStatus {
@@ -326,5 +397,33 @@ fn records_status(s: &Shared) -> crate::admin::protocol::RecordsStatus {
         discarded_not_leader: r.discarded_not_leader.load(Relaxed),
         queries_answered: r.queries_answered.load(Relaxed),
         last_takeover: r.last_takeover.lock().ok().and_then(|t| *t),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{conntrack_stat, queue_drops, snmp_value};
+
+    #[test]
+    fn proc_counters_are_read_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 5 9\nIpExt: ListenDrops\nIpExt: 77\n";
+        assert_eq!(snmp_value(netstat, "TcpExt:", "ListenOverflows"), Some(5));
+        assert_eq!(snmp_value(netstat, "TcpExt:", "ListenDrops"), Some(9));
+        assert_eq!(snmp_value(netstat, "TcpExt:", "Nope"), None);
+        let ct = "entries  clashres insert_failed drop\n00000001 00000000 0000000a 00000001\n00000002 00000000 00000010 00000000\n";
+        assert_eq!(conntrack_stat(ct, "insert_failed"), Some(26));
+        assert_eq!(conntrack_stat(ct, "drop"), Some(1));
+        assert_eq!(conntrack_stat(ct, "nope"), None);
+    }
+
+    #[test]
+    fn queue_drops_reads_the_columns_of_our_queue() {
+        // Two bound queues, as nfnetlink_queue prints them.
+        let text =
+            "    0  31337     0 2 65531     7    12  4242  1\n    3  31338     5 2 65531 1 2 3 1\n";
+        assert_eq!(queue_drops(text, 0), Some((7, 12)));
+        assert_eq!(queue_drops(text, 3), Some((1, 2)));
+        assert_eq!(queue_drops(text, 1), None);
+        assert_eq!(queue_drops("", 0), None);
     }
 }

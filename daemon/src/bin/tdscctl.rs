@@ -166,6 +166,20 @@ fn print_table(s: &Status) {
         "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
         r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
     );
+    let d = &c.drops;
+    println!(
+        "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}",
+        d.queue_kernel,
+        d.queue_user,
+        d.listen_overflows,
+        d.listen_drops,
+        d.conntrack_insert_failed,
+        d.conntrack_drop,
+        d.not_owned_in,
+        d.not_owned_out,
+        d.untracked_in,
+        d.untracked_out
+    );
     let rec = &s.records;
     println!(
         "records: replicate {}  reconcile {}  proposed {} in {} batches  applied {} in {} batches  replica live {}  handoff overflow {}  discarded {}  queries answered {}",
