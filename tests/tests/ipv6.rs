@@ -144,9 +144,15 @@ fn start_nodes(
             .to_owned();
         let socket = dir.join(format!("{node}.sock"));
         let text = std::fs::read_to_string(&source)?;
+        // The host state file beside the socket: the nodes share one filesystem, and one
+        // shared record would mix their changes (and race on its temporary file).
         let mut rewritten = text.replace(
             "socket = \"/run/tdsc/tdscd.sock\"",
-            &format!("socket = \"{}\"", socket.display()),
+            &format!(
+                "socket = \"{}\"\nhost_state = \"{}\"",
+                socket.display(),
+                socket.with_extension("host-state").display()
+            ),
         );
         ensure!(
             rewritten != text,
