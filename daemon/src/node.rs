@@ -80,7 +80,7 @@ pub enum NodeError {
     Master(#[from] crate::datapath::queue::MasterError),
     #[error("cannot open the forward receive or inject socket")]
     Member(#[source] std::io::Error),
-    #[error("cannot bind the report socket")]
+    #[error("cannot bind the cluster socket (control_port)")]
     Report(#[source] std::io::Error),
     #[error("control socket")]
     Control(#[from] crate::admin::server::ControlError),

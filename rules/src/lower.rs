@@ -39,8 +39,6 @@ const ARPHRD_ETHER: u16 = 1;
 /// Offsets nft uses: TCP flags are byte 13 of the TCP header; FIN|SYN|RST|ACK = 0x17.
 const TCP_FLAGS_OFFSET: u32 = 13;
 const TCP_FLAGS_FIN_SYN_RST_ACK: u8 = 0x17;
-/// FIN|SYN|RST = 0x07: `tcp flags syn / fin,syn,rst` matches SYN and SYN/ACK.
-const TCP_FLAGS_FIN_SYN_RST: u8 = 0x07;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -415,14 +413,6 @@ fn add_match(
         }
         Match::TcpSynOnly => {
             load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST_ACK);
-            rule.add_expr(&cmp(CmpOp::Eq, &[TCP_FLAG_SYN]));
-        }
-        Match::TcpNotSynOnly => {
-            load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST_ACK);
-            rule.add_expr(&cmp(CmpOp::Neq, &[TCP_FLAG_SYN]));
-        }
-        Match::TcpSynOrSynAck => {
-            load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST);
             rule.add_expr(&cmp(CmpOp::Eq, &[TCP_FLAG_SYN]));
         }
         Match::CtMarkNot(mark) => {

@@ -225,10 +225,6 @@ pub enum Match {
     /// `tcp flags syn / fin,syn,rst,ack`, i.e. `flags & (fin|syn|rst|ack) == syn`: a first SYN,
     /// but not the SYN/ACK that plain `tcp flags syn` would also match.
     TcpSynOnly,
-    /// `tcp flags != syn / fin,syn,rst,ack`: any segment but a first SYN.
-    TcpNotSynOnly,
-    /// `tcp flags syn / fin,syn,rst`, i.e. `flags & (fin|syn|rst) == syn`: a SYN or a SYN/ACK.
-    TcpSynOrSynAck,
     /// `tcp flags rst`: the RST bit is set.
     TcpRst,
     /// `ct state invalid`.
@@ -758,8 +754,6 @@ fn match_text(m: &Match) -> String {
             }
         }
         Match::TcpSynOnly => "tcp flags syn / fin,syn,rst,ack".to_string(),
-        Match::TcpNotSynOnly => "tcp flags != syn / fin,syn,rst,ack".to_string(),
-        Match::TcpSynOrSynAck => "tcp flags syn / fin,syn,rst".to_string(),
         Match::TcpRst => "tcp flags rst".to_string(),
         Match::CtStateInvalid => "ct state invalid".to_string(),
         Match::CtMarkNot(mark) => format!("ct mark != {mark:#010x}"),

@@ -12,7 +12,7 @@
 //!    window as the master's, stamped with the local apply time; node ids become view indices.
 //! 4. When leadership arrives, *before* the master ruleset goes in, [`Takeover::adopt`]
 //!    asks every alive member for the remote address and port of its SYN-RECV sockets on the
-//!    VIP (a [`SynRecvQuery`] on the report socket, answered by [`answer_queries`]), waits
+//!    VIP (a [`SynRecvQuery`] on the cluster socket, answered by [`answer_queries`]), waits
 //!    for all answers (but the previous master's) or `scheduler.syn_recv_wait_ms`, adds its
 //!    own SYN-RECV sockets, and builds the replica's live records plus one any-ISN record per
 //!    SYN-RECV socket ([`build_adoption`]). Whom to ask, whom to wait for and when to stop is
