@@ -37,7 +37,7 @@
 //! ring is small, audited in wide use (rustls), builds from crates.io with only a C
 //! compiler (no cmake or Go, unlike aws-lc-rs), and uses AES-NI and CLMUL where the CPU has
 //! them: sealing a forward tag costs far below the 0.3 µs budget of the SYN path (see the
-//! `seal_bench` example).
+//! `seal_bench` example; its latest output is in `docs/benchmarks.md`).
 //!
 //! # Rotation
 //!
