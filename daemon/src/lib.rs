@@ -6,7 +6,8 @@
 //!    drops them on members.
 //! 2. The master's queue thread ([`datapath::queue`]) classifies each SYN ([`datapath::classify`]), asks the
 //!    [`datapath::dispatch::Dispatcher`] (SYN-forward [`datapath::records`] first, then the [`datapath::policy`]) and either
-//!    accepts it or forwards it as protocol 253 ([`tdsc_proto::forward`]).
+//!    re-injects it into its own stack through a raw socket or forwards it as protocol 253
+//!    ([`tdsc_proto::forward`]).
 //! 3. The chosen member's receive thread ([`datapath::receive`]) checks the forward and re-injects the
 //!    SYN with a fresh checksum ([`datapath::inject`]); its TCP stack answers the client directly.
 //!

@@ -176,7 +176,7 @@ fn per_syn_path_does_not_allocate() {
             }
             match path.on_syn(p, i as u64, &mut buf) {
                 Verdict::Forward { len, .. } => forwarded += u32::from(len > 0),
-                Verdict::Accept => accepted += 1,
+                Verdict::Inject { len } => accepted += u32::from(len > 0),
                 Verdict::Drop(why) => panic!("{policy:?}: SYN {i} dropped: {why:?}"),
             }
         }

@@ -96,11 +96,13 @@
 //! 4. `ct mark` is stored in the entry and `ct mark set` on a packet writes it; a new entry
 //!    starts at 0; a packet without an entry makes `ct mark` break the rule (neither `==` nor
 //!    `!=` matches), so the `ct state invalid` drops stay beside the mark drops.
-//! 5. An NFQUEUE verdict of ACCEPT continues with the next hook: the SYN the master's daemon
-//!    keeps for itself is routed and reaches the input chain; a member's re-injected SYN gets
-//!    its entry at local output and arrives at input via `lo` with it. Those two are the only
-//!    first SYNs on dispatched ports that ever reach the input hook, so marking there marks
-//!    exactly the connections this node was given.
+//! 5. The master's daemon gives every queued SYN a DROP verdict; the SYN it keeps for itself
+//!    it re-injects through a raw socket, as a member re-injects a forwarded one (see
+//!    `tdscd::datapath::syn_path` for why not an ACCEPT verdict). A re-injected SYN gets its
+//!    entry at local output and arrives at input via `lo` with it. So on dispatched ports the
+//!    only first SYNs that ever reach the input hook are the ones this node was given, and
+//!    marking there marks exactly those connections. (The `eth0` SYN mark is for the
+//!    undispatched ports, whose SYNs reach input after the static-hash filter.)
 //! 6. With `nf_conntrack_tcp_loose = 0`, a non-SYN segment creates no entry: it is INVALID.
 //!
 //! The rules that follow: the client's first SYN clears the mark on whatever entry survived

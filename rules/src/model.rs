@@ -470,8 +470,8 @@ fn prerouting_rules(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Vec<Ru
     // A first SYN means the client starts a new connection on this 4-tuple, and only the node
     // the master gives it to may own it. Whatever conntrack kept of an earlier connection with
     // the same 4-tuple (CLOSE, TIME_WAIT, FIN_WAIT, …: the SYN does not always make conntrack
-    // drop it) stops being this node's here; the node that accepts the SYN owns it again when
-    // its TCP answers with a SYN/ACK (output chain).
+    // drop it) stops being this node's here; the node given the SYN owns it again when the
+    // SYN reaches its input chain (below).
     rules.push(Rule {
         matches: syn.clone(),
         counter: false,
@@ -562,8 +562,8 @@ fn input_rules(spec: &ClusterSpec) -> Vec<Rule> {
         comment: UNTRACKED_COMMENT,
     });
     // The first SYNs that get this far are the ones this node was given: on the client
-    // interface those the master's daemon accepted for itself (and, on undispatched ports,
-    // those of flows the hash gives this node), via `lo` those a member re-injected.
+    // interface, those of undispatched ports whose flows the hash gives this node; via `lo`,
+    // those the daemon re-injected (a member's forwarded SYNs and the ones the master keeps).
     let mut given = to_vip();
     given.push(Match::TcpSynOnly);
     rules.push(Rule {

@@ -1,7 +1,8 @@
 //! The master path: a dedicated thread takes SYNs off the NFQUEUE, asks the SYN-path core
 //! ([`crate::datapath::syn_path`]: lease, classifier, dispatcher, encoding), and carries out
-//! its verdict: accept the SYN locally, drop it, or send the forward as protocol 253 and drop
-//! the original.
+//! its verdict: re-inject the SYN into the local stack through a raw socket (as a member
+//! does; never an NFQUEUE ACCEPT, see `crate::datapath::syn_path`), or send the forward as
+//! protocol 253, and drop the queued original either way.
 //!
 //! The hot path (one loop iteration) does not allocate and takes no lock: the packet buffer
 //! belongs to the nfq crate and is reused while every message is given its verdict before the
@@ -61,6 +62,9 @@ pub struct MasterPath {
     dests: Vec<Option<Dest>>,
     socket_v4: Option<RawSocket>,
     socket_v6: Option<RawSocket>,
+    /// Writes the SYNs this node keeps, rebuilt whole, for local delivery (via `lo`).
+    inject: RawSocket,
+    inject_to: Dest,
     buf: Box<[u8]>,
 }
 
@@ -127,6 +131,8 @@ impl MasterPath {
         } else {
             None
         };
+        let inject = RawSocket::inject(&vip).map_err(MasterError::Socket)?;
+        let inject_to = Dest::new(&vip);
         let core = SynPath::new(
             vip,
             ports,
@@ -146,6 +152,8 @@ impl MasterPath {
             dests,
             socket_v4,
             socket_v6,
+            inject,
+            inject_to,
             buf: vec![0u8; MAX_HEADER_LEN + 0x10000].into_boxed_slice(),
         })
     }
@@ -188,7 +196,14 @@ impl MasterPath {
     /// Carries out the core's verdict for one queued packet.
     fn handle(&mut self, pkt: &[u8]) -> Verdict {
         match self.core.on_syn(pkt, self.role.now_ms(), &mut self.buf) {
-            SynVerdict::Accept => Verdict::Accept,
+            SynVerdict::Inject { len } => {
+                if let Err(e) = self.inject.send_to(&self.buf[..len], &self.inject_to) {
+                    add(&self.counters.reinject_errors);
+                    tracing::warn!(error = %e, "re-injection of a kept SYN failed");
+                }
+                // Dropped here either way, as after a forward.
+                Verdict::Drop
+            }
             SynVerdict::Drop(_) => Verdict::Drop,
             SynVerdict::Forward {
                 index, dest, len, ..

@@ -2,8 +2,18 @@
 //! dispatcher's decision (records, then policy, then the record hand-off), the counters, and
 //! the proto-253 encoding. Sans-IO: [`SynPath::on_syn`] opens no socket, reads no clock (the
 //! caller passes `now_ms`) and does not allocate; it returns a [`Verdict`] that the queue
-//! thread (`crate::datapath::queue::MasterPath`) carries out: accept the queued packet, drop
-//! it, or send the bytes written into the caller's buffer and drop the original.
+//! thread (`crate::datapath::queue::MasterPath`) carries out: drop the queued packet, and
+//! perhaps first send the bytes written into the caller's buffer: a proto-253 forward to
+//! another node, or, for a connection the master keeps, the SYN rebuilt for local delivery.
+//!
+//! The master never accepts a queued SYN into its own stack with an NFQUEUE ACCEPT verdict. It
+//! re-injects the SYN through a raw socket, as a member re-injects a forwarded one: one path
+//! into the stack on every node. Measured in the lab (`tests/tests/exactness.rs`, the NAT-like
+//! client steered to the master, ~330k connections a run): with ACCEPT verdicts, a connection
+//! whose SYN met the master's TIME_WAIT socket for the same 4-tuple was, about once a run,
+//! answered with an RST right after its handshake (the client's ACK found no request socket);
+//! the same load steered to a member (raw-socket re-injection) never was. The kernel mechanism
+//! is written up in `docs/design/exactness.md`.
 //!
 //! Every counter `tdscctl status` shows for the master path is bumped here, except the two
 //! that depend on the send itself (`forwarded_out`, `forward_send_errors` for a failed
@@ -20,14 +30,17 @@ use crate::cluster::role::RoleCell;
 use crate::cluster::view::ClusterView;
 use crate::datapath::classify::{classify, Reject};
 use crate::datapath::dispatch::{Decision, Dispatcher};
+use crate::datapath::inject;
 use crate::datapath::policy::Policy;
 use crate::datapath::records::RecordEntry;
 
 /// What the queue thread does with one queued packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// This node takes the connection: accept the queued SYN into the local stack.
-    Accept,
+    /// This node takes the connection: send the first `len` bytes of the caller's buffer (the
+    /// client's SYN, rebuilt for local delivery by [`crate::datapath::inject::build`]) to the
+    /// VIP through the re-injection socket, then drop the queued SYN.
+    Inject { len: usize },
     /// Drop the queued packet (the client retransmits a SYN).
     Drop(DropReason),
     /// Send the first `len` bytes of the caller's buffer (a proto-253 forward, see
@@ -58,6 +71,9 @@ pub enum DropReason {
     /// The forward did not fit the caller's buffer (or mixed address families); counted as a
     /// failed forward, like a failed send.
     Encode,
+    /// The SYN to keep could not be rebuilt for re-injection; counted as a failed
+    /// re-injection, like a failed send.
+    InjectEncode,
 }
 
 /// The master path's state apart from its sockets: owned by the queue thread.
@@ -97,7 +113,7 @@ impl SynPath {
     }
 
     /// Decides what to do with one queued packet at `now_ms` on the lease clock
-    /// (`RoleCell::now_ms`). A forward is encoded into `out`, which must hold
+    /// (`RoleCell::now_ms`). A forward or a re-injection is encoded into `out`, which must hold
     /// `tdsc_proto::forward::MAX_HEADER_LEN` plus the largest queued segment.
     pub fn on_syn(&mut self, packet: &[u8], now_ms: u64, out: &mut [u8]) -> Verdict {
         if !self.role.is_master() {
@@ -133,10 +149,16 @@ impl SynPath {
                 .fetch_add(evicted, Relaxed);
         }
         match outcome.decision {
-            Decision::Local => {
-                add(&self.counters.accepted_locally);
-                Verdict::Accept
-            }
+            Decision::Local => match inject::build(syn.client, syn.vip, syn.segment, out) {
+                Ok(len) => {
+                    add(&self.counters.accepted_locally);
+                    Verdict::Inject { len }
+                }
+                Err(_) => {
+                    add(&self.counters.reinject_errors);
+                    Verdict::Drop(DropReason::InjectEncode)
+                }
+            },
             Decision::NoNode => {
                 add(&self.counters.dropped_no_node);
                 Verdict::Drop(DropReason::NoNode)
@@ -253,7 +275,10 @@ mod tests {
     #[test]
     fn no_dispatch_without_the_role_or_past_the_lease() {
         let mut f = fixture();
-        assert_eq!(f.on(&syn(1), 9_999), Verdict::Accept, "inside the lease");
+        assert!(
+            matches!(f.on(&syn(1), 9_999), Verdict::Inject { .. }),
+            "inside the lease"
+        );
         assert_eq!(
             f.on(&syn(2), 10_000),
             Verdict::Drop(DropReason::LeaseLapsed),
@@ -308,7 +333,29 @@ mod tests {
         let mut f = fixture();
         let pkt = v4_tcp(CLIENT, VIP, 40000, 80, SYN, b"GET /");
         // Round robin from the master: itself, then node 2.
-        assert_eq!(f.on(&syn(39999), 0), Verdict::Accept);
+        let own = syn(39999);
+        let Verdict::Inject { len } = f.on(&own, 0) else {
+            panic!("the master keeps the first connection");
+        };
+        // Rebuilt for local delivery: the client's addresses and segment, a valid checksum.
+        let rebuilt = &f.buf[..len];
+        assert_eq!(&rebuilt[12..20], &own[12..20], "client -> VIP");
+        assert_eq!(rebuilt.len(), own.len());
+        assert_eq!(
+            &rebuilt[20..36],
+            &own[20..36],
+            "the segment up to its checksum"
+        );
+        assert_eq!(&rebuilt[38..], &own[38..], "and after it");
+        assert_eq!(
+            crate::datapath::inject::tcp_checksum(
+                &IpAddr::from(CLIENT),
+                &IpAddr::from(VIP),
+                &rebuilt[20..]
+            )
+            .to_be_bytes(),
+            [rebuilt[36], rebuilt[37]]
+        );
         let v = f.on(&pkt, 0);
         let Verdict::Forward {
             index,
@@ -343,7 +390,7 @@ mod tests {
     #[test]
     fn a_forward_that_does_not_fit_is_dropped_and_counted() {
         let mut f = fixture();
-        assert_eq!(f.on(&syn(1), 0), Verdict::Accept);
+        assert!(matches!(f.on(&syn(1), 0), Verdict::Inject { .. }));
         let mut small = [0u8; 30];
         assert_eq!(
             f.path.on_syn(&syn(2), 0, &mut small),
@@ -355,7 +402,7 @@ mod tests {
     #[test]
     fn a_retransmission_follows_its_record_unless_that_node_died() {
         let mut f = fixture();
-        assert_eq!(f.on(&syn(1), 0), Verdict::Accept);
+        assert!(matches!(f.on(&syn(1), 0), Verdict::Inject { .. }));
         let first = f.on(&syn(2), 0);
         assert!(
             matches!(first, Verdict::Forward { node: 2, .. }),
