@@ -74,6 +74,10 @@ pub struct Summary {
     pub mean: f64,
     pub p99: f64,
     pub max: f64,
+    /// Connects that took over 100 ms (a lost SYN/ACK or a scheduling stall).
+    pub over_100ms: usize,
+    /// Connects that took over 1 s: the SYN was retransmitted (Linux's first SYN timeout).
+    pub over_1s: usize,
 }
 
 impl Summary {
@@ -82,6 +86,11 @@ impl Summary {
         if samples.is_empty() {
             return None;
         }
+        let over = |limit: Duration| samples.iter().filter(|d| **d > limit).count();
+        let (over_100ms, over_1s) = (
+            over(Duration::from_millis(100)),
+            over(Duration::from_secs(1)),
+        );
         let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
         us.sort_by(f64::total_cmp);
         let pct = |p: f64| {
@@ -106,6 +115,8 @@ impl Summary {
             mean,
             p99: pct(0.99),
             max: us[us.len() - 1],
+            over_100ms,
+            over_1s,
         })
     }
 }
@@ -116,6 +127,37 @@ pub struct LatencyReport {
     pub master_local: Option<Summary>,
     pub forwarded: Option<Summary>,
     pub plain: Option<Summary>,
+    pub failed: Failures,
+}
+
+/// Connections that failed (connect, request or reply), per target; the benchmark counts
+/// them and goes on instead of stopping at the first.
+#[derive(Debug, Clone, Default)]
+pub struct Failures {
+    pub vip: usize,
+    pub plain: usize,
+    /// The first few errors, for the report.
+    pub examples: Vec<String>,
+}
+
+impl Failures {
+    fn note(&mut self, to_vip: bool, e: &BenchError) {
+        *if to_vip {
+            &mut self.vip
+        } else {
+            &mut self.plain
+        } += 1;
+        if self.examples.len() < 5 {
+            self.examples.push(e.to_string());
+        }
+    }
+
+    fn merge(&mut self, other: Failures) {
+        self.vip += other.vip;
+        self.plain += other.plain;
+        let room = 5usize.saturating_sub(self.examples.len());
+        self.examples.extend(other.examples.into_iter().take(room));
+    }
 }
 
 /// Results of the SYN blast.
@@ -156,27 +198,33 @@ fn connect_once(target: SocketAddrV4, index: usize) -> Result<(u32, Duration), B
 type Samples = Vec<(u32, Duration)>;
 
 /// Alternates connections to `vip` and `plain` (`warmup` unmeasured pairs, then `count`
-/// measured ones), so both see the same conditions. Returns the samples of each target.
+/// measured ones), so both see the same conditions. Returns the samples of each target and
+/// the measured connections that failed (a failed one has no sample).
 fn connect_samples(
     vip: SocketAddrV4,
     plain: SocketAddrV4,
     warmup: usize,
     count: usize,
     stop: &AtomicBool,
-) -> Result<(Samples, Samples), BenchError> {
+) -> Result<(Samples, Samples, Failures), BenchError> {
     let (mut v, mut p) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    let mut failed = Failures::default();
     for index in 0..warmup + count {
         if stop.load(Ordering::Relaxed) {
             return Err(BenchError::Interrupted);
         }
-        let a = connect_once(vip, index)?;
-        let b = connect_once(plain, index)?;
-        if index >= warmup {
-            v.push(a);
-            p.push(b);
+        for (to_vip, target) in [(true, vip), (false, plain)] {
+            match connect_once(target, index) {
+                Ok(sample) if index >= warmup => {
+                    if to_vip { &mut v } else { &mut p }.push(sample);
+                }
+                Ok(_) => {}
+                Err(e) if index >= warmup => failed.note(to_vip, &e),
+                Err(_) => {}
+            }
         }
     }
-    Ok((v, p))
+    Ok((v, p, failed))
 }
 
 /// Where the latency phases connect from and to.
@@ -217,15 +265,22 @@ pub fn latency(
         plain,
         master_id,
     } = Targets::of(cluster)?;
-    let (via_vip, via_plain) = netns::run_in(&ns, || {
+    let (via_vip, via_plain, failed) = netns::run_in(&ns, || {
         connect_samples(vip, plain, opts.warmup, opts.count, stop)
     })??;
-    Ok(LatencyReport::split(&via_vip, &via_plain, master_id))
+    Ok(LatencyReport::split(
+        &via_vip, &via_plain, master_id, failed,
+    ))
 }
 
 impl LatencyReport {
     /// Splits VIP samples by whether the master served them.
-    fn split(via_vip: &Samples, via_plain: &Samples, master_id: u32) -> LatencyReport {
+    fn split(
+        via_vip: &Samples,
+        via_plain: &Samples,
+        master_id: u32,
+        failed: Failures,
+    ) -> LatencyReport {
         let pick = |local: bool| -> Vec<Duration> {
             via_vip
                 .iter()
@@ -238,6 +293,7 @@ impl LatencyReport {
             master_local: Summary::of(&pick(true)),
             forwarded: Summary::of(&pick(false)),
             plain: Summary::of(&plain),
+            failed,
         }
     }
 }
@@ -351,6 +407,7 @@ pub struct FloodReport {
     pub flooded: Option<Summary>,
     pub master_only: Option<Summary>,
     pub plain: Option<Summary>,
+    pub failed: Failures,
 }
 
 /// Connections per batch of the ablation; batches of the two conditions alternate.
@@ -420,12 +477,14 @@ pub fn flood_ablation(
     let batches = opts.count.div_ceil(ABLATION_BATCH).max(1);
     let run = || -> Result<FloodReport, BenchError> {
         let (mut flooded, mut master_only, mut plains) = (Vec::new(), Vec::new(), Vec::new());
+        let mut failed = Failures::default();
         for b in 0..2 * batches {
             let isolate = b % 2 == 1;
             set_ports(if isolate { "down" } else { "up" })?;
-            let (v, p) = netns::run_in(&ns, || {
+            let (v, p, f) = netns::run_in(&ns, || {
                 connect_samples(vip, plain, ABLATION_BATCH / 5, ABLATION_BATCH, stop)
             })??;
+            failed.merge(f);
             if let Some((node, _)) = v.iter().find(|(node, _)| *node != master.id) {
                 return Err(BenchError::Connect {
                     index: 0,
@@ -445,6 +504,7 @@ pub fn flood_ablation(
             flooded: Summary::of(&flooded),
             master_only: Summary::of(&master_only),
             plain: Summary::of(&plains),
+            failed,
         })
     };
     let result = run();
@@ -584,12 +644,12 @@ pub fn placement(
     } = Targets::of(cluster)?;
     let batches = opts.count.div_ceil(ABLATION_BATCH).max(1);
     let run = || -> Result<PlacementReport, BenchError> {
-        let mut samples: [(Samples, Samples); 2] = Default::default();
+        let mut samples: [(Samples, Samples, Failures); 2] = Default::default();
         for b in 0..2 * batches {
             let colocate = b % 2 == 1;
             let one = [cpu];
             pin_daemons(if colocate { &one } else { &all })?;
-            let (v, p) = netns::run_in(&ns, || {
+            let (v, p, f) = netns::run_in(&ns, || {
                 if colocate {
                     crate::wakeup::pin_current_thread(cpu).map_err(BenchError::Raw)?;
                 }
@@ -598,11 +658,13 @@ pub fn placement(
             let slot = &mut samples[usize::from(colocate)];
             slot.0.extend(v);
             slot.1.extend(p);
+            slot.2.merge(f);
         }
+        let [placed, colocated] = samples;
         Ok(PlacementReport {
             cpu,
-            placed: LatencyReport::split(&samples[0].0, &samples[0].1, master_id),
-            colocated: LatencyReport::split(&samples[1].0, &samples[1].1, master_id),
+            placed: LatencyReport::split(&placed.0, &placed.1, master_id, placed.2),
+            colocated: LatencyReport::split(&colocated.0, &colocated.1, master_id, colocated.2),
         })
     };
     let result = run();
@@ -610,4 +672,45 @@ pub fn placement(
     let report = result?;
     restored?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_counts_slow_connects_past_each_limit() {
+        let ms = |v: u64| Duration::from_millis(v);
+        let s = Summary::of(&[
+            ms(1),
+            ms(100),
+            ms(101),
+            ms(999),
+            ms(1000),
+            ms(1001),
+            ms(3005),
+        ])
+        .expect("samples");
+        assert_eq!(s.n, 7);
+        assert_eq!((s.over_100ms, s.over_1s), (5, 2), "limits are exclusive");
+        assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn failures_add_up_and_keep_five_examples() {
+        let e = |i| BenchError::Connect {
+            index: i,
+            target: SocketAddr::V4(SocketAddrV4::new(std::net::Ipv4Addr::new(192, 0, 2, 1), 80)),
+            reason: "connect: reset".into(),
+        };
+        let (mut a, mut b) = (Failures::default(), Failures::default());
+        for i in 0..4 {
+            a.note(true, &e(i));
+            b.note(i % 2 == 0, &e(10 + i));
+        }
+        a.merge(b);
+        assert_eq!((a.vip, a.plain), (6, 2));
+        assert_eq!(a.examples.len(), 5);
+        assert!(a.examples[4].contains("connection 10"), "{:?}", a.examples);
+    }
 }

@@ -14,8 +14,9 @@
 //! * client FIN first: A's socket goes LAST_ACK → CLOSED, its conntrack entry TIME_WAIT;
 //! * server FIN first: A keeps a TIME_WAIT *socket* (60 s), which answers any segment of
 //!   that 4-tuple that reaches it with an ACK;
-//! * server FIN first, the client's reset lost on the way: A keeps an orphaned FIN_WAIT2
-//!   socket, which answers the next connection's segments with an RST;
+//! * server FIN first, the client's reset lost on the way (after it ACKed A's FIN): A keeps
+//!   an orphaned FIN_WAIT2 socket (checked with `ss`), which answers the next connection's
+//!   segments with an RST;
 //! * A's SYN/ACK lost: the client gives up after 300 ms and connects again from the same
 //!   port (a new ISN, so the master dispatches it afresh, to B), while A keeps a SYN-RECV
 //!   request socket that retransmits its SYN/ACK after 1 s. Connection 2 stays open past
@@ -248,6 +249,21 @@ fn first_connection(vip: SocketAddrV4, port: u16, ending: Ending) -> anyhow::Res
                 .context("node= in the reply")?
                 .parse()?;
             if ending == Ending::ServerFinResetLost {
+                // ACK A's FIN now (a delayed ACK would die with the abort below, leaving A in
+                // FIN_WAIT1 retransmitting its FIN on its own timer, which could reach the
+                // client just as connection 2 starts): TCP_QUICKACK sends a pending ACK.
+                let one: libc::c_int = 1;
+                // SAFETY: the fd is open (owned by `s`) and `one` is live, size passed.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_QUICKACK,
+                        std::ptr::from_ref(&one).cast(),
+                        libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("4"),
+                    )
+                };
+                ensure!(rc == 0, "TCP_QUICKACK: {}", std::io::Error::last_os_error());
                 let linger = libc::linger {
                     l_onoff: 1,
                     l_linger: 0,
@@ -408,6 +424,17 @@ fn reuse_across_nodes(test: &str, ending: Ending, base_port: u16) -> anyhow::Res
                 }
                 // Let connection 1 settle: the last ACKs of the close reach A.
                 std::thread::sleep(Duration::from_millis(50));
+                if ending == Ending::ServerFinResetLost {
+                    // The state this ending is about: A holds an orphaned FIN_WAIT2 socket.
+                    let ns = cluster.netns(&a.name);
+                    let filter = format!("( sport = :{} and dport = :{port} )", vip.port());
+                    let out =
+                        netns::exec(&ns, "ss", ["-Htn", "state", "fin-wait-2", filter.as_str()])?;
+                    if out.trim().is_empty() {
+                        failures.push(format!("{pair}: A holds no FIN_WAIT2 socket for the port"));
+                        continue;
+                    }
+                }
                 if ending == Ending::ServerFinResetLost {
                     netns::exec(&client, "nft", [format!("delete table inet {LOST_TABLE}")])?;
                 }

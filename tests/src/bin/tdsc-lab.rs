@@ -529,10 +529,21 @@ fn run_demo(cluster: &mut Cluster, requests: u64, stop: &Arc<AtomicBool>) -> any
 fn row(name: &str, s: Option<bench::Summary>) -> String {
     match s {
         Some(s) => format!(
-            "  {name:<16} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
-            s.n, s.min, s.p50, s.mean, s.p99, s.max
+            "  {name:<16} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>6} {:>4}",
+            s.n, s.min, s.p50, s.mean, s.p99, s.max, s.over_100ms, s.over_1s
         ),
         None => format!("  {name:<16} {:>6}   (no samples)", 0),
+    }
+}
+
+/// The failed connections of a table, under it (failed ones have no latency sample).
+fn print_failures(f: &bench::Failures) {
+    println!(
+        "  failed connections: {} to the VIP, {} to the plain server",
+        f.vip, f.plain
+    );
+    for e in &f.examples {
+        println!("    {e}");
     }
 }
 
@@ -566,12 +577,13 @@ fn run_bench(
     );
     let lat = bench::latency(cluster, opts, stop)?;
     println!(
-        "  {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "µs", "n", "min", "p50", "mean", "p99", "max"
+        "  {:<16} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>4}",
+        "µs", "n", "min", "p50", "mean", "p99", "max", ">100ms", ">1s"
     );
     println!("{}", row("master-local", lat.master_local));
     println!("{}", row("forwarded", lat.forwarded));
     println!("{}", row("plain", lat.plain));
+    print_failures(&lat.failed);
     println!(
         "  ratios: forwarded/plain {}; master-local/plain {}",
         ratio(lat.forwarded, lat.plain),
@@ -593,6 +605,7 @@ fn run_bench(
     println!("{}", row("flooded", flood.flooded));
     println!("{}", row("master only", flood.master_only));
     println!("{}", row("plain", flood.plain));
+    print_failures(&flood.failed);
     println!(
         "  ratios: flooded/plain {}; master-only/plain {}; flooded/master-only {}",
         ratio(flood.flooded, flood.plain),
@@ -611,6 +624,7 @@ fn run_bench(
         println!("{}", row(&format!("{name} local"), r.master_local));
         println!("{}", row(&format!("{name} fwd"), r.forwarded));
         println!("{}", row(&format!("{name} plain"), r.plain));
+        print_failures(&r.failed);
     }
     println!(
         "  ratios: co-located/placed master-local {}; forwarded {}",
