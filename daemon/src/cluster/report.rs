@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tdsc_proto::control::{Envelope, NodeReport};
-use tokio::net::UdpSocket;
 
+use crate::cluster::bus::ClusterSocket;
 use crate::cluster::counters::ReportCounters;
 use crate::cluster::role::RoleCell;
 use crate::cluster::view::{ClusterView, NodeSlot};
@@ -95,7 +95,7 @@ impl Reporter {
     }
 
     /// Sends a report every interval until `shutdown`.
-    pub async fn run(self, sock: Arc<UdpSocket>, mut shutdown: Shutdown) {
+    pub async fn run(self, sock: Arc<ClusterSocket>, mut shutdown: Shutdown) {
         let mut diag = match SockDiag::open() {
             Ok(d) => Some(d),
             Err(e) => {
