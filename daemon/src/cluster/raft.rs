@@ -5,8 +5,8 @@
 //! the [`ElectionWriter`]).
 //!
 //! Raft messages travel as `Body::Raft` envelopes on the cluster socket (`control_port`), so
-//! they share its address check: a message is stepped only if it came from a current
-//! member's address with that member's id.
+//! they share its checks: a message is stepped only if it was sealed with the cluster key by
+//! a current member, from that member's address, and is not a replay (`crate::cluster::bus`).
 //!
 //! A graceful stop talks to the task through a [`RaftHandle`]: first [`RaftHandle::resign`]
 //! (from then on the task stores a revoked lease and publishes this node as member, whatever

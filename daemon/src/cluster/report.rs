@@ -4,8 +4,8 @@
 //! sends a [`NodeReport`] to every other node ([`Reporter::run`]). A node whose reports stop
 //! for `health.dead_after_ms` is marked dead ([`Reporter::sweep`]), and the master stops
 //! dispatching to it; its next report brings it back ([`accept`]). Reports arrive through
-//! the cluster socket's receive loop (`crate::cluster::bus`), which accepts them only from a
-//! member's address with that member's id.
+//! the cluster socket's receive loop (`crate::cluster::bus`), which accepts them only sealed
+//! with the cluster key by a member, from that member's address, and not replayed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;

@@ -557,8 +557,8 @@ fn own_syn_recv(vip: &IpAddr) -> std::io::Result<(SynRecvAnswer, bool)> {
     Ok((answer, truncated))
 }
 
-/// Answers the SYN-RECV queries the bus accepted (from a member's address with that
-/// member's id): (querier's address, nonce). Runs until `shutdown`.
+/// Answers the SYN-RECV queries the bus accepted (sealed by a member, from its address):
+/// (querier's address, nonce). Runs until `shutdown`.
 pub async fn answer_queries(
     mut queries: tokio::sync::mpsc::Receiver<(SocketAddr, u64)>,
     sock: Arc<ClusterSocket>,
