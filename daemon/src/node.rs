@@ -123,6 +123,8 @@ pub struct Shared {
     pub records: Arc<RecordStats>,
     /// This node's replica of the master's records.
     pub replica: Arc<Mutex<Replica>>,
+    /// The cluster socket, for the keyring's ids in `status` (the bus and senders own its use).
+    pub cluster_socket: Arc<ClusterSocket>,
 }
 
 impl Shared {
@@ -693,6 +695,7 @@ impl<'a> Node<'a> {
             let sock = sock.clone();
             TaskHandle::spawn("reports", move |s| r.run(sock, s))
         };
+        let cluster_socket = sock.clone();
         let bus = {
             let b = Bus {
                 node_id: cfg.node_id,
@@ -742,6 +745,7 @@ impl<'a> Node<'a> {
             raft_requests: raft.then_some(w.raft_requests),
             records: w.records,
             replica: w.replica,
+            cluster_socket,
         });
         let control = {
             let shared = shared.clone();

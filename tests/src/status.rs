@@ -24,6 +24,16 @@ pub struct Status {
     pub counters: Counters,
     /// SYN-forward record replication and the last takeover.
     pub records: Records,
+    /// The keyring's ids and the sealing one.
+    pub cluster_key: ClusterKey,
+}
+
+/// `cluster_key` of `tdscctl status --json`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClusterKey {
+    pub ids: Vec<u8>,
+    pub send: u8,
 }
 
 /// Replicated SYN-forward records as one node sees them.

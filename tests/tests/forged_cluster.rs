@@ -550,6 +550,9 @@ fn the_cluster_key_is_rotated_by_rolling_restarts_under_traffic() -> anyhow::Res
                     s.voters, s.nodes
                 ));
             }
+            if s.cluster_key.ids != [2] || s.cluster_key.send != 2 {
+                problems.push(format!("{name}: runs with keyring {:?}", s.cluster_key));
+            }
         }
         ensure!(problems.is_empty(), "{}", problems.join("\n"));
         ensure!(

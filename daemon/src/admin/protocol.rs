@@ -193,6 +193,16 @@ pub struct Status {
     /// SYN-forward record replication and the last takeover (paper §3.5).
     #[serde(default)]
     pub records: RecordsStatus,
+    /// The cluster keyring this node runs with (ids only, never key material).
+    #[serde(default)]
+    pub cluster_key: ClusterKeyStatus,
+}
+
+/// The key ids of the keyring and the one this node seals with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterKeyStatus {
+    pub ids: Vec<u8>,
+    pub send: u8,
 }
 
 /// Replication of the SYN-forward records, as this node sees it.

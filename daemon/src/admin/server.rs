@@ -309,6 +309,13 @@ pub fn status(s: &Shared) -> Status {
             drops: drops(s),
         },
         records: records_status(s),
+        cluster_key: {
+            let ring = s.cluster_socket.keyring();
+            crate::admin::protocol::ClusterKeyStatus {
+                ids: ring.ids(),
+                send: ring.send_id(),
+            }
+        },
     }
 }
 

@@ -166,6 +166,10 @@ fn print_table(s: &Status) {
         "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
         r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
     );
+    println!(
+        "cluster key: ids {:?}, sealing with {}",
+        s.cluster_key.ids, s.cluster_key.send
+    );
     let k = &c.cluster_dropped;
     println!(
         "cluster datagrams: reports sent {}  received {}  dropped {}: source-port {}  bad-header {}  unknown-key {}  bad-tag {}  unknown-sender {}  replay {}  undecodable {}  no-owner {}",
