@@ -112,7 +112,7 @@ pub struct Counters {
     pub drops: Drops,
 }
 
-/// Cluster-socket datagrams refused by the bus, by reason (`tdscd::cluster::bus::Drop`).
+/// Cluster-socket datagrams refused by the bus, by reason (`tdscd::cluster::bus::DropReason`).
 /// Each reason is checked in this order; a datagram counts under the first it fails.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]

@@ -17,7 +17,7 @@
 //!
 //! Only then is the [`Envelope`] decoded (its `from` must be the sealed sender) and the body
 //! routed by kind to its owner. A datagram that fails any step is dropped, counted by
-//! [`Drop`] reason (`tdscctl status`), and logged with its peer address and reason at most
+//! [`DropReason`] (`tdscctl status`), and logged with its peer address and reason at most
 //! once a second per reason.
 //!
 //! A sender's counter starts at the wall clock in nanoseconds ([`SendCounter::starting_at`]),
@@ -141,7 +141,7 @@ impl ClusterSocket {
 /// Why a datagram was dropped; each has its counter in
 /// [`ClusterDropCounters`](crate::cluster::counters::ClusterDropCounters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     SourcePort,
     BadHeader,
     UnknownKey,
@@ -152,71 +152,71 @@ pub enum Drop {
     NoOwner,
 }
 
-impl Drop {
-    const ALL: [Drop; 8] = [
-        Drop::SourcePort,
-        Drop::BadHeader,
-        Drop::UnknownKey,
-        Drop::BadTag,
-        Drop::UnknownSender,
-        Drop::Replay,
-        Drop::Undecodable,
-        Drop::NoOwner,
+impl DropReason {
+    const ALL: [DropReason; 8] = [
+        DropReason::SourcePort,
+        DropReason::BadHeader,
+        DropReason::UnknownKey,
+        DropReason::BadTag,
+        DropReason::UnknownSender,
+        DropReason::Replay,
+        DropReason::Undecodable,
+        DropReason::NoOwner,
     ];
 
     /// A stable name for logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Drop::SourcePort => "source_port",
-            Drop::BadHeader => "bad_header",
-            Drop::UnknownKey => "unknown_key",
-            Drop::BadTag => "bad_tag",
-            Drop::UnknownSender => "unknown_sender",
-            Drop::Replay => "replay",
-            Drop::Undecodable => "undecodable",
-            Drop::NoOwner => "no_owner",
+            DropReason::SourcePort => "source_port",
+            DropReason::BadHeader => "bad_header",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::BadTag => "bad_tag",
+            DropReason::UnknownSender => "unknown_sender",
+            DropReason::Replay => "replay",
+            DropReason::Undecodable => "undecodable",
+            DropReason::NoOwner => "no_owner",
         }
     }
 
     fn index(self) -> usize {
-        Drop::ALL.iter().position(|d| *d == self).unwrap_or(0)
+        DropReason::ALL.iter().position(|d| *d == self).unwrap_or(0)
     }
 
     fn counter(self, c: &ReportCounters) -> &AtomicU64 {
         let d = &c.drops;
         match self {
-            Drop::SourcePort => &d.source_port,
-            Drop::BadHeader => &d.bad_header,
-            Drop::UnknownKey => &d.unknown_key,
-            Drop::BadTag => &d.bad_tag,
-            Drop::UnknownSender => &d.unknown_sender,
-            Drop::Replay => &d.replay,
-            Drop::Undecodable => &d.undecodable,
-            Drop::NoOwner => &d.no_owner,
+            DropReason::SourcePort => &d.source_port,
+            DropReason::BadHeader => &d.bad_header,
+            DropReason::UnknownKey => &d.unknown_key,
+            DropReason::BadTag => &d.bad_tag,
+            DropReason::UnknownSender => &d.unknown_sender,
+            DropReason::Replay => &d.replay,
+            DropReason::Undecodable => &d.undecodable,
+            DropReason::NoOwner => &d.no_owner,
         }
     }
 
     /// What the log line adds, for the reasons an operator can act on.
     fn hint(self) -> &'static str {
         match self {
-            Drop::UnknownKey | Drop::BadTag => {
+            DropReason::UnknownKey | DropReason::BadTag => {
                 "not sealed with a key of this node's keyring: forged, or a node with another cluster key"
             }
-            Drop::Replay => {
+            DropReason::Replay => {
                 "a counter seen before: a replay, or a sender whose clock stepped back"
             }
-            Drop::SourcePort => "not sent from the cluster port: not a node",
+            DropReason::SourcePort => "not sent from the cluster port: not a node",
             _ => "",
         }
     }
 }
 
-impl From<Reject> for Drop {
+impl From<Reject> for DropReason {
     fn from(r: Reject) -> Self {
         match r {
-            Reject::Short | Reject::Version => Drop::BadHeader,
-            Reject::UnknownKey => Drop::UnknownKey,
-            Reject::BadTag => Drop::BadTag,
+            Reject::Short | Reject::Version => DropReason::BadHeader,
+            Reject::UnknownKey => DropReason::UnknownKey,
+            Reject::BadTag => DropReason::BadTag,
         }
     }
 }
@@ -225,7 +225,7 @@ impl From<Reject> for Drop {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Outcome {
     /// Taken by its owner, or dropped and why.
-    pub result: Result<(), Drop>,
+    pub result: Result<(), DropReason>,
     /// The sender id, when the seal opened (authentic, whatever happened next).
     pub sender: Option<u32>,
 }
@@ -247,8 +247,8 @@ pub struct Routes {
 /// left out since.
 #[derive(Debug, Default)]
 struct DropLog {
-    last_ms: [Option<u64>; Drop::ALL.len()],
-    suppressed: [u64; Drop::ALL.len()],
+    last_ms: [Option<u64>; DropReason::ALL.len()],
+    suppressed: [u64; DropReason::ALL.len()],
 }
 
 /// At most one drop log line per reason this often.
@@ -299,7 +299,7 @@ impl Bus {
             sender,
         };
         if from.port() != self.port {
-            return dropped(Drop::SourcePort, None);
+            return dropped(DropReason::SourcePort, None);
         }
         let opened = match ring.open(buf) {
             Ok(o) => o,
@@ -311,7 +311,7 @@ impl Bus {
             .index_of_address(&from.ip())
             .filter(|&i| i != self.view.self_index && self.view.nodes[i].id() == opened.sender);
         let Some(i) = member else {
-            return dropped(Drop::UnknownSender, sender);
+            return dropped(DropReason::UnknownSender, sender);
         };
         if self
             .windows
@@ -320,15 +320,19 @@ impl Bus {
             .check_and_set(opened.counter)
             .is_err()
         {
-            return dropped(Drop::Replay, sender);
+            return dropped(DropReason::Replay, sender);
         }
         let env = match Envelope::from_bytes(opened.payload) {
             Ok(env) if env.from == opened.sender => env,
-            _ => return dropped(Drop::Undecodable, sender),
+            _ => return dropped(DropReason::Undecodable, sender),
         };
         let routed = self.route(i, from, env);
         Outcome {
-            result: if routed { Ok(()) } else { Err(Drop::NoOwner) },
+            result: if routed {
+                Ok(())
+            } else {
+                Err(DropReason::NoOwner)
+            },
             sender,
         }
     }
@@ -387,7 +391,7 @@ impl Bus {
     }
 
     /// Logs a drop, at most once a second per reason (with how many were left out since).
-    fn log_drop(log: &mut DropLog, d: Drop, from: SocketAddr, now_ms: u64) {
+    fn log_drop(log: &mut DropLog, d: DropReason, from: SocketAddr, now_ms: u64) {
         let i = d.index();
         let due = log.last_ms[i].is_none_or(|t| now_ms.saturating_sub(t) >= DROP_LOG_EVERY_MS);
         if !due {
@@ -434,7 +438,7 @@ impl Bus {
             let notice = outcome.sender.and_then(|s| self.removal_notice(from, s));
             match outcome.result {
                 // A removed node's datagrams are unknown senders: answered, not logged.
-                Err(Drop::UnknownSender) if notice.is_some() => {}
+                Err(DropReason::UnknownSender) if notice.is_some() => {}
                 Err(d) => Self::log_drop(&mut log, d, from, now),
                 Ok(()) => {}
             }
@@ -462,7 +466,7 @@ mod tests {
     );
 
     /// A datagram fixture: what it is, where it came from, its bytes, the bus's verdict.
-    type Fixture = (&'static str, SocketAddr, Vec<u8>, Result<(), Drop>);
+    type Fixture = (&'static str, SocketAddr, Vec<u8>, Result<(), DropReason>);
 
     const PORT: u16 = 7400;
     const KEY: [u8; KEY_LEN] = [7; KEY_LEN];
@@ -525,7 +529,7 @@ mod tests {
         SocketAddr::new(format!("198.51.100.1{id}").parse().unwrap(), port)
     }
 
-    fn verdict(b: &mut Bus, from: SocketAddr, wire: &[u8]) -> Result<(), Drop> {
+    fn verdict(b: &mut Bus, from: SocketAddr, wire: &[u8]) -> Result<(), DropReason> {
         b.accept(&cluster_ring(), from, &mut wire.to_vec()).result
     }
 
@@ -543,74 +547,79 @@ mod tests {
                 "an unsealed envelope (the old wire format)",
                 addr(2, PORT),
                 good.clone(),
-                Err(Drop::BadHeader),
+                Err(DropReason::BadHeader),
             ),
             (
                 "an unsealed Raft message",
                 addr(2, PORT),
                 env(2, Body::Raft(vec![8, 1])),
-                Err(Drop::BadHeader),
+                Err(DropReason::BadHeader),
             ),
-            ("empty", addr(2, PORT), Vec::new(), Err(Drop::BadHeader)),
+            (
+                "empty",
+                addr(2, PORT),
+                Vec::new(),
+                Err(DropReason::BadHeader),
+            ),
             (
                 "shorter than a seal",
                 addr(2, PORT),
                 vec![1; OVERHEAD - 1],
-                Err(Drop::BadHeader),
+                Err(DropReason::BadHeader),
             ),
             (
                 "sealed, from another source port",
                 addr(2, 40000),
                 sealed(&ring, 2, 10, &good),
-                Err(Drop::SourcePort),
+                Err(DropReason::SourcePort),
             ),
             (
                 "another key with the same id",
                 addr(2, PORT),
                 sealed(&other_key, 2, 11, &good),
-                Err(Drop::BadTag),
+                Err(DropReason::BadTag),
             ),
             (
                 "a key id this keyring lacks",
                 addr(2, PORT),
                 sealed(&other_id, 2, 12, &good),
-                Err(Drop::UnknownKey),
+                Err(DropReason::UnknownKey),
             ),
             (
                 "sealed by 2, from 3's address",
                 addr(3, PORT),
                 sealed(&ring, 2, 13, &good),
-                Err(Drop::UnknownSender),
+                Err(DropReason::UnknownSender),
             ),
             (
                 "sealed as this node",
                 addr(1, PORT),
                 sealed(&ring, 1, 14, &env(1, report(7))),
-                Err(Drop::UnknownSender),
+                Err(DropReason::UnknownSender),
             ),
             (
                 "from a stranger's address",
                 "198.51.100.99:7400".parse().unwrap(),
                 sealed(&ring, 2, 15, &good),
-                Err(Drop::UnknownSender),
+                Err(DropReason::UnknownSender),
             ),
             (
                 "sealed garbage",
                 addr(2, PORT),
                 sealed(&ring, 2, 16, b"\xff\xff\xff"),
-                Err(Drop::Undecodable),
+                Err(DropReason::Undecodable),
             ),
             (
                 "an envelope naming another sender",
                 addr(2, PORT),
                 sealed(&ring, 2, 17, &env(3, report(7))),
-                Err(Drop::Undecodable),
+                Err(DropReason::Undecodable),
             ),
             (
                 "a Raft message without a Raft task",
                 addr(2, PORT),
                 sealed(&ring, 2, 18, &env(2, Body::Raft(vec![1]))),
-                Err(Drop::NoOwner),
+                Err(DropReason::NoOwner),
             ),
             (
                 "a genuine report",
@@ -622,7 +631,7 @@ mod tests {
                 "the same report again",
                 addr(2, PORT),
                 sealed(&ring, 2, 19, &good),
-                Err(Drop::Replay),
+                Err(DropReason::Replay),
             ),
             (
                 "an older counter, inside the window",
@@ -665,7 +674,7 @@ mod tests {
         let good = env(2, report(1));
         assert_eq!(
             verdict(&mut b, addr(2, PORT), &sealed(&forger, 2, u64::MAX, &good)),
-            Err(Drop::BadTag)
+            Err(DropReason::BadTag)
         );
         assert_eq!(
             verdict(
@@ -673,7 +682,7 @@ mod tests {
                 addr(3, PORT),
                 &sealed(&cluster_ring(), 2, u64::MAX, &good)
             ),
-            Err(Drop::UnknownSender)
+            Err(DropReason::UnknownSender)
         );
         assert_eq!(
             verdict(
@@ -707,7 +716,7 @@ mod tests {
         // Restarted with a clock a minute behind: every datagram is refused as a replay.
         let mut stepped_back = SendCounter::starting_at(1_699_999_942 * second);
         for _ in 0..10 {
-            assert_eq!(send(&mut b, &mut stepped_back), Err(Drop::Replay));
+            assert_eq!(send(&mut b, &mut stepped_back), Err(DropReason::Replay));
         }
         assert_eq!(b.counters.drops.replay.load(Relaxed), 10);
     }

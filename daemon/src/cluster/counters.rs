@@ -76,11 +76,11 @@ pub struct ReportCounters {
     pub received: AtomicU64,
     /// Datagrams refused, for any of the reasons below (the bus).
     pub rejected: AtomicU64,
-    /// Refused, by reason (the bus; see `crate::cluster::bus::Drop`).
+    /// Refused, by reason (the bus; see `crate::cluster::bus::DropReason`).
     pub drops: ClusterDropCounters,
 }
 
-/// The cluster socket's refusals by reason; one counter per `crate::cluster::bus::Drop`.
+/// The cluster socket's refusals by reason; one counter per `crate::cluster::bus::DropReason`.
 #[derive(Debug, Default)]
 pub struct ClusterDropCounters {
     /// The UDP source port is not the cluster port.
