@@ -119,7 +119,7 @@ impl ClusterSocket {
 
     /// Seals `payload` into `out` with this node's next counter. Fails only once the counter
     /// space is spent: a nonce is never used twice.
-    pub fn seal(&self, payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+    fn seal(&self, payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
         let counter = self
             .counter
             .lock()
