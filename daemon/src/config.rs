@@ -74,6 +74,7 @@ struct RawCluster {
     l2_mode: Option<String>,
     queue_num: Option<u16>,
     control_port: Option<u16>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -236,6 +237,9 @@ pub struct Config {
     pub l2_mode: L2Mode,
     pub queue_num: u16,
     pub control_port: u16,
+    /// `[cluster] key_file`: the cluster keyring every cluster datagram is sealed with
+    /// (default [`crate::cluster::keyfile::DEFAULT_KEY_FILE`]); read and checked at start.
+    pub key_file: PathBuf,
     pub policy: PolicyName,
     pub syn_record_window: Duration,
     pub syn_record_capacity: usize,
@@ -619,6 +623,9 @@ impl Config {
             l2_mode,
             queue_num: c.queue_num.unwrap_or(0),
             control_port: c.control_port.unwrap_or(DEFAULT_CONTROL_PORT),
+            key_file: c
+                .key_file
+                .unwrap_or_else(|| PathBuf::from(crate::cluster::keyfile::DEFAULT_KEY_FILE)),
             policy,
             syn_record_window: Duration::from_millis(window_ms),
             syn_record_capacity: capacity,

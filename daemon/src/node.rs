@@ -40,16 +40,17 @@
 //!
 //! A second SIGTERM or SIGINT skips the waits of 2 and 3 (not the resignation).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tdsc_election::{Leadership, Role, RoleSignal, StaticElection};
+use tdsc_proto::seal::Keyring;
 use tdsc_rules::{ClusterSpec, Firewall, HostFacts, QueueBackend, StaticHash};
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use crate::cluster::bus::{Bus, Routes};
+use crate::cluster::bus::{Bus, ClusterSocket, Routes};
 use crate::cluster::counters::{Counters, ReportCounters};
 use crate::cluster::membership::Members;
 use crate::cluster::raft::{
@@ -80,6 +81,11 @@ pub enum NodeError {
     Master(#[from] crate::datapath::queue::MasterError),
     #[error("cannot open the forward receive or inject socket")]
     Member(#[source] std::io::Error),
+    #[error(
+        "cluster key: every node needs the cluster's key file ([cluster] key_file): make it once with \
+         `tdscctl keygen --out PATH`, copy it to every node, mode 0600 owned by root"
+    )]
+    Key(#[source] crate::cluster::keyfile::KeyFileError),
     #[error("cannot bind the cluster socket (control_port)")]
     Report(#[source] std::io::Error),
     #[error("control socket")]
@@ -117,6 +123,8 @@ pub struct Shared {
     pub records: Arc<RecordStats>,
     /// This node's replica of the master's records.
     pub replica: Arc<Mutex<Replica>>,
+    /// The cluster socket, for the keyring's ids in `status` (the bus and senders own its use).
+    pub cluster_socket: Arc<ClusterSocket>,
 }
 
 impl Shared {
@@ -202,6 +210,9 @@ fn apply_role(
 /// Runs the node until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), NodeError> {
     let epoch = Instant::now();
+    // The key first: without it the node cannot talk to the cluster, so nothing else starts.
+    let keyring = crate::cluster::keyfile::load(&cfg.key_file).map_err(NodeError::Key)?;
+    tracing::info!(path = %cfg.key_file.display(), keys = ?keyring.ids(), send = keyring.send_id(), "cluster key loaded");
     let (role, election, flag) = RoleCell::new();
 
     // 1. Safe state before anything else.
@@ -226,7 +237,7 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             return Err(e.into());
         }
     };
-    let result = serve(cfg, epoch, shell, role, election).await;
+    let result = serve(cfg, keyring, epoch, shell, role, election).await;
 
     // Undo in reverse: VIP (and MAC, sysctls) first, then the ruleset.
     let mut errors = Vec::new();
@@ -246,12 +257,13 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
 
 async fn serve(
     cfg: Config,
+    keyring: Keyring,
     epoch: Instant,
     shell: RoleShell<'_>,
     role: Arc<RoleCell>,
     election: ElectionWriter,
 ) -> Result<(), NodeError> {
-    let mut node = Node::start(cfg, epoch, shell, role, election).await?;
+    let mut node = Node::start(cfg, keyring, epoch, shell, role, election).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(NodeError::Member)?;
     let result = node.follow_roles(&mut sigterm).await;
@@ -529,6 +541,7 @@ impl<'a> Node<'a> {
     /// Starts the data paths, the election and the tasks, in the order of the module docs.
     async fn start(
         cfg: Config,
+        keyring: Keyring,
         epoch: Instant,
         shell: RoleShell<'a>,
         role: Arc<RoleCell>,
@@ -593,8 +606,8 @@ impl<'a> Node<'a> {
         .map_err(NodeError::Member)?;
 
         // Election. Raft messages share the cluster socket; the bus hands them over.
-        let sock: Arc<UdpSocket> = Arc::new(
-            crate::cluster::bus::bind(&w.view, cfg.control_port)
+        let sock: Arc<ClusterSocket> = Arc::new(
+            ClusterSocket::bind(&w.view, cfg.control_port, cfg.node_id, keyring)
                 .await
                 .map_err(NodeError::Report)?,
         );
@@ -682,9 +695,11 @@ impl<'a> Node<'a> {
             let sock = sock.clone();
             TaskHandle::spawn("reports", move |s| r.run(sock, s))
         };
+        let cluster_socket = sock.clone();
         let bus = {
             let b = Bus {
                 node_id: cfg.node_id,
+                port: cfg.control_port,
                 view: w.view.clone(),
                 role: w.role.clone(),
                 counters: w.reports.clone(),
@@ -697,6 +712,7 @@ impl<'a> Node<'a> {
                     syn_recv_queries: w.queries,
                     syn_recv_answers: w.answers,
                 },
+                windows: HashMap::new(),
             };
             TaskHandle::spawn("bus", move |s| b.run(sock, s))
         };
@@ -729,6 +745,7 @@ impl<'a> Node<'a> {
             raft_requests: raft.then_some(w.raft_requests),
             records: w.records,
             replica: w.replica,
+            cluster_socket,
         });
         let control = {
             let shared = shared.clone();

@@ -1,6 +1,8 @@
 //! Control messages between nodes, as prost messages.
 //!
-//! They travel as UDP datagrams on the cluster network (one message per datagram). The schema
+//! They travel as UDP datagrams on the cluster network (one message per datagram), each
+//! sealed with the cluster key ([`crate::seal`]): the envelope below is the sealed plaintext,
+//! decoded only after the seal opened. The schema
 //! is written with prost's derive macros rather than generated from a `.proto` file, so the
 //! build needs no `protoc`; the equivalent schema is:
 //!

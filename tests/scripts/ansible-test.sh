@@ -85,6 +85,9 @@ for n in 1 2 3; do
   cp /etc/resolv.conf "$work/node$n/etc/resolv.conf"
 done
 
+# One cluster key for the three nodes (in real use a vault variable).
+keyhex=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+
 # The example inventory's cluster settings, with chroot connections instead of SSH.
 inv=$work/inventory.yml
 cat >"$inv" <<EOF
@@ -96,6 +99,7 @@ all:
         ansible_python_interpreter: /usr/bin/python3
         tcp_dsc_deb: $deb
         tcp_dsc_vip: 192.0.2.1
+        tcp_dsc_cluster_key: "key 1 $keyhex\nsend 1"
         tcp_dsc_tcp_ports: [80, 443]
         tcp_dsc_client_interface: eth0
         tcp_dsc_cluster_interface: eth1
@@ -130,6 +134,9 @@ for n in 1 2 3; do
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "node_id = $2" "$f" && [ "$(grep -c "^\[\[nodes\]\]" "$f")" = 3 ] &&
     grep -qx "address = \"198.51.100.11\"" "$f" && grep -qx "address = \"198.51.100.13\"" "$f"' _ "$r" "$n"
+  check "node$n: the cluster key is installed, mode 0600, and named in the config" bash -c '
+    [ "$(stat -c %a "$1/etc/tdsc/cluster.key")" = 600 ] && grep -q "^key 1 [0-9a-f]\{64\}$" "$1/etc/tdsc/cluster.key" &&
+    grep -qx "key_file = \"/etc/tdsc/cluster.key\"" "$1/etc/tdsc/tdsc.toml"' _ "$r"
   check "node$n: sysctl file" bash -c '
     grep -qx "net.netfilter.nf_conntrack_tcp_loose=0" "$1/etc/sysctl.d/60-tcp-dsc.conf" &&
     grep -qx "net.netfilter.nf_conntrack_tcp_be_liberal=1" "$1/etc/sysctl.d/60-tcp-dsc.conf"' _ "$r"

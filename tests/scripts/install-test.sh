@@ -94,6 +94,8 @@ check "/etc/tdsc/tdsc.toml is a conffile" \
   bash -c 'chroot "$1" dpkg-query -W -f="\${Conffiles}\n" tcp-dsc | grep -q "^ /etc/tdsc/tdsc.toml "' _ "$root"
 check "units are not enabled on install (the example config is not this cluster)" \
   bash -c '! find "$1/etc/systemd/system" -name "tdsc*" 2>/dev/null | grep -q .' _ "$root"
+check "the package ships no cluster key (every cluster makes its own)" \
+  bash -c '! test -e "$1/etc/tdsc/cluster.key" && ! dpkg-deb -c "$2" | grep -q "cluster.key"' _ "$root" "$deb"
 check "binaries are stripped" \
   bash -c 'file -b "$1/usr/sbin/tdscd" 2>/dev/null | grep -q ", stripped" || ! readelf -S "$1/usr/sbin/tdscd" | grep -q "\.debug_line"' _ "$root"
 

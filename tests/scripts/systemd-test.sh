@@ -185,6 +185,10 @@ id = 1
 address = "198.51.100.11"
 EOF
 
+check "the package ships no cluster key" in_ctr sh -c '! test -e /etc/tdsc/cluster.key'
+check "tdscctl keygen writes the cluster key (mode 0600); tdscd starts with it" \
+  in_ctr sh -c 'tdscctl keygen && [ "$(stat -c %a /etc/tdsc/cluster.key)" = 600 ]'
+
 # What tdscd changes, before it runs: the client interface's MAC and the two sysctls.
 host_view() {
   in_ctr sh -c 'printf "vip=%s mac=%s loose=%s liberal=%s\n" \

@@ -211,6 +211,8 @@ pub struct Cluster {
     vip: Ipv4Addr,
     port: u16,
     master_id: Option<u32>,
+    /// The lab's cluster key file (0600), named in every node's config.
+    key_file: PathBuf,
     daemons: bool,
     rust_log: String,
 }
@@ -240,6 +242,10 @@ impl Cluster {
         let lab = Lab::realise(topology)?;
         let topo = lab.topology().clone();
 
+        // One cluster key for every node of the lab (the daemons refuse to start without one).
+        let key_file = lab.workdir().join("cluster.key");
+        write_key_file(&key_file, 1)?;
+
         // Node configs.
         let mut nodes = Vec::new();
         let mut vip = None;
@@ -264,6 +270,7 @@ impl Cluster {
                 src,
                 &config,
                 &socket,
+                &key_file,
                 opts.policy.as_deref(),
                 load_file.as_deref(),
                 raft_dir.as_deref(),
@@ -315,6 +322,7 @@ impl Cluster {
             vip,
             port,
             master_id,
+            key_file,
             daemons: opts.daemons,
             rust_log: opts.rust_log.clone(),
         };
@@ -724,6 +732,16 @@ impl Cluster {
         Ok(self.lab.pid(&format!("tdscd-{node}"))?)
     }
 
+    /// The cluster key file every node's config names.
+    pub fn key_file(&self) -> &Path {
+        &self.key_file
+    }
+
+    /// Points `node`'s config at another key file (takes effect at its next start).
+    pub fn set_key_file(&self, node: &str, key_file: &Path) -> Result<(), ClusterError> {
+        set_key_file(&self.node(node)?.config, key_file)
+    }
+
     /// Last lines of a node's tdscd log.
     pub fn daemon_log_tail(&self, node: &str, lines: usize) -> String {
         self.lab.log_tail(&format!("tdscd-{node}"), lines)
@@ -761,6 +779,7 @@ fn write_node_config(
     src: &Path,
     dst: &Path,
     socket: &Path,
+    key_file: &Path,
     policy: Option<&str>,
     load_file: Option<&Path>,
     raft_dir: Option<&Path>,
@@ -779,9 +798,13 @@ fn write_node_config(
         .and_then(|v| u32::try_from(v).ok())
         .ok_or_else(|| bad("no node_id".into()))?;
     let cluster = table
-        .get("cluster")
-        .and_then(toml::Value::as_table)
+        .get_mut("cluster")
+        .and_then(toml::Value::as_table_mut)
         .ok_or_else(|| bad("no [cluster]".into()))?;
+    cluster.insert(
+        "key_file".into(),
+        toml::Value::String(key_file.display().to_string()),
+    );
     let vip = cluster
         .get("vip")
         .and_then(toml::Value::as_str)
@@ -848,6 +871,55 @@ fn write_node_config(
         vip,
         port,
         master,
+    })
+}
+
+/// Writes a new cluster key file with one key of id `id` at `path` (replacing any), mode
+/// 0600 as the daemon demands.
+pub fn write_key_file(path: &Path, id: u8) -> Result<(), ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write = |source| ClusterError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let text = tdsc_proto::seal::Keyring::generate_text(id)
+        .map_err(|e| write(std::io::Error::other(e.to_string())))?;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(write(e)),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(write)?;
+    f.write_all(text.as_bytes()).map_err(write)
+}
+
+/// Sets `[cluster] key_file` of the config at `path`.
+fn set_key_file(path: &Path, key_file: &Path) -> Result<(), ClusterError> {
+    let bad = |reason: String| ClusterError::Config {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+    table
+        .get_mut("cluster")
+        .and_then(toml::Value::as_table_mut)
+        .ok_or_else(|| bad("no [cluster]".into()))?
+        .insert(
+            "key_file".into(),
+            toml::Value::String(key_file.display().to_string()),
+        );
+    let out = toml::to_string(&table).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(path, out).map_err(|source| ClusterError::Write {
+        path: path.to_owned(),
+        source,
     })
 }
 
@@ -919,6 +991,7 @@ mod tests {
             &src,
             &dst,
             &dir.join("n2.sock"),
+            &dir.join("cluster.key"),
             Some("least-connections"),
             None,
             None,
@@ -942,6 +1015,10 @@ mod tests {
             Some("least-connections")
         );
         assert_eq!(written["nodes"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            written["cluster"]["key_file"].as_str(),
+            Some(dir.join("cluster.key").to_str().unwrap())
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

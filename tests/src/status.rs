@@ -24,6 +24,16 @@ pub struct Status {
     pub counters: Counters,
     /// SYN-forward record replication and the last takeover.
     pub records: Records,
+    /// The keyring's ids and the sealing one.
+    pub cluster_key: ClusterKey,
+}
+
+/// `cluster_key` of `tdscctl status --json`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClusterKey {
+    pub ids: Vec<u8>,
+    pub send: u8,
 }
 
 /// Replicated SYN-forward records as one node sees them.
@@ -78,8 +88,27 @@ pub struct Counters {
     pub retransmit_hits: u64,
     pub forward_send_errors: u64,
     pub forward_rejected: Rejected,
+    /// Cluster datagrams accepted and refused (all reasons).
+    pub reports_received: u64,
+    pub reports_rejected: u64,
+    /// Cluster datagrams refused, by reason.
+    pub cluster_dropped: ClusterDropped,
     /// Drops outside the daemon's own code (NFQUEUE overruns, the ruleset's drop rules).
     pub drops: Drops,
+}
+
+/// `counters.cluster_dropped` of `tdscctl status --json`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClusterDropped {
+    pub source_port: u64,
+    pub bad_header: u64,
+    pub unknown_key: u64,
+    pub bad_tag: u64,
+    pub unknown_sender: u64,
+    pub replay: u64,
+    pub undecodable: u64,
+    pub no_owner: u64,
 }
 
 /// `counters.drops` of `tdscctl status --json`.

@@ -131,6 +131,9 @@ fn start_nodes(
     );
     let dir = lab.workdir().to_owned();
     std::fs::create_dir_all(&dir)?;
+    // One cluster key for the lab's nodes.
+    let key_file = dir.join("cluster.key");
+    tdsc_lab::cluster::write_key_file(&key_file, 1)?;
     let mut sockets = BTreeMap::new();
     for (node, id) in NODES {
         let args = ["--listen", "[::]:80", "--id", &id.to_string()].map(str::to_owned);
@@ -159,6 +162,12 @@ fn start_nodes(
             "{} sets no [control] socket",
             source.display()
         );
+        let keyed = rewritten.replace(
+            "[cluster]\n",
+            &format!("[cluster]\nkey_file = \"{}\"\n", key_file.display()),
+        );
+        ensure!(keyed != rewritten, "{} has no [cluster]", source.display());
+        rewritten = keyed;
         if election == Election::Raft {
             let raft = format!(
                 "[election]\nmode = \"raft\"\ndata_dir = \"{}\"\n",

@@ -104,9 +104,35 @@ pub struct Counters {
     pub reports_sent: u64,
     pub reports_received: u64,
     pub reports_rejected: u64,
+    /// Cluster datagrams refused, by reason (`reports_rejected` is their sum).
+    #[serde(default)]
+    pub cluster_dropped: ClusterDropped,
     /// Packets dropped on the way that the daemon can see but never handled itself.
     #[serde(default)]
     pub drops: Drops,
+}
+
+/// Cluster-socket datagrams refused by the bus, by reason (`tdscd::cluster::bus::DropReason`).
+/// Each reason is checked in this order; a datagram counts under the first it fails.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClusterDropped {
+    /// The UDP source port is not the cluster port.
+    pub source_port: u64,
+    /// Too short for a sealed datagram, or an unknown seal version.
+    pub bad_header: u64,
+    /// Sealed with a key id this node's keyring does not hold.
+    pub unknown_key: u64,
+    /// The tag does not verify (forged, or another key with that id).
+    pub bad_tag: u64,
+    /// Authentic, but not from the address of the member it names (or from this node).
+    pub unknown_sender: u64,
+    /// A counter this node accepted before, or older than the sender's replay window.
+    pub replay: u64,
+    /// Authentic and fresh, but not an envelope of its sender.
+    pub undecodable: u64,
+    /// Its owner had no room (or there is none: Raft messages under a static election).
+    pub no_owner: u64,
 }
 
 /// Drops outside the daemon's own code, read when `status` is asked for.
@@ -167,6 +193,16 @@ pub struct Status {
     /// SYN-forward record replication and the last takeover (paper §3.5).
     #[serde(default)]
     pub records: RecordsStatus,
+    /// The cluster keyring this node runs with (ids only, never key material).
+    #[serde(default)]
+    pub cluster_key: ClusterKeyStatus,
+}
+
+/// The key ids of the keyring and the one this node seals with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterKeyStatus {
+    pub ids: Vec<u8>,
+    pub send: u8,
 }
 
 /// Replication of the SYN-forward records, as this node sees it.

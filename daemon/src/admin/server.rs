@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::admin::protocol::{NodeStatus, Rejected, Reply, Request, Status};
+use crate::admin::protocol::{ClusterDropped, NodeStatus, Rejected, Reply, Request, Status};
 use crate::cluster::raft::{MemberRequest, RaftRequest, SettingRequest};
 use crate::config::{PolicyName, MAX_WEIGHT};
 use crate::node::Shared;
@@ -305,9 +305,17 @@ pub fn status(s: &Shared) -> Status {
             reports_sent: s.reports.sent.load(Relaxed),
             reports_received: s.reports.received.load(Relaxed),
             reports_rejected: s.reports.rejected.load(Relaxed),
+            cluster_dropped: cluster_dropped(&s.reports.drops),
             drops: drops(s),
         },
         records: records_status(s),
+        cluster_key: {
+            let ring = s.cluster_socket.keyring();
+            crate::admin::protocol::ClusterKeyStatus {
+                ids: ring.ids(),
+                send: ring.send_id(),
+            }
+        },
     }
 }
 
@@ -397,6 +405,20 @@ fn records_status(s: &Shared) -> crate::admin::protocol::RecordsStatus {
         discarded_not_leader: r.discarded_not_leader.load(Relaxed),
         queries_answered: r.queries_answered.load(Relaxed),
         last_takeover: r.last_takeover.lock().ok().and_then(|t| *t),
+    }
+}
+
+/// A snapshot of the bus's drop counters.
+fn cluster_dropped(d: &crate::cluster::counters::ClusterDropCounters) -> ClusterDropped {
+    ClusterDropped {
+        source_port: d.source_port.load(Relaxed),
+        bad_header: d.bad_header.load(Relaxed),
+        unknown_key: d.unknown_key.load(Relaxed),
+        bad_tag: d.bad_tag.load(Relaxed),
+        unknown_sender: d.unknown_sender.load(Relaxed),
+        replay: d.replay.load(Relaxed),
+        undecodable: d.undecodable.load(Relaxed),
+        no_owner: d.no_owner.load(Relaxed),
     }
 }
 

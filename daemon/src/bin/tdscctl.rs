@@ -166,6 +166,21 @@ fn print_table(s: &Status) {
         "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
         r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
     );
+    println!(
+        "cluster key: ids {:?}, sealing with {}",
+        s.cluster_key.ids, s.cluster_key.send
+    );
+    let k = &c.cluster_dropped;
+    println!(
+        "cluster datagrams: reports sent {}  received {}  dropped {}: source-port {}  bad-header {}  unknown-key {}  bad-tag {}  unknown-sender {}  replay {}  undecodable {}  no-owner {}",
+        c.reports_sent, c.reports_received, c.reports_rejected, k.source_port, k.bad_header, k.unknown_key,
+        k.bad_tag, k.unknown_sender, k.replay, k.undecodable, k.no_owner
+    );
+    if k.unknown_key + k.bad_tag > 0 && c.reports_received == 0 {
+        println!(
+            "  nothing from the cluster opens with this node's key: check [cluster] key_file is the cluster's key"
+        );
+    }
     let d = &c.drops;
     println!(
         "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}",

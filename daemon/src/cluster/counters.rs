@@ -71,8 +71,33 @@ pub fn add(c: &AtomicU64) {
 pub struct ReportCounters {
     /// Reports sent (the report task).
     pub sent: AtomicU64,
-    /// Datagrams accepted: an authenticated sender, and an owner that took the body (the bus).
+    /// Datagrams accepted: sealed with the cluster key by a member, not a replay, and taken by
+    /// an owner (the bus).
     pub received: AtomicU64,
-    /// Datagrams refused: undecodable, an unknown sender, or no owner with room (the bus).
+    /// Datagrams refused, for any of the reasons below (the bus).
     pub rejected: AtomicU64,
+    /// Refused, by reason (the bus; see `crate::cluster::bus::DropReason`).
+    pub drops: ClusterDropCounters,
+}
+
+/// The cluster socket's refusals by reason; one counter per `crate::cluster::bus::DropReason`.
+#[derive(Debug, Default)]
+pub struct ClusterDropCounters {
+    /// The UDP source port is not the cluster port.
+    pub source_port: AtomicU64,
+    /// Shorter than a sealed header and tag, or a seal version this build does not speak.
+    pub bad_header: AtomicU64,
+    /// Sealed with a key id this node's keyring does not hold.
+    pub unknown_key: AtomicU64,
+    /// The tag does not verify: forged, corrupted, or sealed with another key of that id.
+    pub bad_tag: AtomicU64,
+    /// Authentic, but the source address is not a present member's, the sealed sender id is
+    /// not that member's, or it is this node's own.
+    pub unknown_sender: AtomicU64,
+    /// Authentic, but a counter seen before or older than the sender's replay window.
+    pub replay: AtomicU64,
+    /// Authentic and fresh, but the plaintext is not an envelope of this sender.
+    pub undecodable: AtomicU64,
+    /// Accepted, but its owner's channel was full or closed (or there is no owner).
+    pub no_owner: AtomicU64,
 }

@@ -3,9 +3,10 @@
 //! The Raft task ([`raft`]) elects the master and replicates [`membership`], settings and the
 //! SYN-forward records; a new master adopts them at [`takeover`]. Liveness and load travel in
 //! [`report`]s. All of these messages share one UDP socket, whose receive loop ([`bus`])
-//! authenticates each sender and routes each message to its owner. What the threads share
+//! opens the seal of every datagram (the cluster key, [`keyfile`]), checks its sender and replay
+//! window, and routes each message to its owner. What the threads share
 //! without locks is the cluster [`view`], the [`role`] cell and the [`counters`]. The cluster
-//! key ([`keyfile`]) is read and checked here.
+//! key file is read and checked by [`keyfile`].
 
 pub mod bus;
 pub mod counters;

@@ -5,8 +5,8 @@
 //! the [`ElectionWriter`]).
 //!
 //! Raft messages travel as `Body::Raft` envelopes on the cluster socket (`control_port`), so
-//! they share its address check: a message is stepped only if it came from a current
-//! member's address with that member's id.
+//! they share its checks: a message is stepped only if it was sealed with the cluster key by
+//! a current member, from that member's address, and is not a replay (`crate::cluster::bus`).
 //!
 //! A graceful stop talks to the task through a [`RaftHandle`]: first [`RaftHandle::resign`]
 //! (from then on the task stores a revoked lease and publishes this node as member, whatever
@@ -40,9 +40,9 @@ use tdsc_election::{
     RaftSettings, Role, RoleSignal,
 };
 use tdsc_proto::control::{Body, Envelope};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::cluster::bus::ClusterSocket;
 use crate::cluster::membership::{check_add, check_remove, Members};
 use crate::cluster::role::ElectionWriter;
 use crate::config::{Config, PolicyName};
@@ -213,7 +213,7 @@ pub struct RaftTask {
     core: RaftCore,
     node_id: u32,
     settings: RaftSettings,
-    sock: Arc<UdpSocket>,
+    sock: Arc<ClusterSocket>,
     peers: HashMap<u64, SocketAddr>,
     inbox: mpsc::Receiver<(u32, Vec<u8>)>,
     signal: Arc<RoleSignal>,
@@ -239,7 +239,7 @@ pub struct RaftTask {
 #[derive(Debug)]
 pub struct RaftLinks {
     /// The cluster socket, to send (the bus receives for this task).
-    pub sock: Arc<UdpSocket>,
+    pub sock: Arc<ClusterSocket>,
     /// `Body::Raft` messages the bus accepted: (sender id, raft bytes). The bus holds the
     /// sender; when it is gone the task ends.
     pub inbox: mpsc::Receiver<(u32, Vec<u8>)>,
@@ -535,7 +535,7 @@ impl RaftTask {
                 body: Some(Body::Raft(bytes)),
             };
             // Losses are Raft's business: it retransmits on the next heartbeat.
-            let _ = self.sock.send_to(&env.to_bytes(), addr).await;
+            let _ = self.sock.send_to(&env.to_bytes(), *addr).await;
         }
         // 5. Membership, after sending: these messages were made before the change applied,
         // and among them is the commit that tells a removed node it was removed. (Messages for

@@ -4,8 +4,8 @@
 //! sends a [`NodeReport`] to every other node ([`Reporter::run`]). A node whose reports stop
 //! for `health.dead_after_ms` is marked dead ([`Reporter::sweep`]), and the master stops
 //! dispatching to it; its next report brings it back ([`accept`]). Reports arrive through
-//! the cluster socket's receive loop (`crate::cluster::bus`), which accepts them only from a
-//! member's address with that member's id.
+//! the cluster socket's receive loop (`crate::cluster::bus`), which accepts them only sealed
+//! with the cluster key by a member, from that member's address, and not replayed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tdsc_proto::control::{Envelope, NodeReport};
-use tokio::net::UdpSocket;
 
+use crate::cluster::bus::ClusterSocket;
 use crate::cluster::counters::ReportCounters;
 use crate::cluster::role::RoleCell;
 use crate::cluster::view::{ClusterView, NodeSlot};
@@ -95,7 +95,7 @@ impl Reporter {
     }
 
     /// Sends a report every interval until `shutdown`.
-    pub async fn run(self, sock: Arc<UdpSocket>, mut shutdown: Shutdown) {
+    pub async fn run(self, sock: Arc<ClusterSocket>, mut shutdown: Shutdown) {
         let mut diag = match SockDiag::open() {
             Ok(d) => Some(d),
             Err(e) => {

@@ -54,8 +54,8 @@ use tdsc_proto::control::{
     addr_bytes, addr_from, Body, Command, Envelope, PeerAddr, RaftCommand, SynRecord,
     SynRecvAnswer, SynRecvQuery, MAX_SYN_RECV_PER_ANSWER,
 };
-use tokio::net::UdpSocket;
 
+use crate::cluster::bus::ClusterSocket;
 use crate::cluster::role::RoleCell;
 use crate::cluster::view::ClusterView;
 use crate::datapath::queue::MasterCommand;
@@ -365,7 +365,7 @@ pub struct Takeover {
     pub vip: IpAddr,
     pub port: u16,
     pub wait: Duration,
-    pub sock: Arc<UdpSocket>,
+    pub sock: Arc<ClusterSocket>,
     pub view: Arc<ClusterView>,
     pub role: Arc<RoleCell>,
     pub replica: Arc<Mutex<Replica>>,
@@ -382,7 +382,7 @@ pub struct Takeover {
 #[derive(Debug)]
 pub struct TakeoverLinks {
     /// The cluster socket, to send queries (answers come back through the bus).
-    pub sock: Arc<UdpSocket>,
+    pub sock: Arc<ClusterSocket>,
     pub view: Arc<ClusterView>,
     pub role: Arc<RoleCell>,
     /// Filled by the Raft task; read at adoption.
@@ -557,11 +557,11 @@ fn own_syn_recv(vip: &IpAddr) -> std::io::Result<(SynRecvAnswer, bool)> {
     Ok((answer, truncated))
 }
 
-/// Answers the SYN-RECV queries the bus accepted (from a member's address with that
-/// member's id): (querier's address, nonce). Runs until `shutdown`.
+/// Answers the SYN-RECV queries the bus accepted (sealed by a member, from its address):
+/// (querier's address, nonce). Runs until `shutdown`.
 pub async fn answer_queries(
     mut queries: tokio::sync::mpsc::Receiver<(SocketAddr, u64)>,
-    sock: Arc<UdpSocket>,
+    sock: Arc<ClusterSocket>,
     node_id: u32,
     vip: IpAddr,
     role: Arc<RoleCell>,
