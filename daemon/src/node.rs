@@ -82,6 +82,12 @@ pub enum NodeError {
     Member(#[source] std::io::Error),
     #[error("cannot bind the cluster socket (control_port)")]
     Report(#[source] std::io::Error),
+    #[error("cannot bind the cluster socket to interface {interface:?} (SO_BINDTODEVICE)")]
+    BindDevice {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("control socket")]
     Control(#[from] crate::admin::server::ControlError),
     #[error("raft election")]
@@ -172,6 +178,7 @@ pub fn cluster_spec_for(cfg: &Config, members: &Members) -> ClusterSpec {
         cluster_interface: cfg.cluster_interface.clone(),
         members: members.addresses(),
         queue_num: cfg.queue_num,
+        control_port: cfg.control_port,
         egress_mac: cfg.egress_mac(),
         static_hash: StaticHash {
             index,
@@ -593,11 +600,18 @@ impl<'a> Node<'a> {
         .map_err(NodeError::Member)?;
 
         // Election. Raft messages share the cluster socket; the bus hands them over.
-        let sock: Arc<UdpSocket> = Arc::new(
-            crate::cluster::bus::bind(&w.view, cfg.control_port)
-                .await
-                .map_err(NodeError::Report)?,
-        );
+        let sock = crate::cluster::bus::bind(&w.view, cfg.control_port)
+            .await
+            .map_err(NodeError::Report)?;
+        // SO_BINDTODEVICE: the socket receives only what arrived on the cluster interface,
+        // and sends only through it, whatever the routing table says (the ruleset checks
+        // the same on input; this is the socket's own half).
+        sock.bind_device(Some(cfg.cluster_interface.as_bytes()))
+            .map_err(|source| NodeError::BindDevice {
+                interface: cfg.cluster_interface.clone(),
+                source,
+            })?;
+        let sock: Arc<UdpSocket> = Arc::new(sock);
         let election = match &cfg.election {
             ElectionMode::Raft { settings, data_dir } => {
                 let task = RaftTask::open(

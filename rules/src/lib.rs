@@ -37,6 +37,7 @@
 //!         IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)),
 //!     ],
 //!     queue_num: 0,
+//!     control_port: 7400,
 //!     egress_mac: None,
 //!     static_hash: StaticHash { index: 0, count: 2, seed: 0x2a },
 //! };

@@ -92,6 +92,8 @@ pub struct Drops {
     pub not_owned_out: u64,
     pub untracked_in: u64,
     pub untracked_out: u64,
+    pub control_port_foreign: u64,
+    pub control_port_local: u64,
     pub listen_overflows: u64,
     pub listen_drops: u64,
     pub conntrack_insert_failed: u64,

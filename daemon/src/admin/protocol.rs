@@ -127,6 +127,11 @@ pub struct Drops {
     pub untracked_in: u64,
     /// Ruleset: segments from the VIP without a conntrack entry.
     pub untracked_out: u64,
+    /// Ruleset: datagrams to the cluster port not from a member over the cluster interface
+    /// (from a non-member address, another interface, another source port).
+    pub control_port_foreign: u64,
+    /// Ruleset: datagrams to the cluster port a local process other than the daemon sent.
+    pub control_port_local: u64,
     /// This namespace's TCP: SYNs or handshake ACKs dropped because a listener's accept
     /// queue was full (`TcpExtListenOverflows` in `/proc/net/netstat`).
     pub listen_overflows: u64,

@@ -334,6 +334,8 @@ fn drops(s: &Shared) -> crate::admin::protocol::Drops {
         not_owned_out: r.not_owned_out,
         untracked_in: r.untracked_in,
         untracked_out: r.untracked_out,
+        control_port_foreign: r.control_port_foreign,
+        control_port_local: r.control_port_local,
     }
 }
 

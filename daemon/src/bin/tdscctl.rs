@@ -168,7 +168,7 @@ fn print_table(s: &Status) {
     );
     let d = &c.drops;
     println!(
-        "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}",
+        "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}  cluster-port foreign {} local {}",
         d.queue_kernel,
         d.queue_user,
         d.listen_overflows,
@@ -178,7 +178,9 @@ fn print_table(s: &Status) {
         d.not_owned_in,
         d.not_owned_out,
         d.untracked_in,
-        d.untracked_out
+        d.untracked_out,
+        d.control_port_foreign,
+        d.control_port_local
     );
     let rec = &s.records;
     println!(
