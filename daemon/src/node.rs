@@ -65,7 +65,8 @@ use crate::datapath::queue::{MasterCommand, MasterLinks, MasterPath};
 use crate::datapath::receive::{MemberLinks, MemberPath};
 use crate::datapath::records::{Dispatched, SynRecords};
 use crate::host::setup::HostSetup;
-use crate::shutdown::{Shutdown, TaskHandle, ThreadHandle, STOP_WAIT};
+use crate::shutdown::{Exits, Shutdown, Supervisor, TaskHandle, ThreadHandle, STOP_WAIT};
+use crate::watchdog::Heartbeat;
 
 /// Seed of the static hash for undispatched flows; any fixed value, the same on every node.
 pub const STATIC_HASH_SEED: u32 = 0x7464_7363; // "tdsc"
@@ -94,6 +95,8 @@ pub enum NodeError {
     Raft(#[from] crate::cluster::raft::RaftTaskError),
     #[error("[threads] data_path_cpu")]
     Affinity(#[from] crate::datapath::affinity::AffinityError),
+    #[error("{0}")]
+    Died(crate::shutdown::Exit),
     #[error("{} errors during shutdown: {}", .0.len(), .0.join("; "))]
     Shutdown(Vec<String>),
 }
@@ -261,7 +264,10 @@ async fn serve(
     let mut node = Node::start(cfg, epoch, shell, role, election).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(NodeError::Member)?;
+    // The member ruleset, the host setup and every owner are in place.
+    tell_systemd("READY=1");
     let result = node.follow_roles(&mut sigterm).await;
+    tell_systemd("STOPPING=1");
     // The member set may have changed since the last look: the rules from here on are for
     // the members now.
     node.shell.spec = cluster_spec_for(&node.shared.config, &node.members.borrow());
@@ -334,6 +340,10 @@ struct Wiring {
     /// Answers to this node's SYN-RECV queries, bus → takeover.
     answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::SynRecvAnswer)>,
     answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::SynRecvAnswer)>,
+    /// Progress of the queue thread (it writes) and of the Raft task (it writes); the
+    /// watchdog feeder reads both.
+    queue_beat: Arc<Heartbeat>,
+    raft_beat: Arc<Heartbeat>,
 }
 
 impl Wiring {
@@ -385,6 +395,8 @@ impl Wiring {
             queries_rx,
             answers,
             answers_rx,
+            queue_beat: Arc::new(Heartbeat::default()),
+            raft_beat: Arc::new(Heartbeat::default()),
         }
     }
 }
@@ -399,6 +411,9 @@ fn record_window_ms(cfg: &Config) -> u64 {
 /// has stopped the election and returned the node to the member ruleset.
 #[derive(Debug)]
 struct Owners {
+    /// Feeds systemd's watchdog (`crate::watchdog`), when the unit asks for one. First: once
+    /// teardown begins, no `WATCHDOG=1` vouches for owners that are being stopped.
+    watchdog: Option<TaskHandle>,
     /// The control socket's accept loop and its sessions. First, so that no request starts
     /// once teardown has begun; a session ends after the request in hand.
     control: TaskHandle,
@@ -524,6 +539,8 @@ struct Node<'a> {
     takeover: Takeover,
     election: Election,
     owners: Owners,
+    /// Unexpected ends of any owner, the election's included: the role loop stops on the first.
+    exits: Exits,
     leadership: watch::Receiver<Leadership>,
     members: watch::Receiver<Members>,
     /// The last other node seen leading: at takeover it is the one most likely dead or cut off.
@@ -543,6 +560,9 @@ impl<'a> Node<'a> {
     ) -> Result<Node<'a>, NodeError> {
         let w = Wiring::new(&cfg, role);
         let raft = matches!(cfg.election, ElectionMode::Raft { .. });
+        // Every thread and task below is spawned under it: one that ends unasked, or
+        // panics, ends the role loop (`Node::exits`).
+        let (sup, exits) = Supervisor::new();
 
         // 3. Data paths.
         let member_path = MemberPath::open(
@@ -558,7 +578,7 @@ impl<'a> Node<'a> {
         if let Some(c) = cpu {
             crate::datapath::affinity::check(c)?;
         }
-        let member = ThreadHandle::spawn("tdsc-member", move |stop| {
+        let member = ThreadHandle::spawn("tdsc-member", &sup, move |stop| {
             pin_data_path_thread(cpu);
             member_path.run(&stop);
         })
@@ -568,7 +588,7 @@ impl<'a> Node<'a> {
             let source = cfg.load_source.clone();
             let period = crate::host::load::sample_period(cfg.report_interval);
             let view = w.view.clone();
-            ThreadHandle::spawn("tdsc-load", move |stop| {
+            ThreadHandle::spawn("tdsc-load", &sup, move |stop| {
                 crate::host::load::run(&source, period, &view, &stop);
             })
             .map_err(NodeError::Member)?
@@ -591,9 +611,10 @@ impl<'a> Node<'a> {
                 role: w.role.clone(),
                 commands: w.master_commands_rx,
                 dispatcher,
+                heartbeat: w.queue_beat.clone(),
             },
         )?;
-        let master = ThreadHandle::spawn_interruptible("tdsc-master", move |stop| {
+        let master = ThreadHandle::spawn_interruptible("tdsc-master", &sup, move |stop| {
             pin_data_path_thread(cpu);
             master_path.run(&stop);
         })
@@ -623,6 +644,7 @@ impl<'a> Node<'a> {
                         inbox: w.raft_inbox_rx,
                         signal: w.signal.clone(),
                         election,
+                        heartbeat: w.raft_beat.clone(),
                     },
                 )?
                 .with_membership(MembershipLink {
@@ -642,7 +664,7 @@ impl<'a> Node<'a> {
                 });
                 let handle = task.handle();
                 Election::Raft {
-                    task: Some(TaskHandle::spawn("raft", move |s| task.run(s))),
+                    task: Some(TaskHandle::spawn("raft", &sup, move |s| task.run(s))),
                     handle,
                 }
             }
@@ -657,7 +679,7 @@ impl<'a> Node<'a> {
         let answers = {
             let (sock, role, stats) = (sock.clone(), w.role.clone(), w.records.clone());
             let (node_id, vip) = (cfg.node_id, cfg.vip);
-            TaskHandle::spawn("syn-recv answers", move |s| {
+            TaskHandle::spawn("syn-recv answers", &sup, move |s| {
                 crate::cluster::takeover::answer_queries(
                     w.queries_rx,
                     sock,
@@ -694,7 +716,7 @@ impl<'a> Node<'a> {
                 epoch,
             };
             let sock = sock.clone();
-            TaskHandle::spawn("reports", move |s| r.run(sock, s))
+            TaskHandle::spawn("reports", &sup, move |s| r.run(sock, s))
         };
         let bus = {
             let b = Bus {
@@ -712,7 +734,7 @@ impl<'a> Node<'a> {
                     syn_recv_answers: w.answers,
                 },
             };
-            TaskHandle::spawn("bus", move |s| b.run(sock, s))
+            TaskHandle::spawn("bus", &sup, move |s| b.run(sock, s))
         };
 
         let listener = crate::admin::server::bind(&cfg.control_socket).await?;
@@ -746,22 +768,43 @@ impl<'a> Node<'a> {
         });
         let control = {
             let shared = shared.clone();
-            TaskHandle::spawn("control", move |s| {
+            TaskHandle::spawn("control", &sup, move |s| {
                 crate::admin::server::serve(listener, shared, s)
             })
         };
         let settings = {
             let shared = shared.clone();
-            TaskHandle::spawn("settings", move |s| {
+            TaskHandle::spawn("settings", &sup, move |s| {
                 follow_settings(w.settings_rx, shared, s)
             })
         };
+        // Only the owners that must keep moving: the queue thread, and the Raft task when
+        // there is one (see `crate::watchdog`).
+        let watchdog = crate::watchdog::interval_from_env().map(|interval| {
+            let mut beats = vec![("queue thread", w.queue_beat)];
+            if raft {
+                beats.push(("raft task", w.raft_beat));
+            }
+            let watched = crate::watchdog::Watched {
+                role: shared.role.clone(),
+                beats,
+            };
+            tracing::info!(
+                interval_ms = interval.as_millis(),
+                "systemd watchdog fed while the queue thread and the raft task make progress"
+            );
+            TaskHandle::spawn("watchdog", &sup, move |s| {
+                crate::watchdog::feed(watched, interval, s)
+            })
+        });
         Ok(Node {
             shared,
             shell,
             takeover,
             election,
+            exits,
             owners: Owners {
+                watchdog,
                 control,
                 settings,
                 bus,
@@ -907,6 +950,7 @@ impl<'a> Node<'a> {
                     return Ok(());
                 }
                 Ok(()) = self.members.changed() => {}
+                exit = self.exits.next() => return Err(NodeError::Died(exit)),
             }
         }
     }
@@ -985,6 +1029,7 @@ impl<'a> Node<'a> {
         let l = *self.leadership.borrow();
         let _ = self.transition(Transition::Stop, l, OnError::Log).await;
         let Owners {
+            watchdog,
             control,
             settings,
             bus,
@@ -994,6 +1039,9 @@ impl<'a> Node<'a> {
             member,
             load,
         } = self.owners;
+        if let Some(w) = watchdog {
+            w.stop(STOP_WAIT).await;
+        }
         let joined = [
             control.stop(STOP_WAIT).await,
             settings.stop(STOP_WAIT).await,
@@ -1061,6 +1109,16 @@ fn pin_data_path_thread(cpu: Option<usize>) {
             Ok(()) => tracing::info!(cpu = c, "data-path thread pinned"),
             Err(e) => tracing::error!(error = %e, "data-path thread left unpinned"),
         }
+    }
+}
+
+/// `sd_notify`, logged when it fails (systemd then sees no `READY=1` and fails the start
+/// after `TimeoutStartSec=`; that is the right outcome, so nothing else is done).
+fn tell_systemd(state: &str) {
+    match crate::host::notify::notify(state) {
+        Ok(true) => tracing::debug!(state, "told systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(state, error = %e, "cannot notify systemd"),
     }
 }
 
