@@ -126,6 +126,8 @@ pub struct Shared {
     pub records: Arc<RecordStats>,
     /// This node's replica of the master's records.
     pub replica: Arc<Mutex<Replica>>,
+    /// The control socket's refusals; its accept loop and sessions write them.
+    pub control: crate::admin::server::ControlCounters,
 }
 
 impl Shared {
@@ -166,13 +168,33 @@ impl Shared {
 
 /// The ruleset's cluster description for the configured (bootstrap) nodes.
 pub fn cluster_spec(cfg: &Config) -> ClusterSpec {
-    cluster_spec_for(cfg, &Members::bootstrap(cfg))
+    cluster_spec_for(cfg, &Members::bootstrap(cfg), Vec::new())
+}
+
+/// Nodes this node has known that are no longer members (absent view slots): they may still
+/// reach the cluster port, to be told they were removed (`crate::cluster::bus`).
+fn former_members(view: &ClusterView, members: &Members) -> Vec<std::net::IpAddr> {
+    let current = members.addresses();
+    let mut former: Vec<std::net::IpAddr> = view
+        .slots()
+        .iter()
+        .filter(|s| !s.is_present())
+        .filter_map(|s| s.ident().map(|i| i.address))
+        .filter(|a| !current.contains(a))
+        .collect();
+    former.sort_unstable();
+    former.dedup();
+    former
 }
 
 /// The ruleset's cluster description for the current members: forwards are accepted from
 /// their addresses, and this node's static-hash bucket is its place among them (none when
 /// it is not a member).
-pub fn cluster_spec_for(cfg: &Config, members: &Members) -> ClusterSpec {
+pub fn cluster_spec_for(
+    cfg: &Config,
+    members: &Members,
+    former: Vec<std::net::IpAddr>,
+) -> ClusterSpec {
     let (index, count) = members.static_hash(cfg.node_id);
     ClusterSpec {
         vip: cfg.vip,
@@ -180,6 +202,7 @@ pub fn cluster_spec_for(cfg: &Config, members: &Members) -> ClusterSpec {
         client_interface: cfg.client_interface.clone(),
         cluster_interface: cfg.cluster_interface.clone(),
         members: members.addresses(),
+        former_members: former,
         queue_num: cfg.queue_num,
         control_port: cfg.control_port,
         egress_mac: cfg.egress_mac(),
@@ -270,7 +293,8 @@ async fn serve(
     tell_systemd("STOPPING=1");
     // The member set may have changed since the last look: the rules from here on are for
     // the members now.
-    node.shell.spec = cluster_spec_for(&node.shared.config, &node.members.borrow());
+    let former = former_members(&node.shared.view, &node.members.borrow());
+    node.shell.spec = cluster_spec_for(&node.shared.config, &node.members.borrow(), former);
     if result.is_ok() {
         node.graceful_stop(&mut sigterm).await;
     }
@@ -765,6 +789,7 @@ impl<'a> Node<'a> {
             raft_requests: raft.then_some(w.raft_requests),
             records: w.records,
             replica: w.replica,
+            control: crate::admin::server::ControlCounters::default(),
         });
         let control = {
             let shared = shared.clone();
@@ -900,7 +925,8 @@ impl<'a> Node<'a> {
     /// The spec for the members now, if they changed since the shell's was built.
     fn membership_update(&mut self) -> Option<ClusterSpec> {
         let members = self.members.borrow_and_update().clone();
-        let new = cluster_spec_for(&self.shared.config, &members);
+        let former = former_members(&self.shared.view, &members);
+        let new = cluster_spec_for(&self.shared.config, &members, former);
         (new != self.shell.spec).then_some(new)
     }
 

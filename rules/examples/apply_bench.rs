@@ -43,6 +43,7 @@ fn spec() -> ClusterSpec {
             .collect(),
         queue_num: 0,
         control_port: 7400,
+        former_members: vec![],
         egress_mac: Some([0x02, 0x00, 0x5e, 0x00, 0x53, 0x0b]),
         static_hash: StaticHash {
             index: 1,

@@ -990,6 +990,7 @@ mod tests {
             members: vec![IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11))],
             queue_num: 3,
             control_port: 7400,
+            former_members: vec![],
             egress_mac: Some([2, 0, 0, 0, 0, 1]),
             static_hash: StaticHash {
                 index: 0,

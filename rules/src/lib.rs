@@ -38,6 +38,7 @@
 //!     ],
 //!     queue_num: 0,
 //!     control_port: 7400,
+//!     former_members: vec![],
 //!     egress_mac: None,
 //!     static_hash: StaticHash { index: 0, count: 2, seed: 0x2a },
 //! };

@@ -69,6 +69,10 @@ pub struct ClusterSpec {
     pub cluster_interface: String,
     /// Cluster-network address of every node, this one included.
     pub members: Vec<IpAddr>,
+    /// Cluster-network addresses of nodes removed from the cluster that this node still
+    /// knows. The cluster port accepts them too (never proto 253): a removed node that missed
+    /// the commit of its removal keeps sending, and is answered with a `Removed` notice.
+    pub former_members: Vec<IpAddr>,
     /// NFQUEUE number the master's daemon reads SYNs from.
     pub queue_num: u16,
     /// The cluster socket's UDP port (`[cluster] control_port`): every node sends from it and
@@ -648,7 +652,7 @@ fn input_rules(spec: &ClusterSpec) -> Vec<Rule> {
     // daemon's). Anything else to that port is dropped and counted: a host on the client
     // network, a local process reaching its own node via `lo`, a spoofed non-member.
     let port = spec.control_port;
-    for member in &spec.members {
+    for member in spec.members.iter().chain(&spec.former_members) {
         rules.push(Rule {
             matches: vec![
                 Match::IifName(spec.cluster_interface.clone()),
@@ -902,6 +906,7 @@ mod tests {
                 IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11)),
                 IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)),
             ],
+            former_members: vec![],
             queue_num: 7,
             control_port: 7400,
             egress_mac: None,
@@ -1054,6 +1059,28 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A removed node may still reach the cluster port (to be told it was removed), never
+    /// with proto 253.
+    #[test]
+    fn a_former_member_reaches_the_cluster_port_only() {
+        let former = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 13));
+        let spec = ClusterSpec {
+            former_members: vec![former],
+            ..spec()
+        };
+        let rs = ruleset(Role::Member, &spec, &COMPAT);
+        let from_former: Vec<&Rule> = input(&rs)
+            .iter()
+            .filter(|r| r.matches.contains(&Match::Saddr(former)))
+            .collect();
+        assert_eq!(from_former.len(), 1, "{from_former:?}");
+        assert!(from_former[0].matches.contains(&Match::UdpPorts {
+            sport: 7400,
+            dport: 7400
+        }));
+        assert_eq!(from_former[0].action, Action::Accept);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub fn spec_v4() -> ClusterSpec {
             .collect(),
         queue_num: 0,
         control_port: 7400,
+        former_members: vec![],
         egress_mac: Some(MEMBER_MAC),
         static_hash: StaticHash {
             index: 1,
