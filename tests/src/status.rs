@@ -80,6 +80,16 @@ pub struct Counters {
     pub forward_rejected: Rejected,
     /// Drops outside the daemon's own code (NFQUEUE overruns, the ruleset's drop rules).
     pub drops: Drops,
+    /// What the control socket refused.
+    pub control: ControlRefused,
+}
+
+/// `counters.control` of `tdscctl status --json`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlRefused {
+    pub oversize: u64,
+    pub over_cap: u64,
 }
 
 /// `counters.drops` of `tdscctl status --json`.

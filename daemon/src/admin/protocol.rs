@@ -107,6 +107,19 @@ pub struct Counters {
     /// Packets dropped on the way that the daemon can see but never handled itself.
     #[serde(default)]
     pub drops: Drops,
+    /// What the control socket refused.
+    #[serde(default)]
+    pub control: ControlRefused,
+}
+
+/// Requests and sessions the control socket refused (`crate::admin::server`'s limits).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlRefused {
+    /// Request lines longer than the limit (the session was closed).
+    pub oversize: u64,
+    /// Connections refused because the session cap was reached.
+    pub over_cap: u64,
 }
 
 /// Drops outside the daemon's own code, read when `status` is asked for.

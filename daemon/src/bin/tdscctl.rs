@@ -166,6 +166,10 @@ fn print_table(s: &Status) {
         "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
         r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
     );
+    println!(
+        "control socket refused: oversize requests {}  sessions over the cap {}",
+        c.control.oversize, c.control.over_cap
+    );
     let d = &c.drops;
     println!(
         "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}  cluster-port foreign {} local {}",
