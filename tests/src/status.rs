@@ -57,6 +57,9 @@ pub struct NodeStatus {
     pub id: u32,
     pub address: String,
     pub alive: bool,
+    /// The node whose status this is.
+    #[serde(rename = "self")]
+    pub is_self: bool,
     pub connections: u64,
     pub draining: bool,
     pub weight: u32,
@@ -78,6 +81,9 @@ pub struct Counters {
     pub retransmit_hits: u64,
     pub forward_send_errors: u64,
     pub forward_rejected: Rejected,
+    /// Cluster datagrams the daemon's bus accepted and refused.
+    pub reports_received: u64,
+    pub reports_rejected: u64,
     /// Drops outside the daemon's own code (NFQUEUE overruns, the ruleset's drop rules).
     pub drops: Drops,
     /// What the control socket refused.
