@@ -565,6 +565,8 @@ struct Node<'a> {
     owners: Owners,
     /// Unexpected ends of any owner, the election's included: the role loop stops on the first.
     exits: Exits,
+    /// Told when teardown begins, so that owners ending then are not taken for faults.
+    supervisor: Supervisor,
     leadership: watch::Receiver<Leadership>,
     members: watch::Receiver<Members>,
     /// The last other node seen leading: at takeover it is the one most likely dead or cut off.
@@ -828,6 +830,7 @@ impl<'a> Node<'a> {
             takeover,
             election,
             exits,
+            supervisor: sup,
             owners: Owners {
                 watchdog,
                 control,
@@ -1051,6 +1054,7 @@ impl<'a> Node<'a> {
     /// election messages, then the member ruleset and the flag), then every other owner in
     /// [`Owners`]' order, then the control socket's file.
     async fn stop(mut self) {
+        self.supervisor.stopping();
         let started = Instant::now();
         let l = *self.leadership.borrow();
         let _ = self.transition(Transition::Stop, l, OnError::Log).await;
@@ -1093,7 +1097,7 @@ impl<'a> Node<'a> {
 
 /// Applies the cluster-wide settings committed through Raft: today the scheduling policy
 /// (`tdscctl policy set`), which then overrides `[scheduler] policy` on every node, a new
-/// master and a restarted node included. Runs until `shutdown` or the Raft task is gone.
+/// master and a restarted node included. Runs until `shutdown`.
 async fn follow_settings(
     mut settings: watch::Receiver<Settings>,
     shared: Arc<Shared>,
@@ -1119,6 +1123,9 @@ async fn follow_settings(
         tokio::select! {
             changed = settings.changed() => {
                 if changed.is_err() {
+                    // No Raft task (a static election), or it has ended (and is reported
+                    // itself): nothing more will come; wait for the stop.
+                    shutdown.requested().await;
                     return;
                 }
             }

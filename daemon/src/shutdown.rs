@@ -67,6 +67,10 @@ impl std::fmt::Display for Exit {
 #[derive(Debug, Clone)]
 pub struct Supervisor {
     tx: mpsc::UnboundedSender<Exit>,
+    /// Set when teardown begins ([`Supervisor::stopping`]): from then on an owner may end
+    /// because another was stopped before it (a channel's other side gone), and that is not
+    /// a fault.
+    stopping: Arc<AtomicBool>,
 }
 
 /// The receiving side, held by the node's role loop.
@@ -79,10 +83,21 @@ impl Supervisor {
     /// A supervisor and the receiver of its reports.
     pub fn new() -> (Supervisor, Exits) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Supervisor { tx }, Exits { rx })
+        let stopping = Arc::new(AtomicBool::new(false));
+        (Supervisor { tx, stopping }, Exits { rx })
+    }
+
+    /// Teardown has begun: an owner that returns from now on is not reported (a panic still
+    /// is).
+    pub fn stopping(&self) {
+        self.stopping.store(true, Relaxed);
     }
 
     fn report(&self, name: &'static str, kind: ExitKind) {
+        if kind == ExitKind::Returned && self.stopping.load(Relaxed) {
+            tracing::debug!(owner = name, "ended during teardown");
+            return;
+        }
         let exit = Exit { name, kind };
         tracing::error!(owner = name, "{exit}; the daemon stops");
         // No receiver: the node is already stopping.
@@ -181,7 +196,8 @@ impl TaskHandle {
         let supervisor = supervisor.clone();
         let join = tokio::spawn(async move {
             match fut.await {
-                Ok(()) if asked.is_requested() => {}
+                // Asked, or its handle dropped (an early error return of whoever spawned it).
+                Ok(()) if asked.is_requested() || asked.rx.has_changed().is_err() => {}
                 Ok(()) => supervisor.report(name, ExitKind::Returned),
                 Err(msg) => supervisor.report(name, ExitKind::Panicked(msg)),
             }
@@ -409,6 +425,16 @@ mod tests {
             e.kind,
             ExitKind::Panicked("to_commit 99 is out of range".into())
         );
+    }
+
+    /// In teardown an owner may end because one stopped before it closed its channel.
+    #[tokio::test]
+    async fn an_end_during_teardown_is_not_reported() {
+        let (sup, mut exits) = Supervisor::new();
+        sup.stopping();
+        let _t = TaskHandle::spawn("syn-recv answers", &sup, |_| async move {});
+        let none = tokio::time::timeout(Duration::from_millis(100), exits.next()).await;
+        assert!(none.is_err(), "{none:?}");
     }
 
     #[tokio::test]
