@@ -61,7 +61,8 @@
 //! static hash; a node lets a TCP segment to or from the VIP through only if its conntrack
 //! entry carries the ownership mark, which the entry gets when this node is given the
 //! connection's SYN and loses when a client starts a new connection on the same 4-tuple;
-//! proto-253 forwarded SYNs are accepted only from cluster members.
+//! proto-253 forwarded SYNs and the cluster port's datagrams are accepted only from cluster
+//! members on the cluster interface, and only the daemon's user may send to the cluster port.
 //!
 //! # Exact ownership
 //!

@@ -390,7 +390,7 @@ pub(crate) const CONTROL_LOCAL_COMMENT: &str = "tdsc: cluster port from an unpri
 
 /// The daemon's user: it runs as root (it needs `CAP_NET_ADMIN` and writes `/proc/sys`), so a
 /// cluster datagram from a socket of any other user is not the daemon's.
-pub const DAEMON_UID: u32 = 0;
+pub(crate) const DAEMON_UID: u32 = 0;
 
 /// Comment of the input rule that clears the ownership mark on a client's first SYN.
 pub(crate) const DISOWN_COMMENT: &str = "tdsc: a new connection on this 4-tuple, not yet ours";
@@ -430,8 +430,12 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 ///    reaches TCP, and TCP never answers it.
 /// 5. Protocol 253 (forwarded SYNs) is accepted from each member over the cluster interface,
 ///    and dropped (and counted) from anyone else.
+/// 6. The cluster port likewise: UDP from each member (and each removed node this node knows,
+///    [`ClusterSpec::former_members`]) over the cluster interface with the cluster port as
+///    both ports is accepted; any other datagram to the cluster port is dropped and counted.
 ///
-/// Every rule that queues or drops matches the client or cluster interface. A forwarded SYN is
+/// Every rule that queues or drops matches the client or cluster interface, but the two
+/// catch-alls, which match only proto 253 and the cluster port, never TCP. A forwarded SYN is
 /// re-injected through a raw socket and arrives again via `lo`, addressed to the VIP; the only
 /// `lo` rule marks it, so it is never queued or dropped a second time.
 ///
@@ -439,7 +443,9 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 /// the mark; then any TCP segment from the VIP that conntrack finds INVALID, or whose entry
 /// lacks the mark, is dropped: an RST for a segment TCP had no socket for, a TIME_WAIT ACK, a
 /// challenge ACK or a retransmitted SYN/ACK of a connection the client has since started
-/// again elsewhere is never this node's to send.
+/// again elsewhere is never this node's to send. Last, a datagram to the cluster port leaving
+/// by the cluster interface from a socket of a user other than root (the daemon's user) is
+/// dropped and counted: it would carry this node's member address, which the others accept.
 ///
 /// Why this is exact, per stale state, is argued in the crate docs ("Exact ownership").
 ///
