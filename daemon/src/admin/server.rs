@@ -104,6 +104,12 @@ async fn read_line(
     }
 }
 
+/// Joins the sessions that have ended; returns how many are left.
+fn reap(sessions: &mut tokio::task::JoinSet<()>) -> usize {
+    while sessions.try_join_next().is_some() {}
+    sessions.len()
+}
+
 /// Serves until `shutdown`: then stops accepting, and waits for the sessions, which see the
 /// same signal and end after the request in hand (the owner's bounded wait covers them).
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
@@ -111,7 +117,8 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut shutdown: Sh
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) if sessions.len() >= MAX_SESSIONS => {
+                // Sessions that have ended but were not reaped yet do not count.
+                Ok((stream, _)) if reap(&mut sessions) >= MAX_SESSIONS => {
                     let n = shared.control.over_cap.fetch_add(1, Relaxed) + 1;
                     tracing::warn!(sessions = MAX_SESSIONS, refused = n, "control socket: too many sessions; connection refused");
                     // Never wait on this client: one non-blocking write, then close.
