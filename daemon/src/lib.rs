@@ -27,3 +27,4 @@ pub mod datapath;
 pub mod host;
 pub mod node;
 pub mod shutdown;
+pub mod watchdog;

@@ -66,7 +66,8 @@ use crate::datapath::queue::{MasterCommand, MasterLinks, MasterPath};
 use crate::datapath::receive::{MemberLinks, MemberPath};
 use crate::datapath::records::{Dispatched, SynRecords};
 use crate::host::setup::HostSetup;
-use crate::shutdown::{Shutdown, TaskHandle, ThreadHandle, STOP_WAIT};
+use crate::shutdown::{Exits, Shutdown, Supervisor, TaskHandle, ThreadHandle, STOP_WAIT};
+use crate::watchdog::Heartbeat;
 
 /// Seed of the static hash for undispatched flows; any fixed value, the same on every node.
 pub const STATIC_HASH_SEED: u32 = 0x7464_7363; // "tdsc"
@@ -88,12 +89,20 @@ pub enum NodeError {
     Key(#[source] crate::cluster::keyfile::KeyFileError),
     #[error("cannot bind the cluster socket (control_port)")]
     Report(#[source] std::io::Error),
+    #[error("cannot bind the cluster socket to interface {interface:?} (SO_BINDTODEVICE)")]
+    BindDevice {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("control socket")]
     Control(#[from] crate::admin::server::ControlError),
     #[error("raft election")]
     Raft(#[from] crate::cluster::raft::RaftTaskError),
     #[error("[threads] data_path_cpu")]
     Affinity(#[from] crate::datapath::affinity::AffinityError),
+    #[error("{0}")]
+    Died(crate::shutdown::Exit),
     #[error("{} errors during shutdown: {}", .0.len(), .0.join("; "))]
     Shutdown(Vec<String>),
 }
@@ -125,6 +134,8 @@ pub struct Shared {
     pub replica: Arc<Mutex<Replica>>,
     /// The cluster socket, for the keyring's ids in `status` (the bus and senders own its use).
     pub cluster_socket: Arc<ClusterSocket>,
+    /// The control socket's refusals; its accept loop and sessions write them.
+    pub control: crate::admin::server::ControlCounters,
 }
 
 impl Shared {
@@ -165,13 +176,33 @@ impl Shared {
 
 /// The ruleset's cluster description for the configured (bootstrap) nodes.
 pub fn cluster_spec(cfg: &Config) -> ClusterSpec {
-    cluster_spec_for(cfg, &Members::bootstrap(cfg))
+    cluster_spec_for(cfg, &Members::bootstrap(cfg), Vec::new())
+}
+
+/// Nodes this node has known that are no longer members (absent view slots): they may still
+/// reach the cluster port, to be told they were removed (`crate::cluster::bus`).
+fn former_members(view: &ClusterView, members: &Members) -> Vec<std::net::IpAddr> {
+    let current = members.addresses();
+    let mut former: Vec<std::net::IpAddr> = view
+        .slots()
+        .iter()
+        .filter(|s| !s.is_present())
+        .filter_map(|s| s.ident().map(|i| i.address))
+        .filter(|a| !current.contains(a))
+        .collect();
+    former.sort_unstable();
+    former.dedup();
+    former
 }
 
 /// The ruleset's cluster description for the current members: forwards are accepted from
 /// their addresses, and this node's static-hash bucket is its place among them (none when
 /// it is not a member).
-pub fn cluster_spec_for(cfg: &Config, members: &Members) -> ClusterSpec {
+pub fn cluster_spec_for(
+    cfg: &Config,
+    members: &Members,
+    former: Vec<std::net::IpAddr>,
+) -> ClusterSpec {
     let (index, count) = members.static_hash(cfg.node_id);
     ClusterSpec {
         vip: cfg.vip,
@@ -179,7 +210,9 @@ pub fn cluster_spec_for(cfg: &Config, members: &Members) -> ClusterSpec {
         client_interface: cfg.client_interface.clone(),
         cluster_interface: cfg.cluster_interface.clone(),
         members: members.addresses(),
+        former_members: former,
         queue_num: cfg.queue_num,
+        control_port: cfg.control_port,
         egress_mac: cfg.egress_mac(),
         static_hash: StaticHash {
             index,
@@ -266,10 +299,14 @@ async fn serve(
     let mut node = Node::start(cfg, keyring, epoch, shell, role, election).await?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(NodeError::Member)?;
+    // The member ruleset, the host setup and every owner are in place.
+    tell_systemd("READY=1");
     let result = node.follow_roles(&mut sigterm).await;
+    tell_systemd("STOPPING=1");
     // The member set may have changed since the last look: the rules from here on are for
     // the members now.
-    node.shell.spec = cluster_spec_for(&node.shared.config, &node.members.borrow());
+    let former = former_members(&node.shared.view, &node.members.borrow());
+    node.shell.spec = cluster_spec_for(&node.shared.config, &node.members.borrow(), former);
     if result.is_ok() {
         node.graceful_stop(&mut sigterm).await;
     }
@@ -339,6 +376,10 @@ struct Wiring {
     /// Answers to this node's SYN-RECV queries, bus → takeover.
     answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::SynRecvAnswer)>,
     answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::SynRecvAnswer)>,
+    /// Progress of the queue thread (it writes) and of the Raft task (it writes); the
+    /// watchdog feeder reads both.
+    queue_beat: Arc<Heartbeat>,
+    raft_beat: Arc<Heartbeat>,
 }
 
 impl Wiring {
@@ -390,6 +431,8 @@ impl Wiring {
             queries_rx,
             answers,
             answers_rx,
+            queue_beat: Arc::new(Heartbeat::default()),
+            raft_beat: Arc::new(Heartbeat::default()),
         }
     }
 }
@@ -404,6 +447,9 @@ fn record_window_ms(cfg: &Config) -> u64 {
 /// has stopped the election and returned the node to the member ruleset.
 #[derive(Debug)]
 struct Owners {
+    /// Feeds systemd's watchdog (`crate::watchdog`), when the unit asks for one. First: once
+    /// teardown begins, no `WATCHDOG=1` vouches for owners that are being stopped.
+    watchdog: Option<TaskHandle>,
     /// The control socket's accept loop and its sessions. First, so that no request starts
     /// once teardown has begun; a session ends after the request in hand.
     control: TaskHandle,
@@ -529,6 +575,10 @@ struct Node<'a> {
     takeover: Takeover,
     election: Election,
     owners: Owners,
+    /// Unexpected ends of any owner, the election's included: the role loop stops on the first.
+    exits: Exits,
+    /// Told when teardown begins, so that owners ending then are not taken for faults.
+    supervisor: Supervisor,
     leadership: watch::Receiver<Leadership>,
     members: watch::Receiver<Members>,
     /// The last other node seen leading: at takeover it is the one most likely dead or cut off.
@@ -549,6 +599,9 @@ impl<'a> Node<'a> {
     ) -> Result<Node<'a>, NodeError> {
         let w = Wiring::new(&cfg, role);
         let raft = matches!(cfg.election, ElectionMode::Raft { .. });
+        // Every thread and task below is spawned under it: one that ends unasked, or
+        // panics, ends the role loop (`Node::exits`).
+        let (sup, exits) = Supervisor::new();
 
         // 3. Data paths.
         let member_path = MemberPath::open(
@@ -564,7 +617,7 @@ impl<'a> Node<'a> {
         if let Some(c) = cpu {
             crate::datapath::affinity::check(c)?;
         }
-        let member = ThreadHandle::spawn("tdsc-member", move |stop| {
+        let member = ThreadHandle::spawn("tdsc-member", &sup, move |stop| {
             pin_data_path_thread(cpu);
             member_path.run(&stop);
         })
@@ -574,7 +627,7 @@ impl<'a> Node<'a> {
             let source = cfg.load_source.clone();
             let period = crate::host::load::sample_period(cfg.report_interval);
             let view = w.view.clone();
-            ThreadHandle::spawn("tdsc-load", move |stop| {
+            ThreadHandle::spawn("tdsc-load", &sup, move |stop| {
                 crate::host::load::run(&source, period, &view, &stop);
             })
             .map_err(NodeError::Member)?
@@ -597,9 +650,10 @@ impl<'a> Node<'a> {
                 role: w.role.clone(),
                 commands: w.master_commands_rx,
                 dispatcher,
+                heartbeat: w.queue_beat.clone(),
             },
         )?;
-        let master = ThreadHandle::spawn_interruptible("tdsc-master", move |stop| {
+        let master = ThreadHandle::spawn_interruptible("tdsc-master", &sup, move |stop| {
             pin_data_path_thread(cpu);
             master_path.run(&stop);
         })
@@ -611,6 +665,11 @@ impl<'a> Node<'a> {
                 .await
                 .map_err(NodeError::Report)?,
         );
+        sock.bind_device(cfg.cluster_interface.as_bytes())
+            .map_err(|source| NodeError::BindDevice {
+                interface: cfg.cluster_interface.clone(),
+                source,
+            })?;
         let election = match &cfg.election {
             ElectionMode::Raft { settings, data_dir } => {
                 let task = RaftTask::open(
@@ -622,6 +681,7 @@ impl<'a> Node<'a> {
                         inbox: w.raft_inbox_rx,
                         signal: w.signal.clone(),
                         election,
+                        heartbeat: w.raft_beat.clone(),
                     },
                 )?
                 .with_membership(MembershipLink {
@@ -641,7 +701,7 @@ impl<'a> Node<'a> {
                 });
                 let handle = task.handle();
                 Election::Raft {
-                    task: Some(TaskHandle::spawn("raft", move |s| task.run(s))),
+                    task: Some(TaskHandle::spawn("raft", &sup, move |s| task.run(s))),
                     handle,
                 }
             }
@@ -656,7 +716,7 @@ impl<'a> Node<'a> {
         let answers = {
             let (sock, role, stats) = (sock.clone(), w.role.clone(), w.records.clone());
             let (node_id, vip) = (cfg.node_id, cfg.vip);
-            TaskHandle::spawn("syn-recv answers", move |s| {
+            TaskHandle::spawn("syn-recv answers", &sup, move |s| {
                 crate::cluster::takeover::answer_queries(
                     w.queries_rx,
                     sock,
@@ -693,7 +753,7 @@ impl<'a> Node<'a> {
                 epoch,
             };
             let sock = sock.clone();
-            TaskHandle::spawn("reports", move |s| r.run(sock, s))
+            TaskHandle::spawn("reports", &sup, move |s| r.run(sock, s))
         };
         let cluster_socket = sock.clone();
         let bus = {
@@ -714,7 +774,7 @@ impl<'a> Node<'a> {
                 },
                 windows: HashMap::new(),
             };
-            TaskHandle::spawn("bus", move |s| b.run(sock, s))
+            TaskHandle::spawn("bus", &sup, move |s| b.run(sock, s))
         };
 
         let listener = crate::admin::server::bind(&cfg.control_socket).await?;
@@ -746,25 +806,48 @@ impl<'a> Node<'a> {
             records: w.records,
             replica: w.replica,
             cluster_socket,
+            control: crate::admin::server::ControlCounters::default(),
         });
         let control = {
             let shared = shared.clone();
-            TaskHandle::spawn("control", move |s| {
+            TaskHandle::spawn("control", &sup, move |s| {
                 crate::admin::server::serve(listener, shared, s)
             })
         };
         let settings = {
             let shared = shared.clone();
-            TaskHandle::spawn("settings", move |s| {
+            TaskHandle::spawn("settings", &sup, move |s| {
                 follow_settings(w.settings_rx, shared, s)
             })
         };
+        // Only the owners that must keep moving: the queue thread, and the Raft task when
+        // there is one (see `crate::watchdog`).
+        let watchdog = crate::watchdog::interval_from_env().map(|interval| {
+            let mut beats = vec![("queue thread", w.queue_beat)];
+            if raft {
+                beats.push(("raft task", w.raft_beat));
+            }
+            let watched = crate::watchdog::Watched {
+                role: shared.role.clone(),
+                beats,
+            };
+            tracing::info!(
+                interval_ms = interval.as_millis(),
+                "systemd watchdog fed while the queue thread and the raft task make progress"
+            );
+            TaskHandle::spawn("watchdog", &sup, move |s| {
+                crate::watchdog::feed(watched, interval, s)
+            })
+        });
         Ok(Node {
             shared,
             shell,
             takeover,
             election,
+            exits,
+            supervisor: sup,
             owners: Owners {
+                watchdog,
                 control,
                 settings,
                 bus,
@@ -860,7 +943,8 @@ impl<'a> Node<'a> {
     /// The spec for the members now, if they changed since the shell's was built.
     fn membership_update(&mut self) -> Option<ClusterSpec> {
         let members = self.members.borrow_and_update().clone();
-        let new = cluster_spec_for(&self.shared.config, &members);
+        let former = former_members(&self.shared.view, &members);
+        let new = cluster_spec_for(&self.shared.config, &members, former);
         (new != self.shell.spec).then_some(new)
     }
 
@@ -910,6 +994,7 @@ impl<'a> Node<'a> {
                     return Ok(());
                 }
                 Ok(()) = self.members.changed() => {}
+                exit = self.exits.next() => return Err(NodeError::Died(exit)),
             }
         }
     }
@@ -984,10 +1069,12 @@ impl<'a> Node<'a> {
     /// election messages, then the member ruleset and the flag), then every other owner in
     /// [`Owners`]' order, then the control socket's file.
     async fn stop(mut self) {
+        self.supervisor.stopping();
         let started = Instant::now();
         let l = *self.leadership.borrow();
         let _ = self.transition(Transition::Stop, l, OnError::Log).await;
         let Owners {
+            watchdog,
             control,
             settings,
             bus,
@@ -997,6 +1084,9 @@ impl<'a> Node<'a> {
             member,
             load,
         } = self.owners;
+        if let Some(w) = watchdog {
+            w.stop(STOP_WAIT).await;
+        }
         let joined = [
             control.stop(STOP_WAIT).await,
             settings.stop(STOP_WAIT).await,
@@ -1022,7 +1112,7 @@ impl<'a> Node<'a> {
 
 /// Applies the cluster-wide settings committed through Raft: today the scheduling policy
 /// (`tdscctl policy set`), which then overrides `[scheduler] policy` on every node, a new
-/// master and a restarted node included. Runs until `shutdown` or the Raft task is gone.
+/// master and a restarted node included. Runs until `shutdown`.
 async fn follow_settings(
     mut settings: watch::Receiver<Settings>,
     shared: Arc<Shared>,
@@ -1048,6 +1138,9 @@ async fn follow_settings(
         tokio::select! {
             changed = settings.changed() => {
                 if changed.is_err() {
+                    // No Raft task (a static election), or it has ended (and is reported
+                    // itself): nothing more will come; wait for the stop.
+                    shutdown.requested().await;
                     return;
                 }
             }
@@ -1064,6 +1157,16 @@ fn pin_data_path_thread(cpu: Option<usize>) {
             Ok(()) => tracing::info!(cpu = c, "data-path thread pinned"),
             Err(e) => tracing::error!(error = %e, "data-path thread left unpinned"),
         }
+    }
+}
+
+/// `sd_notify`, logged when it fails (systemd then sees no `READY=1` and fails the start
+/// after `TimeoutStartSec=`; that is the right outcome, so nothing else is done).
+fn tell_systemd(state: &str) {
+    match crate::host::notify::notify(state) {
+        Ok(true) => tracing::debug!(state, "told systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(state, error = %e, "cannot notify systemd"),
     }
 }
 

@@ -42,6 +42,8 @@ fn spec() -> ClusterSpec {
             .map(|n| IpAddr::V4(Ipv4Addr::new(198, 51, 100, n)))
             .collect(),
         queue_num: 0,
+        control_port: 7400,
+        former_members: vec![],
         egress_mac: Some([0x02, 0x00, 0x5e, 0x00, 0x53, 0x0b]),
         static_hash: StaticHash {
             index: 1,

@@ -15,7 +15,10 @@ use nftnl::nftnl_sys as sys;
 
 use crate::ffi::{attr, c16, c32, c8};
 use crate::lower::{self, Plan};
-use crate::model::{ChainName, Family, FOREIGN_DROP_COMMENT, NOT_OWNED_COMMENT, UNTRACKED_COMMENT};
+use crate::model::{
+    ChainName, Family, CONTROL_FOREIGN_COMMENT, CONTROL_LOCAL_COMMENT, FOREIGN_DROP_COMMENT,
+    NOT_OWNED_COMMENT, UNTRACKED_COMMENT,
+};
 
 /// What the ruleset's counting drop rules have dropped since it was installed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,6 +33,10 @@ pub struct RuleDrops {
     pub untracked_in: u64,
     /// Segments from the VIP conntrack has no entry for (output).
     pub untracked_out: u64,
+    /// Datagrams to the cluster port from a non-member, from another interface or port.
+    pub control_port_foreign: u64,
+    /// Datagrams to the cluster port that a local process other than the daemon sent.
+    pub control_port_local: u64,
 }
 use crate::{Error, HostFacts, QueueBackend, Ruleset, TABLE_NAME};
 
@@ -246,6 +253,12 @@ impl Firewall {
                 }
                 (c, Some(UNTRACKED_COMMENT)) if c == ChainName::Output.as_str() => {
                     &mut d.untracked_out
+                }
+                (c, Some(CONTROL_FOREIGN_COMMENT)) if c == ChainName::Input.as_str() => {
+                    &mut d.control_port_foreign
+                }
+                (c, Some(CONTROL_LOCAL_COMMENT)) if c == ChainName::Output.as_str() => {
+                    &mut d.control_port_local
                 }
                 _ => continue,
             };
@@ -976,6 +989,8 @@ mod tests {
             cluster_interface: "eth1".into(),
             members: vec![IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11))],
             queue_num: 3,
+            control_port: 7400,
+            former_members: vec![],
             egress_mac: Some([2, 0, 0, 0, 0, 1]),
             static_hash: StaticHash {
                 index: 0,

@@ -37,6 +37,8 @@
 //!         IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)),
 //!     ],
 //!     queue_num: 0,
+//!     control_port: 7400,
+//!     former_members: vec![],
 //!     egress_mac: None,
 //!     static_hash: StaticHash { index: 0, count: 2, seed: 0x2a },
 //! };
@@ -59,7 +61,8 @@
 //! static hash; a node lets a TCP segment to or from the VIP through only if its conntrack
 //! entry carries the ownership mark, which the entry gets when this node is given the
 //! connection's SYN and loses when a client starts a new connection on the same 4-tuple;
-//! proto-253 forwarded SYNs are accepted only from cluster members.
+//! proto-253 forwarded SYNs and the cluster port's datagrams are accepted only from cluster
+//! members on the cluster interface, and only the daemon's user may send to the cluster port.
 //!
 //! # Exact ownership
 //!

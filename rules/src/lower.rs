@@ -16,7 +16,7 @@ use crate::expr::{reg, Jhash, Load, NfqueueTarget, PayloadBase, Queue, SetLookup
 use crate::ffi::c8;
 use crate::model::{
     Action, Chain, ChainName, Family, HashInput, IpFamily, Match, QueueBackend, Rule, Ruleset,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
 };
 use crate::TABLE_NAME;
 
@@ -341,6 +341,19 @@ fn check_port(
     });
 }
 
+/// `udp sport P` (`offset` 0) or `udp dport P` (`offset` 2): two bytes of the UDP header,
+/// network order, after the `meta l4proto udp` dependency nft adds.
+fn check_udp_port(rule: &mut nftnl::Rule<'_>, deps: &mut Deps, offset: u32, port: u16) {
+    check_l4proto(rule, deps, IPPROTO_UDP);
+    rule.add_expr(&Load {
+        base: PayloadBase::Transport,
+        offset,
+        len: 2,
+        dreg: reg::R1,
+    });
+    rule.add_expr(&cmp(CmpOp::Eq, &port.to_be_bytes()));
+}
+
 /// `jhash INPUT mod COUNT seed SEED != INDEX`, with the input laid out in registers exactly as
 /// nft lays out a concatenation: address in register 2, then the port in the next 4-byte
 /// register (zero-padded by the payload load), hashed over the rounded-up length.
@@ -410,6 +423,25 @@ fn add_match(
         }
         Match::TcpDport { ports, negate } => {
             check_port(b, table, rule, deps, ports, *negate, label)
+        }
+        Match::UdpPorts { sport, dport } => {
+            // nft merges `udp sport S udp dport D` into one load of both ports.
+            check_l4proto(rule, deps, IPPROTO_UDP);
+            rule.add_expr(&Load {
+                base: PayloadBase::Transport,
+                offset: 0,
+                len: 4,
+                dreg: reg::R1,
+            });
+            let mut both = [0u8; 4];
+            both[..2].copy_from_slice(&sport.to_be_bytes());
+            both[2..].copy_from_slice(&dport.to_be_bytes());
+            rule.add_expr(&cmp(CmpOp::Eq, &both));
+        }
+        Match::UdpDport(port) => check_udp_port(rule, deps, 2, *port),
+        Match::SkUidNot(uid) => {
+            rule.add_expr(&Meta::SkUid);
+            rule.add_expr(&cmp(CmpOp::Neq, &uid.to_ne_bytes()));
         }
         Match::TcpSynOnly => {
             load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST_ACK);

@@ -69,8 +69,15 @@ pub struct ClusterSpec {
     pub cluster_interface: String,
     /// Cluster-network address of every node, this one included.
     pub members: Vec<IpAddr>,
+    /// Cluster-network addresses of nodes removed from the cluster that this node still
+    /// knows. The cluster port accepts them too (never proto 253): a removed node that missed
+    /// the commit of its removal keeps sending, and is answered with a `Removed` notice.
+    pub former_members: Vec<IpAddr>,
     /// NFQUEUE number the master's daemon reads SYNs from.
     pub queue_num: u16,
+    /// The cluster socket's UDP port (`[cluster] control_port`): every node sends from it and
+    /// to it, so both ports of a genuine cluster datagram are this one.
+    pub control_port: u16,
     /// Some(mac): rewrite the source MAC of frames leaving `client_interface` (NLB-style layer-2
     /// mode), so a learning bridge never learns the shared cluster MAC.
     pub egress_mac: Option<[u8; 6]>,
@@ -93,6 +100,9 @@ impl ClusterSpec {
         }
         if self.tcp_ports.contains(&0) {
             return Err(invalid("tcp_ports", "port 0 is not a port"));
+        }
+        if self.control_port == 0 {
+            return Err(invalid("control_port", "port 0 is not a port"));
         }
         Ok(())
     }
@@ -222,6 +232,20 @@ pub enum Match {
         /// Match ports *not* in the list.
         negate: bool,
     },
+    /// `udp sport S udp dport D`. One match, because nft merges the two adjacent payload
+    /// comparisons into one 4-byte load; lowering them apart would not verify against a
+    /// ruleset nft loaded from the same text.
+    UdpPorts {
+        /// Source port.
+        sport: u16,
+        /// Destination port.
+        dport: u16,
+    },
+    /// `udp dport P`.
+    UdpDport(u16),
+    /// `meta skuid != UID`: the packet's socket belongs to another user. A packet without a
+    /// socket (one the kernel makes itself) matches neither this nor `==`.
+    SkUidNot(u32),
     /// `tcp flags syn / fin,syn,rst,ack`, i.e. `flags & (fin|syn|rst|ack) == syn`: a first SYN,
     /// but not the SYN/ACK that plain `tcp flags syn` would also match.
     TcpSynOnly,
@@ -358,6 +382,16 @@ pub struct Ruleset {
 /// Comment of the rule whose counter [`crate::Firewall::foreign_forward_drops`] reads.
 pub(crate) const FOREIGN_DROP_COMMENT: &str = "tdsc: proto 253 from a non-member";
 
+/// Comment of the input rule whose counter is `control_port_foreign` in [`crate::RuleDrops`].
+pub(crate) const CONTROL_FOREIGN_COMMENT: &str = "tdsc: cluster port from a non-member";
+
+/// Comment of the output rule whose counter is `control_port_local` in [`crate::RuleDrops`].
+pub(crate) const CONTROL_LOCAL_COMMENT: &str = "tdsc: cluster port from an unprivileged process";
+
+/// The daemon's user: it runs as root (it needs `CAP_NET_ADMIN` and writes `/proc/sys`), so a
+/// cluster datagram from a socket of any other user is not the daemon's.
+pub(crate) const DAEMON_UID: u32 = 0;
+
 /// Comment of the input rule that clears the ownership mark on a client's first SYN.
 pub(crate) const DISOWN_COMMENT: &str = "tdsc: a new connection on this 4-tuple, not yet ours";
 
@@ -396,8 +430,12 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 ///    reaches TCP, and TCP never answers it.
 /// 5. Protocol 253 (forwarded SYNs) is accepted from each member over the cluster interface,
 ///    and dropped (and counted) from anyone else.
+/// 6. The cluster port likewise: UDP from each member (and each removed node this node knows,
+///    [`ClusterSpec::former_members`]) over the cluster interface with the cluster port as
+///    both ports is accepted; any other datagram to the cluster port is dropped and counted.
 ///
-/// Every rule that queues or drops matches the client or cluster interface. A forwarded SYN is
+/// Every rule that queues or drops matches the client or cluster interface, but the two
+/// catch-alls, which match only proto 253 and the cluster port, never TCP. A forwarded SYN is
 /// re-injected through a raw socket and arrives again via `lo`, addressed to the VIP; the only
 /// `lo` rule marks it, so it is never queued or dropped a second time.
 ///
@@ -405,7 +443,9 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 /// the mark; then any TCP segment from the VIP that conntrack finds INVALID, or whose entry
 /// lacks the mark, is dropped: an RST for a segment TCP had no socket for, a TIME_WAIT ACK, a
 /// challenge ACK or a retransmitted SYN/ACK of a connection the client has since started
-/// again elsewhere is never this node's to send.
+/// again elsewhere is never this node's to send. Last, a datagram to the cluster port leaving
+/// by the cluster interface from a socket of a user other than root (the daemon's user) is
+/// dropped and counted: it would carry this node's member address, which the others accept.
 ///
 /// Why this is exact, per stale state, is argued in the crate docs ("Exact ownership").
 ///
@@ -611,6 +651,34 @@ fn input_rules(spec: &ClusterSpec) -> Vec<Rule> {
         action: Action::Drop,
         comment: FOREIGN_DROP_COMMENT,
     });
+
+    // The cluster port, in the same way: reports, Raft and takeover messages are accepted
+    // only on the cluster interface, from a member's address, sent from the cluster port
+    // (every node's socket is bound to it, so a datagram from another port is not a
+    // daemon's). Anything else to that port is dropped and counted: a host on the client
+    // network, a local process reaching its own node via `lo`, a spoofed non-member.
+    let port = spec.control_port;
+    for member in spec.members.iter().chain(&spec.former_members) {
+        rules.push(Rule {
+            matches: vec![
+                Match::IifName(spec.cluster_interface.clone()),
+                Match::Saddr(*member),
+                Match::UdpPorts {
+                    sport: port,
+                    dport: port,
+                },
+            ],
+            counter: false,
+            action: Action::Accept,
+            comment: "tdsc: cluster message from a member",
+        });
+    }
+    rules.push(Rule {
+        matches: vec![Match::UdpDport(port)],
+        counter: true,
+        action: Action::Drop,
+        comment: CONTROL_FOREIGN_COMMENT,
+    });
     rules
 }
 
@@ -657,6 +725,20 @@ fn output_rules(spec: &ClusterSpec) -> Vec<Rule> {
             counter: true,
             action: Action::Drop,
             comment: NOT_OWNED_COMMENT,
+        },
+        // A datagram for the cluster port that leaves by the cluster interface carries a
+        // member's source address, and the other nodes would accept it: only the daemon's
+        // socket may send one. Another local user (a compromised web application) is refused
+        // here, on the node it runs on.
+        Rule {
+            matches: vec![
+                Match::OifName(spec.cluster_interface.clone()),
+                Match::UdpDport(spec.control_port),
+                Match::SkUidNot(DAEMON_UID),
+            ],
+            counter: true,
+            action: Action::Drop,
+            comment: CONTROL_LOCAL_COMMENT,
         },
     ]
 }
@@ -753,6 +835,9 @@ fn match_text(m: &Match) -> String {
                 }
             }
         }
+        Match::UdpPorts { sport, dport } => format!("udp sport {sport} udp dport {dport}"),
+        Match::UdpDport(port) => format!("udp dport {port}"),
+        Match::SkUidNot(uid) => format!("meta skuid != {uid}"),
         Match::TcpSynOnly => "tcp flags syn / fin,syn,rst,ack".to_string(),
         Match::TcpRst => "tcp flags rst".to_string(),
         Match::CtStateInvalid => "ct state invalid".to_string(),
@@ -827,7 +912,9 @@ mod tests {
                 IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11)),
                 IpAddr::V4(Ipv4Addr::new(198, 51, 100, 12)),
             ],
+            former_members: vec![],
             queue_num: 7,
+            control_port: 7400,
             egress_mac: None,
             static_hash: StaticHash {
                 index: 0,
@@ -879,27 +966,127 @@ mod tests {
     }
 
     #[test]
-    fn every_input_rule_but_the_catch_all_is_bound_to_our_interfaces() {
+    fn every_input_rule_but_the_catch_alls_is_bound_to_our_interfaces() {
         // A re-injected SYN arrives via `lo`; only interface-bound rules can leave it alone,
-        // and the one unbound rule only matches protocol 253, never TCP.
+        // and the two unbound rules only match protocol 253 and the cluster port, never TCP.
         // The one `lo` rule only marks the SYN's conntrack entry as this node's.
         let rs = ruleset(Role::Master, &spec(), &COMPAT);
         for rule in prerouting(&rs) {
             assert_eq!(rule.matches[0], Match::IifName("eth0".into()));
         }
         let rules = input(&rs);
-        let (last, rest) = rules.split_last().unwrap();
-        for rule in rest {
+        let unbound: Vec<&Rule> = rules
+            .iter()
+            .filter(|r| !matches!(r.matches[0], Match::IifName(_)))
+            .collect();
+        for rule in rules {
             match &rule.matches[0] {
                 Match::IifName(name) if name == "lo" => {
                     assert_eq!(rule.action, Action::SetCtMark(CT_MARK_OWNED));
                 }
                 Match::IifName(name) => assert!(name == "eth0" || name == "eth1"),
-                other => panic!("rule {:?} starts with {other:?}", rule.comment),
+                _ => {}
             }
         }
-        assert_eq!(last.matches, vec![Match::L4Proto(FORWARD_PROTO)]);
-        assert_eq!(last.comment, FOREIGN_DROP_COMMENT);
+        assert_eq!(unbound.len(), 2, "{unbound:?}");
+        assert_eq!(unbound[0].matches, vec![Match::L4Proto(FORWARD_PROTO)]);
+        assert_eq!(unbound[0].comment, FOREIGN_DROP_COMMENT);
+        assert_eq!(unbound[1].matches, vec![Match::UdpDport(7400)]);
+        assert_eq!(unbound[1].comment, CONTROL_FOREIGN_COMMENT);
+        assert!(unbound
+            .iter()
+            .all(|r| r.action == Action::Drop && r.counter));
+    }
+
+    /// The cluster port is open only on the cluster interface, from each member's address and
+    /// the cluster port, in the members' own family, and only after every member's accept;
+    /// locally only the daemon's user may send to it.
+    #[test]
+    fn the_cluster_port_is_open_to_members_only() {
+        let members = vec![
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11)),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x12)),
+        ];
+        let spec = ClusterSpec {
+            members: members.clone(),
+            ..spec()
+        };
+        for role in [Role::Master, Role::Member] {
+            let rs = ruleset(role, &spec, &COMPAT);
+            let rules = input(&rs);
+            let accepts: Vec<&Rule> = rules
+                .iter()
+                .filter(|r| {
+                    r.action == Action::Accept && r.comment == "tdsc: cluster message from a member"
+                })
+                .collect();
+            assert_eq!(accepts.len(), members.len());
+            for (rule, member) in accepts.iter().zip(&members) {
+                assert_eq!(
+                    rule.matches,
+                    vec![
+                        Match::IifName("eth1".into()),
+                        Match::Saddr(*member),
+                        Match::UdpPorts {
+                            sport: 7400,
+                            dport: 7400
+                        },
+                    ]
+                );
+            }
+            let drop = rules
+                .iter()
+                .position(|r| r.comment == CONTROL_FOREIGN_COMMENT)
+                .unwrap();
+            let last_accept = rules
+                .iter()
+                .rposition(|r| {
+                    r.action == Action::Accept && r.comment == "tdsc: cluster message from a member"
+                })
+                .unwrap();
+            assert!(last_accept < drop);
+            let local = chain(&rs, ChainName::Output)
+                .iter()
+                .find(|r| r.comment == CONTROL_LOCAL_COMMENT)
+                .unwrap();
+            assert_eq!(
+                local.matches,
+                vec![
+                    Match::OifName("eth1".into()),
+                    Match::UdpDport(7400),
+                    Match::SkUidNot(DAEMON_UID),
+                ]
+            );
+            assert_eq!(local.action, Action::Drop);
+            assert!(local.counter);
+            let text = rs.to_nft_text();
+            assert!(
+                text.contains("iifname \"eth1\" ip6 saddr 2001:db8:1::12 udp sport 7400 udp dport 7400 accept"),
+                "{text}"
+            );
+        }
+    }
+
+    /// A removed node may still reach the cluster port (to be told it was removed), never
+    /// with proto 253.
+    #[test]
+    fn a_former_member_reaches_the_cluster_port_only() {
+        let former = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 13));
+        let spec = ClusterSpec {
+            former_members: vec![former],
+            ..spec()
+        };
+        let rs = ruleset(Role::Member, &spec, &COMPAT);
+        let from_former: Vec<&Rule> = input(&rs)
+            .iter()
+            .filter(|r| r.matches.contains(&Match::Saddr(former)))
+            .collect();
+        assert_eq!(from_former.len(), 1, "{from_former:?}");
+        assert!(from_former[0].matches.contains(&Match::UdpPorts {
+            sport: 7400,
+            dport: 7400
+        }));
+        assert_eq!(from_former[0].action, Action::Accept);
     }
 
     #[test]
@@ -939,7 +1126,7 @@ mod tests {
         };
         let rs = ruleset(Role::Member, &spec, &COMPAT);
         let text = rs.to_nft_text();
-        assert!(!text.contains("dport"), "{text}");
+        assert!(!text.contains("tcp dport"), "{text}");
         assert!(!text.contains("tcp sport"), "{text}");
         assert!(text.contains("udp sport"), "{text}");
     }
@@ -1033,6 +1220,8 @@ mod tests {
             let out = chain(&rs, ChainName::Output);
             assert_eq!(out[0].action, Action::SetCtMark(CT_MARK_OWNED));
             assert!(out[0].matches.contains(&Match::TcpSynOnly));
+            let (control, out) = out.split_last().unwrap();
+            assert_eq!(control.comment, CONTROL_LOCAL_COMMENT);
             for drop in &out[1..] {
                 assert_eq!(drop.action, Action::Drop);
                 assert!(drop.matches.contains(&Match::L4Proto(IPPROTO_TCP)));
@@ -1120,6 +1309,10 @@ mod tests {
             },
             ClusterSpec {
                 tcp_ports: vec![0],
+                ..spec()
+            },
+            ClusterSpec {
+                control_port: 0,
                 ..spec()
             },
             ClusterSpec {

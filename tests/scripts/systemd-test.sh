@@ -189,12 +189,15 @@ check "the package ships no cluster key" in_ctr sh -c '! test -e /etc/tdsc/clust
 check "tdscctl keygen writes the cluster key (mode 0600); tdscd starts with it" \
   in_ctr sh -c 'tdscctl keygen && [ "$(stat -c %a /etc/tdsc/cluster.key)" = 600 ]'
 
-# What tdscd changes, before it runs: the client interface's MAC and the two sysctls.
+# What tdscd changes, before it runs: the client interface's MAC, the two conntrack sysctls
+# and the cluster interface's rp_filter.
 host_view() {
-  in_ctr sh -c 'printf "vip=%s mac=%s loose=%s liberal=%s\n" \
+  in_ctr sh -c 'printf "vip=%s mac=%s loose=%s liberal=%s rp=%s\n" \
     "$(ip -o addr show dev eth0 | grep -c " 192.0.2.1/24 ")" "$(cat /sys/class/net/eth0/address)" \
-    "$(cat /proc/sys/net/netfilter/nf_conntrack_tcp_loose)" "$(cat /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal)"'
+    "$(cat /proc/sys/net/netfilter/nf_conntrack_tcp_loose)" "$(cat /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal)" \
+    "$(cat /proc/sys/net/ipv4/conf/eth1/rp_filter)"'
 }
+rp_of() { sed -n 's/.* rp=\([^ ]*\).*/\1/p' <<<"$1"; }
 role() { in_ctr tdscctl --socket /run/tdsc/tdscd.sock status --json 2>/dev/null | sed -n 's/.*"role": *"\([a-z]*\)".*/\1/p'; }
 wait_role() {
   for _ in $(seq 100); do [ "$(role)" = "$1" ] && return 0; sleep 0.1; done
@@ -214,7 +217,11 @@ check "the journal has the safe-rules unit's line" bash -c '
   "$0" exec "$1" journalctl -u tdsc-safe-rules --no-pager | grep -q "member ruleset installed (safe state)"' "$docker" "$ctr"
 running=$(host_view)
 check "tdscd added the VIP and set the MAC and sysctls: $running" \
-  bash -c '[[ "$0" == "vip=1 mac=02:bf:c0:00:02:01 loose=0 liberal=1" ]]' "$running"
+  bash -c '[[ "$0" == "vip=1 mac=02:bf:c0:00:02:01 loose=0 liberal=1 rp=1" ]]' "$running"
+check "Type=notify: active only after READY=1, with a watchdog" bash -c '
+  [ "$("$0" exec "$1" systemctl show -p Type --value tdscd.service)" = notify ] &&
+  [ "$("$0" exec "$1" systemctl show -p WatchdogUSec --value tdscd.service)" != 0 ] &&
+  "$0" exec "$1" journalctl -u tdscd --no-pager | grep -q "systemd watchdog fed"' "$docker" "$ctr"
 
 echo "== restart, SIGKILL"
 pid0=$(mainpid)
@@ -239,6 +246,24 @@ check "ExecStopPost= undid the killed daemon's host changes from its record" bas
 after_kill=$(host_view)
 check "after the SIGKILL and restart: VIP, MAC and sysctls as while running" test "$after_kill" = "$running"
 
+echo "== watchdog: a daemon that stops making progress is restarted"
+wait_role master >/dev/null || true
+pid2=$(mainpid)
+# SIGSTOP freezes every thread, the watchdog feeder's too: no WATCHDOG=1 any more. systemd
+# aborts it after WatchdogSec= (SIGABRT is held while stopped; SIGKILL after TimeoutAbortSec=).
+check "kill -STOP the daemon" in_ctr kill -STOP "$pid2"
+restarted_slowly() {
+  for _ in $(seq 600); do
+    p=$(mainpid); [ "$p" != 0 ] && [ "$p" != "$1" ] && in_ctr systemctl is-active -q tdscd.service && return 0
+    sleep 0.1
+  done
+  return 1
+}
+check "the watchdog timed out and Restart=on-failure brought it back" restarted_slowly "$pid2"
+check "the journal shows the watchdog timeout" bash -c '
+  "$0" exec "$1" journalctl -u tdscd --no-pager | grep -qi "watchdog timeout"' "$docker" "$ctr"
+check "back to its role after the watchdog restart: master" wait_role master
+
 echo "== stop"
 check "systemctl stop tdscd" in_ctr systemctl stop tdscd.service
 stopped=$(host_view)
@@ -248,7 +273,8 @@ check "VIP gone after crash, restart and stop: $stopped" bash -c '[[ "$0" == vip
 mac_of() { sed -n 's/.* mac=\([^ ]*\).*/\1/p' <<<"$1"; }
 check "eth0 has its MAC from before tdscd again ($(mac_of "$before"))" \
   test "$(mac_of "$stopped")" = "$(mac_of "$before")"
-check "sysctls as the safe-rules unit left them (0, 1)" bash -c '[[ "$0" == *"loose=0 liberal=1" ]]' "$stopped"
+check "sysctls as the safe-rules unit left them (0, 1), rp_filter as before tdscd ($(rp_of "$before"))" \
+  bash -c '[[ "$0" == *"loose=0 liberal=1 rp=$1" ]]' "$stopped" "$(rp_of "$before")"
 check "no host state record left" in_ctr test ! -e /run/tdsc/host.state
 check "member rules left in place (the safe state)" bash -c '
   r=$("$0" exec "$1" nft list table inet tdsc) && grep -q "drop" <<<"$r" && ! grep -q "queue" <<<"$r"' "$docker" "$ctr"

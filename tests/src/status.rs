@@ -67,6 +67,9 @@ pub struct NodeStatus {
     pub id: u32,
     pub address: String,
     pub alive: bool,
+    /// The node whose status this is.
+    #[serde(rename = "self")]
+    pub is_self: bool,
     pub connections: u64,
     pub draining: bool,
     pub weight: u32,
@@ -95,6 +98,16 @@ pub struct Counters {
     pub cluster_dropped: ClusterDropped,
     /// Drops outside the daemon's own code (NFQUEUE overruns, the ruleset's drop rules).
     pub drops: Drops,
+    /// What the control socket refused.
+    pub control: ControlRefused,
+}
+
+/// `counters.control` of `tdscctl status --json`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlRefused {
+    pub oversize: u64,
+    pub over_cap: u64,
 }
 
 /// `counters.cluster_dropped` of `tdscctl status --json`.
@@ -121,6 +134,8 @@ pub struct Drops {
     pub not_owned_out: u64,
     pub untracked_in: u64,
     pub untracked_out: u64,
+    pub control_port_foreign: u64,
+    pub control_port_local: u64,
     pub listen_overflows: u64,
     pub listen_drops: u64,
     pub conntrack_insert_failed: u64,

@@ -290,3 +290,109 @@ fn weights_change_the_split_at_run_time() -> anyhow::Result<()> {
     cluster.check_daemons()?;
     teardown(cluster)
 }
+
+/// The control socket's limits on a running node: with 16 sessions open a 17th connection
+/// gets an error line and is closed; a request line over 4096 bytes gets an error reply and
+/// its session is closed; both are counted in `status`, and the node serves on (a normal
+/// request on a fresh session is answered).
+#[test]
+fn the_control_socket_caps_sessions_and_request_size() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("the_control_socket_caps_sessions_and_request_size") else {
+        return Ok(());
+    };
+    let cluster = start("round-robin")?;
+    let result = control_limits(&cluster);
+    let torn = teardown(cluster);
+    result.and(torn)
+}
+
+/// Reads one reply line (or what came before EOF) with a timeout.
+fn reply_line(s: &mut std::os::unix::net::UnixStream) -> anyhow::Result<String> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b)? == 1 {
+        if b[0] == b'\n' {
+            break;
+        }
+        out.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn control_limits(cluster: &Cluster) -> anyhow::Result<()> {
+    use std::os::unix::net::UnixStream;
+    let node = &cluster.nodes()[0];
+    let before = cluster.status(&node.name)?.counters.control;
+
+    // 16 idle sessions: each answers a status request, so each is being served.
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        let mut s = UnixStream::connect(&node.socket).context("connect")?;
+        s.write_all(b"{\"cmd\":\"status\"}\n")?;
+        let line = reply_line(&mut s)?;
+        ensure!(line.contains("\"node_id\""), "not a status reply: {line}");
+        open.push(s);
+    }
+    let mut extra = UnixStream::connect(&node.socket)?;
+    let refused = reply_line(&mut extra)
+        .context("the 17th session got no reply within 5 s: it was not refused")?;
+    ensure!(
+        refused.contains("too many control sessions"),
+        "the 17th session was not refused: {refused:?}"
+    );
+    let mut rest = Vec::new();
+    extra.set_read_timeout(Some(Duration::from_secs(5)))?;
+    ensure!(
+        extra.read_to_end(&mut rest)? == 0,
+        "the 17th session stays open"
+    );
+    drop(open);
+
+    // An over-size request: an error, then EOF. The 16 sessions end as the daemon reads
+    // their EOF; until it has, a new connection is still refused for the cap (and counted).
+    let mut line = vec![b' '; 5000];
+    line.push(b'\n');
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (mut big, reply) = loop {
+        let mut big = UnixStream::connect(&node.socket)?;
+        // The daemon may close before it has read everything: a broken pipe is fine.
+        let _ = big.write_all(&line);
+        let reply = reply_line(&mut big)?;
+        if !reply.contains("too many control sessions") {
+            break (big, reply);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the ended sessions were not reaped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        reply.contains("request longer than 4096 bytes"),
+        "over-size request not refused: {reply:?}"
+    );
+    rest.clear();
+    ensure!(
+        big.read_to_end(&mut rest).unwrap_or(0) == 0,
+        "session stays open after it"
+    );
+
+    // Counted, and the socket serves on (sessions are reaped as they end).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        if let Ok(s) = cluster.status(&node.name) {
+            break s.counters.control;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "status not answered after the limits"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        after.over_cap > before.over_cap && after.oversize == before.oversize + 1,
+        "control counters {before:?} -> {after:?}"
+    );
+    Ok(())
+}

@@ -572,7 +572,8 @@ fn connect_loop(vip: SocketAddrV4, n: u64, abortive: bool, stop: &AtomicBool) ->
             Err(e) => {
                 t.connect_failures += 1;
                 if t.sample_errors.len() < 5 {
-                    t.sample_errors.push(format!("connect, after {took:?}: {e}"));
+                    t.sample_errors
+                        .push(format!("connect, after {took:?}: {e}"));
                 }
                 continue;
             }
@@ -912,8 +913,7 @@ fn nat_phase(
 /// 1 s), so connects may be slow and a few may time out; those are printed. A connection that
 /// completed its handshake must never fail, and no client may receive an RST.
 #[test]
-fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> anyhow::Result<()>
-{
+fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> anyhow::Result<()> {
     let Some(_lock) = exclusive_lab("nat_like_and_stress_loads_across_a_sigkill_failover") else {
         return Ok(());
     };
@@ -940,7 +940,9 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
         .into_iter()
         .map(|abortive| {
             let stop = stop.clone();
-            netns::spawn_in(&clients[1], move || connect_loop(vip, u64::MAX, abortive, &stop))
+            netns::spawn_in(&clients[1], move || {
+                connect_loop(vip, u64::MAX, abortive, &stop)
+            })
         })
         .collect();
     std::thread::sleep(Duration::from_secs(3));
@@ -954,7 +956,9 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
         .and_then(|n| Ok(cluster.wait_liveness(&n.name, old.id, false)?));
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
-    let nat = nat.join().map_err(|_| anyhow::anyhow!("NAT load panicked"))??;
+    let nat = nat
+        .join()
+        .map_err(|_| anyhow::anyhow!("NAT load panicked"))??;
     let mut tallies = Vec::new();
     for h in loops {
         tallies.push(h.join().map_err(|_| anyhow::anyhow!("loop panicked"))??);

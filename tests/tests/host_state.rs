@@ -24,6 +24,8 @@ const VIP: &str = "192.0.2.1/24";
 const CLUSTER_MAC: &str = "02:bf:c0:00:02:01";
 const LOOSE: &str = "net/netfilter/nf_conntrack_tcp_loose";
 const LIBERAL: &str = "net/netfilter/nf_conntrack_tcp_be_liberal";
+/// The cluster interface's reverse-path filter (the lab's cluster interface is `eth1`).
+const RP_FILTER: &str = "net/ipv4/conf/eth1/rp_filter";
 
 /// What the host state tests look at on a node's client interface and in its sysctls.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,7 @@ struct HostView {
     mac: String,
     loose: String,
     liberal: String,
+    rp_filter: String,
 }
 
 fn view(ns: &str) -> anyhow::Result<HostView> {
@@ -47,6 +50,7 @@ fn view(ns: &str) -> anyhow::Result<HostView> {
         mac: mac.trim().to_owned(),
         loose: sysctl(LOOSE)?,
         liberal: sysctl(LIBERAL)?,
+        rp_filter: sysctl(RP_FILTER)?,
     })
 }
 
@@ -63,6 +67,7 @@ fn lab(prefix: &str) -> anyhow::Result<Cluster> {
         let ns = cluster.netns(&n.name);
         netns::sysctl(&ns, &LOOSE.replace('/', "."), "1")?;
         netns::sysctl(&ns, &LIBERAL.replace('/', "."), "0")?;
+        netns::sysctl(&ns, &RP_FILTER.replace('/', "."), "0")?;
     }
     Ok(cluster)
 }
@@ -86,6 +91,7 @@ fn start_and_check(cluster: &mut Cluster, node: &str, before: &HostView) -> anyh
                 mac: CLUSTER_MAC.into(),
                 loose: "0".into(),
                 liberal: "1".into(),
+                rp_filter: "1".into(),
             },
         "{node} while tdscd runs (before it: {before:?}): {during:?}"
     );

@@ -110,6 +110,19 @@ pub struct Counters {
     /// Packets dropped on the way that the daemon can see but never handled itself.
     #[serde(default)]
     pub drops: Drops,
+    /// What the control socket refused.
+    #[serde(default)]
+    pub control: ControlRefused,
+}
+
+/// Requests and sessions the control socket refused (`crate::admin::server`'s limits).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlRefused {
+    /// Request lines longer than the limit (the session was closed).
+    pub oversize: u64,
+    /// Connections refused because the session cap was reached.
+    pub over_cap: u64,
 }
 
 /// Cluster-socket datagrams refused by the bus, by reason (`tdscd::cluster::bus::DropReason`).
@@ -153,6 +166,11 @@ pub struct Drops {
     pub untracked_in: u64,
     /// Ruleset: segments from the VIP without a conntrack entry.
     pub untracked_out: u64,
+    /// Ruleset: datagrams to the cluster port not from a member over the cluster interface
+    /// (from a non-member address, another interface, another source port).
+    pub control_port_foreign: u64,
+    /// Ruleset: datagrams to the cluster port a local process other than the daemon sent.
+    pub control_port_local: u64,
     /// This namespace's TCP: SYNs or handshake ACKs dropped because a listener's accept
     /// queue was full (`TcpExtListenOverflows` in `/proc/net/netstat`).
     pub listen_overflows: u64,

@@ -1,10 +1,10 @@
 //! The node-local control socket (Unix stream, JSON lines). See [`crate::admin::protocol`].
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::admin::protocol::{ClusterDropped, NodeStatus, Rejected, Reply, Request, Status};
@@ -45,6 +45,71 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     UnixListener::bind(path).map_err(err)
 }
 
+/// The longest request line accepted, newline excluded. The longest real request (`node add`
+/// with an IPv6 address) is under 150 bytes; a longer line is refused, counted, and its
+/// session closed, so a client cannot make the daemon buffer without bound.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// Sessions served at once. One more is answered with an error line, counted and closed at
+/// once: `tdscctl` opens one per command, so this is far above any operator's use, and
+/// bounds what a stuck or hostile local client can hold.
+pub const MAX_SESSIONS: usize = 16;
+
+/// Requests and sessions the control socket refused, shown in `status` (`counters.control`).
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    /// Request lines over [`MAX_REQUEST_BYTES`].
+    pub oversize: AtomicU64,
+    /// Connections refused because [`MAX_SESSIONS`] were open.
+    pub over_cap: AtomicU64,
+}
+
+/// One request line read under the size cap.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line, without its newline (the last one may lack it).
+    Request(String),
+    /// End of stream.
+    End,
+    /// More than [`MAX_REQUEST_BYTES`] before a newline.
+    Oversize,
+}
+
+/// Reads one line into `buf` (kept by the caller, so that a cancelled read loses nothing:
+/// `read_until` appends what it got), reading at most `max + 1` bytes of it.
+async fn read_line(
+    r: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Line> {
+    loop {
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            let line = String::from_utf8(std::mem::take(buf))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            return Ok(Line::Request(line));
+        }
+        if buf.len() > max {
+            return Ok(Line::Oversize);
+        }
+        let room = u64::try_from(max + 1 - buf.len()).unwrap_or(u64::MAX);
+        let n = (&mut *r).take(room).read_until(b'\n', buf).await?;
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(Line::End);
+            }
+            // A last line without its newline, as `lines()` takes it.
+            buf.push(b'\n');
+        }
+    }
+}
+
+/// Joins the sessions that have ended; returns how many are left.
+fn reap(sessions: &mut tokio::task::JoinSet<()>) -> usize {
+    while sessions.try_join_next().is_some() {}
+    sessions.len()
+}
+
 /// Serves until `shutdown`: then stops accepting, and waits for the sessions, which see the
 /// same signal and end after the request in hand (the owner's bounded wait covers them).
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut shutdown: Shutdown) {
@@ -52,6 +117,15 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut shutdown: Sh
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // Sessions that have ended but were not reaped yet do not count.
+                Ok((stream, _)) if reap(&mut sessions) >= MAX_SESSIONS => {
+                    let n = shared.control.over_cap.fetch_add(1, Relaxed) + 1;
+                    tracing::warn!(sessions = MAX_SESSIONS, refused = n, "control socket: too many sessions; connection refused");
+                    // Never wait on this client: one non-blocking write, then close.
+                    let _ = stream.try_write(&error_line(&format!(
+                        "too many control sessions (at most {MAX_SESSIONS} at once); try again"
+                    )));
+                }
                 Ok((stream, _)) => {
                     let shared = shared.clone();
                     let shutdown = shutdown.clone();
@@ -81,14 +155,31 @@ async fn session(
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
     loop {
-        // `next_line` is cancel-safe: a stop between lines loses nothing.
+        // Cancel-safe: a stop mid-line leaves the bytes read so far in `buf`.
         let line = tokio::select! {
-            l = lines.next_line() => l?,
+            l = read_line(&mut reader, &mut buf, MAX_REQUEST_BYTES) => l?,
             () = shutdown.requested() => return Ok(()),
         };
-        let Some(line) = line else { return Ok(()) };
+        let line = match line {
+            Line::Request(l) => l,
+            Line::End => return Ok(()),
+            Line::Oversize => {
+                let n = shared.control.oversize.fetch_add(1, Relaxed) + 1;
+                tracing::warn!(
+                    limit = MAX_REQUEST_BYTES,
+                    refused = n,
+                    "control socket: request over the size limit; session closed"
+                );
+                let reply = error_line(&format!(
+                    "request longer than {MAX_REQUEST_BYTES} bytes; session closed"
+                ));
+                w.write_all(&reply).await?;
+                return Ok(());
+            }
+        };
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
             Ok(Request::PolicySet { policy }) if shared.raft_requests.is_some() => {
@@ -115,6 +206,16 @@ async fn session(
         out.push(b'\n');
         w.write_all(&out).await?;
     }
+}
+
+/// An error reply as one line.
+fn error_line(error: &str) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Reply::Error {
+        error: error.to_owned(),
+    })
+    .unwrap_or_default();
+    out.push(b'\n');
+    out
 }
 
 /// Parses a policy name, or says which names there are.
@@ -306,6 +407,10 @@ pub fn status(s: &Shared) -> Status {
             reports_received: s.reports.received.load(Relaxed),
             reports_rejected: s.reports.rejected.load(Relaxed),
             cluster_dropped: cluster_dropped(&s.reports.drops),
+            control: crate::admin::protocol::ControlRefused {
+                oversize: s.control.oversize.load(Relaxed),
+                over_cap: s.control.over_cap.load(Relaxed),
+            },
             drops: drops(s),
         },
         records: records_status(s),
@@ -342,6 +447,8 @@ fn drops(s: &Shared) -> crate::admin::protocol::Drops {
         not_owned_out: r.not_owned_out,
         untracked_in: r.untracked_in,
         untracked_out: r.untracked_out,
+        control_port_foreign: r.control_port_foreign,
+        control_port_local: r.control_port_local,
     }
 }
 
@@ -424,7 +531,73 @@ fn cluster_dropped(d: &crate::cluster::counters::ClusterDropCounters) -> Cluster
 
 #[cfg(test)]
 mod tests {
-    use super::{conntrack_stat, queue_drops, snmp_value};
+    use super::{conntrack_stat, queue_drops, read_line, snmp_value, Line, MAX_REQUEST_BYTES};
+    use tokio::io::{AsyncWriteExt, BufReader};
+
+    async fn lines(input: &[u8], max: usize) -> Vec<Line> {
+        let mut r = BufReader::new(input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            let l = read_line(&mut r, &mut buf, max).await.unwrap();
+            let stop = matches!(l, Line::End | Line::Oversize);
+            out.push(l);
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_up_to_the_limit_pass_and_one_byte_more_does_not() {
+        let at = format!("{}\n", "a".repeat(8));
+        assert_eq!(
+            lines(at.as_bytes(), 8).await,
+            vec![Line::Request("a".repeat(8)), Line::End]
+        );
+        let over = format!("{}\n", "a".repeat(9));
+        assert_eq!(lines(over.as_bytes(), 8).await, vec![Line::Oversize]);
+        // No newline at all: refused once the limit is passed, not buffered for ever.
+        let endless = vec![b'{'; 100_000];
+        assert_eq!(
+            lines(&endless, MAX_REQUEST_BYTES).await,
+            vec![Line::Oversize]
+        );
+    }
+
+    #[tokio::test]
+    async fn several_lines_and_a_last_one_without_newline() {
+        assert_eq!(
+            lines(b"{\"cmd\":\"status\"}\nab\nlast", 64).await,
+            vec![
+                Line::Request("{\"cmd\":\"status\"}".into()),
+                Line::Request("ab".into()),
+                Line::Request("last".into()),
+                Line::End
+            ]
+        );
+    }
+
+    /// A line that arrives in pieces is put together, and the cap counts all its pieces.
+    #[tokio::test]
+    async fn a_line_in_pieces_is_capped_as_a_whole() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut r = BufReader::new(server);
+        let mut buf = Vec::new();
+        client.write_all(b"aaaa").await.unwrap();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            read_line(&mut r, &mut buf, 6),
+        )
+        .await;
+        assert!(read.is_err(), "no line yet");
+        assert_eq!(buf, b"aaaa", "the bytes read before the cancel are kept");
+        client.write_all(b"aaa\n").await.unwrap();
+        assert_eq!(
+            read_line(&mut r, &mut buf, 6).await.unwrap(),
+            Line::Oversize
+        );
+    }
 
     #[test]
     fn proc_counters_are_read_by_name() {

@@ -181,9 +181,13 @@ fn print_table(s: &Status) {
             "  nothing from the cluster opens with this node's key: check [cluster] key_file is the cluster's key"
         );
     }
+    println!(
+        "control socket refused: oversize requests {}  sessions over the cap {}",
+        c.control.oversize, c.control.over_cap
+    );
     let d = &c.drops;
     println!(
-        "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}",
+        "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}  cluster-port foreign {} local {}",
         d.queue_kernel,
         d.queue_user,
         d.listen_overflows,
@@ -193,7 +197,9 @@ fn print_table(s: &Status) {
         d.not_owned_in,
         d.not_owned_out,
         d.untracked_in,
-        d.untracked_out
+        d.untracked_out,
+        d.control_port_foreign,
+        d.control_port_local
     );
     let rec = &s.records;
     println!(

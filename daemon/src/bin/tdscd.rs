@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    log_panics();
     // Removing our tables needs nothing from the configuration, so a broken or missing file
     // never keeps them in the kernel (package removal runs this).
     if args.remove_rules {
@@ -134,6 +135,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Every panic, in any thread, is logged as one error line naming the thread and the place
+/// before the default hook runs. In a release build (`panic = "abort"`) the process then
+/// aborts, and systemd restarts it; in a debug build the supervisor stops the node.
+fn log_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            location = info.location().map(ToString::to_string).unwrap_or_default(),
+            "panic: {message}; the daemon stops (systemd restarts it)"
+        );
+        default(info);
+    }));
 }
 
 /// Undoes what a tdscd that did not stop cleanly recorded in its host state file; false (after

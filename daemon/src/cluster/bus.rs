@@ -99,6 +99,13 @@ impl ClusterSocket {
         Ok(Self::new(sock, node_id, keyring, unix_nanos()))
     }
 
+    /// `SO_BINDTODEVICE`: the socket receives only what arrived on `interface` and sends only
+    /// through it, whatever the routing table says (the ruleset checks the same on input;
+    /// this is the socket's own half).
+    pub fn bind_device(&self, interface: &[u8]) -> std::io::Result<()> {
+        self.sock.bind_device(Some(interface))
+    }
+
     /// A cluster socket over `sock` whose first counter is `first_counter`.
     fn new(sock: UdpSocket, node_id: u32, keyring: Keyring, first_counter: u64) -> Self {
         Self {

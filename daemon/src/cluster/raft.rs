@@ -233,6 +233,8 @@ pub struct RaftTask {
     pending: Option<Pending>,
     ticks: u64,
     records: Option<RecordsLink>,
+    /// See [`RaftLinks::heartbeat`].
+    heartbeat: Arc<crate::watchdog::Heartbeat>,
 }
 
 /// What the Raft task talks through and writes to.
@@ -247,6 +249,8 @@ pub struct RaftLinks {
     pub signal: Arc<RoleSignal>,
     /// The term and the lease: this task is their only writer.
     pub election: ElectionWriter,
+    /// Beaten on every tick, for the watchdog (`crate::watchdog`).
+    pub heartbeat: Arc<crate::watchdog::Heartbeat>,
 }
 
 /// What the Raft task needs to replicate SYN-forward records.
@@ -278,6 +282,7 @@ impl RaftTask {
             inbox,
             signal,
             election,
+            heartbeat,
         } = links;
         let (node_id, nodes, port) = (cfg.node_id, &cfg.nodes[..], cfg.control_port);
         std::fs::create_dir_all(data_dir).map_err(|source| RaftTaskError::DataDir {
@@ -354,6 +359,7 @@ impl RaftTask {
             membership: None,
             pending: None,
             ticks: 0,
+            heartbeat,
             records: None,
         })
     }
@@ -466,6 +472,7 @@ impl RaftTask {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    self.heartbeat.beat(self.election.cell().now_ms());
                     self.ticks += 1;
                     self.core.tick(self.election.cell().now_ms());
                     self.propose_records();

@@ -26,6 +26,7 @@ use crate::datapath::policy::Policy;
 use crate::datapath::rawsock::{Dest, RawSocket};
 use crate::datapath::syn_path::{SynPath, Verdict as SynVerdict};
 use crate::shutdown::StopFlag;
+use crate::watchdog::Heartbeat;
 
 /// Commands for the master thread.
 #[derive(Debug)]
@@ -59,6 +60,7 @@ pub struct MasterPath {
     counters: Arc<Counters>,
     role: Arc<RoleCell>,
     commands: Receiver<MasterCommand>,
+    heartbeat: Arc<Heartbeat>,
     dests: Vec<Option<Dest>>,
     socket_v4: Option<RawSocket>,
     socket_v6: Option<RawSocket>,
@@ -89,6 +91,9 @@ pub struct MasterLinks {
     /// Policy switches and adoptions; polled before each SYN.
     pub commands: Receiver<MasterCommand>,
     pub dispatcher: Dispatcher,
+    /// This thread's progress, for the watchdog (`crate::watchdog`): waiting before each
+    /// receive, a beat after each verdict.
+    pub heartbeat: Arc<Heartbeat>,
 }
 
 impl MasterPath {
@@ -100,6 +105,7 @@ impl MasterPath {
             role,
             commands,
             dispatcher,
+            heartbeat,
         } = links;
         let (queue_num, vip, ports, self_id) =
             (cfg.queue_num, cfg.vip, cfg.tcp_ports.clone(), cfg.node_id);
@@ -149,6 +155,7 @@ impl MasterPath {
             counters,
             role,
             commands,
+            heartbeat,
             dests,
             socket_v4,
             socket_v6,
@@ -165,6 +172,7 @@ impl MasterPath {
     pub fn run(mut self, stop: &StopFlag) {
         tracing::info!(queue = self.queue_num, "master path ready");
         while !stop.is_set() {
+            self.heartbeat.waiting(self.role.now_ms());
             let mut msg = match self.queue.recv() {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -190,6 +198,7 @@ impl MasterPath {
             if let Err(e) = self.queue.verdict(msg) {
                 tracing::warn!(error = %e, "nfqueue verdict failed");
             }
+            self.heartbeat.beat(self.role.now_ms());
         }
     }
 

@@ -13,8 +13,8 @@ use crate::host::netlink::{
     align4, put_attr, Netlink, AF_INET, AF_INET6, NLM_F_CREATE, NLM_F_EXCL,
 };
 use crate::host::state::{
-    plan_resume, plan_undo, HostRecord, MacRecord, Observed, Plan, Restore, StateError, StateFile,
-    SysctlRecord, VipRecord, Wanted, MANAGED_SYSCTLS,
+    plan_resume, plan_undo, rp_filter_key, HostRecord, MacRecord, Observed, Plan, Restore,
+    StateError, StateFile, SysctlRecord, VipRecord, Wanted, MANAGED_SYSCTLS,
 };
 
 const RTM_NEWADDR: u16 = 20;
@@ -146,14 +146,20 @@ pub struct HostSetup {
 }
 
 /// The sysctls a node needs, and why.
-fn wanted_sysctls() -> [(&'static str, &'static str); 2] {
+fn wanted_sysctls(cfg: &Config) -> [(String, &'static str); 3] {
     [
         // A segment with no conntrack entry is another node's connection; with loose
         // pick-up off it is INVALID, and the ruleset drops it before TCP can answer with RST.
-        (MANAGED_SYSCTLS[0], "0"),
+        (MANAGED_SYSCTLS[0].to_owned(), "0"),
         // Window tracking must never make us drop segments of our own connections; the
         // ruleset relies on conntrack only for "is there an entry at all".
-        (MANAGED_SYSCTLS[1], "1"),
+        (MANAGED_SYSCTLS[1].to_owned(), "1"),
+        // Strict reverse-path filtering on the cluster interface: an IPv4 datagram whose
+        // source this host would not route back out of that interface is dropped before
+        // any rule sees it. The ruleset already accepts cluster traffic only there and
+        // only from members; this is the kernel's own check under it. Why strict is right
+        // for the cluster network (and where it is not): docs/design/control-port.md.
+        (rp_filter_key(&cfg.cluster_interface), "1"),
     ]
 }
 
@@ -167,9 +173,9 @@ fn wanted(cfg: &Config) -> Wanted {
             prefix_len: cfg.vip_prefix_len,
         },
         mac: cfg.cluster_mac.map(|m| (cfg.client_interface.clone(), m)),
-        sysctls: wanted_sysctls()
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        sysctls: wanted_sysctls(cfg)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_owned()))
             .collect(),
     }
 }

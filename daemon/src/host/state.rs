@@ -38,12 +38,30 @@ pub const DEFAULT_STATE_FILE: &str = "/run/tdsc/host.state";
 /// Version of the file layout; a file of another version is refused, not guessed at.
 const VERSION: u32 = 1;
 
-/// The sysctls tcp-dsc manages. A record naming any other key is refused: the record decides
-/// what is written under `/proc/sys`, so it may only name what the daemon itself would set.
+/// The global sysctls tcp-dsc manages; the other is the cluster interface's `rp_filter`
+/// ([`rp_filter_key`]). A record naming any other key is refused ([`is_managed`]): the record
+/// decides what is written under `/proc/sys`, so it may only name what the daemon itself
+/// would set.
 pub const MANAGED_SYSCTLS: [&str; 2] = [
     "net/netfilter/nf_conntrack_tcp_loose",
     "net/netfilter/nf_conntrack_tcp_be_liberal",
 ];
+
+/// The reverse-path filter of interface `ifname` (IPv4 only; see docs/design/control-port.md).
+pub fn rp_filter_key(ifname: &str) -> String {
+    format!("net/ipv4/conf/{ifname}/rp_filter")
+}
+
+/// Whether `key` is a sysctl tcp-dsc may set: one of [`MANAGED_SYSCTLS`], or the
+/// `rp_filter` of a valid interface name (`all` and `default` are not interfaces it sets).
+pub fn is_managed(key: &str) -> bool {
+    if MANAGED_SYSCTLS.contains(&key) {
+        return true;
+    }
+    key.strip_prefix("net/ipv4/conf/")
+        .and_then(|rest| rest.strip_suffix("/rp_filter"))
+        .is_some_and(|name| valid_ifname(name) && name != "all" && name != "default")
+}
 
 /// What tcp-dsc changed and has not undone yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -158,7 +176,7 @@ impl HostRecord {
             ));
         }
         for s in &disk.sysctls {
-            if !MANAGED_SYSCTLS.contains(&s.key.as_str()) {
+            if !is_managed(&s.key) {
                 return Err(format!("sysctl {:?} is not one tcp-dsc manages", s.key));
             }
         }
@@ -558,6 +576,24 @@ mod tests {
             vip: vip(),
             mac: Some(("eth0".into(), CLUSTER)),
             sysctls: vec![(LOOSE.into(), "0".into()), (LIBERAL.into(), "1".into())],
+        }
+    }
+
+    #[test]
+    fn only_managed_sysctls_are_accepted() {
+        assert!(is_managed(LOOSE) && is_managed(LIBERAL));
+        assert!(is_managed(&rp_filter_key("eth1")));
+        assert!(is_managed(&rp_filter_key("eth0.100")));
+        for bad in [
+            "net/ipv4/conf/all/rp_filter",
+            "net/ipv4/conf/default/rp_filter",
+            "net/ipv4/conf/../rp_filter",
+            "net/ipv4/conf/a/b/rp_filter",
+            "net/ipv4/conf//rp_filter",
+            "net/ipv4/conf/eth1/forwarding",
+            "kernel/core_pattern",
+        ] {
+            assert!(!is_managed(bad), "{bad}");
         }
     }
 

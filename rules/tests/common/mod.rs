@@ -24,6 +24,8 @@ pub fn spec_v4() -> ClusterSpec {
             .map(|n| IpAddr::V4(Ipv4Addr::new(198, 51, 100, n)))
             .collect(),
         queue_num: 0,
+        control_port: 7400,
+        former_members: vec![],
         egress_mac: Some(MEMBER_MAC),
         static_hash: StaticHash {
             index: 1,
