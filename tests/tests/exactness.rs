@@ -634,6 +634,54 @@ struct WireTally {
     samples: Vec<String>,
 }
 
+/// Captures what a client namespace receives from `vip` on eth0 until `stop`, judging every
+/// segment against the node that sent the port's last SYN/ACK (see [`WireTally`]).
+fn capture_wire(
+    ns: &str,
+    vip_ip: std::net::Ipv4Addr,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<std::io::Result<WireTally>, netns::NetnsError>> {
+    let stop = stop.clone();
+    netns::spawn_in(ns, move || -> std::io::Result<WireTally> {
+        let cap = Capture::open("eth0", Duration::from_millis(50))?;
+        // A lost SYN/ACK would leave a port's previous owner on record.
+        cap.set_recv_buffer(64 << 20)?;
+        let mut owner: std::collections::HashMap<u16, [u8; 6]> = Default::default();
+        let mut t = WireTally::default();
+        let mut buf = vec![0u8; 4096];
+        while !stop.load(Ordering::Relaxed) {
+            let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) else {
+                continue;
+            };
+            if f.src != vip_ip {
+                continue;
+            }
+            t.frames += 1;
+            if f.is_syn_ack() {
+                owner.insert(f.dport, f.src_mac);
+                continue;
+            }
+            let rst = f.flags & flags::RST != 0;
+            let other = owner.get(&f.dport).is_none_or(|m| *m != f.src_mac);
+            t.owner_rsts += u64::from(rst && !other);
+            if other {
+                t.foreign += 1;
+                if t.samples.len() < 10 {
+                    t.samples.push(format!(
+                        "port {} from {} {} seq {} ack {}",
+                        f.dport,
+                        packet::mac_string(&f.src_mac),
+                        flag_names(f.flags),
+                        f.seq,
+                        f.ack
+                    ));
+                }
+            }
+        }
+        Ok(t)
+    })
+}
+
 /// Steady state, no failover: 20,000 sequential connects with abortive close from client1 and
 /// 20,000 with graceful close from client2 at the same time. Ephemeral ports are reused after
 /// about 14,000 connects (Linux steps the port by 2 over 32768–60999), so every stale state of
@@ -662,48 +710,7 @@ fn stress_20000_abortive_and_20000_graceful_connects() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let captures: Vec<_> = clients
         .iter()
-        .map(|ns| {
-            let stop = stop.clone();
-            let vip_ip = *vip.ip();
-            netns::spawn_in(ns, move || -> std::io::Result<WireTally> {
-                let cap = Capture::open("eth0", Duration::from_millis(50))?;
-                // A lost SYN/ACK would leave a port's previous owner on record.
-                cap.set_recv_buffer(64 << 20)?;
-                let mut owner: std::collections::HashMap<u16, [u8; 6]> = Default::default();
-                let mut t = WireTally::default();
-                let mut buf = vec![0u8; 4096];
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) else {
-                        continue;
-                    };
-                    if f.src != vip_ip {
-                        continue;
-                    }
-                    t.frames += 1;
-                    if f.is_syn_ack() {
-                        owner.insert(f.dport, f.src_mac);
-                        continue;
-                    }
-                    let rst = f.flags & flags::RST != 0;
-                    let other = owner.get(&f.dport).is_none_or(|m| *m != f.src_mac);
-                    t.owner_rsts += u64::from(rst && !other);
-                    if other {
-                        t.foreign += 1;
-                        if t.samples.len() < 10 {
-                            t.samples.push(format!(
-                                "port {} from {} {} seq {} ack {}",
-                                f.dport,
-                                packet::mac_string(&f.src_mac),
-                                flag_names(f.flags),
-                                f.seq,
-                                f.ack
-                            ));
-                        }
-                    }
-                }
-                Ok(t)
-            })
-        })
+        .map(|ns| capture_wire(ns, *vip.ip(), &stop))
         .collect();
     std::thread::sleep(Duration::from_millis(100));
     let start = Instant::now();
@@ -911,7 +918,8 @@ fn nat_phase(
 /// Raft lab while the master's daemon is killed (SIGKILL) and a new master takes over. During
 /// the takeover connects wait (a SYN the dead master queued is lost and retransmitted after
 /// 1 s), so connects may be slow and a few may time out; those are printed. A connection that
-/// completed its handshake must never fail, and no client may receive an RST.
+/// completed its handshake must never fail, no node but a connection's owner may send a client
+/// anything, and the NAT-like client (graceful closes only) receives no RST at all.
 #[test]
 fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> anyhow::Result<()> {
     let Some(_lock) = exclusive_lab("nat_like_and_stress_loads_across_a_sigkill_failover") else {
@@ -926,11 +934,14 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
     .context("start the raft cluster")?;
     let clients = cluster.client_namespaces();
     ensure!(clients.len() == 2, "two clients: {clients:?}");
-    for ns in &clients {
-        tdsc_lab::nft::install_client_probe(ns)?;
-    }
     let vip = cluster.vip();
     let old = cluster.master()?.clone();
+    let stop_capture = Arc::new(AtomicBool::new(false));
+    let captures: Vec<_> = clients
+        .iter()
+        .map(|ns| capture_wire(ns, *vip.ip(), &stop_capture))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
     let stop = Arc::new(AtomicBool::new(false));
     let nat = {
         let (client, stop) = (clients[0].clone(), stop.clone());
@@ -963,14 +974,22 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
     for h in loops {
         tallies.push(h.join().map_err(|_| anyhow::anyhow!("loop panicked"))??);
     }
-    let rsts = tdsc_lab::nft::clients_counters(&clients)?.0;
+    std::thread::sleep(Duration::from_millis(300));
+    stop_capture.store(true, Ordering::Relaxed);
+    let mut wire = Vec::new();
+    for h in captures {
+        wire.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("capture panicked"))???,
+        );
+    }
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))?;
     let new = new?;
     settled?;
     eprintln!(
         "master {} killed, {} took over\nNAT-like: {} served, {} ports busy locally, \
          {} connects failed {:?}, {} connections failed {:?}\nabortive: {:?}\ngraceful: {:?}\n\
-         RSTs received by the clients: {rsts}",
+         wire: {wire:?}",
         old.name,
         new.name,
         nat.ok,
@@ -998,6 +1017,18 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
             t.sample_errors
         );
     }
-    ensure!(rsts == 0, "the clients received {rsts} RSTs");
+    for (w, ns) in wire.iter().zip(&clients) {
+        ensure!(
+            w.foreign == 0,
+            "{ns}: {} segments from a non-owner, e.g. {:?}",
+            w.foreign,
+            w.samples
+        );
+    }
+    ensure!(
+        wire[0].owner_rsts == 0,
+        "the NAT-like client (graceful closes only) received {} RSTs",
+        wire[0].owner_rsts
+    );
     Ok(())
 }
