@@ -88,15 +88,25 @@ fn flag_names(f: u8) -> String {
 /// Sets weight 1 on `to` and 0 on every other node (each on its own socket), then waits until
 /// the master's view shows exactly that.
 fn steer(cluster: &Cluster, to: &ClusterNode) -> anyhow::Result<()> {
-    for n in cluster.nodes() {
+    let master = cluster.master()?.clone();
+    steer_among(cluster, to, cluster.nodes(), &master)
+}
+
+/// [`steer`] among `nodes` only (the live ones), as `master` sees them.
+fn steer_among(
+    cluster: &Cluster,
+    to: &ClusterNode,
+    nodes: &[ClusterNode],
+    master: &ClusterNode,
+) -> anyhow::Result<()> {
+    for n in nodes {
         let w = if n.id == to.id { "1" } else { "0" };
         cluster.ctl(&n.name, &["weight", &n.id.to_string(), w])?;
     }
-    let master = cluster.master()?.clone();
     let start = Instant::now();
     loop {
         let st = cluster.status(&master.name)?;
-        let ok = cluster.nodes().iter().all(|n| {
+        let ok = nodes.iter().all(|n| {
             st.nodes
                 .iter()
                 .find(|s| s.id == n.id)
@@ -531,6 +541,171 @@ fn retransmitted_syn_while_the_first_holds_syn_recv() -> anyhow::Result<()> {
         Ending::SynAckLost,
         42400,
     )
+}
+
+/// The deterministic reuse across a failover, under Raft. Connection 1 from a fixed port is
+/// steered to the master A and ends one way, leaving A its stale state; then A's daemon is
+/// SIGKILLed (A's TCP stack and ruleset stay). Once a successor M dispatches, connection 2
+/// from the same port is steered to B, M itself for some endings and the remaining member for
+/// the others, and must complete, move data both ways and close with no segment from any node
+/// but B reaching the client. A's daemon is restarted before the next ending.
+#[test]
+fn reuse_of_a_killed_masters_ports_after_the_takeover() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("reuse_of_a_killed_masters_ports_after_the_takeover") else {
+        return Ok(());
+    };
+    let mut cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-exrf")),
+        policy: Some("round-robin".to_owned()),
+        raft: true,
+        ..ClusterOptions::default()
+    })
+    .context("start the raft cluster")?;
+    let client = cluster.client_namespaces()[0].clone();
+    netns::sysctl(&client, "net.ipv4.tcp_max_tw_buckets", "0")?;
+    let vip = cluster.vip();
+    let phase = Arc::new(AtomicU8::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let cap = {
+        let (phase, stop, seen) = (phase.clone(), stop.clone(), seen.clone());
+        let vip_ip = *vip.ip();
+        netns::spawn_in(&client, move || -> std::io::Result<()> {
+            let cap = Capture::open("eth0", Duration::from_millis(50))?;
+            let mut buf = vec![0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) {
+                    if f.src == vip_ip {
+                        seen.lock().expect("not poisoned").push(Seen {
+                            port: f.dport,
+                            phase: phase.load(Ordering::SeqCst),
+                            mac: packet::mac_string(&f.src_mac),
+                            flags: f.flags,
+                            seq: f.seq,
+                            ack: f.ack,
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let endings = [
+        Ending::ClientAbort,
+        Ending::ServerFin,
+        Ending::ServerFinResetLost,
+        Ending::ClientFin,
+    ];
+    let mut failures = Vec::new();
+    let run = |cluster: &mut Cluster, failures: &mut Vec<String>| -> anyhow::Result<()> {
+        for (k, ending) in endings.iter().copied().enumerate() {
+            let port = 42500 + u16::try_from(k).expect("4 endings");
+            let a = cluster
+                .wait_master(None, Duration::from_secs(5))
+                .context("a master")?;
+            steer_among(cluster, &a, cluster.nodes(), &a)?;
+            phase.store(1, Ordering::SeqCst);
+            if ending == Ending::ServerFinResetLost {
+                netns::exec(
+                    &client,
+                    "nft",
+                    [format!(
+                        "add table inet {LOST_TABLE}; \
+                         add chain inet {LOST_TABLE} out {{ type filter hook output priority -400; policy accept; }}; \
+                         add rule inet {LOST_TABLE} out tcp sport {port} tcp flags & rst == rst drop"
+                    )],
+                )?;
+            }
+            let first = netns::run_in(&client, || first_connection(vip, port, ending))?;
+            std::thread::sleep(Duration::from_millis(50));
+            if ending == Ending::ServerFinResetLost {
+                netns::exec(&client, "nft", [format!("delete table inet {LOST_TABLE}")])?;
+            }
+            let pair = format!("{ending:?} A={} port {port}", a.name);
+            match first {
+                Ok(id) if id == a.id => {}
+                other => {
+                    failures.push(format!("{pair}: connection 1 {other:?}, wanted {}", a.id));
+                    continue;
+                }
+            }
+            cluster.kill_daemon(&a.name)?;
+            let m = cluster
+                .wait_master(Some(&a.name), Duration::from_secs(5))
+                .context("no successor after SIGKILL")?;
+            cluster.wait_liveness(&m.name, a.id, false)?;
+            let live: Vec<ClusterNode> = cluster
+                .nodes()
+                .iter()
+                .filter(|n| n.id != a.id)
+                .cloned()
+                .collect();
+            let b = if k % 2 == 0 {
+                m.clone()
+            } else {
+                live.iter()
+                    .find(|n| n.id != m.id)
+                    .context("a third node")?
+                    .clone()
+            };
+            steer_among(cluster, &b, &live, &m)?;
+            phase.store(2, Ordering::SeqCst);
+            match netns::run_in(&client, || second_connection(vip, port, None))? {
+                Ok(id) if id == b.id => {}
+                other => failures.push(format!(
+                    "{pair} M={} B={}: connection 2 {other:?}, wanted {}",
+                    m.name, b.name, b.id
+                )),
+            }
+            std::thread::sleep(Duration::from_millis(150));
+            let mac_b = mac_of(&b, *vip.ip());
+            let foreign: Vec<String> = seen
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .filter(|s| s.port == port && s.phase == 2)
+                .filter(|s| s.mac != mac_b || s.flags & flags::RST != 0)
+                .map(|s| {
+                    format!(
+                        "{} {} seq {} ack {}",
+                        s.mac,
+                        flag_names(s.flags),
+                        s.seq,
+                        s.ack
+                    )
+                })
+                .collect();
+            if !foreign.is_empty() {
+                failures.push(format!(
+                    "{pair} M={} B={}: segments not from B ({mac_b}) or RSTs: {foreign:?}",
+                    m.name, b.name
+                ));
+            }
+            cluster.restart_daemon(&a.name, Duration::from_secs(15))?;
+            cluster.wait_liveness(&m.name, a.id, true)?;
+        }
+        Ok(())
+    };
+    let result = run(&mut cluster, &mut failures);
+    stop.store(true, Ordering::Relaxed);
+    let cap = cap.join();
+    let alive = result.and_then(|()| Ok(cluster.check_daemons()?));
+    cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))?;
+    alive?;
+    match cap {
+        Ok(Ok(Ok(()))) => {}
+        other => bail!("capture: {other:?}"),
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} endings failed:\n{}",
+            failures.len(),
+            endings.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
 }
 
 /// What one client's loop saw.
