@@ -598,6 +598,9 @@ impl<'a> Node<'a> {
         election: ElectionWriter,
     ) -> Result<Node<'a>, NodeError> {
         let w = Wiring::new(&cfg, role);
+        // One keyring for the cluster socket, the master path (tags forwards) and the member
+        // path (verifies them).
+        let keyring = Arc::new(keyring);
         let raft = matches!(cfg.election, ElectionMode::Raft { .. });
         // Every thread and task below is spawned under it: one that ends unasked, or
         // panics, ends the role loop (`Node::exits`).
@@ -610,6 +613,7 @@ impl<'a> Node<'a> {
                 view: w.view.clone(),
                 counters: w.counters.clone(),
                 role: w.role.clone(),
+                keyring: keyring.clone(),
             },
         )
         .map_err(NodeError::Member)?;
@@ -651,6 +655,7 @@ impl<'a> Node<'a> {
                 commands: w.master_commands_rx,
                 dispatcher,
                 heartbeat: w.queue_beat.clone(),
+                keyring: keyring.clone(),
             },
         )?;
         let master = ThreadHandle::spawn_interruptible("tdsc-master", &sup, move |stop| {

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use std::sync::Arc;
 
-use tdsc_proto::forward::MAX_HEADER_LEN;
+use tdsc_proto::forward::MAX_OVERHEAD;
+use tdsc_proto::seal::{Keyring, SendCounter, KEY_LEN};
 use tdscd::cluster::counters::Counters;
 use tdscd::cluster::role::RoleCell;
 use tdscd::cluster::view::{ClusterView, MemberSlot};
@@ -19,7 +20,7 @@ use tdscd::config::{Node, PolicyName};
 use tdscd::datapath::dispatch::Dispatcher;
 use tdscd::datapath::policy::build;
 use tdscd::datapath::records::SynRecords;
-use tdscd::datapath::syn_path::{SynPath, Verdict};
+use tdscd::datapath::syn_path::{Origin, SynPath, Verdict};
 
 /// The enum's variant count, by an exhaustive match (no wildcard): a new policy does not
 /// compile until it gets an ordinal here, and then the check below fails the build
@@ -130,7 +131,7 @@ fn per_syn_path_does_not_allocate() {
     let packets: Vec<Vec<u8>> = (0..10_000u32)
         .map(|i| syn(1024 + (i % 60000) as u16, i))
         .collect();
-    let mut buf = vec![0u8; MAX_HEADER_LEN + 0x10000];
+    let mut buf = vec![0u8; MAX_OVERHEAD + 0x10000];
     let members = |n: u32| -> Vec<MemberSlot> {
         (1..=n)
             .map(|id| MemberSlot {
@@ -142,6 +143,8 @@ fn per_syn_path_does_not_allocate() {
             .collect()
     };
     let (three, two, five) = (members(3), members(2), members(5));
+    // Every forward is tagged: the tag must not allocate either.
+    let keyring = Arc::new(Keyring::new(&[(1, [3; KEY_LEN])], None).unwrap());
     for (_, policy) in PolicyName::ALL {
         // Smaller than the number of SYNs: both the hand-off and its overflow path run.
         let (tx, rx) = std::sync::mpsc::sync_channel(tdscd::cluster::takeover::HANDOFF_CAPACITY);
@@ -151,7 +154,11 @@ fn per_syn_path_does_not_allocate() {
         let mut path = SynPath::new(
             vip,
             vec![80],
-            1,
+            Origin {
+                id: 1,
+                keyring: keyring.clone(),
+                counter: SendCounter::starting_at(1),
+            },
             view.clone(),
             counters.clone(),
             role.clone(),

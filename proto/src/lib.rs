@@ -9,15 +9,18 @@
 //!   heartbeats now, opaque Raft messages for the election.
 //!
 //! The cluster keyring ([`seal`]) seals datagrams with an AEAD, tags forwards, and gives
-//! receivers a replay window per sender. (The daemon does not use it on the wire yet.)
+//! receivers a replay window per sender.
 //!
 //! Nothing here opens a socket; the daemon does the I/O.
 //!
 //! ```
 //! use tdsc_proto::forward::{ForwardHeader, ForwardPacket};
+//! use tdsc_proto::seal::Keyring;
+//! let ring = Keyring::parse(&Keyring::generate_text(1).unwrap()).unwrap();
 //! let header = ForwardHeader {
 //!     term: 1,
 //!     origin: 1,
+//!     counter: 1,
 //!     client: "192.0.2.101".parse().unwrap(),
 //!     vip: "192.0.2.1".parse().unwrap(),
 //! };
@@ -25,8 +28,9 @@
 //! syn[12] = 5 << 4; // data offset: 5 words
 //! syn[13] = 0x02; // SYN
 //! let mut wire = [0u8; 128];
-//! let n = header.encode_packet(&syn, &mut wire).unwrap();
+//! let n = header.encode_packet(&syn, &ring, &mut wire).unwrap();
 //! let packet = ForwardPacket::decode(&wire[..n]).unwrap();
+//! packet.verify(&ring).unwrap();
 //! assert_eq!(packet.header, header);
 //! assert_eq!(packet.segment, &syn[..]);
 //! ```

@@ -41,6 +41,8 @@ pub enum ClusterError {
     NoConfig { node: String },
     #[error("config {path}: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("key file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -737,6 +739,16 @@ impl Cluster {
         &self.key_file
     }
 
+    /// The lab's cluster keyring, for tests that craft genuine forwards (as a master would).
+    pub fn keyring(&self) -> Result<tdsc_proto::seal::Keyring, ClusterError> {
+        let key = |reason: String| ClusterError::Key {
+            path: self.key_file.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&self.key_file).map_err(|e| key(e.to_string()))?;
+        tdsc_proto::seal::Keyring::parse(&text).map_err(|e| key(e.to_string()))
+    }
+
     /// Points `node`'s config at another key file (takes effect at its next start).
     pub fn set_key_file(&self, node: &str, key_file: &Path) -> Result<(), ClusterError> {
         set_key_file(&self.node(node)?.config, key_file)
@@ -876,6 +888,17 @@ fn write_node_config(
 
 /// Writes a new cluster key file with one key of id `id` at `path` (replacing any), mode
 /// 0600 as the daemon demands.
+/// A forward counter for a crafted forward: the wall clock in nanoseconds, like a master's.
+/// It is ahead of every counter the lab's master has used (it started counting at its start),
+/// so the receiver's replay window accepts it; the master's own forwards to that receiver in
+/// the same term are then refused as replays, so craft them last or to a node the master will
+/// not forward to in that term.
+pub fn forward_counter_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 pub fn write_key_file(path: &Path, id: u8) -> Result<(), ClusterError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -153,6 +153,12 @@ pub struct Rejected {
     pub bad_port: u64,
     /// Stamped with an older election term than the receiver knows.
     pub stale_term: u64,
+    /// The tag does not verify.
+    pub bad_tag: u64,
+    /// Tagged with a key id the receiver does not hold.
+    pub unknown_key: u64,
+    /// A counter seen before: a replayed forward.
+    pub replay: u64,
     pub ruleset_foreign: u64,
 }
 
@@ -165,6 +171,9 @@ impl Rejected {
             + self.not_syn
             + self.bad_port
             + self.stale_term
+            + self.bad_tag
+            + self.unknown_key
+            + self.replay
             + self.ruleset_foreign
     }
 }

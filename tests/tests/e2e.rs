@@ -13,10 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterOptions};
+use tdsc_lab::cluster::{
+    exclusive_lab, forward_counter_now, unique_lab_name, Cluster, ClusterOptions,
+};
 use tdsc_lab::packet::{self, Capture, RawIpSender, RawProtoSender, Syn};
 use tdsc_lab::{http, load, netns, nft};
 use tdsc_proto::forward::{ForwardHeader, FORWARD_PROTO};
+use tdsc_proto::seal::Keyring;
 
 fn start(policy: &str) -> anyhow::Result<Cluster> {
     Cluster::start(&ClusterOptions {
@@ -270,8 +273,9 @@ fn duplicate_syn_goes_to_the_same_node() -> anyhow::Result<()> {
     teardown(cluster)
 }
 
-/// Encodes a forward packet with a SYN segment for `vip_in_header`, port `dport`, `flags`.
-fn forward(origin: u32, vip_in_header: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+/// Encodes a forward packet with a SYN segment for `vip_in_header`, port `dport`, `flags`,
+/// tagged with `ring`.
+fn forward(ring: &Keyring, origin: u32, vip_in_header: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let client = Ipv4Addr::new(192, 0, 2, 101);
     let mut seg = Syn {
         src: client,
@@ -286,11 +290,12 @@ fn forward(origin: u32, vip_in_header: Ipv4Addr, dport: u16, flags: u8) -> Vec<u
     let header = ForwardHeader {
         term: 1,
         origin,
+        counter: forward_counter_now(),
         client: client.into(),
         vip: vip_in_header.into(),
     };
     let mut buf = vec![0u8; 256];
-    let n = header.encode_packet(&seg, &mut buf).expect("fits");
+    let n = header.encode_packet(&seg, ring, &mut buf).expect("fits");
     buf.truncate(n);
     buf
 }
@@ -318,7 +323,8 @@ fn malformed_and_foreign_forwards_are_rejected_and_counted() -> anyhow::Result<(
         .map(|n| cluster.status(&n.name).map(|s| s.counters.forward_rejected))
         .collect::<Result<_, _>>()?;
 
-    let good = forward(sender.id, vip, port, packet::flags::SYN);
+    let ring = cluster.keyring()?;
+    let good = forward(&ring, sender.id, vip, port, packet::flags::SYN);
     let mut bad_version = good.clone();
     bad_version[0] = 0x7f;
     let garbage: Vec<(&str, Vec<u8>)> = vec![
@@ -327,6 +333,7 @@ fn malformed_and_foreign_forwards_are_rejected_and_counted() -> anyhow::Result<(
         (
             "wrong VIP",
             forward(
+                &ring,
                 sender.id,
                 Ipv4Addr::new(192, 0, 2, 254),
                 port,
@@ -335,11 +342,11 @@ fn malformed_and_foreign_forwards_are_rejected_and_counted() -> anyhow::Result<(
         ),
         (
             "not a SYN",
-            forward(sender.id, vip, port, packet::flags::ACK),
+            forward(&ring, sender.id, vip, port, packet::flags::ACK),
         ),
         (
             "bad port",
-            forward(sender.id, vip, port + 1, packet::flags::SYN),
+            forward(&ring, sender.id, vip, port + 1, packet::flags::SYN),
         ),
     ];
     let targets: Vec<Ipv4Addr> = receivers
@@ -363,7 +370,7 @@ fn malformed_and_foreign_forwards_are_rejected_and_counted() -> anyhow::Result<(
         cluster
             .lab_mut()
             .attach_host("rogue", "br-cluster", "rogue-eth0", "198.51.100.99/24")?;
-    let rogue_pkt = forward(master_id, vip, port, packet::flags::SYN);
+    let rogue_pkt = forward(&ring, master_id, vip, port, packet::flags::SYN);
     netns::run_in(&rogue_ns, || -> anyhow::Result<()> {
         let tx = RawProtoSender::new(FORWARD_PROTO)?;
         for t in &targets {

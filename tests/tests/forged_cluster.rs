@@ -5,7 +5,10 @@
 //! drain) and a genuine sealed datagram captured on a node's cluster link. Under continuous
 //! client traffic the daemons drop all of it, counted by reason, and nothing changes: voters,
 //! term, master, weights, no daemon dies, no request fails. A node started with another
-//! cluster key is refused by the others and says so in its own status and log.
+//! cluster key is refused by the others and says so in its own status and log. A forward
+//! forged with the master's address but without the key, and a genuine forward captured and
+//! sent again, are refused by the member (counted as `bad_tag` and `replay`) and never
+//! answered.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +18,15 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
-use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, write_key_file, Cluster, ClusterOptions};
-use tdsc_lab::packet::{ipv4_packet, Capture, RawIpSender};
+use tdsc_lab::cluster::{
+    exclusive_lab, forward_counter_now, unique_lab_name, write_key_file, Cluster, ClusterOptions,
+};
+use tdsc_lab::packet::{self, ipv4_packet, Capture, RawIpSender, Syn};
 use tdsc_lab::status::ClusterDropped;
 use tdsc_lab::{load, netns};
 use tdsc_proto::control::{Body, Envelope, NodeReport, Removed};
+use tdsc_proto::forward::{ForwardHeader, FORWARD_PROTO};
+use tdsc_proto::seal::{Keyring, KEY_LEN};
 
 /// The cluster port of the lab's configs (the default).
 const PORT: u16 = 7400;
@@ -571,6 +578,174 @@ fn the_cluster_key_is_rotated_by_rolling_restarts_under_traffic() -> anyhow::Res
             tally.sample_errors
         );
         ensure!(tally.ok() > 0, "no request was served");
+        Ok(())
+    })
+}
+
+/// The first IPv4 proto-253 packet seen arriving on `cap` within 10 s: (the whole IP packet,
+/// the client port of the SYN it carries).
+fn capture_forward(cap: &Capture) -> anyhow::Result<(Vec<u8>, u16)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        let Some(f) = cap.recv(&mut buf)? else {
+            continue;
+        };
+        if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] || f[14 + 9] != FORWARD_PROTO {
+            continue;
+        }
+        let ip = &f[14..];
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let fwd = ip.get(ihl..total).context("short forward")?;
+        let hdr_len = usize::from(u16::from_be_bytes([fwd[2], fwd[3]]));
+        let seg = fwd.get(hdr_len..).context("short forward")?;
+        return Ok((ip[..total].to_vec(), u16::from_be_bytes([seg[0], seg[1]])));
+    }
+    anyhow::bail!("no forward seen in 10 s")
+}
+
+/// SYN/ACKs seen on `cap` for each of `ports` (as destination port) within `wait`.
+fn synacks_to(cap: &Capture, ports: &[u16], wait: Duration) -> anyhow::Result<Vec<usize>> {
+    let mut seen = vec![0; ports.len()];
+    let mut buf = vec![0u8; 2048];
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        if let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) {
+            if let Some(i) = ports.iter().position(|p| *p == f.dport) {
+                seen[i] += usize::from(f.is_syn_ack());
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// A rogue host on the cluster bridge sends a member (1) a forward forged with the master's
+/// source address, origin and term but without the cluster key, and (2) a genuine forward
+/// captured on that member's cluster link a moment before, sent again. The member counts the
+/// first as `bad_tag` and the second as `replay`, re-injects neither, and the client sees no
+/// SYN/ACK for either (the genuine forward's first delivery was answered: the capture sees
+/// answers).
+#[test]
+fn forged_and_replayed_forwards_are_dropped_and_counted() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("forged_and_replayed_forwards_are_dropped_and_counted") else {
+        return Ok(());
+    };
+    with_cluster(start_raft("tdsc-ff")?, |cluster| {
+        let master = cluster.wait_master(None, READY)?;
+        let master_addr = master.cluster_addr.context("master cluster address")?;
+        let member = cluster
+            .nodes()
+            .iter()
+            .find(|n| n.id != master.id)
+            .cloned()
+            .context("a member")?;
+        let member_addr = member.cluster_addr.context("member cluster address")?;
+        let vip = cluster.vip();
+        let client = cluster.clients()[0].clone();
+        let client_ns = cluster.netns(&client.name);
+        let term = cluster.status(&member.name)?.term;
+
+        // 1. A genuine forward to the member: the client sends bare SYNs from ports no socket
+        // holds (its stack resets each SYN/ACK, so the member keeps no request for it) until
+        // the master forwards one to the member, which the capture on its link keeps.
+        let on_link = netns::run_in(&cluster.netns(&member.name), || {
+            Capture::open("eth1", Duration::from_millis(100))
+        })??;
+        let at_client = netns::run_in(&client_ns, || {
+            Capture::open("eth0", Duration::from_millis(100))
+        })??;
+        // Outside the ephemeral port range, so no real connection collides.
+        let base = 24_000 + u16::try_from(std::process::id() % 4000).expect("small");
+        netns::run_in(&client_ns, || -> anyhow::Result<()> {
+            let tx = RawIpSender::new()?;
+            for i in 0..6 {
+                let syn = Syn {
+                    src: client.addr,
+                    dst: *vip.ip(),
+                    sport: base + i,
+                    dport: vip.port(),
+                    seq: 0x0f0f_0000 | u32::from(i),
+                    payload: Vec::new(),
+                };
+                tx.send(&syn.ipv4_packet(), *vip.ip())?;
+            }
+            Ok(())
+        })??;
+        let (captured, genuine_port) = capture_forward(&on_link)?;
+        let first = synacks_to(&at_client, &[genuine_port], Duration::from_secs(1))?;
+        ensure!(
+            first[0] >= 1,
+            "control: the genuine forward's first delivery was not answered, so the capture \
+             proves nothing"
+        );
+
+        // 2. A forward forged without the key: the master's address, origin and current term,
+        // a fresh counter, tagged with another key under the cluster key's id.
+        let ring = cluster.keyring()?;
+        let forger = Keyring::new(&[(ring.send_id(), [0x66; KEY_LEN])], None)?;
+        let forged_port = base + 100;
+        let seg = Syn {
+            src: client.addr,
+            dst: *vip.ip(),
+            sport: forged_port,
+            dport: vip.port(),
+            seq: 0x0bad_0000,
+            payload: Vec::new(),
+        }
+        .segment();
+        let header = ForwardHeader {
+            term,
+            origin: master.id,
+            counter: forward_counter_now(),
+            client: client.addr.into(),
+            vip: (*vip.ip()).into(),
+        };
+        let mut buf = vec![0u8; 256];
+        let n = header.encode_packet(&seg, &forger, &mut buf)?;
+        let forged = ipv4_packet(master_addr, member_addr, FORWARD_PROTO, &buf[..n]);
+
+        let before = cluster.status(&member.name)?.counters;
+        let rogue = cluster.lab_mut().attach_host(
+            "rogue",
+            "br-cluster",
+            "rogue-eth0",
+            "198.51.100.99/24",
+        )?;
+        netns::run_in(&rogue, || -> anyhow::Result<()> {
+            let tx = RawIpSender::new()?;
+            tx.send(&forged, member_addr)?;
+            tx.send(&captured, member_addr)?;
+            Ok(())
+        })??;
+        let answers = synacks_to(
+            &at_client,
+            &[forged_port, genuine_port],
+            Duration::from_millis(1500),
+        )?;
+        let after = cluster.status(&member.name)?.counters;
+        let (b, a) = (before.forward_rejected, after.forward_rejected);
+        let mut problems = Vec::new();
+        for (what, got, want) in [
+            ("bad_tag", a.bad_tag - b.bad_tag, 1),
+            ("replay", a.replay - b.replay, 1),
+            (
+                "received_forwarded",
+                after.received_forwarded - before.received_forwarded,
+                0,
+            ),
+        ] {
+            if got != want {
+                problems.push(format!("{what} +{got}, expected +{want}"));
+            }
+        }
+        if answers != [0, 0] {
+            problems.push(format!(
+                "the client saw SYN/ACKs (forged, replayed): {answers:?}"
+            ));
+        }
+        ensure!(problems.is_empty(), "{}", problems.join("\n"));
+        cluster.check_daemons()?;
         Ok(())
     })
 }

@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use tdsc_lab::cluster::{exclusive_lab, unique_lab_name, Cluster, ClusterNode, ClusterOptions};
+use tdsc_lab::cluster::{
+    exclusive_lab, forward_counter_now, unique_lab_name, Cluster, ClusterNode, ClusterOptions,
+};
 use tdsc_lab::packet::{self, Capture, RawProtoSender, Syn};
 use tdsc_lab::streams::stream_from;
 use tdsc_lab::{load, netns, nft};
 use tdsc_proto::forward::{ForwardHeader, FORWARD_PROTO};
+use tdsc_proto::seal::Keyring;
 
 fn start_raft(prefix: &str) -> anyhow::Result<Cluster> {
     Cluster::start(&ClusterOptions {
@@ -38,7 +41,15 @@ fn with_cluster(
 }
 
 /// A forward from `origin` stamped with `term`, carrying a bare SYN from `client:sport`.
-fn forward(term: u64, origin: u32, client: Ipv4Addr, vip: SocketAddr, sport: u16) -> Vec<u8> {
+/// Tagged with `ring` and a counter ahead of the master's (see `forward_counter_now`).
+fn forward(
+    ring: &Keyring,
+    term: u64,
+    origin: u32,
+    client: Ipv4Addr,
+    vip: SocketAddr,
+    sport: u16,
+) -> Vec<u8> {
     let SocketAddr::V4(vip) = vip else {
         unreachable!("the lab's VIP is IPv4")
     };
@@ -54,11 +65,12 @@ fn forward(term: u64, origin: u32, client: Ipv4Addr, vip: SocketAddr, sport: u16
     let header = ForwardHeader {
         term,
         origin,
+        counter: forward_counter_now(),
         client: client.into(),
         vip: (*vip.ip()).into(),
     };
     let mut buf = vec![0u8; 256];
-    let n = header.encode_packet(&seg, &mut buf).expect("fits");
+    let n = header.encode_packet(&seg, ring, &mut buf).expect("fits");
     buf.truncate(n);
     buf
 }
@@ -93,8 +105,9 @@ fn a_member_refuses_a_forward_from_an_older_term() -> anyhow::Result<()> {
         // Outside the ephemeral port range, so no real connection collides.
         let stale_port = 21_000 + u16::try_from(std::process::id() % 4000).expect("small");
         let fresh_port = stale_port + 1;
-        let stale = forward(term - 1, master.id, client.addr, vip, stale_port);
-        let fresh = forward(term, master.id, client.addr, vip, fresh_port);
+        let ring = cluster.keyring()?;
+        let stale = forward(&ring, term - 1, master.id, client.addr, vip, stale_port);
+        let fresh = forward(&ring, term, master.id, client.addr, vip, fresh_port);
 
         let cap = netns::run_in(&client_ns, || {
             Capture::open("eth0", Duration::from_millis(100))

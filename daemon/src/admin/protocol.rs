@@ -78,6 +78,15 @@ pub struct Rejected {
     /// that has been deposed (see `tdsc_election`, *Fencing at members*).
     #[serde(default)]
     pub stale_term: u64,
+    /// The forward's tag does not verify (forged or altered; see `tdsc_proto::forward`).
+    #[serde(default)]
+    pub bad_tag: u64,
+    /// Tagged with a key id this node's keyring does not hold.
+    #[serde(default)]
+    pub unknown_key: u64,
+    /// Authentic, but its counter was seen before: a captured forward sent again.
+    #[serde(default)]
+    pub replay: u64,
     /// Dropped by the ruleset before reaching the daemon: not from a member address on the
     /// cluster interface.
     pub ruleset_foreign: u64,

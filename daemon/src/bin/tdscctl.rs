@@ -163,8 +163,17 @@ fn print_table(s: &Status) {
     );
     let r = &c.forward_rejected;
     println!(
-        "rejected forwards: malformed {}  unknown-peer {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
-        r.malformed, r.unknown_peer, r.wrong_vip, r.not_syn, r.bad_port, r.stale_term, r.ruleset_foreign
+        "rejected forwards: malformed {}  unknown-peer {}  bad-tag {}  unknown-key {}  replay {}  wrong-vip {}  not-syn {}  bad-port {}  stale-term {}  by-ruleset {}",
+        r.malformed,
+        r.unknown_peer,
+        r.bad_tag,
+        r.unknown_key,
+        r.replay,
+        r.wrong_vip,
+        r.not_syn,
+        r.bad_port,
+        r.stale_term,
+        r.ruleset_foreign
     );
     println!(
         "cluster key: ids {:?}, sealing with {}",

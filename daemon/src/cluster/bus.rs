@@ -81,7 +81,7 @@ pub struct ClusterSocket {
 }
 
 /// Nanoseconds since the Unix epoch, where a sender's counter starts.
-fn unix_nanos() -> u64 {
+pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -93,7 +93,7 @@ impl ClusterSocket {
         view: &ClusterView,
         port: u16,
         node_id: u32,
-        keyring: Keyring,
+        keyring: Arc<Keyring>,
     ) -> std::io::Result<Self> {
         let sock = UdpSocket::bind(SocketAddr::new(view.own().address(), port)).await?;
         Ok(Self::new(sock, node_id, keyring, unix_nanos()))
@@ -107,11 +107,16 @@ impl ClusterSocket {
     }
 
     /// A cluster socket over `sock` whose first counter is `first_counter`.
-    fn new(sock: UdpSocket, node_id: u32, keyring: Keyring, first_counter: u64) -> Self {
+    fn new(
+        sock: UdpSocket,
+        node_id: u32,
+        keyring: impl Into<Arc<Keyring>>,
+        first_counter: u64,
+    ) -> Self {
         Self {
             sock,
             node_id,
-            keyring: RwLock::new(Arc::new(keyring)),
+            keyring: RwLock::new(keyring.into()),
             counter: Mutex::new(SendCounter::starting_at(first_counter)),
         }
     }

@@ -56,6 +56,13 @@ counters! {
     rejected_bad_port,
     /// Forwards stamped with an older election term than this node knows (a deposed master).
     rejected_stale_term,
+    /// Forwards whose tag does not verify: forged, altered, or tagged with another cluster key.
+    rejected_bad_tag,
+    /// Forwards tagged with a key id this node's keyring does not hold.
+    rejected_unknown_key,
+    /// Authentic forwards whose counter was seen before (or fell out of the replay window, or
+    /// belongs to an older term of that origin): a captured forward sent again.
+    rejected_replay,
     /// Live SYN-forward records pushed out by a full table (SYN flood).
     records_evicted_live,
     /// New records not handed to the Raft task for replication: the hand-off was full.

@@ -15,7 +15,8 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use nfq::{Queue, Verdict};
-use tdsc_proto::forward::MAX_HEADER_LEN;
+use tdsc_proto::forward::MAX_OVERHEAD;
+use tdsc_proto::seal::{Keyring, SendCounter};
 
 use crate::cluster::counters::{add, Counters};
 use crate::cluster::role::RoleCell;
@@ -24,7 +25,7 @@ use crate::config::Config;
 use crate::datapath::dispatch::Dispatcher;
 use crate::datapath::policy::Policy;
 use crate::datapath::rawsock::{Dest, RawSocket};
-use crate::datapath::syn_path::{SynPath, Verdict as SynVerdict};
+use crate::datapath::syn_path::{Origin, SynPath, Verdict as SynVerdict};
 use crate::shutdown::StopFlag;
 use crate::watchdog::Heartbeat;
 
@@ -94,6 +95,9 @@ pub struct MasterLinks {
     /// This thread's progress, for the watchdog (`crate::watchdog`): waiting before each
     /// receive, a beat after each verdict.
     pub heartbeat: Arc<Heartbeat>,
+    /// The cluster keyring every forward is tagged with (read only; the same `Arc` as the
+    /// cluster socket's and the member path's).
+    pub keyring: Arc<Keyring>,
 }
 
 impl MasterPath {
@@ -106,6 +110,7 @@ impl MasterPath {
             commands,
             dispatcher,
             heartbeat,
+            keyring,
         } = links;
         let (queue_num, vip, ports, self_id) =
             (cfg.queue_num, cfg.vip, cfg.tcp_ports.clone(), cfg.node_id);
@@ -142,7 +147,11 @@ impl MasterPath {
         let core = SynPath::new(
             vip,
             ports,
-            self_id,
+            Origin {
+                id: self_id,
+                keyring,
+                counter: SendCounter::starting_at(crate::cluster::bus::unix_nanos()),
+            },
             view,
             counters.clone(),
             role.clone(),
@@ -161,7 +170,7 @@ impl MasterPath {
             socket_v6,
             inject,
             inject_to,
-            buf: vec![0u8; MAX_HEADER_LEN + 0x10000].into_boxed_slice(),
+            buf: vec![0u8; MAX_OVERHEAD + 0x10000].into_boxed_slice(),
         })
     }
 

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use tdsc_proto::forward::ForwardHeader;
+use tdsc_proto::seal::{Keyring, SendCounter};
 
 use crate::cluster::counters::{add, Counters};
 use crate::cluster::role::RoleCell;
@@ -76,13 +77,25 @@ pub enum DropReason {
     InjectEncode,
 }
 
+/// Who this node is when it forwards: its id, the keyring it tags forwards with, and its
+/// forward counter (the tag's nonce, so it must never repeat under one key: start it at the
+/// wall clock in nanoseconds, like the cluster socket's, so it keeps growing across a
+/// restart).
+#[derive(Debug)]
+pub struct Origin {
+    pub id: u32,
+    pub keyring: Arc<Keyring>,
+    pub counter: SendCounter,
+}
+
 /// The master path's state apart from its sockets: owned by the queue thread.
 #[derive(Debug)]
 pub struct SynPath {
     vip: IpAddr,
     /// Sorted (the classifier binary-searches them); empty means every port.
     ports: Vec<u16>,
-    self_id: u32,
+    /// Stamped and tagged into every forward; the counter is this thread's alone.
+    origin: Origin,
     view: Arc<ClusterView>,
     counters: Arc<Counters>,
     /// Read per packet: master flag, lease deadline, term. Written by the role task and the
@@ -95,7 +108,7 @@ impl SynPath {
     pub fn new(
         vip: IpAddr,
         ports: Vec<u16>,
-        self_id: u32,
+        origin: Origin,
         view: Arc<ClusterView>,
         counters: Arc<Counters>,
         role: Arc<RoleCell>,
@@ -104,7 +117,7 @@ impl SynPath {
         SynPath {
             vip,
             ports,
-            self_id,
+            origin,
             view,
             counters,
             role,
@@ -113,8 +126,9 @@ impl SynPath {
     }
 
     /// Decides what to do with one queued packet at `now_ms` on the lease clock
-    /// (`RoleCell::now_ms`). A forward or a re-injection is encoded into `out`, which must hold
-    /// `tdsc_proto::forward::MAX_HEADER_LEN` plus the largest queued segment.
+    /// (`RoleCell::now_ms`). A forward (tagged, see `tdsc_proto::forward`) or a re-injection is
+    /// encoded into `out`, which must hold `tdsc_proto::forward::MAX_OVERHEAD` plus the largest
+    /// queued segment.
     pub fn on_syn(&mut self, packet: &[u8], now_ms: u64, out: &mut [u8]) -> Verdict {
         if !self.role.is_master() {
             add(&self.counters.dropped_not_master);
@@ -164,13 +178,20 @@ impl SynPath {
                 Verdict::Drop(DropReason::NoNode)
             }
             Decision::Forward { index } => {
+                // A spent counter (after 584 years of nanoseconds) would repeat a nonce: stop
+                // forwarding rather than do that.
+                let Some(counter) = self.origin.counter.next() else {
+                    add(&self.counters.forward_send_errors);
+                    return Verdict::Drop(DropReason::Encode);
+                };
                 let header = ForwardHeader {
                     term: self.role.term(),
-                    origin: self.self_id,
+                    origin: self.origin.id,
+                    counter,
                     client: syn.client,
                     vip: syn.vip,
                 };
-                match header.encode_packet(syn.segment, out) {
+                match header.encode_packet(syn.segment, &self.origin.keyring, out) {
                     Ok(len) => {
                         let slot = &self.view.nodes[index];
                         Verdict::Forward {
@@ -213,11 +234,18 @@ mod tests {
     use crate::datapath::classify::{ACK, SYN};
     use crate::datapath::policy::build;
     use crate::datapath::records::SynRecords;
-    use tdsc_proto::forward::{ForwardPacket, MAX_HEADER_LEN};
+    use tdsc_proto::forward::{ForwardPacket, MAX_OVERHEAD};
+    use tdsc_proto::seal::KEY_LEN;
 
     const CLIENT: [u8; 4] = [192, 0, 2, 101];
     const VIP: [u8; 4] = [192, 0, 2, 1];
     const TERM: u64 = 7;
+    /// The master's first forward counter.
+    const FIRST: u64 = 1_000;
+
+    fn keyring() -> Arc<Keyring> {
+        Arc::new(Keyring::new(&[(1, [5; KEY_LEN])], None).unwrap())
+    }
 
     struct Fixture {
         path: SynPath,
@@ -248,7 +276,11 @@ mod tests {
             path: SynPath::new(
                 IpAddr::from(VIP),
                 vec![80, 443],
-                1,
+                Origin {
+                    id: 1,
+                    keyring: keyring(),
+                    counter: SendCounter::starting_at(FIRST),
+                },
                 view.clone(),
                 counters.clone(),
                 role.clone(),
@@ -258,7 +290,7 @@ mod tests {
             counters,
             election,
             flag,
-            buf: vec![0u8; MAX_HEADER_LEN + 0x10000],
+            buf: vec![0u8; MAX_OVERHEAD + 0x10000],
         }
     }
 
@@ -374,13 +406,26 @@ mod tests {
             ForwardHeader {
                 term: TERM,
                 origin: 1,
+                counter: FIRST,
                 client: IpAddr::from(CLIENT),
                 vip: IpAddr::from(VIP),
             }
         );
+        assert_eq!(
+            fwd.verify(&keyring()),
+            Ok(()),
+            "tagged with the cluster key"
+        );
         assert_eq!(fwd.segment, &pkt[20..], "the whole segment, TFO data too");
+        // The next forward counts on.
+        let Verdict::Forward { len, .. } = f.on(&syn(40001), 0) else {
+            panic!("round robin forwards to node 3 next");
+        };
+        let next = ForwardPacket::decode(&f.buf[..len]).expect("a valid forward");
+        assert_eq!(next.header.counter, FIRST + 1);
+        assert_eq!(next.verify(&keyring()), Ok(()));
         let c = f.counters.snapshot();
-        assert_eq!((c.syns_dispatched, c.accepted_locally), (2, 1));
+        assert_eq!((c.syns_dispatched, c.accepted_locally), (3, 1));
         assert_eq!(
             c.forwarded_out, 0,
             "the shell counts a forward once it is sent"
