@@ -319,6 +319,56 @@ fn second_connection(vip: SocketAddrV4, port: u16, hold: Option<Duration>) -> an
     Ok(id)
 }
 
+/// Records every segment from `vip` that `client` receives on eth0, tagged with the test's
+/// current phase, until `stop`.
+fn capture_seen(
+    client: &str,
+    vip_ip: std::net::Ipv4Addr,
+    phase: &Arc<AtomicU8>,
+    stop: &Arc<AtomicBool>,
+    seen: &Arc<Mutex<Vec<Seen>>>,
+) -> std::thread::JoinHandle<Result<std::io::Result<()>, netns::NetnsError>> {
+    let (phase, stop, seen) = (phase.clone(), stop.clone(), seen.clone());
+    netns::spawn_in(client, move || -> std::io::Result<()> {
+        let cap = Capture::open("eth0", Duration::from_millis(50))?;
+        let mut buf = vec![0u8; 4096];
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) {
+                if f.src == vip_ip {
+                    seen.lock().expect("not poisoned").push(Seen {
+                        port: f.dport,
+                        phase: phase.load(Ordering::SeqCst),
+                        mac: packet::mac_string(&f.src_mac),
+                        flags: f.flags,
+                        seq: f.seq,
+                        ack: f.ack,
+                    });
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The segments of connection 2 on `port` from any node but B (`mac_b`), and any RST.
+fn foreign_in_phase_2(seen: &Mutex<Vec<Seen>>, port: u16, mac_b: &str) -> Vec<String> {
+    seen.lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|s| s.port == port && s.phase == 2)
+        .filter(|s| s.mac != mac_b || s.flags & flags::RST != 0)
+        .map(|s| {
+            format!(
+                "{} {} seq {} ack {}",
+                s.mac,
+                flag_names(s.flags),
+                s.seq,
+                s.ack
+            )
+        })
+        .collect()
+}
+
 const LOST_TABLE: &str = "tdsclab_exact";
 
 /// Runs every ordered pair for one ending on a fresh lab; returns the failures found.
@@ -341,29 +391,7 @@ fn reuse_across_nodes(test: &str, ending: Ending, base_port: u16) -> anyhow::Res
     let phase = Arc::new(AtomicU8::new(1));
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let cap = {
-        let (phase, stop, seen) = (phase.clone(), stop.clone(), seen.clone());
-        let vip_ip = *vip.ip();
-        netns::spawn_in(&client, move || -> std::io::Result<()> {
-            let cap = Capture::open("eth0", Duration::from_millis(50))?;
-            let mut buf = vec![0u8; 4096];
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) {
-                    if f.src == vip_ip {
-                        seen.lock().expect("not poisoned").push(Seen {
-                            port: f.dport,
-                            phase: phase.load(Ordering::SeqCst),
-                            mac: packet::mac_string(&f.src_mac),
-                            flags: f.flags,
-                            seq: f.seq,
-                            ack: f.ack,
-                        });
-                    }
-                }
-            }
-            Ok(())
-        })
-    };
+    let cap = capture_seen(&client, *vip.ip(), &phase, &stop, &seen);
     std::thread::sleep(Duration::from_millis(100));
 
     let nodes: Vec<ClusterNode> = cluster.nodes().to_vec();
@@ -461,22 +489,7 @@ fn reuse_across_nodes(test: &str, ending: Ending, base_port: u16) -> anyhow::Res
             // Late answers (an RST to the client's FIN, a TIME_WAIT ack) come within ms.
             std::thread::sleep(Duration::from_millis(150));
             let mac_b = mac_of(b, *vip.ip());
-            let foreign: Vec<String> = seen
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .filter(|s| s.port == port && s.phase == 2)
-                .filter(|s| s.mac != mac_b || s.flags & flags::RST != 0)
-                .map(|s| {
-                    format!(
-                        "{} {} seq {} ack {}",
-                        s.mac,
-                        flag_names(s.flags),
-                        s.seq,
-                        s.ack
-                    )
-                })
-                .collect();
+            let foreign = foreign_in_phase_2(&seen, port, &mac_b);
             if !foreign.is_empty() {
                 failures.push(format!(
                     "{pair}: segments not from B ({mac_b}) or RSTs: {foreign:?}"
@@ -567,29 +580,7 @@ fn reuse_of_a_killed_masters_ports_after_the_takeover() -> anyhow::Result<()> {
     let phase = Arc::new(AtomicU8::new(1));
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let cap = {
-        let (phase, stop, seen) = (phase.clone(), stop.clone(), seen.clone());
-        let vip_ip = *vip.ip();
-        netns::spawn_in(&client, move || -> std::io::Result<()> {
-            let cap = Capture::open("eth0", Duration::from_millis(50))?;
-            let mut buf = vec![0u8; 4096];
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(f) = cap.recv(&mut buf)?.and_then(packet::parse_tcp_frame) {
-                    if f.src == vip_ip {
-                        seen.lock().expect("not poisoned").push(Seen {
-                            port: f.dport,
-                            phase: phase.load(Ordering::SeqCst),
-                            mac: packet::mac_string(&f.src_mac),
-                            flags: f.flags,
-                            seq: f.seq,
-                            ack: f.ack,
-                        });
-                    }
-                }
-            }
-            Ok(())
-        })
-    };
+    let cap = capture_seen(&client, *vip.ip(), &phase, &stop, &seen);
     std::thread::sleep(Duration::from_millis(100));
     let endings = [
         Ending::ClientAbort,
@@ -660,22 +651,7 @@ fn reuse_of_a_killed_masters_ports_after_the_takeover() -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(150));
             let mac_b = mac_of(&b, *vip.ip());
-            let foreign: Vec<String> = seen
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .filter(|s| s.port == port && s.phase == 2)
-                .filter(|s| s.mac != mac_b || s.flags & flags::RST != 0)
-                .map(|s| {
-                    format!(
-                        "{} {} seq {} ack {}",
-                        s.mac,
-                        flag_names(s.flags),
-                        s.seq,
-                        s.ack
-                    )
-                })
-                .collect();
+            let foreign = foreign_in_phase_2(&seen, port, &mac_b);
             if !foreign.is_empty() {
                 failures.push(format!(
                     "{pair} M={} B={}: segments not from B ({mac_b}) or RSTs: {foreign:?}",
