@@ -182,6 +182,14 @@ impl Lab {
                 netns::ip(["-n", ns, "link", "set", &end.interface, "up"])?;
             }
         }
+        let mask = cpu_mask(std::thread::available_parallelism().map_or(1, usize::from));
+        for link in &topo.links {
+            for end in [&link.a, &link.b] {
+                if topo.nodes[&end.node].kind == Kind::Linux {
+                    steer_flows(&topo.netns_name(&end.node), &end.interface, &mask)?;
+                }
+            }
+        }
         for (name, node) in &topo.nodes {
             if node.kind != Kind::Linux {
                 continue;
@@ -524,5 +532,49 @@ impl Drop for Lab {
         if let Err(e) = self.teardown_inner() {
             eprintln!("tdsc-lab: teardown of lab {}: {e}", self.topology.name);
         }
+    }
+}
+
+/// Per-flow receive steering (RPS over every CPU, `mask`) on `iface` in `ns`, so that a
+/// host handles all segments of one connection on one CPU, as a multi-queue NIC's RSS makes
+/// it do. A veth otherwise delivers each packet on the CPU that sent it, and a client that
+/// sends its handshake ACK from a softirq and its request from a thread has a node process
+/// the two at once on two CPUs (docs/platform.md, "Per-flow CPU steering in the lab").
+fn steer_flows(ns: &str, iface: &str, mask: &str) -> Result<(), LabError> {
+    let path = format!("/sys/class/net/{iface}/queues/rx-0/rps_cpus");
+    // `ip netns exec` mounts the namespace's own sysfs, where `iface` is this veth end.
+    netns::exec(ns, "sh", ["-c", &format!("echo {mask} > {path}")])?;
+    Ok(())
+}
+
+/// The RPS CPU mask naming CPUs `0..n`: hexadecimal, in comma-separated 32-bit groups, most
+/// significant first (the format of `rps_cpus`).
+fn cpu_mask(n: usize) -> String {
+    let n = n.max(1);
+    let groups = n.div_ceil(32);
+    (0..groups)
+        .rev()
+        .map(|g| {
+            let bits = (n - g * 32).min(32);
+            let word: u32 = if bits == 32 {
+                u32::MAX
+            } else {
+                (1u32 << bits) - 1
+            };
+            format!("{word:08x}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_masks_name_every_cpu_in_32_bit_groups() {
+        assert_eq!(super::cpu_mask(1), "00000001");
+        assert_eq!(super::cpu_mask(2), "00000003");
+        assert_eq!(super::cpu_mask(32), "ffffffff");
+        assert_eq!(super::cpu_mask(33), "00000001,ffffffff");
+        assert_eq!(super::cpu_mask(0), "00000001");
     }
 }
