@@ -183,7 +183,9 @@ impl Lab {
             }
         }
         let mask = cpu_mask(std::thread::available_parallelism().map_or(1, usize::from));
-        for link in &topo.links {
+        // TDSC_LAB_RPS=0 leaves the veths as the kernel makes them, to compare.
+        let steer = std::env::var("TDSC_LAB_RPS").map_or(true, |v| v != "0");
+        for link in topo.links.iter().filter(|_| steer) {
             for end in [&link.a, &link.b] {
                 if topo.nodes[&end.node].kind == Kind::Linux {
                     steer_flows(&topo.netns_name(&end.node), &end.interface, &mask)?;
