@@ -59,7 +59,7 @@ cleanup() {
   set +e
   if [ -n "$dockerd_pid" ]; then
     "$docker" rm -f "$ctr" >/dev/null 2>&1
-    "$docker" rmi -f "tdsc-node-test:$$" "$image" >/dev/null 2>&1
+    "$docker" rmi -f "$image" >/dev/null 2>&1
   fi
   dockerd_stop
   ip netns del "$peer" 2>/dev/null
@@ -270,21 +270,6 @@ check "purge deleted /etc/tdsc, /var/lib/tdsc and /run/tdsc" in_ctr sh -c '! tes
 check "systemd no longer knows the units" bash -c '
   ! "$0" exec "$1" systemctl cat tdscd.service >/dev/null 2>&1' "$docker" "$ctr"
 
-echo "== the containerlab node image (deploy/containerlab/Dockerfile), built with no network"
-# The build context holds only what the Dockerfile copies (the repository's target/ is large).
-ctx=$tmp/context
-mkdir -p "$ctx/target/debian" "$ctx/target/release" "$ctx/deploy/containerlab"
-cp "$deb" "$ctx/target/debian/tcp-dsc_test_amd64.deb"   # the name the COPY glob wants
-cp "$repo/target/release/tdsc-lab-httpd" "$ctx/target/release/" 2>/dev/null || true
-cp "$repo/deploy/containerlab/Dockerfile" "$repo/deploy/containerlab/tdsc-node-entrypoint" "$ctx/deploy/containerlab/"
-node_image=tdsc-node-test:$$
-check "docker build --network none --build-arg BASE=<the systemd root>" \
-  "$docker" build -q --network none --build-arg BASE="$image" -t "$node_image" \
-    -f "$ctx/deploy/containerlab/Dockerfile" "$ctx"
-check "the node image runs tdscd and tdsc-lab-httpd (through its entrypoint)" bash -c '
-  out=$("$0" run --rm --network none -e CLAB_INTFS_WITH_MGMT=0 "$1" sh -c \
-    "tdscd --version && tdsc-lab-httpd --help >/dev/null && nft --version >/dev/null && echo fine")
-  [[ "$out" == *fine ]] || { echo "$out"; exit 1; }' "$docker" "$node_image"
-"$docker" rmi -f "$node_image" >/dev/null 2>&1 || true
+# The containerlab node image is built and deployed by docker-test.sh.
 
 harness_summary
