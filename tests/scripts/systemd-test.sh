@@ -34,23 +34,7 @@ cannot() {
 }
 
 # ---- Docker engine (the package, never its service)
-if ! command -v dockerd >/dev/null 2>&1; then
-  echo "== installing docker.io (its service is not started)"
-  # No service may start on install: Debian's docker.service would start dockerd with its
-  # default bridge and iptables rules. policy-rc.d forbids it (kept if one exists already).
-  own_policy=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
-    own_policy=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >/dev/null \
-    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >/dev/null; } \
-    || true
-  [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
-fi
-command -v dockerd >/dev/null 2>&1 || cannot "docker.io could not be installed"
-docker=/usr/bin/docker   # the docker.io client, whatever else is on PATH
-[ -x "$docker" ] || cannot "docker.io installed no /usr/bin/docker"
+docker_install || cannot "docker.io could not be installed (or installed no /usr/bin/docker)"
 
 # ---- the systemd root, cached under the build directory
 cache=${TDSC_TEST_CACHE:-/var/cache/tdsc-test}
@@ -58,33 +42,12 @@ base=${TDSC_BASE_ROOT:-$cache/bookworm-minbase}
 [ -x "$base/usr/bin/apt-get" ] || cannot "no debootstrap root at $base (install-test.sh makes it)"
 sdroot=$repo/target/tdsc-test/bookworm-systemd
 sdpkgs="systemd systemd-sysv dbus libnftnl11 libmnl0 nftables iproute2 procps"
-# The marker holds the package list: a changed list makes the root again.
-if [ "$(cat "$sdroot/.tdsc-complete" 2>/dev/null)" != "$sdpkgs" ]; then
-  echo "== systemd root: $base + $sdpkgs -> $sdroot (once)"
-  # A run killed while building left proc mounted there: never rm -rf into it.
-  umount -l "$sdroot/proc" 2>/dev/null || true
-  rm -rf "$sdroot"
-  mkdir -p "$sdroot"
-  cp -a "$base/." "$sdroot/"
-  cp /etc/resolv.conf "$sdroot/etc/resolv.conf"
-  printf '#!/bin/sh\nexit 101\n' >"$sdroot/usr/sbin/policy-rc.d" && chmod 755 "$sdroot/usr/sbin/policy-rc.d"
-  mount -t proc proc "$sdroot/proc"
-  sd_in() { chroot "$sdroot" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LC_ALL=C "$@"; }
-  rc=0
-  { sd_in apt-get update -qq && sd_in apt-get install -y -qq --no-install-recommends $sdpkgs; } \
-    >"$sdroot.log" 2>&1 || rc=$?
-  sd_in apt-get clean || true
-  umount -l "$sdroot/proc"
-  rm -f "$sdroot/usr/sbin/policy-rc.d"
-  : >"$sdroot/etc/resolv.conf"
-  # A container has no console to log in on, and no hardware to wait for.
-  for u in getty@tty1.service systemd-udevd.service systemd-udev-trigger.service \
-      systemd-networkd-wait-online.service; do
-    ln -sf /dev/null "$sdroot/etc/systemd/system/$u"
-  done
-  if [ "$rc" != 0 ]; then tail -20 "$sdroot.log"; rm -rf "$sdroot"; cannot "systemd root: apt-get failed"; fi
-  echo "$sdpkgs" >"$sdroot/.tdsc-complete"
-fi
+derived_root "$base" "$sdroot" "$sdpkgs" || cannot "systemd root: apt-get failed"
+# A container has no console to log in on, and no hardware to wait for.
+for u in getty@tty1.service systemd-udevd.service systemd-udev-trigger.service \
+    systemd-networkd-wait-online.service; do
+  ln -sf /dev/null "$sdroot/etc/systemd/system/$u"
+done
 
 # ---- dockerd, by hand, in a temporary directory
 tmp=$(mktemp -d /var/tmp/tdsc-systemd-XXXXXX)
@@ -92,31 +55,19 @@ tag=tdsc-sd-$$
 image=tdsc-systemd-test:$$
 peer=$tag-peer         # the test's network namespace: the far ends of the container's links
 ctr=$tag
-dpid=""
-export DOCKER_HOST=unix://$tmp/docker.sock
 cleanup() {
   set +e
-  if [ -n "$dpid" ] && kill -0 "$dpid" 2>/dev/null; then
+  if [ -n "$dockerd_pid" ]; then
     "$docker" rm -f "$ctr" >/dev/null 2>&1
-    "$docker" rmi -f "tdsc-node-test:$$" "$image" >/dev/null 2>&1
-    kill "$dpid"
-    for _ in $(seq 100); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$dpid" 2>/dev/null
+    "$docker" rmi -f "$image" >/dev/null 2>&1
   fi
+  dockerd_stop
   ip netns del "$peer" 2>/dev/null
-  # Mounts dockerd may have left (overlay layers, its netns files) before the directory goes.
-  grep -o " $tmp[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
   rm -rf "$tmp"
 }
 trap cleanup EXIT
 
-echo "== dockerd (no bridge, no iptables, no ip-forward) in $tmp"
-dockerd --bridge=none --iptables=false --ip6tables=false --ip-masq=false --ip-forward=false \
-  --data-root "$tmp/data" --exec-root "$tmp/exec" --pidfile "$tmp/docker.pid" \
-  --host "$DOCKER_HOST" >"$tmp/dockerd.log" 2>&1 &
-dpid=$!
-for _ in $(seq 150); do "$docker" info >/dev/null 2>&1 && break; kill -0 "$dpid" 2>/dev/null || break; sleep 0.2; done
-"$docker" info >/dev/null 2>&1 || { tail -20 "$tmp/dockerd.log"; cannot "dockerd did not start"; }
+dockerd_start "$tmp" || cannot "dockerd did not start"
 check "dockerd made no bridge" bash -c '! ip link show docker0 >/dev/null 2>&1'
 
 echo "== image from the systemd root, container booting /sbin/init"
@@ -319,21 +270,6 @@ check "purge deleted /etc/tdsc, /var/lib/tdsc and /run/tdsc" in_ctr sh -c '! tes
 check "systemd no longer knows the units" bash -c '
   ! "$0" exec "$1" systemctl cat tdscd.service >/dev/null 2>&1' "$docker" "$ctr"
 
-echo "== the containerlab node image (deploy/containerlab/Dockerfile), built with no network"
-# The build context holds only what the Dockerfile copies (the repository's target/ is large).
-ctx=$tmp/context
-mkdir -p "$ctx/target/debian" "$ctx/target/release" "$ctx/deploy/containerlab"
-cp "$deb" "$ctx/target/debian/tcp-dsc_test_amd64.deb"   # the name the COPY glob wants
-cp "$repo/target/release/tdsc-lab-httpd" "$ctx/target/release/" 2>/dev/null || true
-cp "$repo/deploy/containerlab/Dockerfile" "$repo/deploy/containerlab/tdsc-node-entrypoint" "$ctx/deploy/containerlab/"
-node_image=tdsc-node-test:$$
-check "docker build --network none --build-arg BASE=<the systemd root>" \
-  "$docker" build -q --network none --build-arg BASE="$image" -t "$node_image" \
-    -f "$ctx/deploy/containerlab/Dockerfile" "$ctx"
-check "the node image runs tdscd and tdsc-lab-httpd (through its entrypoint)" bash -c '
-  out=$("$0" run --rm --network none -e CLAB_INTFS_WITH_MGMT=0 "$1" sh -c \
-    "tdscd --version && tdsc-lab-httpd --help >/dev/null && nft --version >/dev/null && echo fine")
-  [[ "$out" == *fine ]] || { echo "$out"; exit 1; }' "$docker" "$node_image"
-"$docker" rmi -f "$node_image" >/dev/null 2>&1 || true
+# The containerlab node image is built and deployed by docker-test.sh.
 
 harness_summary

@@ -51,3 +51,6 @@ bash tests/scripts/ansible-test.sh --deb "$deb"
 
 echo "== namespace end-to-end tests (one lab at a time)"
 cargo test --release -p tdsc-lab -- --test-threads=1
+
+echo "== the containerlab topology as containers: node image, docker engine, smoke test"
+bash tests/scripts/docker-test.sh --deb "$deb"

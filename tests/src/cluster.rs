@@ -137,12 +137,14 @@ pub fn exclusive_lab(test: &str) -> Option<LabLock> {
     let guard = ONE_LAB_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LAB_LOCK_PATH)
-        .unwrap_or_else(|e| panic!("cannot open {LAB_LOCK_PATH}: {e}"));
+    let file = inherited_lock().unwrap_or_else(|| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LAB_LOCK_PATH)
+            .unwrap_or_else(|e| panic!("cannot open {LAB_LOCK_PATH}: {e}"))
+    });
     file.lock()
         .unwrap_or_else(|e| panic!("cannot lock {LAB_LOCK_PATH}: {e}"));
     Some(LabLock {
@@ -153,6 +155,33 @@ pub fn exclusive_lab(test: &str) -> Option<LabLock> {
 
 /// The machine-wide lab lock file.
 pub const LAB_LOCK_PATH: &str = "/run/tdsc-lab.lock";
+
+/// Environment variable naming a file descriptor, open on [`LAB_LOCK_PATH`], that a parent
+/// (`tests/scripts/docker-test.sh`, which holds the lock around its Docker engine) passes down.
+pub const LAB_LOCK_FD_ENV: &str = "TDSC_LAB_LOCK_FD";
+
+/// A duplicate of the descriptor [`LAB_LOCK_FD_ENV`] names, if it is open on the lock file.
+/// `flock` locks belong to the open file description, which a duplicate shares: locking it
+/// returns at once while the parent holds the lock, and waits like any other locker if it
+/// does not. Anything else there is ignored (the lock file is then opened afresh).
+fn inherited_lock() -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let fd: libc::c_int = std::env::var(LAB_LOCK_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: fcntl(2) with F_DUPFD_CLOEXEC only reads the descriptor number; an fd that is
+    // not open makes it fail with EBADF, which is checked.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return None;
+    }
+    // SAFETY: `dup` is a descriptor this process just created and owns nowhere else.
+    let file = unsafe { std::fs::File::from_raw_fd(dup) };
+    let (have, want) = (
+        file.metadata().ok()?,
+        std::fs::metadata(LAB_LOCK_PATH).ok()?,
+    );
+    (have.dev() == want.dev() && have.ino() == want.ino()).then_some(file)
+}
 
 /// Held while a test owns the lab; dropping it lets the next test in.
 #[derive(Debug)]
@@ -640,28 +669,10 @@ impl Cluster {
 
     /// Requests a node's HTTP server served so far (asked over its own loopback).
     pub fn served(&self, node: &str) -> Result<u64, ClusterError> {
-        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let reply = netns::run_in(&self.lab.netns(node), || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(&crate::http::request_bytes("/__served"))?;
-            let mut raw = String::new();
-            s.read_to_string(&mut raw)?;
-            Ok::<_, std::io::Error>(raw)
-        })?
-        .map_err(|e| ClusterError::Status {
+        served_in(&self.lab.netns(node), self.port).map_err(|reason| ClusterError::Status {
             node: node.to_owned(),
-            reason: format!("/__served: {e}"),
-        })?;
-        reply
-            .lines()
-            .find_map(|l| l.strip_prefix("served="))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| ClusterError::Status {
-                node: node.to_owned(),
-                reason: format!("/__served reply without a count: {reply:?}"),
-            })
+            reason,
+        })
     }
 
     /// A cluster node by topology name.
@@ -773,6 +784,28 @@ impl Cluster {
     pub fn teardown(self) -> Result<(), TeardownError> {
         self.lab.teardown()
     }
+}
+
+/// Requests served so far by the lab's HTTP server listening on `port` in namespace `ns`
+/// (asked over the namespace's loopback: `GET /__served`).
+pub fn served_in(ns: &str, port: u16) -> Result<u64, String> {
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let reply = netns::run_in(ns, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(&crate::http::request_bytes("/__served"))?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok::<_, std::io::Error>(raw)
+    })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("/__served: {e}"))?;
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("served="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("/__served reply without a count: {reply:?}"))
 }
 
 /// What the harness needs to know from a node's config.

@@ -13,6 +13,10 @@
 //! 4. [`netns::run_in`] runs client code inside a namespace; [`http`] and the packet tools
 //!    are what the clients, tests and benchmarks use.
 //!
+//! The same topology also deploys as real containers: [`docker`] does for it what
+//! `containerlab deploy` does, and pins each container's namespace under the same name, so the
+//! clients and checks above work on either engine (`tdsc-lab --engine docker`).
+//!
 //! Everything needs root; without it the end-to-end tests print `SKIP` and pass, except under
 //! CI (`CI=true`), where they fail ([`netns::root_or_skip`]).
 //!
@@ -26,6 +30,7 @@
 pub mod bench;
 pub mod bins;
 pub mod cluster;
+pub mod docker;
 pub mod http;
 pub mod lab;
 pub mod load;

@@ -78,6 +78,11 @@ pub struct Node {
     pub sysctls: BTreeMap<String, String>,
     /// Commands run inside the node after the links are up (containerlab's `exec`).
     pub exec: Vec<String>,
+    /// Environment of the container (containerlab's `env`; the namespace engine has none).
+    pub env: BTreeMap<String, String>,
+    /// The container's command (containerlab's `cmd`), if it sets one; the namespace engine
+    /// starts the lab's processes itself instead.
+    pub cmd: Option<String>,
 }
 
 /// A `host:container[:options]` bind.
@@ -86,6 +91,8 @@ pub struct Bind {
     /// Host path, resolved against the topology directory when relative.
     pub host: PathBuf,
     pub container: String,
+    /// Mount options after the second colon (`ro`), if any.
+    pub options: Option<String>,
 }
 
 /// One end of a link.
@@ -152,6 +159,7 @@ impl Topology {
                     let mut parts = b.splitn(3, ':');
                     let host = parts.next()?;
                     let container = parts.next()?;
+                    let options = parts.next().map(str::to_owned);
                     let host = Path::new(host);
                     Some(Bind {
                         host: if host.is_absolute() {
@@ -160,6 +168,7 @@ impl Topology {
                             base_dir.join(host)
                         },
                         container: container.to_owned(),
+                        options,
                     })
                 })
                 .collect();
@@ -182,6 +191,12 @@ impl Topology {
                         .map(|(k, v)| (k, scalar_to_string(v)))
                         .collect(),
                     exec: raw_node.exec,
+                    env: raw_node
+                        .env
+                        .into_iter()
+                        .map(|(k, v)| (k, scalar_to_string(v)))
+                        .collect(),
+                    cmd: raw_node.cmd,
                 },
             );
         }
@@ -364,6 +379,9 @@ struct RawNode {
     sysctls: BTreeMap<String, serde_yaml::Value>,
     #[serde(default)]
     exec: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, serde_yaml::Value>,
+    cmd: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +403,8 @@ topology:
       labels: {tdsc.role: client}
       sysctls: {net.ipv4.tcp_fastopen: 5}
       binds: [cfg.toml:/etc/tdsc/tdscd.toml:ro]
+      env: {WAIT: 198.51.100.11}
+      cmd: tdscd --config /etc/tdsc/tdscd.toml
       exec: ["ip addr add 192.0.2.101/24 dev eth0", "ip link set eth0 mtu 1400"]
   links:
     - endpoints: ["a:eth0", "br:a-eth0"]
@@ -405,6 +425,12 @@ topology:
         assert_eq!(
             a.ipv4_addresses(),
             vec![("192.0.2.101".parse().unwrap(), 24, "eth0".to_owned())]
+        );
+        assert_eq!(a.binds[0].options.as_deref(), Some("ro"));
+        assert_eq!(a.env["WAIT"], "198.51.100.11");
+        assert_eq!(
+            a.cmd.as_deref(),
+            Some("tdscd --config /etc/tdsc/tdscd.toml")
         );
         assert_eq!(t.links[0].b.interface, "a-eth0");
         assert_eq!(t.netns_name("a"), "clab-t-a");

@@ -8,7 +8,11 @@
 //!   arrivals at 70 % and 90 % of capacity, every policy in turn; reply and connect times,
 //!   node utilisation, connections per node.
 //!
-//! What it changes: network namespaces `clab-<lab>-*` (and nothing in the host namespace),
+//! * `tdsc-lab --engine docker deploy` — the same topology as real containers from the node
+//!   image (`tcp-dsc/node:latest`), on the Docker engine `DOCKER_HOST` names, left running;
+//!   `tdsc-lab --engine docker destroy` removes it. See `deploy/containerlab/README.md`.
+//!
+//! What the namespace engine changes: network namespaces `clab-<lab>-*` (and nothing in the host namespace),
 //! processes inside them, and `/tmp/<lab>/`. All of it is removed on exit, on Ctrl-C and on
 //! SIGTERM. After a SIGKILL, `ip netns del` each `clab-<lab>-*` namespace by hand (or run the
 //! command again: it removes stale namespaces of the same lab first).
@@ -18,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tdsc_lab::cluster::{default_topology_path, Cluster, ClusterOptions};
 use tdsc_lab::{bench, policybench};
 use tdsc_lab::{load, netns};
@@ -35,12 +39,39 @@ struct Cli {
     /// RUST_LOG for the daemons (their logs go to /tmp/<lab>/tdscd-<node>.log).
     #[arg(long, global = true, default_value = "info")]
     daemon_log: String,
+    /// How the topology is realised: network namespaces (every command), or containers from
+    /// the node image on a Docker engine (`deploy` and `destroy`).
+    #[arg(long, global = true, value_enum, default_value_t = Engine::Namespace)]
+    engine: Engine,
     #[command(subcommand)]
     command: Cmd,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Namespace,
+    Docker,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// (docker engine) Deploy the topology as containers, start the lab's HTTP server on every
+    /// cluster node, wait until every daemon answers and one is master, and leave it running.
+    Deploy {
+        /// Bind every node a copy of its config with `[election] mode = "raft"`.
+        #[arg(long)]
+        raft: bool,
+        /// The docker client.
+        #[arg(long, default_value = tdsc_lab::docker::DEFAULT_DOCKER)]
+        docker: PathBuf,
+    },
+    /// (docker engine) Remove what `deploy` made: the lab's containers, its namespace links
+    /// and bridge namespaces, and its work directory.
+    Destroy {
+        /// The docker client.
+        #[arg(long, default_value = tdsc_lab::docker::DEFAULT_DOCKER)]
+        docker: PathBuf,
+    },
     /// Send HTTP requests to the VIP from both clients and show the per-node distribution.
     Demo {
         /// Total number of requests (split evenly between the clients).
@@ -125,19 +156,33 @@ fn main() -> anyhow::Result<()> {
         })
         .context("install the Ctrl-C/SIGTERM handler")?;
     }
+    match (&cli.command, cli.engine) {
+        (Cmd::Deploy { raft, docker }, Engine::Docker) => docker_deploy(&cli, *raft, docker),
+        (Cmd::Destroy { docker }, Engine::Docker) => docker_destroy(&cli, docker),
+        (Cmd::Deploy { .. } | Cmd::Destroy { .. }, Engine::Namespace) => bail!(
+            "the namespace engine's labs live as long as the command that made them \
+             (`tdsc-lab demo`); deploy and destroy are for --engine docker"
+        ),
+        (_, Engine::Docker) => bail!("--engine docker has deploy and destroy only"),
+        (_, Engine::Namespace) => namespace_command(&cli, &stop),
+    }
+}
+
+fn namespace_command(cli: &Cli, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     match &cli.command {
+        Cmd::Deploy { .. } | Cmd::Destroy { .. } => unreachable!("handled in main"),
         Cmd::Demo {
             requests,
             policy,
             election,
-        } => demo(&cli, *requests, policy, election == "raft", &stop),
+        } => demo(cli, *requests, policy, election == "raft", stop),
         Cmd::BenchConnect {
             count,
             warmup,
             syns,
             max_seconds,
         } => {
-            let cluster = start(&cli, None, false)?;
+            let cluster = start(cli, None, false)?;
             let result = run_bench(
                 &cluster,
                 &bench::BenchOptions {
@@ -146,7 +191,7 @@ fn main() -> anyhow::Result<()> {
                     syns: *syns,
                     max_duration: std::time::Duration::from_secs(*max_seconds),
                 },
-                &stop,
+                stop,
             );
             finish(cluster, result)
         }
@@ -183,7 +228,7 @@ fn main() -> anyhow::Result<()> {
                 ..ClusterOptions::default()
             })?;
             let mut all = Vec::new();
-            let result = bench_policies(&cluster, &opts, &mut all, &stop);
+            let result = bench_policies(&cluster, &opts, &mut all, stop);
             finish(cluster, result)?;
             if *baselines && !stop.load(Ordering::Relaxed) {
                 println!("\nbaselines without tcp-dsc (servers only, same workload):");
@@ -196,7 +241,7 @@ fn main() -> anyhow::Result<()> {
                     load_files: true,
                     ..ClusterOptions::default()
                 })?;
-                let result = policybench::run_baselines(&mut cluster, &opts, &stop)
+                let result = policybench::run_baselines(&mut cluster, &opts, stop)
                     .map(|r| all.extend(r))
                     .map_err(anyhow::Error::from);
                 finish(cluster, result)?;
@@ -666,5 +711,68 @@ fn run_bench(
         "  master tdscd CPU (utime+stime): {:.3?} => {per_syn:.2} µs per dispatched SYN",
         cpu.cpu
     );
+    Ok(())
+}
+
+fn lab_topology(cli: &Cli) -> anyhow::Result<tdsc_lab::topology::Topology> {
+    let topo = tdsc_lab::topology::Topology::load(&cli.topology)?;
+    Ok(match &cli.lab_name {
+        Some(name) => topo.renamed(name)?,
+        None => topo,
+    })
+}
+
+/// `--engine docker deploy`: the lab as containers, left running.
+fn docker_deploy(cli: &Cli, raft: bool, docker: &std::path::Path) -> anyhow::Result<()> {
+    let topo = lab_topology(cli)?;
+    // The topology binds the lab's cluster key from beside it (git-ignored): made here once,
+    // as `tdscctl keygen` would.
+    for name in topo.nodes_with_role(tdsc_lab::topology::Role::ClusterNode) {
+        if let Some(key) = topo.nodes[name].bind_for(tdsc_lab::docker::KEY_PATH) {
+            if !key.exists() {
+                tdsc_lab::cluster::write_key_file(key, 1)?;
+                println!("Wrote a new cluster key {} (mode 0600).", key.display());
+            }
+        }
+    }
+    println!(
+        "Deploying {} as containers (engine: {}) ...",
+        cli.topology.display(),
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "the default socket".into())
+    );
+    let cluster =
+        tdsc_lab::docker::DockerCluster::deploy(&tdsc_lab::docker::DockerClusterOptions {
+            topology: cli.topology.clone(),
+            lab_name: cli.lab_name.clone(),
+            docker: docker.to_owned(),
+            raft,
+            ..tdsc_lab::docker::DockerClusterOptions::default()
+        })
+        .context("deploy the lab as containers")?;
+    let master = cluster.wait_master(None, std::time::Duration::from_secs(5))?;
+    let lab = cluster.lab().topology().name.clone();
+    println!(
+        "Lab {lab:?} is up: containers clab-{lab}-*, VIP {}, master {}. Try\n  \
+         docker exec clab-{lab}-{} tdscctl --socket /run/tdsc/tdscd.sock status\n\
+         and remove it with `tdsc-lab --engine docker destroy`.",
+        cluster.vip(),
+        master.name,
+        master.name
+    );
+    cluster.keep();
+    Ok(())
+}
+
+/// `--engine docker destroy`: whatever `deploy` left for this lab name.
+fn docker_destroy(cli: &Cli, docker: &std::path::Path) -> anyhow::Result<()> {
+    let topo = lab_topology(cli)?;
+    tdsc_lab::docker::destroy(&topo, &tdsc_lab::docker::Docker::new(docker))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let workdir = std::env::temp_dir().join(&topo.name);
+    if workdir.exists() {
+        std::fs::remove_dir_all(&workdir)
+            .with_context(|| format!("remove {}", workdir.display()))?;
+    }
+    println!("Lab {:?} destroyed: nothing left but the image.", topo.name);
     Ok(())
 }
