@@ -393,29 +393,8 @@ impl DockerLab {
                 }
             }
         }
-        for link in &topo.links {
-            let (ns_a, ns_b) = (topo.netns_name(&link.a.node), topo.netns_name(&link.b.node));
-            netns::ip([
-                "-n",
-                &ns_a,
-                "link",
-                "add",
-                &link.a.interface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &link.b.interface,
-                "netns",
-                &ns_b,
-            ])?;
-            for (end, ns) in [(&link.a, &ns_a), (&link.b, &ns_b)] {
-                if topo.nodes[&end.node].kind == Kind::Bridge {
-                    netns::ip(["-n", ns, "link", "set", &end.interface, "master", &end.node])?;
-                }
-                netns::ip(["-n", ns, "link", "set", &end.interface, "up"])?;
-            }
-        }
+        // The same links as the namespace engine makes (per-flow steering included).
+        crate::lab::link_topology(&topo)?;
         for (name, node) in &topo.nodes {
             let ctr = topo.netns_name(name);
             for line in &node.exec {

@@ -159,39 +159,7 @@ impl Lab {
                 netns::ip(["-n", &ns, "link", "set", name, "up"])?;
             }
         }
-        for link in &topo.links {
-            let (ns_a, ns_b) = (topo.netns_name(&link.a.node), topo.netns_name(&link.b.node));
-            netns::ip([
-                "-n",
-                &ns_a,
-                "link",
-                "add",
-                &link.a.interface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &link.b.interface,
-                "netns",
-                &ns_b,
-            ])?;
-            for (end, ns) in [(&link.a, &ns_a), (&link.b, &ns_b)] {
-                if topo.nodes[&end.node].kind == Kind::Bridge {
-                    netns::ip(["-n", ns, "link", "set", &end.interface, "master", &end.node])?;
-                }
-                netns::ip(["-n", ns, "link", "set", &end.interface, "up"])?;
-            }
-        }
-        let mask = cpu_mask(std::thread::available_parallelism().map_or(1, usize::from));
-        // TDSC_LAB_RPS=0 leaves the veths as the kernel makes them, to compare.
-        let steer = std::env::var("TDSC_LAB_RPS").map_or(true, |v| v != "0");
-        for link in topo.links.iter().filter(|_| steer) {
-            for end in [&link.a, &link.b] {
-                if topo.nodes[&end.node].kind == Kind::Linux {
-                    steer_flows(&topo.netns_name(&end.node), &end.interface, &mask)?;
-                }
-            }
-        }
+        link_topology(&topo)?;
         for (name, node) in &topo.nodes {
             if node.kind != Kind::Linux {
                 continue;
@@ -537,12 +505,53 @@ impl Drop for Lab {
     }
 }
 
+/// Creates every veth of `topo` between the namespaces of its ends (which exist), puts bridge
+/// ends into their bridge, brings both ends up, and steers flows on the ends in `linux` nodes
+/// ([`steer_flows`]; not with `TDSC_LAB_RPS=0`). Shared by the namespace and docker engines.
+pub(crate) fn link_topology(topo: &Topology) -> Result<(), NetnsError> {
+    for link in &topo.links {
+        let (ns_a, ns_b) = (topo.netns_name(&link.a.node), topo.netns_name(&link.b.node));
+        netns::ip([
+            "-n",
+            &ns_a,
+            "link",
+            "add",
+            &link.a.interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &link.b.interface,
+            "netns",
+            &ns_b,
+        ])?;
+        for (end, ns) in [(&link.a, &ns_a), (&link.b, &ns_b)] {
+            if topo.nodes[&end.node].kind == Kind::Bridge {
+                netns::ip(["-n", ns, "link", "set", &end.interface, "master", &end.node])?;
+            }
+            netns::ip(["-n", ns, "link", "set", &end.interface, "up"])?;
+        }
+    }
+    let mask = cpu_mask(std::thread::available_parallelism().map_or(1, usize::from));
+    // TDSC_LAB_RPS=0 leaves the veths as the kernel makes them, to compare.
+    let steer = std::env::var("TDSC_LAB_RPS").map_or(true, |v| v != "0");
+    for link in topo.links.iter().filter(|_| steer) {
+        for end in [&link.a, &link.b] {
+            if topo.nodes[&end.node].kind == Kind::Linux {
+                steer_flows(&topo.netns_name(&end.node), &end.interface, &mask)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Per-flow receive steering (RPS over every CPU, `mask`) on `iface` in `ns`, so that a
 /// host handles all segments of one connection on one CPU, as a multi-queue NIC's RSS makes
 /// it do. A veth otherwise delivers each packet on the CPU that sent it, and a client that
 /// sends its handshake ACK from a softirq and its request from a thread has a node process
-/// the two at once on two CPUs (docs/platform.md, "Per-flow CPU steering in the lab").
-fn steer_flows(ns: &str, iface: &str, mask: &str) -> Result<(), LabError> {
+/// the two at once on two CPUs (docs/platform.md, "A veth delivers a packet on the CPU that
+/// sent it").
+fn steer_flows(ns: &str, iface: &str, mask: &str) -> Result<(), NetnsError> {
     let path = format!("/sys/class/net/{iface}/queues/rx-0/rps_cpus");
     // `ip netns exec` mounts the namespace's own sysfs, where `iface` is this veth end.
     netns::exec(ns, "sh", ["-c", &format!("echo {mask} > {path}")])?;
