@@ -175,10 +175,18 @@ fn errno_of(body: &[u8]) -> io::Result<()> {
         .get(0..4)
         .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
         .unwrap_or(-libc::EPROTO);
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(-code))
+    match code {
+        0 => Ok(()),
+        // The kernel sends a negative errno; `i32::MIN` has none to negate to.
+        c => Err(c.checked_neg().map_or_else(
+            || {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "netlink error code out of range",
+                )
+            },
+            io::Error::from_raw_os_error,
+        )),
     }
 }
 
@@ -209,6 +217,14 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
         // Another request's reply is skipped: the answer is still to come.
         assert!(ack(&error_msg(3, 0)).is_none());
+    }
+
+    /// Found by the `netlink` fuzz target: `i32::MIN` has no errno to negate to (the
+    /// negation overflowed: a panic with overflow checks, `i32::MIN` itself without).
+    #[test]
+    fn an_error_code_without_an_errno_is_invalid_data() {
+        let e = ack(&error_msg(2, i32::MIN)).unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     }
 
     #[test]
