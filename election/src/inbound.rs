@@ -50,7 +50,7 @@ pub enum Invalid {
     #[error("oversized: {what}")]
     TooLarge { what: &'static str },
     /// Entries that do not follow `index` one by one, or whose terms go down or exceed the
-    /// message's term.
+    /// message's term; or an append after a nonzero index whose log term is 0.
     #[error("entries are not contiguous after index {index}")]
     Entries { index: u64 },
     /// A commit index beyond this node's log (raft-rs panics on it).
@@ -162,6 +162,12 @@ pub fn check(m: &Message, local: &Local) -> Result<(), Invalid> {
 
 fn check_entries(m: &Message) -> Result<(), Invalid> {
     let bad = Invalid::Entries { index: m.index };
+    // Only index 0 (before the first entry) has term 0. raft-rs reads the term of an index
+    // outside its log as 0, so (index beyond the log, log term 0) would "match", and the
+    // commit that follows would panic past the last index.
+    if m.index > 0 && m.log_term == 0 {
+        return Err(bad);
+    }
     let mut prev_term = m.log_term;
     for (i, e) in m.entries.iter().enumerate() {
         let want = u64::try_from(i)
@@ -360,7 +366,7 @@ mod tests {
         for (what, entries) in cases {
             let mut m = msg(MessageType::MsgAppend);
             m.index = 100;
-            m.log_term = 0;
+            m.log_term = 4;
             m.entries = entries.into();
             assert_eq!(
                 check(&m, &LOCAL),
@@ -376,6 +382,23 @@ mod tests {
         let mut m = msg(MessageType::MsgHeartbeat);
         m.entries = vec![entry(101, 5)].into();
         assert!(matches!(check(&m, &LOCAL), Err(Invalid::Entries { .. })));
+    }
+
+    /// Found by the `raft_step` fuzz target: an append after index 1 with log term 0 and
+    /// commit 1, to a node with an empty log, reached a panic in raft-rs (`to_commit 1 is out
+    /// of range [last_index 0]`; `RaftCore` level: `tests/sim.rs`).
+    #[test]
+    fn an_append_after_a_nonzero_index_with_log_term_zero_is_refused() {
+        let mut m = msg(MessageType::MsgAppend);
+        m.index = 1;
+        m.log_term = 0;
+        m.commit = 1;
+        assert_eq!(check(&m, &LOCAL), Err(Invalid::Entries { index: 1 }));
+        // Index 0 has term 0: the first append to an empty log.
+        let mut m = msg(MessageType::MsgAppend);
+        m.entries = vec![entry(1, 5)].into();
+        m.commit = 1;
+        assert_eq!(check(&m, &LOCAL), Ok(()));
     }
 
     #[test]
