@@ -20,6 +20,11 @@ pub const MAX_ENTRIES: usize = 1024;
 pub const MAX_BYTES: usize = 64 * 1024;
 /// At most this many voters in a snapshot's configuration (the daemon's view has as many slots).
 pub const MAX_VOTERS: usize = 64;
+/// No term or index above this is accepted. raft-rs adds 1 to terms and indexes unchecked (a
+/// campaign's `term + 1`, a new leader's `last_index + 1`), so a peer's `u64::MAX` would
+/// overflow: a panic with overflow checks, a wrap to term 0 without. No cluster gets near
+/// 2^62: that is an election every microsecond for 146,000 years.
+pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 
 /// What this node knows that the check needs, read from the core just before stepping.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +114,17 @@ pub fn check(m: &Message, local: &Local) -> Result<(), Invalid> {
     }
     if m.from == raft::INVALID_ID || m.from == local.id {
         return Err(Invalid::Sender(m.from));
+    }
+    let snapshot = m.snapshot.as_ref().and_then(|s| s.metadata.as_ref());
+    let snapshot = snapshot.map_or([0, 0], |meta| [meta.index, meta.term]);
+    if [m.term, m.log_term, m.index, m.commit, m.reject_hint]
+        .into_iter()
+        .chain(snapshot)
+        .any(|v| v > MAX_TERM_OR_INDEX)
+    {
+        return Err(Invalid::TooLarge {
+            what: "term or index",
+        });
     }
     if m.context.len() > MAX_BYTES {
         return Err(Invalid::TooLarge { what: "context" });
@@ -375,9 +391,15 @@ mod tests {
             );
         }
         let mut m = msg(MessageType::MsgAppend);
-        m.index = u64::MAX;
+        m.index = MAX_TERM_OR_INDEX;
+        m.log_term = 4;
         m.entries = vec![entry(0, 5)].into();
-        assert_eq!(check(&m, &LOCAL), Err(Invalid::Entries { index: u64::MAX }));
+        assert_eq!(
+            check(&m, &LOCAL),
+            Err(Invalid::Entries {
+                index: MAX_TERM_OR_INDEX
+            })
+        );
         // Entries on anything but an append.
         let mut m = msg(MessageType::MsgHeartbeat);
         m.entries = vec![entry(101, 5)].into();
@@ -398,6 +420,28 @@ mod tests {
         let mut m = msg(MessageType::MsgAppend);
         m.entries = vec![entry(1, 5)].into();
         m.commit = 1;
+        assert_eq!(check(&m, &LOCAL), Ok(()));
+    }
+
+    /// Found while triaging the `raft_step` findings (raft-rs's `term + 1` in a campaign): a
+    /// peer's term or index near `u64::MAX` would overflow inside raft-rs.
+    #[test]
+    fn terms_and_indexes_beyond_2_62_are_refused() {
+        let huge = Err(Invalid::TooLarge {
+            what: "term or index",
+        });
+        let mut m = msg(MessageType::MsgHeartbeat);
+        m.term = u64::MAX;
+        assert_eq!(check(&m, &LOCAL), huge);
+        let mut m = msg(MessageType::MsgRequestVote);
+        m.index = MAX_TERM_OR_INDEX + 1;
+        assert_eq!(check(&m, &LOCAL), huge);
+        let mut m = snapshot(vec![1, 2, 3]);
+        m.mut_snapshot().mut_metadata().index = u64::MAX;
+        assert_eq!(check(&m, &LOCAL), huge);
+        let mut m = msg(MessageType::MsgRequestVote);
+        m.term = MAX_TERM_OR_INDEX;
+        m.index = MAX_TERM_OR_INDEX;
         assert_eq!(check(&m, &LOCAL), Ok(()));
     }
 
