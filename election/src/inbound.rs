@@ -20,6 +20,11 @@ pub const MAX_ENTRIES: usize = 1024;
 pub const MAX_BYTES: usize = 64 * 1024;
 /// At most this many voters in a snapshot's configuration (the daemon's view has as many slots).
 pub const MAX_VOTERS: usize = 64;
+/// No term or index above this is accepted. raft-rs adds 1 to terms and indexes unchecked (a
+/// campaign's `term + 1`, a new leader's `last_index + 1`), so a peer's `u64::MAX` would
+/// overflow: a panic with overflow checks, a wrap to term 0 without. No cluster gets near
+/// 2^62: that is an election every microsecond for 146,000 years.
+pub const MAX_TERM_OR_INDEX: u64 = 1 << 62;
 
 /// What this node knows that the check needs, read from the core just before stepping.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +55,7 @@ pub enum Invalid {
     #[error("oversized: {what}")]
     TooLarge { what: &'static str },
     /// Entries that do not follow `index` one by one, or whose terms go down or exceed the
-    /// message's term.
+    /// message's term; or an append after a nonzero index whose log term is 0.
     #[error("entries are not contiguous after index {index}")]
     Entries { index: u64 },
     /// A commit index beyond this node's log (raft-rs panics on it).
@@ -110,6 +115,17 @@ pub fn check(m: &Message, local: &Local) -> Result<(), Invalid> {
     if m.from == raft::INVALID_ID || m.from == local.id {
         return Err(Invalid::Sender(m.from));
     }
+    let snapshot = m.snapshot.as_ref().and_then(|s| s.metadata.as_ref());
+    let snapshot = snapshot.map_or([0, 0], |meta| [meta.index, meta.term]);
+    if [m.term, m.log_term, m.index, m.commit, m.reject_hint]
+        .into_iter()
+        .chain(snapshot)
+        .any(|v| v > MAX_TERM_OR_INDEX)
+    {
+        return Err(Invalid::TooLarge {
+            what: "term or index",
+        });
+    }
     if m.context.len() > MAX_BYTES {
         return Err(Invalid::TooLarge { what: "context" });
     }
@@ -162,6 +178,12 @@ pub fn check(m: &Message, local: &Local) -> Result<(), Invalid> {
 
 fn check_entries(m: &Message) -> Result<(), Invalid> {
     let bad = Invalid::Entries { index: m.index };
+    // Only index 0 (before the first entry) has term 0. raft-rs reads the term of an index
+    // outside its log as 0, so (index beyond the log, log term 0) would "match", and the
+    // commit that follows would panic past the last index.
+    if m.index > 0 && m.log_term == 0 {
+        return Err(bad);
+    }
     let mut prev_term = m.log_term;
     for (i, e) in m.entries.iter().enumerate() {
         let want = u64::try_from(i)
@@ -360,7 +382,7 @@ mod tests {
         for (what, entries) in cases {
             let mut m = msg(MessageType::MsgAppend);
             m.index = 100;
-            m.log_term = 0;
+            m.log_term = 4;
             m.entries = entries.into();
             assert_eq!(
                 check(&m, &LOCAL),
@@ -369,13 +391,58 @@ mod tests {
             );
         }
         let mut m = msg(MessageType::MsgAppend);
-        m.index = u64::MAX;
+        m.index = MAX_TERM_OR_INDEX;
+        m.log_term = 4;
         m.entries = vec![entry(0, 5)].into();
-        assert_eq!(check(&m, &LOCAL), Err(Invalid::Entries { index: u64::MAX }));
+        assert_eq!(
+            check(&m, &LOCAL),
+            Err(Invalid::Entries {
+                index: MAX_TERM_OR_INDEX
+            })
+        );
         // Entries on anything but an append.
         let mut m = msg(MessageType::MsgHeartbeat);
         m.entries = vec![entry(101, 5)].into();
         assert!(matches!(check(&m, &LOCAL), Err(Invalid::Entries { .. })));
+    }
+
+    /// Found by the `raft_step` fuzz target: an append after index 1 with log term 0 and
+    /// commit 1, to a node with an empty log, reached a panic in raft-rs (`to_commit 1 is out
+    /// of range [last_index 0]`; `RaftCore` level: `tests/sim.rs`).
+    #[test]
+    fn an_append_after_a_nonzero_index_with_log_term_zero_is_refused() {
+        let mut m = msg(MessageType::MsgAppend);
+        m.index = 1;
+        m.log_term = 0;
+        m.commit = 1;
+        assert_eq!(check(&m, &LOCAL), Err(Invalid::Entries { index: 1 }));
+        // Index 0 has term 0: the first append to an empty log.
+        let mut m = msg(MessageType::MsgAppend);
+        m.entries = vec![entry(1, 5)].into();
+        m.commit = 1;
+        assert_eq!(check(&m, &LOCAL), Ok(()));
+    }
+
+    /// Found while triaging the `raft_step` findings (raft-rs's `term + 1` in a campaign): a
+    /// peer's term or index near `u64::MAX` would overflow inside raft-rs.
+    #[test]
+    fn terms_and_indexes_beyond_2_62_are_refused() {
+        let huge = Err(Invalid::TooLarge {
+            what: "term or index",
+        });
+        let mut m = msg(MessageType::MsgHeartbeat);
+        m.term = u64::MAX;
+        assert_eq!(check(&m, &LOCAL), huge);
+        let mut m = msg(MessageType::MsgRequestVote);
+        m.index = MAX_TERM_OR_INDEX + 1;
+        assert_eq!(check(&m, &LOCAL), huge);
+        let mut m = snapshot(vec![1, 2, 3]);
+        m.mut_snapshot().mut_metadata().index = u64::MAX;
+        assert_eq!(check(&m, &LOCAL), huge);
+        let mut m = msg(MessageType::MsgRequestVote);
+        m.term = MAX_TERM_OR_INDEX;
+        m.index = MAX_TERM_OR_INDEX;
+        assert_eq!(check(&m, &LOCAL), Ok(()));
     }
 
     #[test]

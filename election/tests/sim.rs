@@ -960,3 +960,62 @@ fn forged_raft_messages_are_refused_and_change_nothing() {
     let voters_after: Vec<Vec<u64>> = (1..=3).map(|id| sim.voters(id)).collect();
     assert_eq!(voters_after, voters_before, "membership unchanged");
 }
+
+/// Found by the `raft_step` fuzz target: an authenticated peer's append after index 1 with
+/// log term 0 and commit 1 reached a panic inside raft-rs on a node with an empty log
+/// (`to_commit 1 is out of range [last_index 0]`), which ends the daemon. It is refused now.
+#[test]
+fn an_append_with_log_term_zero_after_a_nonzero_index_is_refused_not_a_panic() {
+    use protobuf::Message as _;
+    use raft::eraftpb::{Message, MessageType};
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let mut core = RaftCore::new(1, &[1, 2, 3], SETTINGS, None, 0, &log).unwrap();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppend);
+    m.from = 2;
+    m.to = 1;
+    m.term = 1;
+    m.index = 1;
+    m.log_term = 0;
+    m.commit = 1;
+    let bytes = m.write_to_bytes().unwrap();
+    assert!(matches!(
+        core.step(2, &bytes, 0),
+        Err(tdsc_election::StepError::Invalid(_))
+    ));
+    let _ = core.ready();
+    assert_eq!(core.log_bounds().1, 0);
+}
+
+/// A peer's heartbeat with term `u64::MAX` would make this node adopt that term, and its next
+/// campaign's `term + 1` inside raft-rs overflows (a panic with overflow checks; without, a
+/// pre-vote for term 0, which raft-rs takes for a local message). It is refused now.
+#[test]
+fn a_term_of_u64_max_is_refused_and_the_next_campaign_does_not_wrap() {
+    use protobuf::Message as _;
+    use raft::eraftpb::{Message, MessageType};
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let mut core = RaftCore::new(1, &[1, 2, 3], SETTINGS, None, 0, &log).unwrap();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgHeartbeat);
+    m.from = 2;
+    m.to = 1;
+    m.term = u64::MAX;
+    let bytes = m.write_to_bytes().unwrap();
+    assert!(matches!(
+        core.step(2, &bytes, 0),
+        Err(tdsc_election::StepError::Invalid(_))
+    ));
+    let mut terms = Vec::new();
+    for t in 1..=3 * SETTINGS.election_tick as u64 {
+        core.tick(t * SETTINGS.tick_ms);
+        for (_, bytes) in core.ready().messages {
+            terms.push(Message::parse_from_bytes(&bytes).unwrap().term);
+        }
+    }
+    assert!(core.term() < u64::MAX);
+    assert!(
+        !terms.is_empty() && terms.iter().all(|&t| t > 0),
+        "{terms:?}"
+    );
+}

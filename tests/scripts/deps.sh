@@ -8,6 +8,7 @@ pkgs=(
   nftables                             # `nft`: golden-ruleset comparison and client-side counters in tests
   iproute2 procps kmod                 # ip netns / veth / bridge, sysctl
   ca-certificates curl
+  g++                                  # fuzz targets: libfuzzer-sys builds libFuzzer (C++)
   dpkg-dev lintian                     # the .deb: dpkg-shlibdeps for cargo-deb, lintian
   debootstrap                          # install tests: a fresh Debian root
   python3-venv                         # Ansible role test: ansible-core and ansible-lint in a venv

@@ -41,6 +41,9 @@ cargo build --workspace --release
 echo "== unit, fixture and golden tests"
 cargo test --workspace --release --exclude tdsc-lab
 
+echo "== fuzz: every target for a short bounded time (docs/fuzzing.md)"
+bash tests/scripts/fuzz.sh
+
 echo "== Debian package: build, lintian, install/upgrade/remove/purge in a debootstrap root"
 bash deploy/debian/build-deb.sh --no-build
 deb=$(ls -t target/debian/tcp-dsc_*.deb | head -1)

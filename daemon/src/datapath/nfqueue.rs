@@ -119,6 +119,8 @@ pub enum ParseError {
     NoPacketHeader,
     #[error("queued packet without a payload")]
     NoPayload,
+    #[error("error message with code {code}, which is no negated errno")]
+    Errno { code: i32 },
 }
 
 fn align4(n: usize) -> usize {
@@ -171,11 +173,14 @@ impl<'a> Iterator for Messages<'a> {
         let body = &buf[NLMSG_HDRLEN..len];
         Some(match kind {
             NLMSG_ERROR => match body.get(..4) {
-                Some(e) => Ok(Message::Ack {
-                    seq,
-                    // The kernel sends a negative errno; 0 is an acknowledgement.
-                    errno: -i32::from_ne_bytes([e[0], e[1], e[2], e[3]]),
-                }),
+                // The kernel sends a negative errno; 0 is an acknowledgement. `i32::MIN` has
+                // no errno to negate to.
+                Some(e) => {
+                    let code = i32::from_ne_bytes([e[0], e[1], e[2], e[3]]);
+                    code.checked_neg()
+                        .map(|errno| Message::Ack { seq, errno })
+                        .ok_or(ParseError::Errno { code })
+                }
                 None => Err(ParseError::Header),
             },
             NLMSG_OVERRUN => Ok(Message::Overrun),
@@ -546,6 +551,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Found by the `nfqueue` fuzz target: `i32::MIN` has no errno to negate to (the negation
+    /// overflowed: a panic with overflow checks, an `Ack` with `i32::MIN` without).
+    #[test]
+    fn an_error_code_without_an_errno_is_refused() {
+        let mut m = ack_msg(5, 0);
+        m[16..20].copy_from_slice(&i32::MIN.to_ne_bytes());
+        assert_eq!(
+            messages(&m).next(),
+            Some(Err(ParseError::Errno { code: i32::MIN }))
+        );
+        assert_eq!(
+            messages(&ack_msg(5, 17)).next(),
+            Some(Ok(Message::Ack { seq: 5, errno: 17 }))
+        );
     }
 
     #[test]

@@ -88,22 +88,13 @@ impl Netlink {
     /// A request answered by an ACK (or an error).
     pub fn request_ack(&mut self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
         let seq = self.send(kind, flags | NLM_F_REQUEST | NLM_F_ACK, body)?;
-        self.replies(seq, 8192, |kind, msg| {
-            (kind == NLMSG_ERROR).then(|| errno_of(msg))
-        })
+        self.replies(seq, 8192, ack_reply)
     }
 
     /// A dump request; `each` sees the body of every reply message.
     pub fn dump(&mut self, kind: u16, body: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
         let seq = self.send(kind, NLM_F_REQUEST | NLM_F_DUMP, body)?;
-        self.replies(seq, 32768, |kind, msg| match kind {
-            NLMSG_DONE => Some(Ok(())),
-            NLMSG_ERROR => Some(errno_of(msg)),
-            _ => {
-                each(msg);
-                None
-            }
-        })
+        self.replies(seq, 32768, |kind, msg| dump_reply(kind, msg, &mut each))
     }
 
     /// Reads replies to request `seq` and hands each message's type and body to `on`, until
@@ -117,22 +108,57 @@ impl Netlink {
         let mut buf = vec![0u8; buf_len];
         loop {
             let n = self.recv_into(&mut buf)?;
-            let mut at = 0;
-            while at + NLMSG_HDRLEN <= n {
-                let (len, kind, mseq) = header(&buf[at..n]);
-                if len < NLMSG_HDRLEN || at + len > n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bad netlink message length",
-                    ));
-                }
-                if mseq == seq {
-                    if let Some(outcome) = on(kind, &buf[at + NLMSG_HDRLEN..at + len]) {
-                        return outcome;
-                    }
-                }
-                at += align4(len);
+            if let Some(outcome) = datagram_replies(&buf[..n], seq, &mut on) {
+                return outcome;
             }
+        }
+    }
+}
+
+/// Hands the type and body of every message of request `seq` in one received datagram to
+/// `on`, until `on` returns the outcome; `None` when the datagram ended first (the reply goes
+/// on in the next one). A length that does not fit the datagram ends it with an error. Pure:
+/// the fuzz target `netlink` feeds it arbitrary datagrams.
+pub fn datagram_replies(
+    datagram: &[u8],
+    seq: u32,
+    on: &mut impl FnMut(u16, &[u8]) -> Option<io::Result<()>>,
+) -> Option<io::Result<()>> {
+    let n = datagram.len();
+    let mut at = 0;
+    while at + NLMSG_HDRLEN <= n {
+        let (len, kind, mseq) = header(&datagram[at..n]);
+        if len < NLMSG_HDRLEN || at + len > n {
+            return Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad netlink message length",
+            )));
+        }
+        if mseq == seq {
+            if let Some(outcome) = on(kind, &datagram[at + NLMSG_HDRLEN..at + len]) {
+                return Some(outcome);
+            }
+        }
+        at += align4(len);
+    }
+    None
+}
+
+/// The outcome of a request answered by an ACK, once its reply message of type `kind`
+/// arrived; `None` for any other message.
+pub fn ack_reply(kind: u16, msg: &[u8]) -> Option<io::Result<()>> {
+    (kind == NLMSG_ERROR).then(|| errno_of(msg))
+}
+
+/// The outcome of a dump request once a message of type `kind` ends it (done or an error);
+/// every other message is handed to `each` and the dump goes on (`None`).
+pub fn dump_reply(kind: u16, msg: &[u8], each: &mut impl FnMut(&[u8])) -> Option<io::Result<()>> {
+    match kind {
+        NLMSG_DONE => Some(Ok(())),
+        NLMSG_ERROR => Some(errno_of(msg)),
+        _ => {
+            each(msg);
+            None
         }
     }
 }
@@ -149,9 +175,63 @@ fn errno_of(body: &[u8]) -> io::Result<()> {
         .get(0..4)
         .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
         .unwrap_or(-libc::EPROTO);
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(-code))
+    match code {
+        0 => Ok(()),
+        // The kernel sends a negative errno; `i32::MIN` has none to negate to.
+        c => Err(c.checked_neg().map_or_else(
+            || {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "netlink error code out of range",
+                )
+            },
+            io::Error::from_raw_os_error,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `NLMSG_ERROR` reply to request `seq` carrying `code` (the kernel's negative errno, 0
+    /// for an acknowledgement) and the request's header.
+    fn error_msg(seq: u32, code: i32) -> Vec<u8> {
+        let mut m = vec![0u8; NLMSG_HDRLEN + 4 + NLMSG_HDRLEN];
+        let len = u32::try_from(m.len()).unwrap();
+        m[0..4].copy_from_slice(&len.to_ne_bytes());
+        m[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        m[8..12].copy_from_slice(&seq.to_ne_bytes());
+        m[16..20].copy_from_slice(&code.to_ne_bytes());
+        m
+    }
+
+    fn ack(datagram: &[u8]) -> Option<io::Result<()>> {
+        datagram_replies(datagram, 2, &mut ack_reply)
+    }
+
+    #[test]
+    fn an_acknowledgement_and_an_error_end_the_request() {
+        assert!(matches!(ack(&error_msg(2, 0)), Some(Ok(()))));
+        let e = ack(&error_msg(2, -libc::EEXIST)).unwrap().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        // Another request's reply is skipped: the answer is still to come.
+        assert!(ack(&error_msg(3, 0)).is_none());
+    }
+
+    /// Found by the `netlink` fuzz target: `i32::MIN` has no errno to negate to (the
+    /// negation overflowed: a panic with overflow checks, `i32::MIN` itself without).
+    #[test]
+    fn an_error_code_without_an_errno_is_invalid_data() {
+        let e = ack(&error_msg(2, i32::MIN)).unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[test]
+    fn a_length_beyond_the_datagram_is_invalid_data() {
+        let mut m = error_msg(2, 0);
+        m[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        let e = ack(&m).unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 }

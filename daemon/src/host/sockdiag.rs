@@ -31,8 +31,9 @@ fn request(family: u8, states: u32) -> Vec<u8> {
     r
 }
 
-/// Does an `inet_diag_msg`'s local address equal the VIP (also as IPv4-mapped IPv6)?
-fn local_is(msg: &[u8], vip: &IpAddr) -> Option<u8> {
+/// Does an `inet_diag_msg`'s local address equal the VIP (also as IPv4-mapped IPv6)? Its
+/// state if so. Public for the fuzz target `netlink`, which feeds it arbitrary dump replies.
+pub fn local_is(msg: &[u8], vip: &IpAddr) -> Option<u8> {
     // inet_diag_msg: family u8, state u8, timer u8, retrans u8, then inet_diag_sockid with
     // sport (2), dport (2), src (16), dst (16), …
     if msg.len() < 4 + 4 + 32 {
@@ -52,8 +53,9 @@ fn local_is(msg: &[u8], vip: &IpAddr) -> Option<u8> {
     hit.then_some(state)
 }
 
-/// The remote address and port of an `inet_diag_msg` (IPv4-mapped IPv6 as IPv4).
-fn remote_of(msg: &[u8]) -> Option<(IpAddr, u16)> {
+/// The remote address and port of an `inet_diag_msg` (IPv4-mapped IPv6 as IPv4). Public for
+/// the fuzz target `netlink`.
+pub fn remote_of(msg: &[u8]) -> Option<(IpAddr, u16)> {
     if msg.len() < 4 + 4 + 32 {
         return None;
     }
