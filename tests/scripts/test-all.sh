@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every tcp-dsc test: lint, docs, unit, golden, namespace end-to-end. Needs root for the
+# Runs every tcp-dsc test: lint, docs, unit, golden, fuzz, package, Ansible, namespace end-to-end and container tests. Needs root for the
 # namespace tests: they print SKIP otherwise, and fail under CI=true, where nothing may pass
 # unrun. Installs its own dependencies.
 set -euo pipefail
