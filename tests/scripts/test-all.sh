@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every tcp-dsc test: lint, docs, unit, golden, fuzz, package, Ansible, namespace end-to-end and container tests. Needs root for the
-# namespace tests: they print SKIP otherwise, and fail under CI=true, where nothing may pass
-# unrun. Installs its own dependencies.
+# Runs every tcp-dsc test: lint, docs, unit, golden, fuzz, the package, Ansible, the namespace
+# end-to-end tests and the container tests. Needs root for the namespace tests: they print SKIP
+# otherwise, and fail under CI=true, where nothing may pass unrun. Installs its own dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/scripts/deps.sh
