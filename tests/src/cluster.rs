@@ -102,6 +102,10 @@ pub struct ClusterOptions {
     pub raft: bool,
     /// Extra `[scheduler]` keys for every node's config (e.g. `replicate_records = false`).
     pub scheduler_extra: Vec<(String, toml::Value)>,
+    /// Per-flow CPU steering (RPS) on the client side's veths, so that each connection's
+    /// segments are handled on one CPU as a NIC's RSS does (docs/platform.md). Off by default:
+    /// with it on, the Raft lab's forged-datagram test saw unexpected elections.
+    pub steer_flows: bool,
 }
 
 impl Default for ClusterOptions {
@@ -118,6 +122,7 @@ impl Default for ClusterOptions {
             load_files: false,
             raft: false,
             scheduler_extra: Vec::new(),
+            steer_flows: false,
         }
     }
 }
@@ -270,7 +275,7 @@ impl Cluster {
                 eprintln!("tdsc-lab: removed stale namespace {name}");
             }
         }
-        let lab = Lab::realise(topology)?;
+        let lab = Lab::realise(topology, opts.steer_flows)?;
         let topo = lab.topology().clone();
 
         // One cluster key for every node of the lab (the daemons refuse to start without one).

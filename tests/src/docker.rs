@@ -393,8 +393,8 @@ impl DockerLab {
                 }
             }
         }
-        // The same links as the namespace engine makes (per-flow steering included).
-        crate::lab::link_topology(&topo)?;
+        // The same links as the namespace engine makes (its default: no flow steering).
+        crate::lab::link_topology(&topo, false)?;
         for (name, node) in &topo.nodes {
             let ctr = topo.netns_name(name);
             for line in &node.exec {

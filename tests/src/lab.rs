@@ -115,8 +115,9 @@ pub struct Lab {
 
 impl Lab {
     /// Creates every namespace, bridge and veth of the topology, then applies sysctls and
-    /// runs the `exec` lines. On failure, whatever was made is torn down before returning.
-    pub fn realise(topology: Topology) -> Result<Lab, LabError> {
+    /// runs the `exec` lines. `steer_flows`: per-flow CPU steering on the client side (see
+    /// [`link_topology`]). On failure, whatever was made is torn down before returning.
+    pub fn realise(topology: Topology, steer_flows: bool) -> Result<Lab, LabError> {
         let workdir = std::env::temp_dir().join(&topology.name);
         let mut lab = Lab {
             topology,
@@ -126,7 +127,7 @@ impl Lab {
             torn_down: false,
         };
         // On error `lab` is dropped here, which tears down the partial lab.
-        lab.build()?;
+        lab.build(steer_flows)?;
         Ok(lab)
     }
 
@@ -144,7 +145,7 @@ impl Lab {
         Ok(removed)
     }
 
-    fn build(&mut self) -> Result<(), LabError> {
+    fn build(&mut self, steer_flows: bool) -> Result<(), LabError> {
         std::fs::create_dir_all(&self.workdir).map_err(|source| LabError::Io {
             path: self.workdir.clone(),
             source,
@@ -159,7 +160,7 @@ impl Lab {
                 netns::ip(["-n", &ns, "link", "set", name, "up"])?;
             }
         }
-        link_topology(&topo)?;
+        link_topology(&topo, steer_flows)?;
         for (name, node) in &topo.nodes {
             if node.kind != Kind::Linux {
                 continue;
@@ -506,9 +507,10 @@ impl Drop for Lab {
 }
 
 /// Creates every veth of `topo` between the namespaces of its ends (which exist), puts bridge
-/// ends into their bridge, brings both ends up, and steers flows on the ends in `linux` nodes
-/// ([`steer_flows`]; not with `TDSC_LAB_RPS=0`). Shared by the namespace and docker engines.
-pub(crate) fn link_topology(topo: &Topology) -> Result<(), NetnsError> {
+/// ends into their bridge, brings both ends up, and steers flows on the `linux` ends of the
+/// links to a bridge that clients are attached to when `steer` ([`steer_flows`];
+/// `TDSC_LAB_RPS=1` or `=0` overrides it). Shared by the namespace and docker engines.
+pub(crate) fn link_topology(topo: &Topology, steer: bool) -> Result<(), NetnsError> {
     for link in &topo.links {
         let (ns_a, ns_b) = (topo.netns_name(&link.a.node), topo.netns_name(&link.b.node));
         netns::ip([
@@ -533,9 +535,33 @@ pub(crate) fn link_topology(topo: &Topology) -> Result<(), NetnsError> {
         }
     }
     let mask = cpu_mask(std::thread::available_parallelism().map_or(1, usize::from));
-    // TDSC_LAB_RPS=0 leaves the veths as the kernel makes them, to compare.
-    let steer = std::env::var("TDSC_LAB_RPS").map_or(true, |v| v != "0");
+    let steer = match std::env::var("TDSC_LAB_RPS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => steer,
+    };
+    // Only the client side carries TCP connections to the VIP: the links of the bridges that
+    // clients hang off. The cluster links (datagrams, forwards) keep the kernel's behaviour.
+    let bridge_of = |link: &crate::topology::Link| {
+        [&link.a, &link.b]
+            .into_iter()
+            .find(|e| topo.nodes[&e.node].kind == Kind::Bridge)
+            .map(|e| e.node.clone())
+    };
+    let client_bridges: std::collections::BTreeSet<String> = topo
+        .links
+        .iter()
+        .filter(|l| {
+            [&l.a, &l.b]
+                .into_iter()
+                .any(|e| topo.nodes[&e.node].role() == Some(crate::topology::Role::Client))
+        })
+        .filter_map(bridge_of)
+        .collect();
     for link in topo.links.iter().filter(|_| steer) {
+        if !bridge_of(link).is_some_and(|b| client_bridges.contains(&b)) {
+            continue;
+        }
         for end in [&link.a, &link.b] {
             if topo.nodes[&end.node].kind == Kind::Linux {
                 steer_flows(&topo.netns_name(&end.node), &end.interface, &mask)?;

@@ -379,6 +379,7 @@ fn reuse_across_nodes(test: &str, ending: Ending, base_port: u16) -> anyhow::Res
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-exact")),
         policy: Some("round-robin".to_owned()),
+        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
@@ -571,6 +572,7 @@ fn reuse_of_a_killed_masters_ports_after_the_takeover() -> anyhow::Result<()> {
         lab_name: Some(unique_lab_name("tdsc-exrf")),
         policy: Some("round-robin".to_owned()),
         raft: true,
+        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the raft cluster")?;
@@ -852,6 +854,7 @@ fn stress_20000_abortive_and_20000_graceful_connects() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-stress")),
         policy: Some("round-robin".to_owned()),
+        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
@@ -951,6 +954,7 @@ fn nat_like_client_reuses_64_ports_from_8_threads() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-nat")),
         policy: Some("round-robin".to_owned()),
+        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
@@ -1080,6 +1084,7 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
         lab_name: Some(unique_lab_name("tdsc-exfo")),
         policy: Some("round-robin".to_owned()),
         raft: true,
+        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the raft cluster")?;
@@ -1245,6 +1250,7 @@ fn nat_like_load_per_target() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-nat")),
         policy: Some("round-robin".to_owned()),
+        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;

@@ -93,7 +93,7 @@ fn ipv6_vip_round_robin_over_three_nodes() -> anyhow::Result<()> {
         return Ok(());
     };
     let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6"))?;
-    let mut lab = Lab::realise(topology)?;
+    let mut lab = Lab::realise(topology, false)?;
     let result = run_static(&mut lab);
     let teardown = lab.teardown();
     result?;
@@ -110,7 +110,7 @@ fn ipv6_raft_elects_a_master_and_fails_over() -> anyhow::Result<()> {
         return Ok(());
     };
     let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6r"))?;
-    let mut lab = Lab::realise(topology)?;
+    let mut lab = Lab::realise(topology, false)?;
     let result = run_raft(&mut lab);
     let teardown = lab.teardown();
     result?;

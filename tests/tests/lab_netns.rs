@@ -30,7 +30,7 @@ fn lab_realises_the_topology_and_tears_it_down() -> anyhow::Result<()> {
     }
     let name = unique_lab_name("tdsc-lab");
     let topo = Topology::load(&default_topology_path())?.renamed(&name)?;
-    let lab = Lab::realise(topo)?;
+    let lab = Lab::realise(topo, false)?;
     let mut made = lab_namespaces(&name);
     made.sort();
     let expected: Vec<String> = [
@@ -96,7 +96,7 @@ fn teardown_also_happens_on_panic() {
             .unwrap()
             .renamed(&name)
             .unwrap();
-        let _lab = Lab::realise(topo).unwrap();
+        let _lab = Lab::realise(topo, false).unwrap();
         assert!(!lab_namespaces(&name).is_empty());
         panic!("deliberate");
     });
