@@ -116,7 +116,7 @@ pub struct Lab {
 impl Lab {
     /// Creates every namespace, bridge and veth of the topology, then applies sysctls and
     /// runs the `exec` lines. `steer_flows`: per-flow CPU steering on the client side (see
-    /// [`link_topology`]). On failure, whatever was made is torn down before returning.
+    /// `link_topology`). On failure, whatever was made is torn down before returning.
     pub fn realise(topology: Topology, steer_flows: bool) -> Result<Lab, LabError> {
         let workdir = std::env::temp_dir().join(&topology.name);
         let mut lab = Lab {
