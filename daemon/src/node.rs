@@ -380,6 +380,8 @@ struct Wiring {
     /// watchdog feeder reads both.
     queue_beat: Arc<Heartbeat>,
     raft_beat: Arc<Heartbeat>,
+    /// The Raft task's disk thread (it writes).
+    disk_beat: Arc<Heartbeat>,
 }
 
 impl Wiring {
@@ -433,6 +435,7 @@ impl Wiring {
             answers_rx,
             queue_beat: Arc::new(Heartbeat::default()),
             raft_beat: Arc::new(Heartbeat::default()),
+            disk_beat: Arc::new(Heartbeat::default()),
         }
     }
 }
@@ -687,6 +690,8 @@ impl<'a> Node<'a> {
                         signal: w.signal.clone(),
                         election,
                         heartbeat: w.raft_beat.clone(),
+                        disk_heartbeat: w.disk_beat.clone(),
+                        clock: w.role.clone(),
                     },
                 )?
                 .with_membership(MembershipLink {
@@ -831,6 +836,7 @@ impl<'a> Node<'a> {
             let mut beats = vec![("queue thread", w.queue_beat)];
             if raft {
                 beats.push(("raft task", w.raft_beat));
+                beats.push(("raft disk thread", w.disk_beat));
             }
             let watched = crate::watchdog::Watched {
                 role: shared.role.clone(),

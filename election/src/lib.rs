@@ -118,8 +118,8 @@ pub mod inbound;
 pub mod log_file;
 pub mod raft_core;
 pub use raft_core::{
-    MemberChange, Membership, Output, Persisted, ProposeError, RaftCore, RaftError, RaftSettings,
-    StepError,
+    MemberChange, Membership, Output, PersistJob, Persisted, ProposeError, RaftCore, RaftError,
+    RaftSettings, StepError,
 };
 
 /// A node's part in dispatching new connections.

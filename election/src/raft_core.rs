@@ -7,14 +7,26 @@
 //! 1. store [`Output::lease_until_ms`] where the dispatcher reads it (a lapsed or revoked lease
 //!    must be visible before anything this node says can help elect another master),
 //! 2. publish [`Output::leadership`],
-//! 3. write [`Output::persist`] to stable storage (hard state and log; fsync),
-//! 4. send [`Output::messages`].
+//! 3. send [`Output::messages`] at once: they never depend on state this node has not yet
+//!    written (a leader's appends and heartbeats),
+//! 4. queue [`Output::persist`], a [`PersistJob`], for the disk: write its state to stable
+//!    storage (hard state and log; fsync), then send its messages (votes, acknowledgements),
+//!    then tell the core with [`RaftCore::persisted`]. Jobs are carried out in order; the
+//!    shell may write only the newest state of several queued jobs, and report the newest
+//!    number.
 //!
-//! Inside `ready` the Ready loop runs in the order raft-rs documents (`examples/five_mem_node`):
-//! messages, snapshot, committed entries, entries, hard state, persisted messages, `advance`,
-//! commit index, light-ready messages and committed entries, `advance_apply`. Messages a leader
-//! may send before persisting and those that must wait are all returned after the one persist
-//! blob, which the shell writes before sending anything: simpler and never less safe.
+//! Persistence is asynchronous (raft-rs's `advance_append_async`/`on_persist_ready`) so that a
+//! slow disk never holds back the leader's heartbeats: a leader whose fsync took longer than
+//! an election timeout used to go silent for that long, and its followers elected another
+//! (`docs/known-issues.md` had it as "spontaneous elections"). Safety does not change: the
+//! leader counts its own copy of an entry towards the commit quorum only once it is written
+//! (raft-rs tracks that), a follower acknowledges an entry or grants a vote only in a job's
+//! messages, after the write, and committed entries handed to the shell are never ahead of
+//! this node's written log (raft-rs hands out committed entries up to the persisted index).
+//!
+//! Inside `ready` the Ready loop runs in the order raft-rs documents (`examples/five_mem_node`,
+//! async variant): messages, snapshot, committed entries, entries, hard state, persisted
+//! messages (into the job), `advance_append_async`, `advance_apply`.
 //!
 //! ## Proposals, committed entries and compaction
 //!
@@ -477,13 +489,13 @@ pub struct Output {
     pub lease_until_ms: u64,
     /// A new leadership value, when it changed.
     pub leadership: Option<Leadership>,
-    /// The state to write before any message goes out, when it changed.
-    pub persist: Option<Persisted>,
-    /// (destination node id, encoded raft message).
+    /// What this `ready` leaves to the disk: carried out after every earlier job.
+    pub persist: Option<PersistJob>,
+    /// (destination node id, encoded raft message): to send now, before the job is written.
     pub messages: Vec<(u64, Vec<u8>)>,
     /// The membership after the conf changes applied in this `ready`, when there were any.
-    /// The shell updates its peer table, dispatch view and ruleset from it; it is also part of
-    /// [`Output::persist`], which the shell writes before anything is sent.
+    /// The shell updates its peer table, dispatch view and ruleset from it. Conf changes apply
+    /// only once committed and written here, so it is already on this node's disk.
     pub membership: Option<Membership>,
     /// Data of the normal entries committed since the last `ready`, in log order (see the
     /// module docs). The shell applies them before it publishes [`Output::leadership`], so
@@ -492,6 +504,20 @@ pub struct Output {
     /// Every setting's latest value, when a committed setting entry (or an installed
     /// snapshot) changed them in this `ready`; also part of [`Output::persist`].
     pub settings: Option<BTreeMap<String, Vec<u8>>>,
+}
+
+/// A write the shell owes the core, and the messages that wait for it (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct PersistJob {
+    /// raft-rs's number for the `Ready` this job came from: hand it back to
+    /// [`RaftCore::persisted`] once the job is done (a number also covers every earlier job).
+    pub number: u64,
+    /// The whole state to write, when it changed; `None` when only the messages wait (they
+    /// may still depend on an earlier job's state, so they go out after it).
+    pub state: Option<Persisted>,
+    /// (destination node id, encoded raft message): to send once `state` and every earlier
+    /// job's state are on stable storage.
+    pub messages: Vec<(u64, Vec<u8>)>,
 }
 
 /// Bridges raft-rs's slog records into `tracing`.
@@ -599,6 +625,9 @@ pub struct RaftCore {
     persisted: Persisted,
     /// Log index of the last conf change applied (0 until one is).
     membership_index: u64,
+    /// An installed snapshot's index until it is written: raft-rs counts it as applied only
+    /// then.
+    snapshot_unwritten: Option<u64>,
 }
 
 impl std::fmt::Debug for RaftCore {
@@ -679,6 +708,7 @@ impl RaftCore {
             published: None,
             persisted,
             membership_index,
+            snapshot_unwritten: None,
         })
     }
 
@@ -846,9 +876,10 @@ impl RaftCore {
     pub fn ready(&mut self) -> Output {
         let mut out = Output::default();
         let mut dirty = false;
+        let mut job = None;
         if self.raw.has_ready() {
             let mut rd = self.raw.ready();
-            self.collect(rd.take_messages(), &mut out);
+            out.messages = self.encode(rd.take_messages());
             if !rd.snapshot().is_empty() {
                 self.apply_snapshot(rd.snapshot().clone(), &mut out);
                 dirty = true;
@@ -860,6 +891,7 @@ impl RaftCore {
                     self.lease_until_ms = self.lease_until_ms.max(until);
                 }
             }
+            let snapshot = !rd.snapshot().is_empty();
             let committed = rd.take_committed_entries();
             dirty |= self.apply_conf_entries(&committed, &mut out);
             dirty |= self.apply_committed(committed, &mut out);
@@ -875,19 +907,27 @@ impl RaftCore {
                 self.persisted.hard_state = hs.clone();
                 dirty = true;
             }
-            self.collect(rd.take_persisted_messages(), &mut out);
-            let mut light = self.raw.advance(rd);
-            if let Some(commit) = light.commit_index() {
-                self.raw.store().wl().mut_hard_state().commit = commit;
-                self.persisted.hard_state.commit = commit;
-                dirty = true;
+            let after = self.encode(rd.take_persisted_messages());
+            let number = rd.number();
+            // Entries and hard state are in the in-memory storage (raft-rs reads them from
+            // there); raft-rs counts them as written only at `persisted`.
+            self.raw.advance_append_async(rd);
+            // Committed entries handed out are never ahead of the written log, but an
+            // installed snapshot is until it is written: it counts as applied at `persisted`.
+            if snapshot {
+                self.snapshot_unwritten = Some(self.persisted.snapshot.index);
             }
-            self.collect(light.take_messages(), &mut out);
-            let committed = light.take_committed_entries();
-            dirty |= self.apply_conf_entries(&committed, &mut out);
-            dirty |= self.apply_committed(committed, &mut out);
-            self.raw.advance_apply();
+            if self.snapshot_unwritten.is_none() {
+                self.raw.advance_apply();
+            }
             dirty |= self.maybe_compact();
+            if dirty || !after.is_empty() {
+                job = Some(PersistJob {
+                    number,
+                    state: None,
+                    messages: after,
+                });
+            }
         }
         if !self.is_leader() {
             self.lease_until_ms = 0;
@@ -899,9 +939,24 @@ impl RaftCore {
             out.leadership = Some(l);
         }
         if dirty {
-            out.persist = Some(self.persisted.clone());
+            job.get_or_insert_with(PersistJob::default).state = Some(self.persisted.clone());
         }
+        out.persist = job;
         out
+    }
+
+    /// The shell has carried out every [`PersistJob`] up to number `number`: its state is on
+    /// stable storage and its messages were handed to the network. raft-rs may now count the
+    /// written entries (a leader's own copy towards the commit quorum); call [`Self::ready`]
+    /// again after this.
+    pub fn persisted(&mut self, number: u64) {
+        self.raw.on_persist_ready(number);
+        if let Some(index) = self.snapshot_unwritten {
+            if self.raw.raft.raft_log.persisted >= index {
+                self.snapshot_unwritten = None;
+                self.raw.advance_apply();
+            }
+        }
     }
 
     /// The leader this node knows of, if any (whether or not it holds a lease).
@@ -1163,12 +1218,14 @@ impl RaftCore {
         true
     }
 
-    fn collect(&self, msgs: Vec<Message>, out: &mut Output) {
+    fn encode(&self, msgs: Vec<Message>) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::with_capacity(msgs.len());
         for m in msgs {
             match m.write_to_bytes() {
-                Ok(b) => out.messages.push((m.to, b)),
+                Ok(b) => out.push((m.to, b)),
                 Err(e) => tracing::error!(error = %e, "cannot encode raft message"),
             }
         }
+        out
     }
 }

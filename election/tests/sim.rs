@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tdsc_election::raft_core::LOG_KEEP_ENTRIES;
-use tdsc_election::{MemberChange, Persisted, ProposeError, RaftCore, RaftSettings, Role};
+use tdsc_election::{
+    MemberChange, PersistJob, Persisted, ProposeError, RaftCore, RaftSettings, Role,
+};
 
 const SETTINGS: RaftSettings = RaftSettings {
     tick_ms: 10,
@@ -36,6 +38,13 @@ struct Sim {
     applied: BTreeMap<u64, Vec<Vec<u8>>>,
     /// Largest persisted log (entries) seen on any node.
     max_persisted_entries: usize,
+    /// Per node: how long its disk takes to carry out a write job (absent: at once).
+    disk_delay_ms: BTreeMap<u64, u64>,
+    /// Jobs waiting for a slow disk, in order: (done_at, node, job).
+    writing: Vec<(u64, u64, PersistJob)>,
+    /// The shell as it was before asynchronous persistence: every message of a `ready`
+    /// waits for its write (the defence disabled, for the slow-disk test).
+    hold_all_messages: bool,
 }
 
 impl Sim {
@@ -64,6 +73,9 @@ impl Sim {
             drop_pct: 0,
             applied: BTreeMap::new(),
             max_persisted_entries: 0,
+            disk_delay_ms: BTreeMap::new(),
+            writing: Vec::new(),
+            hold_all_messages: false,
         }
     }
 
@@ -75,13 +87,50 @@ impl Sim {
     }
 
     fn drain(&mut self, id: u64) {
-        let out = self.nodes.get_mut(&id).unwrap().ready();
-        if let Some(p) = out.persist {
+        loop {
+            let out = self.nodes.get_mut(&id).unwrap().ready();
+            self.applied.entry(id).or_default().extend(out.committed);
+            let mut now_msgs = out.messages;
+            let Some(mut job) = out.persist else {
+                // The old shell was blocked in its write: nothing left before it finished.
+                match self.writing.iter_mut().rev().find(|w| w.1 == id) {
+                    Some(w) if self.hold_all_messages => w.2.messages.append(&mut now_msgs),
+                    _ => self.send(id, now_msgs),
+                }
+                break;
+            };
+            if self.hold_all_messages {
+                now_msgs.append(&mut job.messages);
+                job.messages = now_msgs;
+                now_msgs = Vec::new();
+            }
+            self.send(id, now_msgs);
+            let delay = self.disk_delay_ms.get(&id).copied().unwrap_or(0);
+            let queued = self.writing.iter().filter(|w| w.1 == id).map(|w| w.0).max();
+            if delay == 0 && queued.is_none() {
+                self.write(id, job);
+                continue;
+            }
+            let done_at = (self.now + delay).max(queued.unwrap_or(0));
+            self.writing.push((done_at, id, job));
+            break;
+        }
+        self.check();
+    }
+
+    /// Carries out a write job as the shell does: state to disk, then its messages, then
+    /// tells the core.
+    fn write(&mut self, id: u64, job: PersistJob) {
+        if let Some(p) = job.state {
             self.max_persisted_entries = self.max_persisted_entries.max(p.entries.len());
             self.disk.insert(id, p);
         }
-        self.applied.entry(id).or_default().extend(out.committed);
-        for (to, bytes) in out.messages {
+        self.send(id, job.messages);
+        self.nodes.get_mut(&id).unwrap().persisted(job.number);
+    }
+
+    fn send(&mut self, id: u64, msgs: Vec<(u64, Vec<u8>)>) {
+        for (to, bytes) in msgs {
             let lost = self.drop_pct > 0 && self.rand() % 100 < self.drop_pct;
             if !lost
                 && !self.cut.contains(&id)
@@ -91,7 +140,6 @@ impl Sim {
                 self.wire.push((self.now + self.delay_ms, id, to, bytes));
             }
         }
-        self.check();
     }
 
     /// At most one node may dispatch at any instant.
@@ -127,6 +175,17 @@ impl Sim {
             if let Some(n) = self.nodes.get_mut(&to) {
                 let _ = n.step(from, &bytes, self.now);
                 self.drain(to);
+            }
+        }
+        let now = self.now;
+        let (done, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.writing)
+            .into_iter()
+            .partition(|w| w.0 <= now);
+        self.writing = later;
+        for (_, id, job) in done {
+            if self.nodes.contains_key(&id) {
+                self.write(id, job);
+                self.drain(id);
             }
         }
         if self.now.is_multiple_of(SETTINGS.tick_ms) {
@@ -209,6 +268,8 @@ impl Sim {
     fn restart(&mut self, id: u64) {
         let voters: Vec<u64> = self.nodes.keys().copied().collect();
         let log = slog::Logger::root(slog::Discard, slog::o!());
+        // A crash loses the writes still queued for the disk.
+        self.writing.retain(|w| w.1 != id);
         let disk = self.disk.get(&id).cloned();
         let core = RaftCore::new(id, &voters, SETTINGS, disk, self.now, &log).unwrap();
         self.nodes.insert(id, core);
@@ -394,6 +455,56 @@ fn leases_never_overlap_under_random_loss_and_partitions() {
     assert!(
         masters_seen.len() > 1,
         "the scenario moved leadership around"
+    );
+}
+
+/// A leader whose every write takes 250 ms (longer than the longest election timeout, 200 ms)
+/// while it commits a batch per tick. Returns (leader, its term before, the terms after, how
+/// many batches every node applied).
+fn slow_leader_disk(hold_all_messages: bool) -> (u64, u64, Vec<u64>, usize) {
+    let mut sim = Sim::new(3);
+    sim.hold_all_messages = hold_all_messages;
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let term = sim.nodes[&leader].term();
+    sim.disk_delay_ms.insert(leader, 250);
+    for i in 0..100 {
+        if sim.nodes[&leader].is_leader() {
+            sim.propose(leader, payload(i));
+        }
+        sim.run_ms(SETTINGS.tick_ms);
+    }
+    sim.disk_delay_ms.clear();
+    sim.run_ms(500);
+    let terms = sim.nodes.values().map(RaftCore::term).collect();
+    let applied = sim.applied.values().map(Vec::len).min().unwrap_or(0);
+    (leader, term, terms, applied)
+}
+
+/// The leader's heartbeats and appends go out before its own write: a slow disk delays only
+/// the leader's own vote in the commit quorum, never its followers' news of it.
+#[test]
+fn a_leader_with_a_slow_disk_keeps_its_followers_and_commits() {
+    let (_, term, terms, applied) = slow_leader_disk(false);
+    assert!(
+        terms.iter().all(|t| *t == term),
+        "an election: {term} -> {terms:?}"
+    );
+    assert_eq!(
+        applied, 100,
+        "every batch committed and applied on every node"
+    );
+}
+
+/// The shell as it was (every message of a `ready` held back until its write is done): the
+/// same slow disk silences the leader for longer than an election timeout and its followers
+/// elect another. This is the spontaneous election the lab saw under load.
+#[test]
+fn a_shell_that_holds_heartbeats_for_the_disk_loses_its_leader() {
+    let (_, term, terms, _) = slow_leader_disk(true);
+    assert!(
+        terms.iter().any(|t| *t > term),
+        "no election: {term} -> {terms:?}"
     );
 }
 
@@ -1009,7 +1120,13 @@ fn a_term_of_u64_max_is_refused_and_the_next_campaign_does_not_wrap() {
     let mut terms = Vec::new();
     for t in 1..=3 * SETTINGS.election_tick as u64 {
         core.tick(t * SETTINGS.tick_ms);
-        for (_, bytes) in core.ready().messages {
+        let out = core.ready();
+        let mut sent = out.messages;
+        if let Some(job) = out.persist {
+            sent.extend(job.messages);
+            core.persisted(job.number);
+        }
+        for (_, bytes) in sent {
             terms.push(Message::parse_from_bytes(&bytes).unwrap().term);
         }
     }

@@ -231,8 +231,16 @@ fn raft() -> Vec<Vec<u8>> {
         for _ in 0..4 {
             let mut wire = Vec::new();
             for (&id, n) in nodes.iter_mut() {
-                for (to, bytes) in n.ready().messages {
+                let out = n.ready();
+                for (to, bytes) in out.messages {
                     wire.push((id, to, bytes));
+                }
+                // A disk that writes at once: the job's messages, then the core is told.
+                if let Some(job) = out.persist {
+                    for (to, bytes) in job.messages {
+                        wire.push((id, to, bytes));
+                    }
+                    n.persisted(job.number);
                 }
             }
             for (from, to, bytes) in wire {

@@ -103,8 +103,8 @@ pub struct ClusterOptions {
     /// Extra `[scheduler]` keys for every node's config (e.g. `replicate_records = false`).
     pub scheduler_extra: Vec<(String, toml::Value)>,
     /// Per-flow CPU steering (RPS) on the client side's veths, so that each connection's
-    /// segments are handled on one CPU as a NIC's RSS does (docs/platform.md). Off by default:
-    /// with it on, the Raft lab's forged-datagram test saw unexpected elections.
+    /// segments are handled on one CPU as a NIC's RSS does (docs/platform.md). On by default:
+    /// without it a veth lets one connection's handshake ACK and request race on two CPUs.
     pub steer_flows: bool,
 }
 
@@ -122,7 +122,7 @@ impl Default for ClusterOptions {
             load_files: false,
             raft: false,
             scheduler_extra: Vec::new(),
-            steer_flows: false,
+            steer_flows: true,
         }
     }
 }

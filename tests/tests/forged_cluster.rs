@@ -335,16 +335,12 @@ fn forged_and_replayed_cluster_datagrams_are_dropped_and_change_nothing() -> any
 
         cluster.check_daemons()?;
         let mut problems = Vec::new();
-        let mut elections = Vec::new();
         let forged_to = |name: &str| -> u64 {
             let a = addr(name).ok();
             u64::try_from(forged.iter().filter(|(_, d, _)| Some(*d) == a).count()).unwrap_or(0)
         };
         for (i, n) in names.iter().enumerate() {
             let s = cluster.status(n)?;
-            // A node whose role changed replaced its ruleset, which restarts the ruleset's
-            // counters: its `control_port_foreign` then says nothing about the test.
-            let elected = s.term != term || s.master_id != Some(master.id);
             let (b, a) = (drops_before[i], s.counters.cluster_dropped);
             if a.bad_header - b.bad_header < ROUNDS * forged_to(n) {
                 problems.push(format!(
@@ -365,7 +361,7 @@ fn forged_and_replayed_cluster_datagrams_are_dropped_and_change_nothing() -> any
                     .drops
                     .control_port_foreign
                     .saturating_sub(ruleset_before[i]);
-                if a.source_port - b.source_port + by_ruleset < ROUNDS && !elected {
+                if a.source_port - b.source_port + by_ruleset < ROUNDS {
                     problems.push(format!(
                         "{n}: source_port +{} and ruleset control_port_foreign +{by_ruleset}, \
                          expected +{ROUNDS} together",
@@ -376,13 +372,11 @@ fn forged_and_replayed_cluster_datagrams_are_dropped_and_change_nothing() -> any
             if s.voters != [1, 2, 3] {
                 problems.push(format!("{n}: voters {:?}", s.voters));
             }
-            // An election is not a problem by itself here: every forged datagram was dropped
-            // before decoding (the counters above), so none can have caused it, and the Raft
-            // lab has been seen to elect on its own under load (docs/known-issues.md). A
-            // forgery that got through would fail those counters, or the voters, weights and
-            // drain checks below.
-            if elected {
-                elections.push(format!(
+            // No election: a forged MsgTimeoutNow or vote that got through would start one,
+            // and so would a leader whose heartbeats waited for its disk (fixed by the
+            // asynchronous Raft persistence; the test elected about one run in five before).
+            if s.term != term || s.master_id != Some(master.id) {
+                problems.push(format!(
                     "{n}: term {} (was {term}), master {:?} (was {})",
                     s.term, s.master_id, master.id
                 ));
@@ -394,12 +388,6 @@ fn forged_and_replayed_cluster_datagrams_are_dropped_and_change_nothing() -> any
             }
         }
         ensure!(problems.is_empty(), "{}", problems.join("\n"));
-        if !elections.is_empty() {
-            eprintln!(
-                "an election during the test, not caused by forged input: {}",
-                elections.join("; ")
-            );
-        }
         check_traffic(&tally)?;
         ensure!(tally.ok() > 0, "no request was served");
         Ok(())

@@ -13,6 +13,7 @@ pub mod counters;
 pub mod keyfile;
 pub mod membership;
 pub mod raft;
+pub mod raft_disk;
 pub mod report;
 pub mod role;
 pub mod takeover;

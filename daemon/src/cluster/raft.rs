@@ -34,7 +34,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdsc_election::log_file::{append_synced, write_atomic, LogTracker, LogWrite};
 use tdsc_election::{
     Leadership, MemberChange, Membership, Persisted, ProposeError, RaftCore, RaftError,
     RaftSettings, Role, RoleSignal,
@@ -44,7 +43,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cluster::bus::ClusterSocket;
 use crate::cluster::membership::{check_add, check_remove, Members};
-use crate::cluster::role::ElectionWriter;
+use crate::cluster::raft_disk::{DiskDone, DiskJob, RaftDisk};
+use crate::cluster::role::{ElectionWriter, RoleCell};
 use crate::config::{Config, PolicyName};
 use crate::shutdown::Shutdown;
 
@@ -147,6 +147,9 @@ pub const STATE_FILE: &str = "raft.state";
 /// `tdsc_election::log_file`).
 pub const LOG_FILE: &str = "raft.log";
 
+/// A state write slower than this is logged: on a healthy disk one takes about a millisecond.
+const SLOW_WRITE: Duration = Duration::from_millis(100);
+
 /// Requests from the rest of the daemon to the Raft task.
 #[derive(Debug)]
 pub enum RaftCommand {
@@ -220,9 +223,8 @@ pub struct RaftTask {
     /// The only writer of the term and the lease (see `crate::cluster::role`).
     election: ElectionWriter,
     state_path: PathBuf,
-    log_path: PathBuf,
-    /// What `log_path` holds; the first write after start rewrites it.
-    log: LogTracker,
+    /// The thread that writes the state files (`crate::cluster::raft_disk`).
+    disk: RaftDisk,
     commands: mpsc::Receiver<RaftCommand>,
     command_tx: mpsc::Sender<RaftCommand>,
     /// Set by `Resign`: the lease stays revoked and the role member until the process exits.
@@ -251,6 +253,10 @@ pub struct RaftLinks {
     pub election: ElectionWriter,
     /// Beaten on every tick, for the watchdog (`crate::watchdog`).
     pub heartbeat: Arc<crate::watchdog::Heartbeat>,
+    /// Beaten by the disk thread around each write, for the watchdog.
+    pub disk_heartbeat: Arc<crate::watchdog::Heartbeat>,
+    /// The clock the heartbeats are written on.
+    pub clock: Arc<RoleCell>,
 }
 
 /// What the Raft task needs to replicate SYN-forward records.
@@ -283,6 +289,8 @@ impl RaftTask {
             signal,
             election,
             heartbeat,
+            disk_heartbeat,
+            clock,
         } = links;
         let (node_id, nodes, port) = (cfg.node_id, &cfg.nodes[..], cfg.control_port);
         std::fs::create_dir_all(data_dir).map_err(|source| RaftTaskError::DataDir {
@@ -340,6 +348,12 @@ impl RaftTask {
             .map(|n| (u64::from(n.id), SocketAddr::new(n.address, port)))
             .collect();
         let (command_tx, commands) = mpsc::channel(4);
+        let disk = RaftDisk::start(state_path.clone(), log_path, disk_heartbeat, clock).map_err(
+            |source| RaftTaskError::DataDir {
+                path: data_dir.to_owned(),
+                source,
+            },
+        )?;
         Ok(RaftTask {
             core,
             node_id,
@@ -350,8 +364,7 @@ impl RaftTask {
             signal,
             election,
             state_path,
-            log_path,
-            log: LogTracker::default(),
+            disk,
             commands,
             command_tx,
             resigned: false,
@@ -499,9 +512,61 @@ impl RaftTask {
                         tracing::debug!(from, error = %e, "raft message not stepped");
                     }
                 }
+                done = self.disk.done.recv() => {
+                    let Some(done) = done else {
+                        // The disk thread is gone: this node can no longer keep Raft's
+                        // promises. Ending the task ends the daemon (it is supervised).
+                        tracing::error!("raft: the disk thread ended; stopping");
+                        self.election.revoke_lease();
+                        return;
+                    };
+                    self.written(done).await;
+                }
             }
             self.flush().await;
         }
+    }
+
+    /// A disk job is done: its messages go out and the core learns what is written.
+    async fn written(&mut self, done: DiskDone) {
+        self.disk.finished();
+        if done.took > SLOW_WRITE {
+            tracing::warn!(
+                took_ms = done.took.as_millis(),
+                "raft state write was slow (heartbeats were not held back)"
+            );
+        }
+        match done.result {
+            Ok(()) => {
+                for (addr, env) in done.messages {
+                    // Losses are Raft's business: it retransmits on the next heartbeat.
+                    let _ = self.sock.send_to(&env, addr).await;
+                }
+                self.core.persisted(done.number);
+            }
+            Err(e) => {
+                // Sending now could break Raft's promises after a crash; stay silent and let
+                // the cluster carry on without this node until the disk works again.
+                tracing::error!(path = %self.state_path.display(), error = %e, "cannot persist raft state; messages withheld");
+            }
+        }
+    }
+
+    /// Seals raft messages for their peers (a peer this node does not know is skipped).
+    fn envelopes(&self, messages: Vec<(u64, Vec<u8>)>) -> Vec<(SocketAddr, Vec<u8>)> {
+        let term = self.core.term();
+        messages
+            .into_iter()
+            .filter_map(|(to, bytes)| {
+                let addr = self.peers.get(&to)?;
+                let env = Envelope {
+                    from: self.node_id,
+                    term,
+                    body: Some(Body::Raft(bytes)),
+                };
+                Some((*addr, env.to_bytes()))
+            })
+            .collect()
     }
 
     async fn flush(&mut self) {
@@ -521,28 +586,21 @@ impl RaftTask {
             self.election.raise_term(l.term);
             self.signal.publish(l);
         }
-        // 3. Persist before sending: a vote or an acknowledged entry must survive a crash.
-        if let Some(p) = out.persist {
-            if let Err(e) = self.write_state(&p) {
-                // Sending now could break Raft's promises after a crash; stay silent and let
-                // the cluster carry on without this node until the disk works again.
-                tracing::error!(path = %self.state_path.display(), error = %e, "cannot persist raft state; messages withheld");
-                return;
-            }
-        }
-        // 4. Send.
-        let term = self.core.term();
-        for (to, bytes) in out.messages {
-            let Some(addr) = self.peers.get(&to) else {
-                continue;
-            };
-            let env = Envelope {
-                from: self.node_id,
-                term,
-                body: Some(Body::Raft(bytes)),
-            };
+        // 3. Send what does not wait for the disk (a leader's appends and heartbeats): a slow
+        //    disk must not silence the leader for an election timeout.
+        for (addr, env) in self.envelopes(out.messages) {
             // Losses are Raft's business: it retransmits on the next heartbeat.
-            let _ = self.sock.send_to(&env.to_bytes(), *addr).await;
+            let _ = self.sock.send_to(&env, addr).await;
+        }
+        // 4. The rest waits for the disk: a vote or an acknowledged entry must survive a
+        //    crash. The disk thread writes; `written` sends and tells the core.
+        if let Some(job) = out.persist {
+            let messages = self.envelopes(job.messages);
+            self.disk.submit(DiskJob {
+                number: job.number,
+                state: job.state,
+                messages,
+            });
         }
         // 5. Membership, after sending: these messages were made before the change applied,
         // and among them is the commit that tells a removed node it was removed. (Messages for
@@ -778,27 +836,5 @@ async fn next_request(link: &mut Option<MembershipLink>) -> Option<RaftRequest> 
     match link {
         Some(l) => l.requests.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-impl RaftTask {
-    /// Writes the state file and brings the log file up to date, in the order
-    /// `tdsc_election::log_file` argues: an append before the state file, a rewrite after it.
-    /// After a failure the next write rewrites the log file.
-    fn write_state(&mut self, p: &Persisted) -> std::io::Result<()> {
-        let invalid = |e| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-        let head = p.encode_head().map_err(invalid)?;
-        let result = match self.log.plan(p).map_err(invalid)? {
-            Some(LogWrite::Append(records)) => append_synced(&self.log_path, &records)
-                .and_then(|()| write_atomic(&self.state_path, &head)),
-            Some(LogWrite::Rewrite(file)) => write_atomic(&self.state_path, &head)
-                .and_then(|()| write_atomic(&self.log_path, &file)),
-            None => write_atomic(&self.state_path, &head),
-        };
-        match &result {
-            Ok(()) => self.log.written(p),
-            Err(_) => self.log = LogTracker::default(),
-        }
-        result
     }
 }
