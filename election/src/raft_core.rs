@@ -891,8 +891,11 @@ impl RaftCore {
                     self.lease_until_ms = self.lease_until_ms.max(until);
                 }
             }
-            let snapshot = !rd.snapshot().is_empty();
+            let snapshot =
+                Some(rd.snapshot().get_metadata().index).filter(|_| !rd.snapshot().is_empty());
             let committed = rd.take_committed_entries();
+            // Applying moves the commit index the state file may record (below).
+            dirty |= !committed.is_empty();
             dirty |= self.apply_conf_entries(&committed, &mut out);
             dirty |= self.apply_committed(committed, &mut out);
             if !rd.entries().is_empty() {
@@ -914,8 +917,8 @@ impl RaftCore {
             self.raw.advance_append_async(rd);
             // Committed entries handed out are never ahead of the written log, but an
             // installed snapshot is until it is written: it counts as applied at `persisted`.
-            if snapshot {
-                self.snapshot_unwritten = Some(self.persisted.snapshot.index);
+            if snapshot.is_some() {
+                self.snapshot_unwritten = snapshot;
             }
             if self.snapshot_unwritten.is_none() {
                 self.raw.advance_apply();
@@ -939,7 +942,18 @@ impl RaftCore {
             out.leadership = Some(l);
         }
         if dirty {
-            job.get_or_insert_with(PersistJob::default).state = Some(self.persisted.clone());
+            // The commit index written is never ahead of what this node has applied: raft-rs
+            // may know of commits beyond its written log (they are handed out only once
+            // written), and a restart resumes at the written commit without replay, so a
+            // higher one would skip conf changes and settings this state does not hold yet.
+            // A lower commit index is always safe: it is volatile in Raft.
+            let mut state = self.persisted.clone();
+            state.hard_state.commit = state
+                .hard_state
+                .commit
+                .min(self.raw.raft.raft_log.applied)
+                .max(state.snapshot.index);
+            job.get_or_insert_with(PersistJob::default).state = Some(state);
         }
         out.persist = job;
         out

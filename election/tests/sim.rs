@@ -508,6 +508,51 @@ fn a_shell_that_holds_heartbeats_for_the_disk_loses_its_leader() {
     );
 }
 
+/// A follower with a slow disk learns that an entry is committed (from the leader's next
+/// append) before its own copy is written and applied. The state it writes meanwhile must not
+/// record that commit index: a node that crashes right after that write resumes at the
+/// written commit without replay, and would never apply the entry. Here the entry is a
+/// setting; the follower crashes at the first instant its disk records the entry committed.
+/// (Writing the core's commit index unclamped, the follower restarts without the setting.)
+#[test]
+fn a_crash_after_a_write_never_skips_an_entry_committed_but_not_yet_applied() {
+    let mut sim = Sim::new(3);
+    let (leader, _) = sim.until_master(&[1, 2, 3], 2_000).unwrap();
+    sim.run_ms(100);
+    let slow = (1..=3).find(|i| *i != leader).unwrap();
+    sim.disk_delay_ms.insert(slow, 100);
+    let index = sim
+        .nodes
+        .get_mut(&leader)
+        .unwrap()
+        .propose_setting("policy", b"least-connections")
+        .unwrap();
+    sim.drain(leader);
+    sim.run_ms(SETTINGS.tick_ms);
+    sim.propose(leader, payload(1));
+    let mut crashed = false;
+    for _ in 0..1_000 {
+        sim.step_ms();
+        if sim
+            .disk
+            .get(&slow)
+            .is_some_and(|p| p.hard_state.commit >= index)
+        {
+            sim.restart(slow);
+            crashed = true;
+            break;
+        }
+    }
+    assert!(crashed, "the slow follower never wrote the entry committed");
+    sim.disk_delay_ms.clear();
+    sim.run_ms(1_000);
+    assert_eq!(
+        sim.nodes[&slow].settings().get("policy").map(Vec::as_slice),
+        Some(&b"least-connections"[..]),
+        "the restarted follower lost a committed setting"
+    );
+}
+
 #[test]
 fn persisted_state_round_trips() {
     let mut sim = Sim::new(3);

@@ -6,6 +6,7 @@ set -euo pipefail
 pkgs=(
   libnftnl-dev libmnl-dev pkg-config   # nftnl/mnl crates link against libnftnl and libmnl
   nftables                             # `nft`: golden-ruleset comparison and client-side counters in tests
+  iptables                             # its xtables extensions let `nft list` show the compat NFQUEUE target (else: nothing)
   iproute2 procps kmod                 # ip netns / veth / bridge, sysctl
   ca-certificates curl
   g++                                  # fuzz targets: libfuzzer-sys builds libFuzzer (C++)

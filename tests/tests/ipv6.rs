@@ -93,7 +93,7 @@ fn ipv6_vip_round_robin_over_three_nodes() -> anyhow::Result<()> {
         return Ok(());
     };
     let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6"))?;
-    let mut lab = Lab::realise(topology, false)?;
+    let mut lab = Lab::realise(topology, true)?;
     let result = run_static(&mut lab);
     let teardown = lab.teardown();
     result?;
@@ -110,7 +110,7 @@ fn ipv6_raft_elects_a_master_and_fails_over() -> anyhow::Result<()> {
         return Ok(());
     };
     let topology = Topology::load(&topology_path())?.renamed(&unique_lab_name("tdsc-v6r"))?;
-    let mut lab = Lab::realise(topology, false)?;
+    let mut lab = Lab::realise(topology, true)?;
     let result = run_raft(&mut lab);
     let teardown = lab.teardown();
     result?;
@@ -227,6 +227,7 @@ fn run_raft(lab: &mut Lab) -> anyhow::Result<()> {
             before.by_node
         );
     }
+    control_port_is_closed_to_the_client_network(lab, &tdscctl, &sockets, &clients[0])?;
     let replicated = status(&tdscctl, &sockets[&first])?;
     let victim = NODES
         .iter()
@@ -268,6 +269,65 @@ fn run_raft(lab: &mut Lab) -> anyhow::Result<()> {
         .last_takeover
         .context("the new master reports its takeover")?;
     assert!(t.records_adopted > 0, "{t:?}");
+    Ok(())
+}
+
+/// Datagrams to the cluster port (from that port, as a member's would be) sent from the client
+/// network to the IPv6 VIP, which every node holds. They are one UDP flow: the static hash
+/// gives it to one node, whose ruleset drops and counts them (`control_port_foreign`, the
+/// counter of the rule that closes the port); the others drop them as another node's flow. No
+/// node's cluster socket sees them (no bad header counted), and term and master stay.
+fn control_port_is_closed_to_the_client_network(
+    lab: &Lab,
+    tdscctl: &Path,
+    sockets: &BTreeMap<u32, PathBuf>,
+    client: &str,
+) -> anyhow::Result<()> {
+    const SENT: u64 = 10;
+    let before: BTreeMap<u32, Status> = sockets
+        .iter()
+        .map(|(id, sock)| Ok((*id, status(tdscctl, sock)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let vip: SocketAddr = VIP.parse()?;
+    let target = SocketAddr::new(vip.ip(), 7400);
+    tdsc_lab::netns::run_in(client, || -> anyhow::Result<()> {
+        let sock = std::net::UdpSocket::bind("[::]:7400")?;
+        for i in 0..SENT {
+            sock.send_to(format!("forged {i}").as_bytes(), target)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))??;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut by_ruleset = 0;
+    for (id, sock) in sockets {
+        let (b, a) = (&before[id], status(tdscctl, sock)?);
+        by_ruleset += a
+            .counters
+            .drops
+            .control_port_foreign
+            .saturating_sub(b.counters.drops.control_port_foreign);
+        let (cb, ca) = (b.counters.cluster_dropped, a.counters.cluster_dropped);
+        ensure!(
+            ca.bad_header == cb.bad_header && ca.source_port == cb.source_port,
+            "node {id}: the cluster socket saw them: {cb:?} -> {ca:?}"
+        );
+        ensure!(
+            a.term == b.term && a.master_id == b.master_id,
+            "node {id}: term {} -> {}, master {:?} -> {:?}",
+            b.term,
+            a.term,
+            b.master_id,
+            a.master_id
+        );
+    }
+    ensure!(
+        by_ruleset >= SENT,
+        "the rulesets dropped {by_ruleset} of {SENT} datagrams from the client network to the \
+         cluster port (lab {})",
+        lab.name()
+    );
     Ok(())
 }
 

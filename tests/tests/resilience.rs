@@ -558,3 +558,83 @@ fn a_stopping_node_waits_for_its_connection_until_a_second_sigterm() -> anyhow::
         Ok(())
     })
 }
+
+/// The master's disk stops taking writes (its Raft data directory made immutable, so the
+/// state file's atomic replace fails, even for root) under load: the master withholds every
+/// message, its heartbeats included, so the others elect a master that can write; no request
+/// fails; once the directory takes writes again the node writes its state and rejoins as a
+/// follower. (With heartbeats sent while the write fails, the master keeps its followers and
+/// its leadership, and the test fails waiting for a new master.)
+#[test]
+fn a_master_whose_disk_fails_hands_over_and_rejoins_when_it_works_again() -> anyhow::Result<()> {
+    let Some(_lock) = exclusive_lab("a_master_whose_disk_fails_hands_over") else {
+        return Ok(());
+    };
+    with_cluster(start_raft("tdsc-df")?, |cluster| {
+        let master = cluster.wait_master(None, Duration::from_secs(15))?;
+        let dir = cluster
+            .lab()
+            .workdir()
+            .join(format!("{}-raft", master.name));
+        ensure!(dir.is_dir(), "no raft data directory at {}", dir.display());
+        let vip = SocketAddr::V4(cluster.vip());
+        let stop_load = Arc::new(AtomicBool::new(false));
+        let load = load::spawn(&cluster.client_namespaces(), vip, 1_000_000, &stop_load);
+        std::thread::sleep(Duration::from_millis(500));
+        let chattr = |flag: &str| -> anyhow::Result<()> {
+            let st = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&dir)
+                .status()
+                .context("run chattr")?;
+            ensure!(st.success(), "chattr {flag} {}: {st}", dir.display());
+            Ok(())
+        };
+        chattr("+i")?;
+        let steps = (|| -> anyhow::Result<()> {
+            let next = cluster
+                .wait_master(Some(&master.name), Duration::from_secs(10))
+                .context("no other node took over from the master whose disk fails")?;
+            ensure!(next.id != master.id);
+            let log = cluster.daemon_log_tail(&master.name, 400);
+            ensure!(
+                log.contains("cannot persist raft state"),
+                "the failing master did not say why: {log}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            Ok(())
+        })();
+        let undo = chattr("-i");
+        let rejoin = steps.and(undo).and_then(|()| {
+            let m = cluster.wait_master(None, Duration::from_secs(10))?;
+            ensure!(m.id != master.id, "the old master is master again");
+            wait_follows(cluster, &master, m.id)?;
+            let log = cluster.daemon_log_tail(&master.name, 400);
+            ensure!(
+                log.contains("raft state written again"),
+                "the node did not write again: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(())
+        });
+        stop_load.store(true, Ordering::Relaxed);
+        let tally = load.join().expect("load thread")?;
+        rejoin?;
+        cluster.check_daemons()?;
+        println!(
+            "disk failure on {}: {} served {:?}, {} failed {:?}",
+            master.name,
+            tally.ok(),
+            tally.by_node,
+            tally.failures,
+            tally.sample_errors
+        );
+        ensure!(tally.ok() > 300, "too little traffic to prove anything");
+        ensure!(
+            tally.failures == 0,
+            "requests failed: {:?}",
+            tally.sample_errors
+        );
+        Ok(())
+    })
+}

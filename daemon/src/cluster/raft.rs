@@ -225,6 +225,9 @@ pub struct RaftTask {
     state_path: PathBuf,
     /// The thread that writes the state files (`crate::cluster::raft_disk`).
     disk: RaftDisk,
+    /// The number of the last job whose write failed, until a write succeeds: the task
+    /// retries every tick and sends nothing meanwhile.
+    disk_failed: Option<u64>,
     commands: mpsc::Receiver<RaftCommand>,
     command_tx: mpsc::Sender<RaftCommand>,
     /// Set by `Resign`: the lease stays revoked and the role member until the process exits.
@@ -365,6 +368,7 @@ impl RaftTask {
             election,
             state_path,
             disk,
+            disk_failed: None,
             commands,
             command_tx,
             resigned: false,
@@ -494,6 +498,13 @@ impl RaftTask {
                     if let Some(c) = &self.transfer_to {
                         self.core.transfer_leadership(c);
                     }
+                    // A failed write is retried (the disk thread rewrites the newest state).
+                    if let Some(number) = self.disk_failed {
+                        self.disk.submit(DiskJob {
+                            number,
+                            ..DiskJob::default()
+                        });
+                    }
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd),
                 Some(req) = next_request(&mut self.membership) => self.handle_request(req),
@@ -538,6 +549,9 @@ impl RaftTask {
         }
         match done.result {
             Ok(()) => {
+                if self.disk_failed.take().is_some() {
+                    tracing::info!(path = %self.state_path.display(), "raft state written again; messages resume");
+                }
                 for (addr, env) in done.messages {
                     // Losses are Raft's business: it retransmits on the next heartbeat.
                     let _ = self.sock.send_to(&env, addr).await;
@@ -545,9 +559,12 @@ impl RaftTask {
                 self.core.persisted(done.number);
             }
             Err(e) => {
-                // Sending now could break Raft's promises after a crash; stay silent and let
-                // the cluster carry on without this node until the disk works again.
-                tracing::error!(path = %self.state_path.display(), error = %e, "cannot persist raft state; messages withheld");
+                // Sending now could break Raft's promises after a crash; stay silent (a
+                // leader's heartbeats too, so that the others elect a leader that can write)
+                // and let the cluster carry on without this node until the disk works again.
+                if self.disk_failed.replace(done.number).is_none() {
+                    tracing::error!(path = %self.state_path.display(), error = %e, "cannot persist raft state; messages withheld, retrying every tick");
+                }
             }
         }
     }
@@ -588,9 +605,11 @@ impl RaftTask {
         }
         // 3. Send what does not wait for the disk (a leader's appends and heartbeats): a slow
         //    disk must not silence the leader for an election timeout.
-        for (addr, env) in self.envelopes(out.messages) {
-            // Losses are Raft's business: it retransmits on the next heartbeat.
-            let _ = self.sock.send_to(&env, addr).await;
+        if self.disk_failed.is_none() {
+            for (addr, env) in self.envelopes(out.messages) {
+                // Losses are Raft's business: it retransmits on the next heartbeat.
+                let _ = self.sock.send_to(&env, addr).await;
+            }
         }
         // 4. The rest waits for the disk: a vote or an acknowledged entry must survive a
         //    crash. The disk thread writes; `written` sends and tells the core.

@@ -9,8 +9,10 @@
 //! job with a [`DiskDone`]; the task then sends the job's messages and tells the core.
 //!
 //! A write that fails withholds its messages and is not reported to the core as written; the
-//! next job (even one without a new state) rewrites the newest state from scratch before it
-//! can succeed. Until then this node acknowledges nothing and votes for no one, as before.
+//! next job (even one without a new state: the task sends one every tick meanwhile) rewrites
+//! the newest state from scratch before it can succeed. Until then this node sends nothing at
+//! all, a leader's heartbeats included: it acknowledges nothing, votes for no one, and a
+//! leader that cannot write lets the others elect one that can.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -224,15 +226,15 @@ mod tests {
     #[test]
     fn a_merged_job_holds_a_bounded_number_of_messages_dropping_the_oldest() {
         let mut a = DiskJob::default();
-        for i in 0..MAX_HELD_MESSAGES + 10 {
+        for i in 0..u64::try_from(MAX_HELD_MESSAGES).unwrap() + 10 {
             a.merge(DiskJob {
-                number: i as u64,
+                number: i,
                 state: None,
-                messages: vec![(addr(), (i as u32).to_be_bytes().to_vec())],
+                messages: vec![(addr(), i.to_be_bytes().to_vec())],
             });
         }
         assert_eq!(a.messages.len(), MAX_HELD_MESSAGES);
-        assert_eq!(a.messages[0].1, 10u32.to_be_bytes());
+        assert_eq!(a.messages[0].1, 10u64.to_be_bytes());
     }
 
     fn writer(dir: &std::path::Path) -> Writer {
