@@ -28,6 +28,8 @@ done
 
 echo "== format and lints"
 cargo fmt --all -- --check
+# The fuzz crate is a workspace of its own (docs/fuzzing.md): formatted too; fuzz.sh builds it.
+(cd fuzz && cargo fmt --all -- --check)
 # clippy also checks the MSRV: `incompatible_msrv` refuses std APIs newer than the workspace
 # rust-version that every crate inherits.
 cargo clippy --workspace --all-targets --release -- -D warnings

@@ -672,7 +672,9 @@ impl RaftTask {
     fn removed_notice(&mut self, from: u32, index: u64, voters: &[u32]) {
         let Some(link) = &self.membership else { return };
         let current = link.members.borrow().clone();
-        if index <= current.index
+        // An empty list is no membership (the bus refuses it too): it would isolate this node.
+        if voters.is_empty()
+            || index <= current.index
             || voters.contains(&self.node_id)
             || !current.contains(self.node_id)
         {
