@@ -25,8 +25,9 @@ pub(crate) mod reg {
     pub const R2: u32 = 2;
     /// 16-byte register 3, right after an IPv6 address loaded into register 2.
     pub const R3: u32 = 3;
+    /// `NFT_REG32_00`, the first 4-byte register (the first quarter of register 1).
+    pub const R32_00: u32 = 8;
     /// `NFT_REG32_05`, the 4-byte register right after an IPv4 address loaded into register 2.
-    /// (`NFT_REG32_00` is 8.)
     pub const R32_05: u32 = 13;
 }
 
@@ -237,6 +238,38 @@ impl Expression for SetLookup {
             0
         };
         set_u32(expr, sys::NFTNL_EXPR_LOOKUP_FLAGS, flags);
+        expr
+    }
+}
+
+/// `dynset update reg_key 1 set NAME timeout 0ms`: add the key in register 1 to a set created
+/// earlier in the same batch (by its batch-local id), or restart its timeout if present. A
+/// timeout of 0 means the set's own, as nft sends for `update @set { … }`.
+pub(crate) struct DynsetUpdate {
+    pub set_name: CString,
+    pub set_id: u32,
+}
+
+impl Expression for DynsetUpdate {
+    fn to_expr(&self, _rule: &Rule<'_>) -> NonNull<sys::nftnl_expr> {
+        let expr = alloc(c"dynset");
+        set_u32(expr, sys::NFTNL_EXPR_DYNSET_SREG_KEY, reg::R1);
+        set_u32(
+            expr,
+            sys::NFTNL_EXPR_DYNSET_OP,
+            c32(libc::NFT_DYNSET_OP_UPDATE),
+        );
+        // SAFETY: valid expression and NUL-terminated name; libnftnl copies the name.
+        unsafe {
+            sys::nftnl_expr_set_str(
+                expr.as_ptr(),
+                attr(sys::NFTNL_EXPR_DYNSET_SET_NAME),
+                self.set_name.as_ptr(),
+            )
+        };
+        set_u32(expr, sys::NFTNL_EXPR_DYNSET_SET_ID, self.set_id);
+        // SAFETY: as in `set_u32`.
+        unsafe { sys::nftnl_expr_set_u64(expr.as_ptr(), attr(sys::NFTNL_EXPR_DYNSET_TIMEOUT), 0) };
         expr
     }
 }

@@ -1106,9 +1106,9 @@ mod tests {
                 "add table inet tdsc",
                 "delete table inet tdsc",
                 "add table inet tdsc",
+                "set given",
                 "add chain inet tdsc prerouting",
                 "the port set of rule 1 of inet tdsc prerouting",
-                "the port set elements of rule 1 of inet tdsc prerouting",
             ]
             .map(String::from)
         );

@@ -107,24 +107,39 @@
 //!    marking there marks exactly those connections. (The `eth0` SYN mark is for the
 //!    undispatched ports, whose SYNs reach input after the static-hash filter.)
 //! 6. With `nf_conntrack_tcp_loose = 0`, a non-SYN segment creates no entry: it is INVALID.
+//! 7. On a member, the client's own copy of a SYN from the bridge flood usually reaches
+//!    conntrack long before the master's forward of it is re-injected (the forward needs two
+//!    daemon wake-ups). But the flood copy waits in a softirq backlog, and on a busy host the
+//!    backlog can wait for `ksoftirqd`, so the forward sometimes wins: the flood copy then
+//!    meets the fresh SYN_RECV entry (`sIG`, fact 3), and rule 1 would take the mark off the
+//!    handshake the member just answered, and the connection would stall (the repository's
+//!    `docs/design/exactness.md`, "A late copy of a forwarded SYN").
 //!
 //! The rules that follow: the client's first SYN clears the mark on whatever entry survived
-//! (facts 2 and 3) on every node, before it is queued or dropped; the input chain marks the
-//! SYN's entry on the node that was given it (fact 5); every other TCP segment from the
-//! client interface to the VIP, and every TCP segment from the VIP out of it, passes only
-//! with the mark (facts 1, 4, 6). The `socket` expression was weighed and left: it also finds
-//! listeners, TIME_WAIT and request sockets, and a stale one of those is the very problem.
+//! (facts 2 and 3) on every node, before it is queued or dropped, unless it is a copy of a SYN
+//! this node was given lately (fact 7): the input chain marks the SYN's entry on the node that
+//! was given it (fact 5) and remembers the SYN, by (client address, client port, VIP port,
+//! sequence number), in the set `given` for 5 s. A new connection on the same 4-tuple has
+//! another initial sequence number, so it still disowns the old entry. Every other TCP segment
+//! from the client interface to the VIP, and every TCP segment from the VIP out of it, passes
+//! only with the mark (facts 1, 4, 6). The `socket` expression was weighed and left: it also
+//! finds listeners, TIME_WAIT and request sockets, and a stale one of those is the very problem.
 //!
-//! What remains: on a member, the client's own copy of a SYN normally reaches conntrack long
-//! before the copy the master forwards is re-injected (both start from the same bridge flood,
-//! and the forward needs two daemon wake-ups); if the forwarded copy ever overtook it, the late
-//! copy would take the mark off the member's fresh handshake and that connection would stall.
+//! What remains: the set holds 65,536 SYNs (13,107 given a second for 5 s); beyond that a SYN
+//! is not remembered and a late copy of it may stall its connection (never reset it). Applying
+//! a ruleset (a role change) re-creates the table and empties the set, so a late copy within
+//! that instant may do the same. A client that reused a port within 5 s with the very same
+//! initial sequence number would keep the old owner's entry marked; Linux draws it from a keyed
+//! hash of the 4-tuple plus a clock that moves 64 ns a tick.
+//!
 //! The mark is the whole 32-bit `ct mark` of connections to and from the VIP; an administrator
 //! must not use conntrack marks for them. Connections open when a node first installs these
 //! rules carry no mark and are dropped.
 //!
 //! # Host requirements
 //!
+//! * nf_tables with hash sets that the packet path may update (`nft_set_hash`, `dynset`:
+//!   part of nf_tables on every distribution kernel), for the set `given`.
 //! * `net.netfilter.nf_conntrack_tcp_loose = 0` (the daemon sets it). With the default of 1,
 //!   conntrack picks up a mid-stream segment as a new ESTABLISHED connection (with mark 0, so
 //!   the mark rules would still drop it, but counted as "not owned" rather than "untracked").
@@ -162,8 +177,9 @@ mod model;
 pub use error::Error;
 pub use firewall::{Firewall, RuleDrops};
 pub use model::{
-    ruleset, Action, Chain, ChainName, ClusterSpec, Family, HashInput, HostFacts, IpFamily,
-    L4Proto, Match, QueueBackend, Role, Rule, Ruleset, StaticHash, Table,
+    ruleset, Action, Chain, ChainName, ClusterSpec, Family, GivenSet, HashInput, HostFacts,
+    IpFamily, L4Proto, Match, QueueBackend, Role, Rule, Ruleset, StaticHash, Table, GIVEN_SET_NAME,
+    GIVEN_SIZE, GIVEN_TIMEOUT_MS,
 };
 
 /// Name of both our tables, `table inet tdsc` and `table netdev tdsc`. Everything the crate

@@ -12,11 +12,14 @@ use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Counter, Immediate, Meta, Regi
 use nftnl::set::{Set, SetKey};
 use nftnl::{Batch, FinalizedBatch, MsgType, ProtoFamily};
 
-use crate::expr::{reg, Jhash, Load, NfqueueTarget, PayloadBase, Queue, SetLookup, Store};
-use crate::ffi::c8;
+use crate::expr::{
+    reg, DynsetUpdate, Jhash, Load, NfqueueTarget, PayloadBase, Queue, SetLookup, Store,
+};
+use crate::ffi::{attr, c32, c8};
 use crate::model::{
-    Action, Chain, ChainName, Family, HashInput, IpFamily, Match, QueueBackend, Rule, Ruleset,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    Action, Chain, ChainName, Family, GivenSet, HashInput, IpFamily, Match, QueueBackend, Rule,
+    Ruleset, GIVEN_SET_NAME, GIVEN_SIZE, GIVEN_TIMEOUT_MS, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use crate::TABLE_NAME;
 
@@ -79,6 +82,8 @@ struct Builder {
     batch: Batch,
     labels: Vec<String>,
     next_set_id: u32,
+    /// Batch-local id of the table's [`GivenSet`], once added.
+    given_set_id: u32,
 }
 
 impl Builder {
@@ -87,6 +92,7 @@ impl Builder {
             batch: Batch::new(),
             labels: Vec::new(),
             next_set_id: 1,
+            given_set_id: 0,
         }
     }
 
@@ -132,6 +138,9 @@ pub(crate) fn apply_plan(rs: &Ruleset) -> Plan {
                 MsgType::Add,
                 format!("add table {} {TABLE_NAME}", family.as_str()),
             );
+            for set in &table.sets {
+                add_given_set(&mut b, &nl_table, set);
+            }
             for chain in &table.chains {
                 add_chain(&mut b, &nl_table, family, chain);
             }
@@ -170,6 +179,141 @@ pub(crate) fn probe_plan() -> Plan {
         "the native queue expression".to_string(),
     );
     b.finish()
+}
+
+/// The [`GivenSet`] key as its set declares it: nft's concatenated type id of `ipv4_addr .
+/// inet_service . inet_service . integer` (each 6 bits, first type highest), and its length
+/// in bytes, each field rounded up to a 4-byte register.
+struct GivenKeyV4;
+struct GivenKeyV6;
+
+impl SetKey for GivenKeyV4 {
+    const TYPE: u32 = 0x001c_d344;
+    const LEN: u32 = 16;
+    fn data(&self) -> Box<[u8]> {
+        Box::new([])
+    }
+}
+
+impl SetKey for GivenKeyV6 {
+    const TYPE: u32 = 0x0020_d344;
+    const LEN: u32 = 28;
+    fn data(&self) -> Box<[u8]> {
+        Box::new([])
+    }
+}
+
+/// The set's user data as nft 1.0.6 writes it for `typeof ip saddr . tcp sport . tcp dport .
+/// tcp sequence` (captured from its netlink batch). nft needs it to print the `typeof` line
+/// back; the kernel keeps it without reading it. TLVs of one type byte and one length byte:
+/// key byte order 0; the key's `typeof`: a concatenation (expression type 13) of four payload
+/// expressions (type 7), each a protocol description and a field of it: the address (`ip`
+/// 0x0c field 0x0b `saddr`, or `ip6` 0x0d field 0x08), then `tcp` (0x08) fields 1 `sport`,
+/// 2 `dport` and 3 `sequence`, the last with its length, 32 bits.
+fn given_set_userdata(family: IpFamily) -> [u8; 110] {
+    let (desc, field) = match family {
+        IpFamily::V4 => (0x0c, 0x0b),
+        IpFamily::V6 => (0x0d, 0x08),
+    };
+    [
+        0x00, 0x04, 0x00, 0x00, 0x00, 0x00, // key byte order
+        0x03, 0x66, // key typeof, 102 bytes
+        0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, // expression: concatenation
+        0x01, 0x5e, // its data, 94 bytes
+        0x00, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, desc, 0x00, 0x00,
+        0x00, 0x01, 0x04, field, 0x00, 0x00, 0x00, // [0] payload: address
+        0x01, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x08, 0x00, 0x00,
+        0x00, 0x01, 0x04, 0x01, 0x00, 0x00, 0x00, // [1] payload: tcp sport
+        0x02, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x08, 0x00, 0x00,
+        0x00, 0x01, 0x04, 0x02, 0x00, 0x00, 0x00, // [2] payload: tcp dport
+        0x03, 0x1a, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x12, 0x00, 0x04, 0x08, 0x00, 0x00,
+        0x00, 0x01, 0x04, 0x03, 0x00, 0x00, 0x00, 0x04, 0x04, 0x20, 0x00, 0x00,
+        0x00, // [3] payload: tcp sequence, 32 bits
+    ]
+}
+
+/// `set given { typeof … ; size …; flags dynamic,timeout; timeout …; }`, before the chains
+/// whose rules name it (by name and batch-local id).
+fn add_given_set(b: &mut Builder, table: &nftnl::Table, set: &GivenSet) {
+    let id = b.next_set_id;
+    b.next_set_id += 1;
+    b.given_set_id = id;
+    let name = CString::new(GIVEN_SET_NAME).expect("a constant without NUL");
+    let family = table.get_family();
+    let label = format!("set {GIVEN_SET_NAME}");
+    let user = given_set_userdata(set.family);
+    let configure = |ptr: *mut nftnl::nftnl_sys::nftnl_set| {
+        // SAFETY: `ptr` is the live set just allocated below; libnftnl copies every value.
+        unsafe {
+            nftnl::nftnl_sys::nftnl_set_set_u32(
+                ptr,
+                attr(nftnl::nftnl_sys::NFTNL_SET_FLAGS),
+                c32(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL),
+            );
+            nftnl::nftnl_sys::nftnl_set_set_u32(
+                ptr,
+                attr(nftnl::nftnl_sys::NFTNL_SET_DESC_SIZE),
+                GIVEN_SIZE,
+            );
+            nftnl::nftnl_sys::nftnl_set_set_u64(
+                ptr,
+                attr(nftnl::nftnl_sys::NFTNL_SET_TIMEOUT),
+                GIVEN_TIMEOUT_MS,
+            );
+            nftnl::nftnl_sys::nftnl_set_set_data(
+                ptr,
+                attr(nftnl::nftnl_sys::NFTNL_SET_USERDATA),
+                user.as_ptr().cast(),
+                c32(110),
+            );
+        }
+    };
+    match set.family {
+        IpFamily::V4 => {
+            let s: Set<'_, GivenKeyV4> = Set::new_named(&name, id, table, family);
+            configure(s.as_ptr().as_ptr());
+            b.add(&s, MsgType::Add, label);
+        }
+        IpFamily::V6 => {
+            let s: Set<'_, GivenKeyV6> = Set::new_named(&name, id, table, family);
+            configure(s.as_ptr().as_ptr());
+            b.add(&s, MsgType::Add, label);
+        }
+    }
+}
+
+/// `ADDR saddr . tcp sport . tcp dport . tcp sequence` into the registers nft uses for a
+/// concatenation: the address from register 1 on, each next field in the 4-byte register
+/// after the previous one (zero-padded by the load), so the key starts at register 1.
+fn load_syn_tuple(rule: &mut nftnl::Rule<'_>, deps: &mut Deps, family: IpFamily) {
+    check_nfproto(rule, deps, family);
+    check_l4proto(rule, deps, IPPROTO_TCP);
+    let (offset, len) = match family {
+        IpFamily::V4 => (12, 4),
+        IpFamily::V6 => (8, 16),
+    };
+    rule.add_expr(&Load {
+        base: PayloadBase::Network,
+        offset,
+        len,
+        dreg: reg::R1,
+    });
+    let first = reg::R32_00 + len / 4;
+    for (next, (offset, len)) in (first..).zip([(0, 2), (2, 2), (4, 4)]) {
+        // A 4-byte register at the start of a 16-byte one is sent as the 16-byte one, as the
+        // kernel reports it back (`NFT_REG32_04` is register 2).
+        let dreg = if (next - reg::R32_00).is_multiple_of(4) {
+            reg::R1 + (next - reg::R32_00) / 4
+        } else {
+            next
+        };
+        rule.add_expr(&Load {
+            base: PayloadBase::Transport,
+            offset,
+            len,
+            dreg,
+        });
+    }
 }
 
 fn add_chain(b: &mut Builder, table: &nftnl::Table, family: Family, chain: &Chain) {
@@ -213,7 +357,7 @@ fn add_rule(b: &mut Builder, chain: &nftnl::Chain<'_>, rule: &Rule, label: &str)
     if rule.counter {
         nl_rule.add_expr(&Counter);
     }
-    add_verdict(&mut nl_rule, &rule.action);
+    add_verdict(b, &mut nl_rule, &mut deps, &rule.action);
     let comment = CString::new(rule.comment).expect("comments are constants without NUL");
     nl_rule
         .set_comment(&comment)
@@ -447,6 +591,14 @@ fn add_match(
             load_tcp_flags(rule, deps, TCP_FLAGS_FIN_SYN_RST_ACK);
             rule.add_expr(&cmp(CmpOp::Eq, &[TCP_FLAG_SYN]));
         }
+        Match::SynNotGiven(family) => {
+            load_syn_tuple(rule, deps, *family);
+            rule.add_expr(&SetLookup {
+                set_name: CString::new(GIVEN_SET_NAME).expect("a constant without NUL"),
+                set_id: b.given_set_id,
+                invert: true,
+            });
+        }
         Match::CtMarkNot(mark) => {
             rule.add_expr(&Conntrack::Mark { set: false });
             rule.add_expr(&cmp(CmpOp::Neq, &mark.to_ne_bytes()));
@@ -483,7 +635,7 @@ fn add_match(
     }
 }
 
-fn add_verdict(rule: &mut nftnl::Rule<'_>, action: &Action) {
+fn add_verdict(b: &Builder, rule: &mut nftnl::Rule<'_>, deps: &mut Deps, action: &Action) {
     match action {
         Action::Accept => rule.add_expr(&Verdict::Accept),
         Action::Drop => rule.add_expr(&Verdict::Drop),
@@ -509,6 +661,13 @@ fn add_verdict(rule: &mut nftnl::Rule<'_>, action: &Action) {
         Action::SetCtMark(mark) => {
             rule.add_expr(&Immediate::new(mark.to_ne_bytes(), Register::Reg1));
             rule.add_expr(&Conntrack::Mark { set: true });
+        }
+        Action::RememberGiven(family) => {
+            load_syn_tuple(rule, deps, *family);
+            rule.add_expr(&DynsetUpdate {
+                set_name: CString::new(GIVEN_SET_NAME).expect("a constant without NUL"),
+                set_id: b.given_set_id,
+            });
         }
     }
 }

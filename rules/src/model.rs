@@ -258,6 +258,9 @@ pub enum Match {
     CtMarkNot(u32),
     /// `icmp type echo-request` / `icmpv6 type echo-request`.
     EchoRequest(IpFamily),
+    /// `ip saddr . tcp sport . tcp dport . tcp sequence != @given` (or `ip6 saddr`): this SYN
+    /// is not a copy of one this node was given lately ([`GivenSet`]).
+    SynNotGiven(IpFamily),
     /// `jhash INPUT mod COUNT seed SEED != INDEX`: the flow belongs to another node.
     HashNotMine {
         /// Fields hashed.
@@ -286,6 +289,10 @@ pub enum Action {
     /// `ct mark set MARK` on the packet's conntrack entry (not a verdict: the packet goes on
     /// to the next rule). Without an entry it does nothing.
     SetCtMark(u32),
+    /// `update @given { ip saddr . tcp sport . tcp dport . tcp sequence }` (or `ip6 saddr`):
+    /// remember this SYN in [`GivenSet`], restarting its timeout. Not a verdict. With the set
+    /// full the kernel adds nothing and ends the rule there.
+    RememberGiven(IpFamily),
 }
 
 /// A rule: conditions, an optional counter, an action and a comment that names its purpose in
@@ -368,9 +375,38 @@ impl Family {
 pub struct Table {
     /// Family.
     pub family: Family,
+    /// Named sets, printed before the chains.
+    pub sets: Vec<GivenSet>,
     /// Chains, in the order they are created and printed.
     pub chains: Vec<Chain>,
 }
+
+/// The named set `given` of table `inet tdsc`: the SYNs this node was given lately, as
+/// (client address, client port, VIP port, sequence number), each kept [`GIVEN_TIMEOUT_MS`]
+/// after it was last seen at input. A client's SYN found in it is a copy of a SYN this node
+/// was given (a copy that reached this node's client interface late, after the master's forward
+/// of it, or a retransmission), not a new connection: it must not take the ownership mark away.
+/// See the crate docs, "Exact ownership".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GivenSet {
+    /// Family of the addresses in the key (the VIP's).
+    pub family: IpFamily,
+}
+
+/// Name of the [`GivenSet`].
+pub const GIVEN_SET_NAME: &str = "given";
+
+/// How long a [`GivenSet`] element lives after it was last added or refreshed. A late copy of
+/// a SYN arrives microseconds to milliseconds after the forwarded one; a retransmission after
+/// 1 s, 3 s and so on. An element gone before a retransmission only means the retransmission
+/// takes the mark off until the master's forward of it (to the same node, by its record)
+/// puts it back, which is how it worked before the set existed.
+pub const GIVEN_TIMEOUT_MS: u64 = 5_000;
+
+/// Most elements a [`GivenSet`] holds: at [`GIVEN_TIMEOUT_MS`], 13,107 SYNs a second given to
+/// this node. Beyond that the kernel adds nothing (the rule ends at the `update`) and a late
+/// copy of a SYN not remembered may take its mark off (a stall, never a reset).
+pub const GIVEN_SIZE: u32 = 65_536;
 
 /// The whole ruleset for one node: the value [`crate::Firewall::apply`] installs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -398,6 +434,10 @@ pub(crate) const DISOWN_COMMENT: &str = "tdsc: a new connection on this 4-tuple,
 /// Comment of the rules that mark a connection as this node's when it is given the SYN.
 pub(crate) const OWN_COMMENT: &str = "tdsc: a SYN this node was given: it owns the connection";
 
+/// Comment of the input rule that puts a SYN this node was given in the [`GivenSet`].
+pub(crate) const REMEMBER_COMMENT: &str =
+    "tdsc: remember the SYN this node was given: a late copy of it is no new connection";
+
 /// The loopback interface, where a member's re-injected SYNs arrive.
 const LOOPBACK: &str = "lo";
 
@@ -415,6 +455,8 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 /// 1. A client's first SYN for the VIP on a dispatched port (`tcp flags & (fin|syn|rst|ack) ==
 ///    syn`) takes the ownership mark ([`crate::CT_MARK_OWNED`]) off whatever conntrack entry
 ///    it met: the client starts a new connection on this 4-tuple, and no node owns it yet.
+///    Unless it is in the [`GivenSet`]: then it is a copy of a SYN this node was given lately
+///    (a late flood copy, a retransmission), and the connection stays this node's.
 /// 2. The same SYN: the master queues it to its daemon, a member drops it, because the master
 ///    forwards each one to exactly one node.
 ///
@@ -426,6 +468,8 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 ///    `nf_conntrack_tcp_loose = 0` a segment with no conntrack entry is another node's.
 /// 3. A first SYN that got this far was given to this node (accepted by the master's daemon,
 ///    or, arriving via `lo`, re-injected by a member's): its entry gets the ownership mark.
+///    A re-injected one is also put in the [`GivenSet`] (a rule of its own, after the mark:
+///    with the set full, the kernel ends that rule at the `update`).
 /// 4. Every other TCP segment for the VIP whose entry lacks the mark is dropped, so it never
 ///    reaches TCP, and TCP never answers it.
 /// 5. Protocol 253 (forwarded SYNs) is accepted from each member over the cluster interface,
@@ -455,6 +499,9 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 pub fn ruleset(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Ruleset {
     let mut tables = vec![Table {
         family: Family::Inet,
+        sets: vec![GivenSet {
+            family: IpFamily::of(&spec.vip),
+        }],
         chains: vec![
             Chain {
                 name: ChainName::Prerouting,
@@ -479,6 +526,7 @@ pub fn ruleset(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Ruleset {
     if let Some(mac) = spec.egress_mac {
         tables.push(Table {
             family: Family::Netdev,
+            sets: vec![],
             chains: vec![Chain {
                 name: ChainName::Egress,
                 device: Some(spec.client_interface.clone()),
@@ -511,9 +559,13 @@ fn prerouting_rules(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Vec<Ru
     // the master gives it to may own it. Whatever conntrack kept of an earlier connection with
     // the same 4-tuple (CLOSE, TIME_WAIT, FIN_WAIT, …: the SYN does not always make conntrack
     // drop it) stops being this node's here; the node given the SYN owns it again when the
-    // SYN reaches its input chain (below).
+    // SYN reaches its input chain (below). A copy of a SYN this node was given lately (the
+    // client's own copy arriving after the master's forward of it, or a retransmission) is no
+    // new connection, and leaves the mark alone.
+    let mut disown = syn.clone();
+    disown.push(Match::SynNotGiven(IpFamily::of(&spec.vip)));
     rules.push(Rule {
-        matches: syn.clone(),
+        matches: disown,
         counter: false,
         action: Action::SetCtMark(0),
         comment: DISOWN_COMMENT,
@@ -621,6 +673,17 @@ fn input_rules(spec: &ClusterSpec) -> Vec<Rule> {
         counter: false,
         action: Action::SetCtMark(CT_MARK_OWNED),
         comment: OWN_COMMENT,
+    });
+    // Its own rule, after the mark: with the set full the `update` ends the rule.
+    rules.push(Rule {
+        matches: vec![
+            Match::IifName(LOOPBACK.to_owned()),
+            Match::Daddr(spec.vip),
+            Match::TcpSynOnly,
+        ],
+        counter: false,
+        action: Action::RememberGiven(family),
+        comment: REMEMBER_COMMENT,
     });
     let mut foreign = to_vip();
     foreign.push(Match::L4Proto(IPPROTO_TCP));
@@ -762,6 +825,10 @@ impl fmt::Display for Ruleset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for table in &self.tables {
             writeln!(f, "table {} {TABLE_NAME} {{", table.family.as_str())?;
+            for set in &table.sets {
+                write_given_set(f, set)?;
+                writeln!(f)?;
+            }
             for (i, chain) in table.chains.iter().enumerate() {
                 if i > 0 {
                     writeln!(f)?;
@@ -772,6 +839,25 @@ impl fmt::Display for Ruleset {
         }
         Ok(())
     }
+}
+
+/// nft prints a set declared with `typeof` by those expressions (from the set's user data),
+/// its size, flags and timeout in seconds.
+fn write_given_set(f: &mut fmt::Formatter<'_>, set: &GivenSet) -> fmt::Result {
+    writeln!(f, "\tset {GIVEN_SET_NAME} {{")?;
+    writeln!(f, "\t\ttypeof {}", syn_tuple_text(set.family))?;
+    writeln!(f, "\t\tsize {GIVEN_SIZE}")?;
+    writeln!(f, "\t\tflags dynamic,timeout")?;
+    writeln!(f, "\t\ttimeout {}s", GIVEN_TIMEOUT_MS / 1000)?;
+    writeln!(f, "\t}}")
+}
+
+/// The [`GivenSet`] key as nft prints the concatenation.
+fn syn_tuple_text(family: IpFamily) -> String {
+    format!(
+        "{} saddr . tcp sport . tcp dport . tcp sequence",
+        family.keyword()
+    )
 }
 
 fn write_chain(f: &mut fmt::Formatter<'_>, chain: &Chain) -> fmt::Result {
@@ -842,6 +928,9 @@ fn match_text(m: &Match) -> String {
         Match::TcpRst => "tcp flags rst".to_string(),
         Match::CtStateInvalid => "ct state invalid".to_string(),
         Match::CtMarkNot(mark) => format!("ct mark != {mark:#010x}"),
+        Match::SynNotGiven(family) => {
+            format!("{} != @{GIVEN_SET_NAME}", syn_tuple_text(*family))
+        }
         Match::EchoRequest(IpFamily::V4) => "icmp type echo-request".to_string(),
         Match::EchoRequest(IpFamily::V6) => "icmpv6 type echo-request".to_string(),
         Match::HashNotMine { input, hash } => {
@@ -894,6 +983,9 @@ fn action_text(action: &Action) -> String {
             format!("ether saddr set {}", hex.join(":"))
         }
         Action::SetCtMark(mark) => format!("ct mark set {mark:#010x}"),
+        Action::RememberGiven(family) => {
+            format!("update @{GIVEN_SET_NAME} {{ {} }}", syn_tuple_text(*family))
+        }
     }
 }
 
@@ -982,7 +1074,11 @@ mod tests {
         for rule in rules {
             match &rule.matches[0] {
                 Match::IifName(name) if name == "lo" => {
-                    assert_eq!(rule.action, Action::SetCtMark(CT_MARK_OWNED));
+                    assert!(
+                        rule.action == Action::SetCtMark(CT_MARK_OWNED)
+                            || rule.action == Action::RememberGiven(IpFamily::V4),
+                        "{rule:?}"
+                    );
                 }
                 Match::IifName(name) => assert!(name == "eth0" || name == "eth1"),
                 _ => {}
@@ -1126,8 +1222,13 @@ mod tests {
         };
         let rs = ruleset(Role::Member, &spec, &COMPAT);
         let text = rs.to_nft_text();
-        assert!(!text.contains("tcp dport"), "{text}");
-        assert!(!text.contains("tcp sport"), "{text}");
+        // The `given` set's key names both ports; no rule matches either.
+        let rules: String = text
+            .lines()
+            .filter(|l| !l.contains("@given") && !l.contains("typeof"))
+            .collect();
+        assert!(!rules.contains("tcp dport"), "{text}");
+        assert!(!rules.contains("tcp sport"), "{text}");
         assert!(text.contains("udp sport"), "{text}");
     }
 
@@ -1195,7 +1296,11 @@ mod tests {
             let rs = ruleset(role, &spec(), &COMPAT);
             let pre = prerouting(&rs);
             assert_eq!(pre[0].action, Action::SetCtMark(0));
-            assert_eq!(pre[0].matches, pre[1].matches);
+            // The mark comes off for every first SYN the second rule queues or drops, but a
+            // copy of one this node was given lately.
+            let (last, rest) = pre[0].matches.split_last().unwrap();
+            assert_eq!(rest, pre[1].matches.as_slice());
+            assert_eq!(*last, Match::SynNotGiven(IpFamily::V4));
             assert!(pre[0].matches.contains(&Match::TcpSynOnly));
 
             let input = input(&rs);
@@ -1212,6 +1317,17 @@ mod tests {
             let foreign = pos(&|r| r.matches.contains(&Match::CtMarkNot(CT_MARK_OWNED)));
             assert!(last_hash < own && own < foreign, "{input:?}");
             assert_eq!(input[own + 1].action, Action::SetCtMark(CT_MARK_OWNED));
+            // The re-injected SYN is remembered after it is marked, by a rule of its own (a
+            // full set ends the rule at the `update`), with the same matches.
+            assert_eq!(input[own + 2].action, Action::RememberGiven(IpFamily::V4));
+            assert_eq!(input[own + 2].matches, input[own + 1].matches);
+            assert_eq!(own + 3, foreign);
+            assert_eq!(
+                rs.table(Family::Inet).unwrap().sets,
+                vec![GivenSet {
+                    family: IpFamily::V4
+                }]
+            );
             assert_eq!(input[foreign].action, Action::Drop);
             assert!(input[foreign]
                 .matches

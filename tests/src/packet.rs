@@ -325,6 +325,21 @@ impl Capture {
         }
     }
 
+    /// Sends `frame` (a whole Ethernet frame) out of the interface the capture is bound to,
+    /// as if the host at its other end had received it from the wire.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: `frame` is live for the call, with its length; the fd is open and bound.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) if n == frame.len() => Ok(()),
+            Ok(n) => Err(io::Error::other(format!(
+                "sent {n} of {} bytes",
+                frame.len()
+            ))),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
+    }
+
     /// Next received frame into `buf`; `None` on timeout.
     pub fn recv<'b>(&self, buf: &'b mut [u8]) -> io::Result<Option<&'b [u8]>> {
         loop {

@@ -557,6 +557,149 @@ fn retransmitted_syn_while_the_first_holds_syn_recv() -> anyhow::Result<()> {
     )
 }
 
+/// The bridge-side end of `node`'s `iface`: (bridge node, its port), from the topology.
+fn bridge_port(cluster: &Cluster, node: &str, iface: &str) -> anyhow::Result<(String, String)> {
+    cluster
+        .lab()
+        .topology()
+        .links
+        .iter()
+        .find_map(|l| {
+            let (ours, theirs) = if l.a.node == node {
+                (&l.a, &l.b)
+            } else {
+                (&l.b, &l.a)
+            };
+            (ours.node == node && ours.interface == iface)
+                .then(|| (theirs.node.clone(), theirs.interface.clone()))
+        })
+        .with_context(|| format!("no link of {node}:{iface}"))
+}
+
+/// A late copy of a forwarded SYN. Each connection is steered to a member B; once the client
+/// has B's SYN/ACK, the client's own SYN (captured on its bridge port, checksum made whole)
+/// is sent again into B's client interface alone: what B sees when the master's forward of a
+/// SYN overtakes B's own copy from the bridge flood (the forward needs two daemon wake-ups,
+/// the flood only a softirq, but a softirq can wait for `ksoftirqd` on a busy host). B must
+/// keep the connection: the request and an echo both ways complete, and B drops no segment
+/// of it as not owned. Before the `given` set, the copy took B's ownership mark off and every
+/// connection stalled (`not_owned_in` grew by its data and retransmissions).
+#[test]
+fn a_late_copy_of_a_forwarded_syn_leaves_the_member_its_connection() -> anyhow::Result<()> {
+    const ROUNDS: u16 = 4;
+    let Some(_lock) =
+        exclusive_lab("a_late_copy_of_a_forwarded_syn_leaves_the_member_its_connection")
+    else {
+        return Ok(());
+    };
+    let mut cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-late")),
+        policy: Some("round-robin".to_owned()),
+        ..ClusterOptions::default()
+    })
+    .context("start the cluster")?;
+    let result = (|| -> anyhow::Result<()> {
+        let client_host = cluster.clients()[0].name.clone();
+        let client = cluster.netns(&client_host);
+        let vip = cluster.vip();
+        let master = cluster.master()?.clone();
+        let member = cluster
+            .nodes()
+            .iter()
+            .find(|n| n.id != master.id)
+            .context("a member")?
+            .clone();
+        steer(&cluster, &member)?;
+        let (bridge, client_port) = bridge_port(&cluster, &client_host, "eth0")?;
+        let (bridge_b, member_port) = bridge_port(&cluster, &member.name, "eth0")?;
+        ensure!(bridge == bridge_b, "client and member on different bridges");
+        let bridge_ns = cluster.netns(&bridge);
+        let (from_client, to_member) = netns::run_in(&bridge_ns, || -> anyhow::Result<_> {
+            Ok((
+                Capture::open(&client_port, Duration::from_millis(200))?,
+                Capture::open(&member_port, Duration::from_millis(200))?,
+            ))
+        })??;
+        let not_owned = |c: &Cluster| -> anyhow::Result<u64> {
+            Ok(c.status(&member.name)?.counters.drops.not_owned_in)
+        };
+        let before = not_owned(&cluster)?;
+        let mut failures = Vec::new();
+        for port in 42700..42700 + ROUNDS {
+            let stream =
+                netns::run_in(&client, || connect_from(vip, port, Duration::from_secs(3)))??;
+            // The client's SYN, as its bridge port received it.
+            let mut buf = vec![0u8; 2048];
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let syn = loop {
+                ensure!(
+                    Instant::now() < deadline,
+                    "port {port}: the client's SYN not seen"
+                );
+                let Some(f) = from_client.recv(&mut buf)? else {
+                    continue;
+                };
+                let is_syn = packet::parse_tcp_frame(f).is_some_and(|t| {
+                    t.sport == port && t.flags & (flags::SYN | flags::ACK) == flags::SYN
+                });
+                if is_syn {
+                    break f.to_vec();
+                }
+            };
+            to_member.send(&with_tcp_checksum(syn)?)?;
+            let mut s = stream;
+            let served = (|| -> anyhow::Result<u32> {
+                s.write_all(b"GET /__echo HTTP/1.0\r\n\r\n")?;
+                let id = read_node_line(&mut s)?;
+                s.write_all(b"ping")?;
+                let mut b = [0u8; 4];
+                s.read_exact(&mut b).context("echo")?;
+                ensure!(&b == b"ping", "echo differs: {b:?}");
+                Ok(id)
+            })();
+            match served {
+                Ok(id) if id == member.id => {}
+                other => {
+                    failures.push(format!("port {port}: {other:?}, wanted node {}", member.id))
+                }
+            }
+        }
+        let grown = not_owned(&cluster)? - before;
+        ensure!(
+            failures.is_empty() && grown == 0,
+            "{} of {ROUNDS} connections failed after a late copy of their SYN reached {} \
+             (its not_owned_in grew by {grown}):\n{}",
+            failures.len(),
+            member.name,
+            failures.join("\n")
+        );
+        cluster.check_daemons()?;
+        Ok(())
+    })();
+    let teardown = cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"));
+    result?;
+    teardown
+}
+
+/// `frame` (Ethernet, IPv4, TCP) with its TCP checksum computed in full: a veth hands the
+/// sender's frames on with only the pseudo-header summed, and a receiver that verifies the
+/// checksum (conntrack does) would take the frame as corrupt.
+fn with_tcp_checksum(mut frame: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let t = packet::parse_tcp_frame(&frame).context("not IPv4/TCP")?;
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let tcp = 14 + ihl;
+    ensure!(
+        frame.len() >= 14 + total && total > ihl + 20,
+        "truncated frame"
+    );
+    frame.truncate(14 + total);
+    frame[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let sum = packet::tcp_checksum_v4(t.src, t.dst, &frame[tcp..]);
+    frame[tcp + 16..tcp + 18].copy_from_slice(&sum.to_be_bytes());
+    Ok(frame)
+}
+
 /// The deterministic reuse across a failover, under Raft. Connection 1 from a fixed port is
 /// steered to the master A and ends one way, leaving A its stale state; then A's daemon is
 /// SIGKILLed (A's TCP stack and ruleset stay). Once a successor M dispatches, connection 2

@@ -130,9 +130,9 @@ fn capture_sealed(
     })?
 }
 
-/// The traffic beside a test: every request served. (A rare stall on the Raft lab, its
-/// connection's ownership mark gone on the master, used to be tolerated here; it has not been
-/// seen since every lab steers each flow to one CPU, docs/platform.md.)
+/// The traffic beside a test: every request served. (A rare stall here, a member's handshake
+/// disowned by a late flood copy of its SYN, was what CI failed on at stop 18:
+/// docs/design/exactness.md, "A late copy of a forwarded SYN".)
 fn check_traffic(tally: &load::Tally) -> anyhow::Result<()> {
     ensure!(
         tally.failures == 0,
