@@ -379,7 +379,6 @@ fn reuse_across_nodes(test: &str, ending: Ending, base_port: u16) -> anyhow::Res
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-exact")),
         policy: Some("round-robin".to_owned()),
-        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
@@ -715,7 +714,6 @@ fn reuse_of_a_killed_masters_ports_after_the_takeover() -> anyhow::Result<()> {
         lab_name: Some(unique_lab_name("tdsc-exrf")),
         policy: Some("round-robin".to_owned()),
         raft: true,
-        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the raft cluster")?;
@@ -997,7 +995,6 @@ fn stress_20000_abortive_and_20000_graceful_connects() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-stress")),
         policy: Some("round-robin".to_owned()),
-        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
@@ -1097,7 +1094,6 @@ fn nat_like_client_reuses_64_ports_from_8_threads() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-nat")),
         policy: Some("round-robin".to_owned()),
-        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
@@ -1227,7 +1223,6 @@ fn nat_like_and_stress_loads_lose_no_connection_across_a_sigkill_failover() -> a
         lab_name: Some(unique_lab_name("tdsc-exfo")),
         policy: Some("round-robin".to_owned()),
         raft: true,
-        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the raft cluster")?;
@@ -1393,7 +1388,6 @@ fn nat_like_load_per_target() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&ClusterOptions {
         lab_name: Some(unique_lab_name("tdsc-nat")),
         policy: Some("round-robin".to_owned()),
-        steer_flows: true,
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;

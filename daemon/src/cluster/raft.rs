@@ -523,7 +523,7 @@ impl RaftTask {
                         tracing::debug!(from, error = %e, "raft message not stepped");
                     }
                 }
-                done = self.disk.done.recv() => {
+                done = self.disk.next() => {
                     let Some(done) = done else {
                         // The disk thread is gone: this node can no longer keep Raft's
                         // promises. Ending the task ends the daemon (it is supervised).
@@ -540,7 +540,6 @@ impl RaftTask {
 
     /// A disk job is done: its messages go out and the core learns what is written.
     async fn written(&mut self, done: DiskDone) {
-        self.disk.finished();
         if done.took > SLOW_WRITE {
             tracing::warn!(
                 took_ms = done.took.as_millis(),

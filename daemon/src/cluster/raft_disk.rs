@@ -82,12 +82,17 @@ impl Writer {
             self.latest = Some(s);
         }
         let started = Instant::now();
-        let result = match (&self.latest, fresh || self.failed) {
-            (Some(p), true) => {
-                let p = p.clone();
-                self.write(&p)
+        // Taken out for the write and put back (no copy of the state per write).
+        let result = match self.latest.take() {
+            Some(p) if fresh || self.failed => {
+                let result = self.write(&p);
+                self.latest = Some(p);
+                result
             }
-            _ => Ok(()),
+            latest => {
+                self.latest = latest;
+                Ok(())
+            }
         };
         self.failed = result.is_err();
         DiskDone {
@@ -125,7 +130,7 @@ impl Writer {
 #[derive(Debug)]
 pub struct RaftDisk {
     jobs: std::sync::mpsc::Sender<DiskJob>,
-    pub done: mpsc::UnboundedReceiver<DiskDone>,
+    done: mpsc::UnboundedReceiver<DiskDone>,
     busy: bool,
     queued: Option<DiskJob>,
 }
@@ -180,8 +185,16 @@ impl RaftDisk {
         self.busy = self.jobs.send(job).is_ok();
     }
 
+    /// The next job the thread finished (handing it the queued one, if any); `None` once the
+    /// thread has ended. Cancel-safe: a job received is always followed by the hand-over.
+    pub async fn next(&mut self) -> Option<DiskDone> {
+        let done = self.done.recv().await?;
+        self.finished();
+        Some(done)
+    }
+
     /// The thread finished a job: hands it the queued one, if any.
-    pub fn finished(&mut self) {
+    fn finished(&mut self) {
         self.busy = false;
         if let Some(q) = self.queued.take() {
             self.submit(q);
