@@ -59,6 +59,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawThreads {
     data_path_cpu: Option<i64>,
+    queue_io: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +140,29 @@ pub enum L2Mode {
     /// No masking: the operator makes the switch deliver every frame to every node (port
     /// mirroring, a hub, a static multicast MAC entry, …).
     SharedMac,
+}
+
+/// How the master's queue thread talks to NFQUEUE (`[threads] queue_io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueIo {
+    /// The daemon's own nfnetlink_queue I/O ([`crate::datapath::queue_socket`]): a receive
+    /// buffer sized to the queue, every waiting SYN in one `recvmmsg`, the batch's verdicts in
+    /// one `send` and its forwards in one `sendmmsg`, overruns counted. Opt-in until the
+    /// namespace suite and the dispatch benchmark have run with it (issue 12).
+    Batched,
+    /// One `recv`, one verdict and one forward system call per SYN through the nfq crate, at
+    /// the default receive buffer: the default for now, and the benchmark's baseline.
+    #[default]
+    PerPacket,
+}
+
+impl QueueIo {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueIo::Batched => "batched",
+            QueueIo::PerPacket => "per-packet",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +291,8 @@ pub struct Config {
     /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
     /// (see [`crate::datapath::affinity`]); `None` leaves them to the scheduler.
     pub data_path_cpu: Option<usize>,
+    /// `[threads] queue_io`: `"per-packet"` (default) or `"batched"`.
+    pub queue_io: QueueIo,
     /// `[shutdown] drain_timeout_ms`: on SIGTERM, how long the node waits for its own
     /// connections on the VIP to finish before it removes the VIP (0: not at all).
     pub drain_timeout: Duration,
@@ -599,6 +625,16 @@ impl Config {
                     })?,
             ),
         };
+        let queue_io = match raw.threads.queue_io.as_deref().unwrap_or("per-packet") {
+            "batched" => QueueIo::Batched,
+            "per-packet" => QueueIo::PerPacket,
+            other => {
+                return Err(invalid(
+                    "threads.queue_io",
+                    format!("unknown mode {other:?}; expected \"batched\" or \"per-packet\""),
+                ))
+            }
+        };
         let drain_ms = raw
             .shutdown
             .drain_timeout_ms
@@ -646,6 +682,7 @@ impl Config {
             report_interval: Duration::from_millis(report_ms),
             dead_after: Duration::from_millis(dead_ms),
             data_path_cpu,
+            queue_io,
             drain_timeout: Duration::from_millis(drain_ms),
             nodes,
         })
@@ -927,6 +964,20 @@ address = "198.51.100.12"
         let text = format!("{GOOD}\n[health]\nreport_interval_ms = 500\ndead_after_ms = 600\n");
         let msg = Config::parse(&text).unwrap_err().to_string();
         assert!(msg.contains("health.dead_after_ms"), "{msg}");
+    }
+
+    #[test]
+    fn queue_io_defaults_to_per_packet_and_is_checked() {
+        assert_eq!(Config::parse(GOOD).unwrap().queue_io, QueueIo::PerPacket);
+        let c = Config::parse(&format!("{GOOD}\n[threads]\nqueue_io = \"batched\"\n")).unwrap();
+        assert_eq!(c.queue_io, QueueIo::Batched);
+        let msg = Config::parse(&format!("{GOOD}\n[threads]\nqueue_io = \"fast\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("threads.queue_io") && msg.contains("fast"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!   between blocking calls, each of which must return within a bounded time (a read
 //!   timeout: the receive thread's `SO_RCVTIMEO`, the load sampler's sleep). A thread whose
 //!   blocking call has no timeout (the NFQUEUE receive: the `nfq` crate exposes neither its
-//!   descriptor nor a timeout) is spawned with [`ThreadHandle::spawn_interruptible`]: stopping
+//!   descriptor nor a timeout, and the batched `recvmmsg` is given none) is spawned with [`ThreadHandle::spawn_interruptible`]: stopping
 //!   it also sends it [`WAKE_SIGNAL`], whose handler does nothing but is installed without
 //!   `SA_RESTART`, so the blocked `recv` returns `EINTR` and the thread sees the flag. The
 //!   signal is re-sent until the thread ends: one sent between the thread's flag check and

@@ -102,6 +102,8 @@ pub struct ClusterOptions {
     pub raft: bool,
     /// Extra `[scheduler]` keys for every node's config (e.g. `replicate_records = false`).
     pub scheduler_extra: Vec<(String, toml::Value)>,
+    /// Extra `[threads]` keys for every node's config (e.g. `queue_io = "batched"`).
+    pub threads_extra: Vec<(String, toml::Value)>,
     /// Per-flow CPU steering (RPS) on the client side's veths, so that each connection's
     /// segments are handled on one CPU as a NIC's RSS does (docs/platform.md). On by default:
     /// without it a veth lets one connection's handshake ACK and request race on two CPUs.
@@ -122,6 +124,7 @@ impl Default for ClusterOptions {
             load_files: false,
             raft: false,
             scheduler_extra: Vec::new(),
+            threads_extra: Vec::new(),
             steer_flows: true,
         }
     }
@@ -311,7 +314,8 @@ impl Cluster {
                 load_file.as_deref(),
                 raft_dir.as_deref(),
             )?;
-            add_scheduler_keys(&config, &opts.scheduler_extra)?;
+            add_keys(&config, "scheduler", &opts.scheduler_extra)?;
+            add_keys(&config, "threads", &opts.threads_extra)?;
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
             if facts.master.is_some() {
@@ -985,7 +989,12 @@ fn set_key_file(path: &Path, key_file: &Path) -> Result<(), ClusterError> {
 }
 
 /// Adds `keys` to the `[scheduler]` table of the config at `path` (nothing if empty).
-fn add_scheduler_keys(path: &Path, keys: &[(String, toml::Value)]) -> Result<(), ClusterError> {
+/// Sets `keys` in the `[section]` table of the node config at `path`.
+fn add_keys(
+    path: &Path,
+    section: &str,
+    keys: &[(String, toml::Value)],
+) -> Result<(), ClusterError> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -997,13 +1006,13 @@ fn add_scheduler_keys(path: &Path, keys: &[(String, toml::Value)]) -> Result<(),
     let mut table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| bad(e.to_string()))?;
-    let scheduler = table
-        .entry("scheduler")
+    let t = table
+        .entry(section)
         .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         .as_table_mut()
-        .ok_or_else(|| bad("[scheduler] is not a table".into()))?;
+        .ok_or_else(|| bad(format!("[{section}] is not a table")))?;
     for (k, v) in keys {
-        scheduler.insert(k.clone(), v.clone());
+        t.insert(k.clone(), v.clone());
     }
     let out = toml::to_string(&table).map_err(|e| bad(e.to_string()))?;
     std::fs::write(path, out).map_err(|source| ClusterError::Write {

@@ -100,6 +100,22 @@ pub struct Counters {
     pub drops: Drops,
     /// What the control socket refused.
     pub control: ControlRefused,
+    /// The master's NFQUEUE reader.
+    pub queue: QueueStats,
+}
+
+/// `counters.queue` of `tdscctl status --json` (its `io` name is left out: the counts tell
+/// the two readers apart, `batches` stays 0 for `per-packet`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct QueueStats {
+    pub rcvbuf: u64,
+    pub received: u64,
+    pub batches: u64,
+    pub batch_max: u64,
+    pub enobufs: u64,
+    pub verdict_errors: u64,
+    pub malformed: u64,
 }
 
 /// `counters.control` of `tdscctl status --json`.

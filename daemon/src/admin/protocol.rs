@@ -122,6 +122,33 @@ pub struct Counters {
     /// What the control socket refused.
     #[serde(default)]
     pub control: ControlRefused,
+    /// The master's queue I/O.
+    #[serde(default)]
+    pub queue: QueueStats,
+}
+
+/// The master thread's NFQUEUE I/O (`crate::datapath::queue`). The kernel's own drop counts
+/// for the queue are in [`Drops`] (`queue_kernel`, `queue_user`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct QueueStats {
+    /// `[threads] queue_io`: `batched` or `per-packet`.
+    pub io: String,
+    /// The socket's receive buffer in bytes (0 until the thread has opened it; not known
+    /// for `per-packet`).
+    pub rcvbuf: u64,
+    /// Packets taken off the queue.
+    pub received: u64,
+    /// Receives that returned packets (`received / batches` is the mean batch).
+    pub batches: u64,
+    /// The largest batch.
+    pub batch_max: u64,
+    /// Socket overruns reported to the reader (`ENOBUFS`, `NLMSG_OVERRUN`).
+    pub enobufs: u64,
+    /// Verdicts the kernel refused.
+    pub verdict_errors: u64,
+    /// Datagrams that did not parse or were cut short.
+    pub malformed: u64,
 }
 
 /// Requests and sessions the control socket refused (`crate::admin::server`'s limits).

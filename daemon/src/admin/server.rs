@@ -415,6 +415,16 @@ pub fn status(s: &Shared) -> Status {
                 over_cap: s.control.over_cap.load(Relaxed),
             },
             drops: drops(s),
+            queue: crate::admin::protocol::QueueStats {
+                io: s.config.queue_io.as_str().to_owned(),
+                rcvbuf: c.queue_rcvbuf,
+                received: c.queue_received,
+                batches: c.queue_batches,
+                batch_max: c.queue_batch_max,
+                enobufs: c.queue_enobufs,
+                verdict_errors: c.queue_verdict_errors,
+                malformed: c.queue_malformed,
+            },
         },
         records: records_status(s),
         cluster_key: {

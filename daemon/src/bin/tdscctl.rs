@@ -210,6 +210,18 @@ fn print_table(s: &Status) {
         d.control_port_foreign,
         d.control_port_local
     );
+    let q = &c.queue;
+    println!(
+        "queue i/o {}: received {} in {} batches (largest {})  overruns {}  verdict errors {}  malformed {}  socket buffer {} KiB",
+        q.io,
+        q.received,
+        q.batches,
+        q.batch_max,
+        q.enobufs,
+        q.verdict_errors,
+        q.malformed,
+        q.rcvbuf / 1024
+    );
     let rec = &s.records;
     println!(
         "records: replicate {}  reconcile {}  proposed {} in {} batches  applied {} in {} batches  replica live {}  handoff overflow {}  discarded {}  queries answered {}",

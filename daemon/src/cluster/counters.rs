@@ -67,6 +67,23 @@ counters! {
     records_evicted_live,
     /// New records not handed to the Raft task for replication: the hand-off was full.
     records_handoff_overflow,
+    /// Packets taken off NFQUEUE (master thread).
+    queue_received,
+    /// Receives that returned at least one packet: `queue_received / queue_batches` is the
+    /// mean batch (master thread).
+    queue_batches,
+    /// The largest batch so far (a high-water mark, not a count; master thread).
+    queue_batch_max,
+    /// Receives that failed with `ENOBUFS`, or `NLMSG_OVERRUN` messages: the queue socket's
+    /// buffer overran and the kernel dropped SYNs (master thread).
+    queue_enobufs,
+    /// Verdicts the kernel refused (an error reply for a verdict message; master thread).
+    queue_verdict_errors,
+    /// Queue datagrams that did not parse, or were cut short (master thread).
+    queue_malformed,
+    /// The queue socket's receive buffer in bytes, as the kernel reports it (a setting, not a
+    /// count; written once by the master thread).
+    queue_rcvbuf,
 }
 
 pub fn add(c: &AtomicU64) {

@@ -6,7 +6,8 @@
 //! forward; the queue thread sends a forward through a [`rawsock`]. On the chosen member: the
 //! receive thread ([`receive`]) checks the forward and re-injects the SYN, built by [`inject`],
 //! into the local TCP stack. [`affinity`] pins both threads when configured. [`nfqueue`] is
-//! the queue protocol as bytes (batched verdicts), not yet used by the queue thread.
+//! the queue protocol as bytes (batched verdicts) and [`queue_socket`] the socket that speaks
+//! it.
 
 pub mod affinity;
 pub mod classify;
@@ -15,6 +16,7 @@ pub mod inject;
 pub mod nfqueue;
 pub mod policy;
 pub mod queue;
+pub mod queue_socket;
 pub mod rawsock;
 pub mod receive;
 pub mod records;

@@ -59,6 +59,8 @@ const CMD_BIND: u8 = 1;
 const CMD_UNBIND: u8 = 2;
 /// `NFQNL_COPY_PACKET`: copy up to `copy_range` bytes of each packet.
 const COPY_PACKET: u8 = 2;
+/// `NFQA_CFG_F_FAIL_OPEN`: accept packets when the queue is full instead of dropping them.
+pub const CFG_F_FAIL_OPEN: u32 = 1 << 0;
 /// `NFQA_CFG_F_GSO`: queue GSO packets whole instead of segmenting them first.
 pub const CFG_F_GSO: u32 = 1 << 2;
 

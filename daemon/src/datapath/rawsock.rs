@@ -176,6 +176,59 @@ impl RawSocket {
         Ok(n.unsigned_abs())
     }
 
+    /// Sends several packets, each to its own destination, in as few `sendmmsg` calls as the
+    /// kernel allows: one when every send succeeds. A packet the kernel refuses is skipped and
+    /// the rest are still sent. Returns how many were sent and the last error, if any. At most
+    /// [`MAX_SEND_BATCH`] packets per call; the rest of `items` is left unsent and not
+    /// counted, so callers flush before a batch outgrows it.
+    pub fn send_many<'a, I>(&self, items: I) -> SendMany
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a Dest)>,
+    {
+        // SAFETY: iovec and mmsghdr are plain old data; zero is a valid (empty) value of each.
+        let mut iov: [libc::iovec; MAX_SEND_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdr: [libc::mmsghdr; MAX_SEND_BATCH] = unsafe { std::mem::zeroed() };
+        let mut n = 0;
+        for (buf, to) in items.into_iter().take(MAX_SEND_BATCH) {
+            iov[n] = libc::iovec {
+                iov_base: buf.as_ptr().cast_mut().cast(),
+                iov_len: buf.len(),
+            };
+            hdr[n].msg_hdr.msg_name = std::ptr::addr_of!(to.storage).cast_mut().cast();
+            hdr[n].msg_hdr.msg_namelen = to.len;
+            hdr[n].msg_hdr.msg_iov = std::ptr::addr_of_mut!(iov[n]);
+            hdr[n].msg_hdr.msg_iovlen = 1;
+            n += 1;
+        }
+        let mut out = SendMany::default();
+        let mut at = 0;
+        while at < n {
+            let left = u32::try_from(n - at).unwrap_or(0);
+            // SAFETY: hdr[at..n] point at iovecs and addresses that the borrowed items and
+            // the arrays above keep alive for the call; the kernel only reads the buffers
+            // and writes msg_len.
+            let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), hdr[at..].as_mut_ptr(), left, 0) };
+            match usize::try_from(r) {
+                Ok(sent) if sent > 0 => {
+                    out.sent += sent;
+                    at += sent;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // The packet at `at` was refused: skip it, send the rest.
+                    out.failed += 1;
+                    out.last_error = Some(e);
+                    at += 1;
+                }
+            }
+        }
+        out
+    }
+
     /// Receives one packet and its source address; `Ok(None)` on timeout. An IPv4 raw socket
     /// returns the IP header too; an IPv6 one does not.
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<Option<(usize, IpAddr)>> {
@@ -242,6 +295,17 @@ impl RawSocket {
         }
         Ok(Some(n.unsigned_abs()))
     }
+}
+
+/// Packets per [`RawSocket::send_many`] call.
+pub const MAX_SEND_BATCH: usize = 64;
+
+/// What [`RawSocket::send_many`] did.
+#[derive(Debug, Default)]
+pub struct SendMany {
+    pub sent: usize,
+    pub failed: usize,
+    pub last_error: Option<io::Error>,
 }
 
 /// A destination address converted once, up front, so the hot path does no conversion.
