@@ -34,6 +34,32 @@ fn teardown(cluster: Cluster) -> anyhow::Result<()> {
     cluster.teardown().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// 300 requests from each of the two clients through the VIP: all succeed, no client sees
+/// an RST, and each connection got exactly one SYN/ACK (none answered by no node or by two).
+fn six_hundred_requests(cluster: &mut Cluster) -> anyhow::Result<load::Tally> {
+    let clients = cluster.client_namespaces();
+    ensure!(clients.len() == 2, "expected two clients, got {clients:?}");
+    for ns in &clients {
+        nft::install_client_probe(ns)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = load::run(&clients, SocketAddr::V4(cluster.vip()), 300, &stop)?;
+    cluster.check_daemons()?;
+    assert_eq!(
+        tally.failures, 0,
+        "failed requests, e.g. {:?}",
+        tally.sample_errors
+    );
+    assert_eq!(tally.ok(), 600);
+    let (rsts, synacks) = nft::clients_counters(&clients)?;
+    assert_eq!(rsts, 0, "clients received TCP RSTs");
+    assert_eq!(
+        synacks, 600,
+        "SYN/ACKs received != connections: some SYN was answered by no node or by two"
+    );
+    Ok(tally)
+}
+
 /// a) Round robin over three nodes: 600 requests from two clients all succeed, each node
 /// serves 200 ± 2, no client sees an RST, and each connection got exactly one SYN/ACK.
 #[test]
@@ -43,21 +69,7 @@ fn round_robin_spreads_600_requests_evenly_without_resets() -> anyhow::Result<()
         return Ok(());
     };
     let mut cluster = start("round-robin")?;
-    let clients = cluster.client_namespaces();
-    ensure!(clients.len() == 2, "expected two clients, got {clients:?}");
-    for ns in &clients {
-        nft::install_client_probe(ns)?;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = load::run(&clients, SocketAddr::V4(cluster.vip()), 300, &stop)?;
-    cluster.check_daemons()?;
-
-    assert_eq!(
-        tally.failures, 0,
-        "failed requests, e.g. {:?}",
-        tally.sample_errors
-    );
-    assert_eq!(tally.ok(), 600);
+    let tally = six_hundred_requests(&mut cluster)?;
     let ids: Vec<u32> = cluster.nodes().iter().map(|n| n.id).collect();
     for id in &ids {
         let n = tally.by_node.get(id).copied().unwrap_or(0);
@@ -71,13 +83,6 @@ fn round_robin_spreads_600_requests_evenly_without_resets() -> anyhow::Result<()
         tally.by_node.keys().all(|id| ids.contains(id)),
         "replies from unknown nodes: {:?}",
         tally.by_node
-    );
-
-    let (rsts, synacks) = nft::clients_counters(&clients)?;
-    assert_eq!(rsts, 0, "clients received TCP RSTs");
-    assert_eq!(
-        synacks, 600,
-        "SYN/ACKs received != connections: some SYN was answered by no node or by two"
     );
 
     // The servers' own counts agree with what the clients saw.
@@ -119,22 +124,7 @@ fn the_batched_queue_reader_dispatches_600_requests_without_loss() -> anyhow::Re
         ..ClusterOptions::default()
     })
     .context("start the cluster")?;
-    let clients = cluster.client_namespaces();
-    for ns in &clients {
-        nft::install_client_probe(ns)?;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = load::run(&clients, SocketAddr::V4(cluster.vip()), 300, &stop)?;
-    cluster.check_daemons()?;
-    assert_eq!(
-        tally.failures, 0,
-        "failed requests, e.g. {:?}",
-        tally.sample_errors
-    );
-    assert_eq!(tally.ok(), 600);
-    let (rsts, synacks) = nft::clients_counters(&clients)?;
-    assert_eq!(rsts, 0, "clients received TCP RSTs");
-    assert_eq!(synacks, 600, "SYN/ACKs received != connections");
+    six_hundred_requests(&mut cluster)?;
     let master = cluster.master()?.name.clone();
     let c = cluster.status(&master)?.counters;
     let q = c.queue;

@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::datapath::nfqueue::{self, Config, Message, CFG_F_FAIL_OPEN, CFG_F_GSO};
+use crate::datapath::rawsock::cvt;
 
 /// Datagrams per [`QueueSocket::recv_batch`].
 pub const MAX_BATCH: usize = 64;
@@ -56,14 +57,6 @@ pub struct QueueSocket {
     /// Packets that arrived while a configuration request waited for its acknowledgement:
     /// dropped (fail closed; the client retransmits) and counted here.
     pub dropped_during_setup: u64,
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
 
 fn socklen<T>() -> libc::socklen_t {
