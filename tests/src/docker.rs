@@ -74,6 +74,8 @@ pub enum DockerError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Bin(#[from] BinError),
+    #[error(transparent)]
+    Lab(#[from] crate::lab::LabError),
     #[error("cannot run {program}")]
     Spawn {
         program: String,
@@ -387,9 +389,8 @@ impl DockerLab {
                 }
                 Kind::Bridge => {
                     netns::add(&ns)?;
-                    // A plain learning bridge with kernel defaults, as in the namespace engine.
-                    netns::ip(["-n", &ns, "link", "add", name, "type", "bridge"])?;
-                    netns::ip(["-n", &ns, "link", "set", name, "up"])?;
+                    // The same bridge as the namespace engine's.
+                    crate::lab::add_bridge(&ns, name)?;
                 }
             }
         }

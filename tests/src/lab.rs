@@ -66,6 +66,12 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no process labelled {label:?}")]
     NoSuchProcess { label: String },
     #[error("{label} still ran {waited:?} after SIGTERM (killed)")]
@@ -155,9 +161,7 @@ impl Lab {
             let ns = topo.netns_name(name);
             self.add_netns(&ns)?;
             if node.kind == Kind::Bridge {
-                // A plain learning bridge with kernel defaults (ageing 300 s, STP off).
-                netns::ip(["-n", &ns, "link", "add", name, "type", "bridge"])?;
-                netns::ip(["-n", &ns, "link", "set", name, "up"])?;
+                add_bridge(&ns, name)?;
             }
         }
         link_topology(&topo, steer_flows)?;
@@ -504,6 +508,34 @@ impl Drop for Lab {
             eprintln!("tdsc-lab: teardown of lab {}: {e}", self.topology.name);
         }
     }
+}
+
+/// Creates bridge `name` in namespace `ns` and brings it up: a plain learning bridge with
+/// kernel defaults (ageing 300 s, STP off), as a switch is. Where `br_netfilter` is loaded
+/// (Docker loads it), its `bridge-nf-call-*` switches are per namespace and start on, which
+/// sends every bridged frame through the bridge namespace's IP hooks and conntrack; a switch
+/// does not do that, and in the dispatch benchmark it was a large share of each SYN's cost.
+/// They are turned off in the bridge's namespace (never in the host's).
+pub fn add_bridge(ns: &str, name: &str) -> Result<(), LabError> {
+    netns::ip(["-n", ns, "link", "add", name, "type", "bridge"])?;
+    netns::ip(["-n", ns, "link", "set", name, "up"])?;
+    netns::run_in(ns, || {
+        for key in [
+            "bridge-nf-call-iptables",
+            "bridge-nf-call-ip6tables",
+            "bridge-nf-call-arptables",
+        ] {
+            // /proc/sys/net is the calling thread's namespace.
+            let path = format!("/proc/sys/net/bridge/{key}");
+            match std::fs::write(&path, "0") {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(LabError::Sysctl { path, source: e });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })?
 }
 
 /// Creates every veth of `topo` between the namespaces of its ends (which exist), puts bridge
