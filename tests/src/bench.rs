@@ -50,6 +50,8 @@ pub enum BenchError {
     Raw(#[source] std::io::Error),
     #[error("interrupted")]
     Interrupted,
+    #[error("benchmark set-up: {0}")]
+    Setup(String),
 }
 
 /// What to measure.

@@ -30,6 +30,7 @@
 pub mod bench;
 pub mod bins;
 pub mod cluster;
+pub mod dispatchbench;
 pub mod docker;
 pub mod http;
 pub mod lab;

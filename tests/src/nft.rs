@@ -85,9 +85,66 @@ pub fn drop_outgoing_rsts(ns: &str) -> Result<(), NftError> {
     nft_apply(ns, DROP_RST)
 }
 
+/// Drops the protocol-253 forwards arriving on `iface` at its ingress hook, before the
+/// node's own rules and TCP see them, and counts them in counter `forwards_sunk` of table
+/// `netdev tdsc_lab` ([`sunk_forwards`]). The dispatch benchmark uses it on the members, so
+/// that what it measures is the master's work and not the members' handshakes.
+pub fn sink_forwards(ns: &str, iface: &str) -> Result<(), NftError> {
+    nft_apply(
+        ns,
+        &format!(
+            "table netdev {TABLE} {{
+    counter forwards_sunk {{ }}
+    chain ingress {{
+        type filter hook ingress device \"{iface}\" priority -500; policy accept;
+        ip protocol 253 counter name \"forwards_sunk\" drop
+    }}
+}}
+"
+        ),
+    )
+}
+
+/// Table of [`sink_syns`].
+const FLOOR_TABLE: &str = "tdsc_lab_floor";
+
+/// Drops the client SYNs to `vip:port` arriving on `iface` at its ingress hook, before the
+/// node's conntrack, rules and queue see them (the dispatch benchmark's floor: the same
+/// frames, no dispatch). [`unsink_syns`] removes it.
+pub fn sink_syns(ns: &str, iface: &str, vip: std::net::SocketAddrV4) -> Result<(), NftError> {
+    let (ip, port) = (vip.ip(), vip.port());
+    nft_apply(
+        ns,
+        &format!(
+            "table netdev {FLOOR_TABLE} {{
+    chain ingress {{
+        type filter hook ingress device \"{iface}\" priority -500; policy accept;
+        ip daddr {ip} tcp dport {port} tcp flags & (syn | ack) == syn drop
+    }}
+}}
+"
+        ),
+    )
+}
+
+/// Removes what [`sink_syns`] added.
+pub fn unsink_syns(ns: &str) -> Result<(), NftError> {
+    netns::exec(ns, "nft", ["delete", "table", "netdev", FLOOR_TABLE])?;
+    Ok(())
+}
+
+/// Forwards [`sink_forwards`] dropped so far.
+pub fn sunk_forwards(ns: &str) -> Result<u64, NftError> {
+    family_counter(ns, "netdev", "forwards_sunk")
+}
+
 /// Packets counted by a named counter of the lab's table.
 pub fn counter(ns: &str, name: &str) -> Result<u64, NftError> {
-    let out = netns::exec(ns, "nft", ["-j", "list", "counter", "inet", TABLE, name])?;
+    family_counter(ns, "inet", name)
+}
+
+fn family_counter(ns: &str, family: &str, name: &str) -> Result<u64, NftError> {
+    let out = netns::exec(ns, "nft", ["-j", "list", "counter", family, TABLE, name])?;
     let bad = |reason: String| NftError::Counter {
         name: name.to_owned(),
         reason,

@@ -172,7 +172,43 @@ impl RawIpSender {
     pub fn send(&self, packet: &[u8], dst: Ipv4Addr) -> io::Result<usize> {
         send_to(&self.fd, packet, dst)
     }
+
+    /// Sends up to [`MAX_SEND_MANY`] packets to `dst` with one `sendmmsg(2)`; returns how many
+    /// the kernel took (it stops at the first it refuses, whose error is returned if it was
+    /// the first).
+    pub fn send_many(&self, packets: &[Vec<u8>], dst: Ipv4Addr) -> io::Result<usize> {
+        let packets = &packets[..packets.len().min(MAX_SEND_MANY)];
+        let mut sa = sockaddr_in(dst);
+        let mut iov: Vec<libc::iovec> = packets
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr().cast_mut().cast(),
+                iov_len: p.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|v| {
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+                let mut m: libc::mmsghdr = unsafe { zeroed() };
+                m.msg_hdr.msg_name = std::ptr::from_mut(&mut sa).cast();
+                m.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
+                m.msg_hdr.msg_iov = std::ptr::from_mut(v);
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let count = u32::try_from(msgs.len()).expect("at most MAX_SEND_MANY");
+        // SAFETY: every mmsghdr points at `sa` and at one iovec of `iov`, whose buffers are
+        // the caller's packets; all of them outlive the call, and `count` is `msgs.len()`.
+        // The kernel only reads the buffers (and writes each msg_len).
+        let n = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), count, 0) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
 }
+
+/// Packets per [`RawIpSender::send_many`] call.
+pub const MAX_SEND_MANY: usize = 64;
 
 /// A raw socket of one IP protocol; the kernel writes the IP header.
 #[derive(Debug)]

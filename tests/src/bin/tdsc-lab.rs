@@ -101,6 +101,31 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         max_seconds: u64,
     },
+    /// SYNs dispatched per second, SYNs lost, and CPU per SYN (master and whole machine) at
+    /// fixed offered rates, for each NFQUEUE reader in turn (issue 12's dispatch benchmark).
+    BenchDispatch {
+        /// Offered SYN/s, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "50000,100000,200000,400000"
+        )]
+        rates: Vec<u64>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+        /// Rounds; each starts a cluster per reader, the readers' order alternating.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// `[threads] queue_io` values to compare, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "per-packet,batched")]
+        readers: Vec<String>,
+        /// Steer the client veths' flows to CPUs (RPS), as the other lab commands do. Off by
+        /// default: no connection completes here, and in this VM each steered packet costs
+        /// an inter-processor interrupt that is dearer than the dispatch.
+        #[arg(long)]
+        steer_flows: bool,
+    },
     /// Every policy under the same CGI workload (paper Table 4, Fig. 8/9).
     BenchPolicies {
         /// Policies, comma-separated, in order of running.
@@ -195,6 +220,23 @@ fn namespace_command(cli: &Cli, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             );
             finish(cluster, result)
         }
+        Cmd::BenchDispatch {
+            rates,
+            seconds,
+            rounds,
+            readers,
+            steer_flows,
+        } => bench_dispatch(
+            cli,
+            &DispatchArgs {
+                rates,
+                duration: std::time::Duration::from_secs(*seconds),
+                rounds: *rounds,
+                readers,
+                steer_flows: *steer_flows,
+            },
+            stop,
+        ),
         Cmd::BenchPolicies {
             policies,
             loads,
@@ -249,6 +291,176 @@ fn namespace_command(cli: &Cli, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             report_policies(&opts, &all, out)
         }
     }
+}
+
+/// `bench-dispatch`'s arguments.
+#[derive(Debug, Clone, Copy)]
+struct DispatchArgs<'a> {
+    rates: &'a [u64],
+    duration: std::time::Duration,
+    rounds: usize,
+    readers: &'a [String],
+    steer_flows: bool,
+}
+
+/// `bench-dispatch`: per round, one cluster per reader (the order alternating), every rate in
+/// turn; each run's row as it ends, then every (reader, rate) summed over the rounds.
+fn bench_dispatch(
+    cli: &Cli,
+    args: &DispatchArgs<'_>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    use tdsc_lab::dispatchbench::{self, Run};
+    let DispatchArgs {
+        rates,
+        duration,
+        rounds,
+        readers,
+        steer_flows,
+    } = *args;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    println!(
+        "bench-dispatch: {} rounds x readers {} x offered {:?} SYN/s, {:?} each (after a floor \
+         run each); one queue; {cpus} CPUs; flow steering {}; the master at weight 0 and alone \
+         on the client bridge, the members sinking the forwards at ingress \
+         (tests/src/dispatchbench.rs)",
+        rounds,
+        readers.join(", "),
+        rates,
+        duration,
+        if steer_flows { "on" } else { "off" }
+    );
+    let header = format!(
+        "{:<10} {:>5} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5}",
+        "reader",
+        "round",
+        "offered",
+        "sent/s",
+        "dispatch/s",
+        "lost%",
+        "q.drop",
+        "backlog",
+        "overrun",
+        "µs tdscd",
+        "µs mach",
+        "µs floor",
+        "µs disp",
+        "gen"
+    );
+    let row = |reader: &str, round: String, r: &Run| {
+        format!(
+            "{:<10} {:>5} {:>8} {:>8.0} {:>10.0} {:>7.2} {:>7} {:>7} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>5}",
+            reader,
+            round,
+            r.rate,
+            r.sent_rate(),
+            r.dispatched_rate(),
+            r.lost_percent(),
+            r.queue_dropped,
+            r.backlog_dropped,
+            r.overruns,
+            r.per_syn(r.master_cpu),
+            r.per_syn(r.machine_busy),
+            r.floor.machine_busy.as_secs_f64() * 1e6 / (r.floor.sent.max(1) as f64),
+            r.dispatch_cost(),
+            if r.generator_short() { "SHORT" } else { "ok" }
+        )
+    };
+    println!("{header}");
+    let mut all: Vec<(String, Run)> = Vec::new();
+    for round in 0..rounds {
+        let mut order: Vec<&String> = readers.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for reader in order {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let cluster = Cluster::start(&ClusterOptions {
+                topology: cli.topology.clone(),
+                lab_name: cli.lab_name.clone(),
+                rust_log: cli.daemon_log.clone(),
+                remove_stale: true,
+                threads_extra: vec![("queue_io".into(), toml::Value::String(reader.clone()))],
+                steer_flows,
+                ..ClusterOptions::default()
+            })
+            .context("start the cluster")?;
+            let result = (|| -> anyhow::Result<()> {
+                let master = dispatchbench::prepare(&cluster)?;
+                for &rate in rates {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = dispatchbench::run(&cluster, &master, rate, duration, stop)?;
+                    println!("{}", row(reader, (round + 1).to_string(), &r));
+                    all.push((reader.clone(), r));
+                }
+                Ok(())
+            })();
+            let down = cluster.teardown();
+            result?;
+            down.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    println!("\nSummed over the rounds (µs are CPU time per dispatched SYN; gen SHORT: the generator sent under {:.0} % of the offered rate):", dispatchbench::GENERATOR_SHORT * 100.0);
+    println!("{header}");
+    let mut summed: Vec<(String, Run)> = Vec::new();
+    for reader in readers {
+        for &rate in rates {
+            let runs: Vec<&Run> = all
+                .iter()
+                .filter(|(r, run)| r == reader && run.rate == rate)
+                .map(|(_, run)| run)
+                .collect();
+            let Some(first) = runs.first() else { continue };
+            let mut sum = (*first).clone();
+            for r in &runs[1..] {
+                sum.sent += r.sent;
+                sum.send_time += r.send_time;
+                sum.send_refused += r.send_refused;
+                sum.generator_cpu += r.generator_cpu;
+                sum.dispatched += r.dispatched;
+                sum.sunk += r.sunk;
+                sum.queue_dropped += r.queue_dropped;
+                sum.overruns += r.overruns;
+                sum.backlog_dropped += r.backlog_dropped;
+                sum.master_cpu += r.master_cpu;
+                sum.machine_busy += r.machine_busy;
+                sum.machine_softirq += r.machine_softirq;
+                sum.floor.sent += r.floor.sent;
+                sum.floor.send_time += r.floor.send_time;
+                sum.floor.machine_busy += r.floor.machine_busy;
+            }
+            println!("{}", row(reader, "all".into(), &sum));
+            summed.push((reader.clone(), sum));
+        }
+    }
+    if let [(a, _), ..] = summed.as_slice() {
+        for (b, _) in summed.iter().filter(|(r, _)| r != a).take(1) {
+            println!("\nRatios {b} / {a} per offered rate (dispatched SYN/s; whole-machine µs per dispatched SYN, less the floor; tdscd µs per SYN):");
+            for &rate in rates {
+                let find = |name: &str| {
+                    summed
+                        .iter()
+                        .find(|(r, run)| r == name && run.rate == rate)
+                        .map(|(_, run)| run)
+                };
+                if let (Some(x), Some(y)) = (find(a), find(b)) {
+                    println!(
+                        "  {rate:>7} offered: dispatched x{:.2}; machine x{:.2}; tdscd x{:.2}; lost {:.2} % -> {:.2} %",
+                        y.dispatched_rate() / x.dispatched_rate().max(1e-9),
+                        y.dispatch_cost() / x.dispatch_cost().max(1e-9),
+                        y.per_syn(y.master_cpu) / x.per_syn(x.master_cpu).max(1e-9),
+                        x.lost_percent(),
+                        y.lost_percent()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn bench_policies(
