@@ -187,7 +187,7 @@ pub use model::{
     ruleset, syn_prefix_set_name, Action, Chain, ChainName, ClusterSpec, Family, GivenSet,
     HashInput, HostFacts, IpFamily, L4Proto, Match, NamedSet, QueueBackend, Role, Rule, Ruleset,
     StaticHash, SynPrefixLimit, SynPrefixSet, Table, GIVEN_SET_NAME, GIVEN_SIZE, GIVEN_TIMEOUT_MS,
-    SYN_PREFIX_SIZE, SYN_PREFIX_TIMEOUT_MS,
+    MAX_SYN_PREFIX_RATE, SYN_PREFIX_SIZE, SYN_PREFIX_TIMEOUT_MS,
 };
 
 /// Name of both our tables, `table inet tdsc` and `table netdev tdsc`. Everything the crate

@@ -103,7 +103,7 @@ pub struct ClusterSpec {
 /// `burst` is above `rate_per_second` × the timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SynPrefixLimit {
-    /// SYNs a second one prefix may send on average, at least 1.
+    /// SYNs a second one prefix may send on average, 1..=[`MAX_SYN_PREFIX_RATE`].
     pub rate_per_second: u32,
     /// SYNs one prefix may send at once (the bucket's depth), at least 1.
     pub burst: u32,
@@ -202,14 +202,17 @@ fn check_hash(hash: &StaticHash) -> Result<(), Error> {
     Ok(())
 }
 
-/// nft 1.0.6 refuses a rate or a burst of 0 in a `limit` (`packet limit burst must be > 0`),
-/// so its text could not say what we installed; a prefix of 0 bits would put every client in
-/// one bucket, which is no per-prefix limit.
+/// The kernel refuses a rate of 0 and reads a burst of 0 as 5 (`nft_limit_init`); nft 1.0.6
+/// refuses both. A prefix of 0 bits would put every client in one bucket, which is no
+/// per-prefix limit.
 fn check_limit(limit: &SynPrefixLimit) -> Result<(), Error> {
-    if limit.rate_per_second == 0 {
+    if !(1..=MAX_SYN_PREFIX_RATE).contains(&limit.rate_per_second) {
         return Err(invalid(
             "syn_prefix_limit.rate_per_second",
-            "must be at least 1",
+            format!(
+                "{} is outside 1..={MAX_SYN_PREFIX_RATE}",
+                limit.rate_per_second
+            ),
         ));
     }
     if limit.burst == 0 {
@@ -531,6 +534,11 @@ pub const SYN_PREFIX_TIMEOUT_MS: u64 = 10_000;
 /// Most elements a [`SynPrefixSet`] holds: 65,536 prefixes seen within
 /// [`SYN_PREFIX_TIMEOUT_MS`]. Beyond that a new prefix is not limited ([`SynPrefixLimit`]).
 pub const SYN_PREFIX_SIZE: u32 = 65_536;
+
+/// Highest [`SynPrefixLimit::rate_per_second`]. The kernel charges each packet a cost of one
+/// second divided by the rate, in whole nanoseconds (`nft_limit_pkts_init`): above 10^9 a
+/// second the cost is 0 and the limit would never drop anything.
+pub const MAX_SYN_PREFIX_RATE: u32 = 1_000_000_000;
 
 /// Comment of the master's prerouting rule whose counter is `syn_prefix_limited` in
 /// [`crate::RuleDrops`].
