@@ -52,6 +52,8 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
+    flood: RawFlood,
+    #[serde(default)]
     nodes: Vec<RawNode>,
 }
 
@@ -120,6 +122,17 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
     drain_timeout_ms: Option<u64>,
+}
+
+/// Integers are read as i64 so that a negative or oversized value gets this module's error,
+/// naming the key and the range, rather than serde's.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFlood {
+    syn_prefix_rate: Option<i64>,
+    syn_prefix_burst: Option<i64>,
+    prefix_v4: Option<i64>,
+    prefix_v6: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +309,9 @@ pub struct Config {
     /// `[shutdown] drain_timeout_ms`: on SIGTERM, how long the node waits for its own
     /// connections on the VIP to finish before it removes the VIP (0: not at all).
     pub drain_timeout: Duration,
+    /// `[flood]`: the master's SYN rate limit per client source prefix, in its ruleset;
+    /// `None` (`syn_prefix_rate = 0`, the default) installs none.
+    pub syn_prefix_limit: Option<tdsc_rules::SynPrefixLimit>,
     /// Sorted by id.
     pub nodes: Vec<Node>,
 }
@@ -324,6 +340,11 @@ pub const MAX_SYN_RECV_WAIT_MS: u64 = 2_000;
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest weight: keeps weight × connections far inside u64 and a typo (10000000) an error.
 pub const MAX_WEIGHT: u32 = 1000;
+/// `[flood] prefix_v4` unless set: by convention the longest IPv4 prefix networks route
+/// between each other, so a flood from one site lands in one bucket and other sites keep theirs.
+pub const DEFAULT_FLOOD_PREFIX_V4: u8 = 24;
+/// `[flood] prefix_v6` unless set: a /48 is what one site is usually assigned.
+pub const DEFAULT_FLOOD_PREFIX_V6: u8 = 48;
 
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
@@ -648,6 +669,8 @@ impl Config {
             ));
         }
 
+        let syn_prefix_limit = flood_limit(&raw.flood)?;
+
         Ok(Config {
             node_id: raw.node_id,
             vip,
@@ -684,6 +707,7 @@ impl Config {
             data_path_cpu,
             queue_io,
             drain_timeout: Duration::from_millis(drain_ms),
+            syn_prefix_limit,
             nodes,
         })
     }
@@ -720,6 +744,72 @@ impl Config {
         let id = self.node_id.to_le_bytes()[0];
         Some([0x02, id, tail[0], tail[1], tail[2], tail[3]])
     }
+}
+
+/// `[flood]`: off unless `syn_prefix_rate` is set above 0; its other keys are refused while it
+/// is off, since they would do nothing. The burst defaults to one second of the rate.
+fn flood_limit(raw: &RawFlood) -> Result<Option<tdsc_rules::SynPrefixLimit>, ConfigError> {
+    use tdsc_rules::MAX_SYN_PREFIX_RATE;
+    let rate = match raw.syn_prefix_rate {
+        None | Some(0) => None,
+        Some(r) => Some(
+            u32::try_from(r)
+                .ok()
+                .filter(|r| *r <= MAX_SYN_PREFIX_RATE)
+                .ok_or_else(|| {
+                    invalid(
+                        "flood.syn_prefix_rate",
+                        format!("{r} is outside 0..={MAX_SYN_PREFIX_RATE} (0: no limit)"),
+                    )
+                })?,
+        ),
+    };
+    let Some(rate) = rate else {
+        let set = [
+            ("flood.syn_prefix_burst", raw.syn_prefix_burst),
+            ("flood.prefix_v4", raw.prefix_v4),
+            ("flood.prefix_v6", raw.prefix_v6),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, v)| v.is_some()) {
+            return Err(invalid(
+                *key,
+                "does nothing while flood.syn_prefix_rate is 0 (no limit); set the rate too",
+            ));
+        }
+        return Ok(None);
+    };
+    let burst = match raw.syn_prefix_burst {
+        None => rate,
+        Some(b) => u32::try_from(b).ok().filter(|b| *b >= 1).ok_or_else(|| {
+            invalid(
+                "flood.syn_prefix_burst",
+                format!("{b} is outside 1..={}", u32::MAX),
+            )
+        })?,
+    };
+    let prefix = |key: &str, value: Option<i64>, default: u8, max: u8| match value {
+        None => Ok(default),
+        Some(p) => u8::try_from(p)
+            .ok()
+            .filter(|p| (1..=max).contains(p))
+            .ok_or_else(|| invalid(key, format!("{p} is not a prefix length (1..={max})"))),
+    };
+    Ok(Some(tdsc_rules::SynPrefixLimit {
+        rate_per_second: rate,
+        burst,
+        prefix_v4: prefix(
+            "flood.prefix_v4",
+            raw.prefix_v4,
+            DEFAULT_FLOOD_PREFIX_V4,
+            32,
+        )?,
+        prefix_v6: prefix(
+            "flood.prefix_v6",
+            raw.prefix_v6,
+            DEFAULT_FLOOD_PREFIX_V6,
+            128,
+        )?,
+    }))
 }
 
 fn check_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -957,6 +1047,78 @@ address = "198.51.100.12"
         let text = format!("{GOOD}\n[shutdown]\ndrain_timeout = 5\n");
         let msg = Config::parse(&text).unwrap_err().to_string();
         assert!(msg.contains("drain_timeout"), "{msg}");
+    }
+
+    #[test]
+    fn flood_limit_is_off_by_default_and_fills_in_its_defaults() {
+        assert_eq!(Config::parse(GOOD).unwrap().syn_prefix_limit, None);
+        let off = Config::parse(&format!("{GOOD}\n[flood]\nsyn_prefix_rate = 0\n")).unwrap();
+        assert_eq!(off.syn_prefix_limit, None);
+        let c = Config::parse(&format!("{GOOD}\n[flood]\nsyn_prefix_rate = 200\n")).unwrap();
+        assert_eq!(
+            c.syn_prefix_limit,
+            Some(tdsc_rules::SynPrefixLimit {
+                rate_per_second: 200,
+                burst: 200,
+                prefix_v4: DEFAULT_FLOOD_PREFIX_V4,
+                prefix_v6: DEFAULT_FLOOD_PREFIX_V6,
+            })
+        );
+        let text = format!(
+            "{GOOD}\n[flood]\nsyn_prefix_rate = 50\nsyn_prefix_burst = 10\nprefix_v4 = 32\nprefix_v6 = 64\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.syn_prefix_limit,
+            Some(tdsc_rules::SynPrefixLimit {
+                rate_per_second: 50,
+                burst: 10,
+                prefix_v4: 32,
+                prefix_v6: 64,
+            })
+        );
+        // What the daemon hands the ruleset passes the ruleset's own checks.
+        crate::node::cluster_spec(&c).validate().unwrap();
+        assert_eq!(
+            crate::node::cluster_spec(&c).syn_prefix_limit,
+            c.syn_prefix_limit
+        );
+    }
+
+    /// Each bad `[flood]` table must fail and name its key.
+    #[test]
+    fn bad_flood_values_name_the_key() {
+        let cases = [
+            ("syn_prefix_rate = -1", "flood.syn_prefix_rate"),
+            ("syn_prefix_rate = 1000000001", "flood.syn_prefix_rate"),
+            (
+                "syn_prefix_rate = 10\nsyn_prefix_burst = 0",
+                "flood.syn_prefix_burst",
+            ),
+            (
+                "syn_prefix_rate = 10\nsyn_prefix_burst = 4294967296",
+                "flood.syn_prefix_burst",
+            ),
+            ("syn_prefix_rate = 10\nprefix_v4 = 0", "flood.prefix_v4"),
+            ("syn_prefix_rate = 10\nprefix_v4 = 33", "flood.prefix_v4"),
+            ("syn_prefix_rate = 10\nprefix_v6 = 129", "flood.prefix_v6"),
+            ("syn_prefix_rate = 10\nprefix_v6 = -48", "flood.prefix_v6"),
+            // Keys that would do nothing with the limit off.
+            ("syn_prefix_burst = 10", "flood.syn_prefix_burst"),
+            ("syn_prefix_rate = 0\nprefix_v4 = 24", "flood.prefix_v4"),
+            ("prefix_v6 = 48", "flood.prefix_v6"),
+            ("syn_rate = 10", "syn_rate"),
+        ];
+        for (flood, key) in cases {
+            let text = format!("{GOOD}\n[flood]\n{flood}\n");
+            let msg = Config::parse(&text)
+                .expect_err(&format!("accepted {flood:?}"))
+                .to_string();
+            assert!(
+                msg.contains(key),
+                "error for {flood:?} does not name {key}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -219,6 +219,7 @@ pub fn cluster_spec_for(
             count,
             seed: STATIC_HASH_SEED,
         },
+        syn_prefix_limit: cfg.syn_prefix_limit,
     }
 }
 

@@ -50,6 +50,7 @@ fn spec() -> ClusterSpec {
             count: 3,
             seed: 0x2a,
         },
+        syn_prefix_limit: None,
     }
 }
 

@@ -244,10 +244,56 @@ impl Expression for SetLookup {
 
 /// `dynset update reg_key 1 set NAME timeout 0ms`: add the key in register 1 to a set created
 /// earlier in the same batch (by its batch-local id), or restart its timeout if present. A
-/// timeout of 0 means the set's own, as nft sends for `update @set { … }`.
+/// timeout of 0 means the set's own, as nft sends for `update @set { … }`; nft sends none, but
+/// the kernel reports it, and [`crate::Firewall::verify`] compares what we sent with that.
+///
+/// With `limit`, also `expr [ limit … ]`: the kernel gives each element its own copy of the
+/// limit when it adds it, and evaluates the element's copy on every update; the rule goes on
+/// only if the limit matches.
 pub(crate) struct DynsetUpdate {
     pub set_name: CString,
     pub set_id: u32,
+    pub limit: Option<LimitOver>,
+}
+
+/// `limit rate over RATE/second burst BURST packets`: a token bucket of `burst` packets that
+/// refills at `rate_per_second`; it matches a packet that finds no token (`NFT_LIMIT_F_INV`).
+#[derive(Clone, Copy)]
+pub(crate) struct LimitOver {
+    pub rate_per_second: u32,
+    pub burst: u32,
+}
+
+/// `NFTA_LIMIT_UNIT` is the period in seconds.
+const LIMIT_UNIT_SECOND: u64 = 1;
+
+impl LimitOver {
+    /// A `limit` expression with every attribute the kernel reports back set, so that its
+    /// rendering matches the kernel's in [`crate::Firewall::verify`].
+    fn to_expr(self) -> NonNull<sys::nftnl_expr> {
+        let expr = alloc(c"limit");
+        // SAFETY: as in `set_u32`.
+        unsafe {
+            sys::nftnl_expr_set_u64(
+                expr.as_ptr(),
+                attr(sys::NFTNL_EXPR_LIMIT_RATE),
+                u64::from(self.rate_per_second),
+            );
+            sys::nftnl_expr_set_u64(
+                expr.as_ptr(),
+                attr(sys::NFTNL_EXPR_LIMIT_UNIT),
+                LIMIT_UNIT_SECOND,
+            );
+        }
+        set_u32(expr, sys::NFTNL_EXPR_LIMIT_BURST, self.burst);
+        set_u32(expr, sys::NFTNL_EXPR_LIMIT_TYPE, c32(libc::NFT_LIMIT_PKTS));
+        set_u32(
+            expr,
+            sys::NFTNL_EXPR_LIMIT_FLAGS,
+            c32(libc::NFT_LIMIT_F_INV),
+        );
+        expr
+    }
 }
 
 impl Expression for DynsetUpdate {
@@ -270,6 +316,21 @@ impl Expression for DynsetUpdate {
         set_u32(expr, sys::NFTNL_EXPR_DYNSET_SET_ID, self.set_id);
         // SAFETY: as in `set_u32`.
         unsafe { sys::nftnl_expr_set_u64(expr.as_ptr(), attr(sys::NFTNL_EXPR_DYNSET_TIMEOUT), 0) };
+        if let Some(limit) = self.limit {
+            let limit = limit.to_expr();
+            // SAFETY: both are live expressions we allocated. For NFTNL_EXPR_DYNSET_EXPR,
+            // libnftnl 1.2.4 takes the pointer itself as the data (not a copy of what it
+            // points to) and puts the expression on the dynset's list, which frees it with the
+            // dynset; the length is unused. We never touch `limit` again.
+            unsafe {
+                sys::nftnl_expr_set(
+                    expr.as_ptr(),
+                    attr(sys::NFTNL_EXPR_DYNSET_EXPR),
+                    limit.as_ptr().cast::<c_void>(),
+                    0,
+                )
+            };
+        }
         expr
     }
 }

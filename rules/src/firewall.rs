@@ -17,7 +17,7 @@ use crate::ffi::{attr, c16, c32, c8};
 use crate::lower::{self, Plan};
 use crate::model::{
     ChainName, Family, CONTROL_FOREIGN_COMMENT, CONTROL_LOCAL_COMMENT, FOREIGN_DROP_COMMENT,
-    NOT_OWNED_COMMENT, UNTRACKED_COMMENT,
+    NOT_OWNED_COMMENT, SYN_PREFIX_LIMIT_COMMENT, UNTRACKED_COMMENT,
 };
 
 /// What the ruleset's counting drop rules have dropped since it was installed.
@@ -37,6 +37,9 @@ pub struct RuleDrops {
     pub control_port_foreign: u64,
     /// Datagrams to the cluster port that a local process other than the daemon sent.
     pub control_port_local: u64,
+    /// Client SYNs the master dropped before the queue because their source prefix was over
+    /// [`crate::ClusterSpec::syn_prefix_limit`] (0 on a member, or with no limit).
+    pub syn_prefix_limited: u64,
 }
 use crate::{Error, HostFacts, QueueBackend, Ruleset, TABLE_NAME};
 
@@ -259,6 +262,9 @@ impl Firewall {
                 }
                 (c, Some(CONTROL_LOCAL_COMMENT)) if c == ChainName::Output.as_str() => {
                     &mut d.control_port_local
+                }
+                (c, Some(SYN_PREFIX_LIMIT_COMMENT)) if c == ChainName::Prerouting.as_str() => {
+                    &mut d.syn_prefix_limited
                 }
                 _ => continue,
             };
@@ -981,8 +987,8 @@ mod tests {
     use crate::{ruleset, ClusterSpec, Role, StaticHash};
     use std::net::{IpAddr, Ipv4Addr};
 
-    fn master(queue: QueueBackend) -> Ruleset {
-        let spec = ClusterSpec {
+    fn spec() -> ClusterSpec {
+        ClusterSpec {
             vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
             tcp_ports: vec![80, 443],
             client_interface: "eth0".into(),
@@ -997,8 +1003,12 @@ mod tests {
                 count: 2,
                 seed: 0x2a,
             },
-        };
-        ruleset(Role::Master, &spec, &HostFacts { queue })
+            syn_prefix_limit: None,
+        }
+    }
+
+    fn master(queue: QueueBackend) -> Ruleset {
+        ruleset(Role::Master, &spec(), &HostFacts { queue })
     }
 
     /// The expressions of rule 1 of `inet tdsc input`, parsed back out of the batch bytes.
@@ -1095,6 +1105,72 @@ mod tests {
         assert_eq!(name, "queue");
         let want: Vec<u8> = [3u16, 1, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
         assert_eq!(info, &want);
+    }
+
+    /// The limit rule's expressions as libnftnl renders our batch, against what
+    /// `nft --debug=netlink` 1.0.6 printed for the same text (prefix, port lookup and flags
+    /// left out), plus the `timeout 0ms` we send and nft does not (see `expr::DynsetUpdate`).
+    #[test]
+    fn the_syn_limit_lowers_as_nft_emits_it() {
+        let limit = crate::SynPrefixLimit {
+            rate_per_second: 7,
+            burst: 10,
+            prefix_v4: 24,
+            prefix_v6: 48,
+        };
+        for (vip, load, mask, set) in [
+            (
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                "[ payload load 4b @ network header + 12 => reg 1 ]",
+                "[ bitwise reg 1 = ( reg 1 & 0x00ffffff ) ^ 0x00000000 ]",
+                "syn_prefix4",
+            ),
+            (
+                "2001:db8::1".parse().unwrap(),
+                "[ payload load 16b @ network header + 8 => reg 1 ]",
+                "[ bitwise reg 1 = ( reg 1 & 0xffffffff 0x0000ffff 0x00000000 0x00000000 ) ^ \
+                 0x00000000 0x00000000 0x00000000 0x00000000 ]",
+                "syn_prefix6",
+            ),
+        ] {
+            let spec = ClusterSpec {
+                vip,
+                syn_prefix_limit: Some(limit),
+                ..spec()
+            };
+            let rs = ruleset(
+                Role::Master,
+                &spec,
+                &HostFacts {
+                    queue: QueueBackend::Compat,
+                },
+            );
+            let rules = expected_rules(&lower::apply_plan(&rs)).unwrap();
+            let pre = &rules[&(Family::Inet, "prerouting".to_string())];
+            assert_eq!(pre.len(), 3);
+            let tail: Vec<&str> = pre[1]
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with('['))
+                .rev()
+                .take(5)
+                .collect();
+            assert_eq!(
+                tail,
+                [
+                    "[ immediate reg 0 drop ]",
+                    "[ counter ]",
+                    &*format!(
+                        "[ dynset update reg_key 1 set {set} timeout 0ms expr [ limit rate \
+                         7/second burst 10 type packets flags 0x1 ] ]"
+                    ),
+                    mask,
+                    load,
+                ],
+                "{}",
+                pre[1]
+            );
+        }
     }
 
     #[test]

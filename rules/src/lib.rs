@@ -41,6 +41,7 @@
 //!     former_members: vec![],
 //!     egress_mac: None,
 //!     static_hash: StaticHash { index: 0, count: 2, seed: 0x2a },
+//!     syn_prefix_limit: None,
 //! };
 //! spec.validate().unwrap();
 //! // In the daemon the facts come from `Firewall::probe`.
@@ -63,6 +64,9 @@
 //! connection's SYN and loses when a client starts a new connection on the same 4-tuple;
 //! proto-253 forwarded SYNs and the cluster port's datagrams are accepted only from cluster
 //! members on the cluster interface, and only the daemon's user may send to the cluster port.
+//! With [`ClusterSpec::syn_prefix_limit`], the master drops the client SYNs of a source prefix
+//! sending faster than the limit before they reach the queue ([`SynPrefixLimit`] says what
+//! it does and does not cover).
 //!
 //! # Exact ownership
 //!
@@ -140,6 +144,9 @@
 //!
 //! * nf_tables with hash sets that the packet path may update (`nft_set_hash`, `dynset`:
 //!   part of nf_tables on every distribution kernel), for the set `given`.
+//! * With a SYN limit, `nft_limit` (`CONFIG_NFT_LIMIT`) too, carried by `dynset` so that each
+//!   set element keeps its own `limit` state (tested on 6.18). Without it the master's apply
+//!   fails, and the old ruleset stays.
 //! * `net.netfilter.nf_conntrack_tcp_loose = 0` (the daemon sets it). With the default of 1,
 //!   conntrack picks up a mid-stream segment as a new ESTABLISHED connection (with mark 0, so
 //!   the mark rules would still drop it, but counted as "not owned" rather than "untracked").
@@ -177,9 +184,10 @@ mod model;
 pub use error::Error;
 pub use firewall::{Firewall, RuleDrops};
 pub use model::{
-    ruleset, Action, Chain, ChainName, ClusterSpec, Family, GivenSet, HashInput, HostFacts,
-    IpFamily, L4Proto, Match, QueueBackend, Role, Rule, Ruleset, StaticHash, Table, GIVEN_SET_NAME,
-    GIVEN_SIZE, GIVEN_TIMEOUT_MS,
+    ruleset, syn_prefix_set_name, Action, Chain, ChainName, ClusterSpec, Family, GivenSet,
+    HashInput, HostFacts, IpFamily, L4Proto, Match, NamedSet, QueueBackend, Role, Rule, Ruleset,
+    StaticHash, SynPrefixLimit, SynPrefixSet, Table, GIVEN_SET_NAME, GIVEN_SIZE, GIVEN_TIMEOUT_MS,
+    MAX_SYN_PREFIX_RATE, SYN_PREFIX_SIZE, SYN_PREFIX_TIMEOUT_MS,
 };
 
 /// Name of both our tables, `table inet tdsc` and `table netdev tdsc`. Everything the crate

@@ -13,13 +13,14 @@ use nftnl::set::{Set, SetKey};
 use nftnl::{Batch, FinalizedBatch, MsgType, ProtoFamily};
 
 use crate::expr::{
-    reg, DynsetUpdate, Jhash, Load, NfqueueTarget, PayloadBase, Queue, SetLookup, Store,
+    reg, DynsetUpdate, Jhash, LimitOver, Load, NfqueueTarget, PayloadBase, Queue, SetLookup, Store,
 };
 use crate::ffi::{attr, c32, c8};
 use crate::model::{
-    Action, Chain, ChainName, Family, GivenSet, HashInput, IpFamily, Match, QueueBackend, Rule,
-    Ruleset, GIVEN_SET_NAME, GIVEN_SIZE, GIVEN_TIMEOUT_MS, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP,
+    syn_prefix_set_name, Action, Chain, ChainName, Family, GivenSet, HashInput, IpFamily, Match,
+    NamedSet, QueueBackend, Rule, Ruleset, SynPrefixLimit, SynPrefixSet, GIVEN_SET_NAME,
+    GIVEN_SIZE, GIVEN_TIMEOUT_MS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    SYN_PREFIX_SIZE, SYN_PREFIX_TIMEOUT_MS,
 };
 use crate::TABLE_NAME;
 
@@ -84,6 +85,8 @@ struct Builder {
     next_set_id: u32,
     /// Batch-local id of the table's [`GivenSet`], once added.
     given_set_id: u32,
+    /// Batch-local id of the table's [`SynPrefixSet`], once added.
+    syn_prefix_set_id: u32,
 }
 
 impl Builder {
@@ -93,6 +96,7 @@ impl Builder {
             labels: Vec::new(),
             next_set_id: 1,
             given_set_id: 0,
+            syn_prefix_set_id: 0,
         }
     }
 
@@ -139,7 +143,10 @@ pub(crate) fn apply_plan(rs: &Ruleset) -> Plan {
                 format!("add table {} {TABLE_NAME}", family.as_str()),
             );
             for set in &table.sets {
-                add_given_set(&mut b, &nl_table, set);
+                match set {
+                    NamedSet::Given(set) => add_given_set(&mut b, &nl_table, set),
+                    NamedSet::SynPrefix(set) => add_syn_prefix_set(&mut b, &nl_table, set),
+                }
             }
             for chain in &table.chains {
                 add_chain(&mut b, &nl_table, family, chain);
@@ -232,6 +239,35 @@ fn given_set_userdata(family: IpFamily) -> [u8; 110] {
     ]
 }
 
+/// Flags, size, timeout and user data of a set the packet path adds elements to (`flags
+/// dynamic,timeout`: `NFT_SET_EVAL` lets a rule's `update` add elements, `NFT_SET_TIMEOUT`
+/// lets them expire).
+fn configure_dynamic_set<K: SetKey>(set: &Set<'_, K>, size: u32, timeout_ms: u64, user: &[u8]) {
+    let user_len = u32::try_from(user.len()).expect("a constant of a few bytes");
+    let set = set.as_ptr().as_ptr();
+    // SAFETY: `set` is the live libnftnl set the borrowed `Set` owns; libnftnl copies every
+    // value, the user data included.
+    unsafe {
+        nftnl::nftnl_sys::nftnl_set_set_u32(
+            set,
+            attr(nftnl::nftnl_sys::NFTNL_SET_FLAGS),
+            c32(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL),
+        );
+        nftnl::nftnl_sys::nftnl_set_set_u32(set, attr(nftnl::nftnl_sys::NFTNL_SET_DESC_SIZE), size);
+        nftnl::nftnl_sys::nftnl_set_set_u64(
+            set,
+            attr(nftnl::nftnl_sys::NFTNL_SET_TIMEOUT),
+            timeout_ms,
+        );
+        nftnl::nftnl_sys::nftnl_set_set_data(
+            set,
+            attr(nftnl::nftnl_sys::NFTNL_SET_USERDATA),
+            user.as_ptr().cast(),
+            user_len,
+        );
+    }
+}
+
 /// `set given { typeof … ; size …; flags dynamic,timeout; timeout …; }`, before the chains
 /// whose rules name it (by name and batch-local id).
 fn add_given_set(b: &mut Builder, table: &nftnl::Table, set: &GivenSet) {
@@ -242,44 +278,86 @@ fn add_given_set(b: &mut Builder, table: &nftnl::Table, set: &GivenSet) {
     let family = table.get_family();
     let label = format!("set {GIVEN_SET_NAME}");
     let user = given_set_userdata(set.family);
-    let configure = |ptr: *mut nftnl::nftnl_sys::nftnl_set| {
-        // SAFETY: `ptr` is the live set just allocated below; libnftnl copies every value.
-        unsafe {
-            nftnl::nftnl_sys::nftnl_set_set_u32(
-                ptr,
-                attr(nftnl::nftnl_sys::NFTNL_SET_FLAGS),
-                c32(libc::NFT_SET_TIMEOUT | libc::NFT_SET_EVAL),
-            );
-            nftnl::nftnl_sys::nftnl_set_set_u32(
-                ptr,
-                attr(nftnl::nftnl_sys::NFTNL_SET_DESC_SIZE),
-                GIVEN_SIZE,
-            );
-            nftnl::nftnl_sys::nftnl_set_set_u64(
-                ptr,
-                attr(nftnl::nftnl_sys::NFTNL_SET_TIMEOUT),
-                GIVEN_TIMEOUT_MS,
-            );
-            nftnl::nftnl_sys::nftnl_set_set_data(
-                ptr,
-                attr(nftnl::nftnl_sys::NFTNL_SET_USERDATA),
-                user.as_ptr().cast(),
-                c32(110),
-            );
-        }
-    };
     match set.family {
         IpFamily::V4 => {
             let s: Set<'_, GivenKeyV4> = Set::new_named(&name, id, table, family);
-            configure(s.as_ptr().as_ptr());
+            configure_dynamic_set(&s, GIVEN_SIZE, GIVEN_TIMEOUT_MS, &user);
             b.add(&s, MsgType::Add, label);
         }
         IpFamily::V6 => {
             let s: Set<'_, GivenKeyV6> = Set::new_named(&name, id, table, family);
-            configure(s.as_ptr().as_ptr());
+            configure_dynamic_set(&s, GIVEN_SIZE, GIVEN_TIMEOUT_MS, &user);
             b.add(&s, MsgType::Add, label);
         }
     }
+}
+
+/// The user data nft 1.0.6 writes for a set declared `type ipv4_addr` or `type ipv6_addr`
+/// (captured with `nft --debug=mnl`): one TLV, the key byte order (type 0, length 4, host
+/// order u32) big endian (nft's `BYTEORDER_BIG_ENDIAN`, 2).
+fn address_set_userdata() -> [u8; 6] {
+    let order = 2u32.to_ne_bytes();
+    [0x00, 0x04, order[0], order[1], order[2], order[3]]
+}
+
+/// `set syn_prefix4 { type ipv4_addr; size …; flags dynamic,timeout; timeout …; }` (or
+/// `syn_prefix6`, `ipv6_addr`), before the chains whose rules name it.
+fn add_syn_prefix_set(b: &mut Builder, table: &nftnl::Table, set: &SynPrefixSet) {
+    let id = b.next_set_id;
+    b.next_set_id += 1;
+    b.syn_prefix_set_id = id;
+    let name = CString::new(set.name()).expect("a constant without NUL");
+    let family = table.get_family();
+    let label = format!("set {}", set.name());
+    let user = address_set_userdata();
+    match set.family {
+        IpFamily::V4 => {
+            let s: Set<'_, std::net::Ipv4Addr> = Set::new_named(&name, id, table, family);
+            configure_dynamic_set(&s, SYN_PREFIX_SIZE, SYN_PREFIX_TIMEOUT_MS, &user);
+            b.add(&s, MsgType::Add, label);
+        }
+        IpFamily::V6 => {
+            let s: Set<'_, std::net::Ipv6Addr> = Set::new_named(&name, id, table, family);
+            configure_dynamic_set(&s, SYN_PREFIX_SIZE, SYN_PREFIX_TIMEOUT_MS, &user);
+            b.add(&s, MsgType::Add, label);
+        }
+    }
+}
+
+/// `update @syn_prefix4 { ip saddr & MASK limit rate over … }` as nft emits it: the source
+/// address into register 1, masked there by a bitwise expression (kept by nft even when the
+/// mask keeps every bit), then the dynset with the limit inside.
+fn check_syn_prefix(
+    b: &Builder,
+    rule: &mut nftnl::Rule<'_>,
+    deps: &mut Deps,
+    family: IpFamily,
+    limit: &SynPrefixLimit,
+) {
+    check_nfproto(rule, deps, family);
+    let mask = match limit.mask(family) {
+        IpAddr::V4(m) => m.octets().to_vec(),
+        IpAddr::V6(m) => m.octets().to_vec(),
+    };
+    let (offset, len) = match family {
+        IpFamily::V4 => (12, 4),
+        IpFamily::V6 => (8, 16),
+    };
+    rule.add_expr(&Load {
+        base: PayloadBase::Network,
+        offset,
+        len,
+        dreg: reg::R1,
+    });
+    rule.add_expr(&Bitwise::new(&mask[..], &vec![0u8; mask.len()][..]));
+    rule.add_expr(&DynsetUpdate {
+        set_name: CString::new(syn_prefix_set_name(family)).expect("a constant without NUL"),
+        set_id: b.syn_prefix_set_id,
+        limit: Some(LimitOver {
+            rate_per_second: limit.rate_per_second,
+            burst: limit.burst,
+        }),
+    });
 }
 
 /// `ADDR saddr . tcp sport . tcp dport . tcp sequence` into the registers nft uses for a
@@ -632,6 +710,9 @@ fn add_match(
         Match::HashNotMine { input, hash } => {
             check_hash(rule, deps, *input, hash.count, hash.seed, hash.index)
         }
+        Match::SynPrefixOverLimit { family, limit } => {
+            check_syn_prefix(b, rule, deps, *family, limit)
+        }
     }
 }
 
@@ -667,6 +748,7 @@ fn add_verdict(b: &Builder, rule: &mut nftnl::Rule<'_>, deps: &mut Deps, action:
             rule.add_expr(&DynsetUpdate {
                 set_name: CString::new(GIVEN_SET_NAME).expect("a constant without NUL"),
                 set_id: b.given_set_id,
+                limit: None,
             });
         }
     }

@@ -83,6 +83,59 @@ pub struct ClusterSpec {
     pub egress_mac: Option<[u8; 6]>,
     /// This node's bucket for flows the master does not dispatch.
     pub static_hash: StaticHash,
+    /// Some(limit): the master drops a client's first SYN when its source prefix sends
+    /// SYNs faster than the limit, before the queue ([`SynPrefixLimit`]). None: no limit, and
+    /// the ruleset is what it was before the limit existed.
+    pub syn_prefix_limit: Option<SynPrefixLimit>,
+}
+
+/// A per-source-prefix rate limit on the client SYNs the master queues: one token bucket per
+/// source prefix, kept in the dynamic set [`SynPrefixSet`]. A prefix may send `burst` SYNs at
+/// once, then `rate_per_second` a second; the master drops the rest before they reach the
+/// queue, so a flood from a few prefixes cannot take the queue's room from everyone else.
+///
+/// What it does not do, by the kernel's rules (`net/netfilter/nft_dynset.c`): the set holds
+/// [`SYN_PREFIX_SIZE`] prefixes, each forgotten [`SYN_PREFIX_TIMEOUT_MS`] after its last SYN.
+/// With the set full, a SYN of a prefix not in it cannot be added, the kernel ends the rule
+/// there, and the SYN goes on to the queue unlimited: a flood spread over more prefixes than
+/// that within the timeout is not limited at all (the overload mode of issue 12 is for that).
+/// A forgotten prefix starts again with a full bucket, which it would have had anyway unless
+/// `burst` is above `rate_per_second` × the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SynPrefixLimit {
+    /// SYNs a second one prefix may send on average, 1..=[`MAX_SYN_PREFIX_RATE`].
+    pub rate_per_second: u32,
+    /// SYNs one prefix may send at once (the bucket's depth), at least 1.
+    pub burst: u32,
+    /// Length of the prefix IPv4 sources are grouped by, 1..=32.
+    pub prefix_v4: u8,
+    /// Length of the prefix IPv6 sources are grouped by, 1..=128.
+    pub prefix_v6: u8,
+}
+
+impl SynPrefixLimit {
+    /// The prefix length sources of `family` are grouped by.
+    pub fn prefix_len(&self, family: IpFamily) -> u8 {
+        match family {
+            IpFamily::V4 => self.prefix_v4,
+            IpFamily::V6 => self.prefix_v6,
+        }
+    }
+
+    /// The mask of the prefix as an address of `family` (`255.255.255.0` for /24), which nft
+    /// applies to the source address before it looks the prefix up. Assumes a validated length.
+    pub fn mask(&self, family: IpFamily) -> IpAddr {
+        let len = u32::from(self.prefix_len(family));
+        match family {
+            IpFamily::V4 => IpAddr::V4(u32::MAX.checked_shl(32 - len.min(32)).unwrap_or(0).into()),
+            IpFamily::V6 => IpAddr::V6(
+                u128::MAX
+                    .checked_shl(128 - len.min(128))
+                    .unwrap_or(0)
+                    .into(),
+            ),
+        }
+    }
 }
 
 impl ClusterSpec {
@@ -103,6 +156,9 @@ impl ClusterSpec {
         }
         if self.control_port == 0 {
             return Err(invalid("control_port", "port 0 is not a port"));
+        }
+        if let Some(limit) = &self.syn_prefix_limit {
+            check_limit(limit)?;
         }
         Ok(())
     }
@@ -141,6 +197,37 @@ fn check_hash(hash: &StaticHash) -> Result<(), Error> {
         return Err(invalid(
             "static_hash.index",
             format!("{} is above count {}", hash.index, hash.count),
+        ));
+    }
+    Ok(())
+}
+
+/// The kernel refuses a rate of 0 and reads a burst of 0 as 5 (`nft_limit_init`); nft 1.0.6
+/// refuses both. A prefix of 0 bits would put every client in one bucket, which is no
+/// per-prefix limit.
+fn check_limit(limit: &SynPrefixLimit) -> Result<(), Error> {
+    if !(1..=MAX_SYN_PREFIX_RATE).contains(&limit.rate_per_second) {
+        return Err(invalid(
+            "syn_prefix_limit.rate_per_second",
+            format!(
+                "{} is outside 1..={MAX_SYN_PREFIX_RATE}",
+                limit.rate_per_second
+            ),
+        ));
+    }
+    if limit.burst == 0 {
+        return Err(invalid("syn_prefix_limit.burst", "must be at least 1"));
+    }
+    if !(1..=32).contains(&limit.prefix_v4) {
+        return Err(invalid(
+            "syn_prefix_limit.prefix_v4",
+            format!("{} is outside 1..=32", limit.prefix_v4),
+        ));
+    }
+    if !(1..=128).contains(&limit.prefix_v6) {
+        return Err(invalid(
+            "syn_prefix_limit.prefix_v6",
+            format!("{} is outside 1..=128", limit.prefix_v6),
         ));
     }
     Ok(())
@@ -261,6 +348,17 @@ pub enum Match {
     /// `ip saddr . tcp sport . tcp dport . tcp sequence != @given` (or `ip6 saddr`): this SYN
     /// is not a copy of one this node was given lately ([`GivenSet`]).
     SynNotGiven(IpFamily),
+    /// `update @syn_prefix4 { ip saddr & MASK limit rate over R/second burst B packets }` (or
+    /// `syn_prefix6`, `ip6 saddr`): the source prefix's bucket in [`SynPrefixSet`] has no token
+    /// left for this SYN. Not a pure test: it adds the prefix to the set (restarting its
+    /// timeout) and takes a token. With the set full the kernel ends the rule here, so the
+    /// match fails and the SYN is not limited.
+    SynPrefixOverLimit {
+        /// Family of the source address (the VIP's).
+        family: IpFamily,
+        /// Rate, burst and prefix lengths.
+        limit: SynPrefixLimit,
+    },
     /// `jhash INPUT mod COUNT seed SEED != INDEX`: the flow belongs to another node.
     HashNotMine {
         /// Fields hashed.
@@ -375,8 +473,8 @@ impl Family {
 pub struct Table {
     /// Family.
     pub family: Family,
-    /// Named sets, printed before the chains.
-    pub sets: Vec<GivenSet>,
+    /// Named sets, printed before the chains, in this order.
+    pub sets: Vec<NamedSet>,
     /// Chains, in the order they are created and printed.
     pub chains: Vec<Chain>,
 }
@@ -392,6 +490,60 @@ pub struct GivenSet {
     /// Family of the addresses in the key (the VIP's).
     pub family: IpFamily,
 }
+
+/// A named set of `table inet tdsc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NamedSet {
+    /// The SYNs this node was given lately.
+    Given(GivenSet),
+    /// The master's SYN rate per source prefix.
+    SynPrefix(SynPrefixSet),
+}
+
+/// The master's dynamic set `syn_prefix4` (IPv4 VIP) or `syn_prefix6` (IPv6 VIP): one element
+/// per client source prefix ([`SynPrefixLimit`]) that sent a SYN in the last
+/// [`SYN_PREFIX_TIMEOUT_MS`], each carrying its own `limit` state, which the kernel clones
+/// from the rule's `update` statement when it adds the element. Only in a master's ruleset
+/// with a limit; a role change re-creates it empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SynPrefixSet {
+    /// Family of the prefixes (the VIP's).
+    pub family: IpFamily,
+}
+
+impl SynPrefixSet {
+    /// The set's name in the kernel.
+    pub fn name(self) -> &'static str {
+        syn_prefix_set_name(self.family)
+    }
+}
+
+/// Name of the [`SynPrefixSet`] of `family`.
+pub fn syn_prefix_set_name(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "syn_prefix4",
+        IpFamily::V6 => "syn_prefix6",
+    }
+}
+
+/// How long a [`SynPrefixSet`] element lives after the prefix's last SYN (every SYN restarts
+/// it). Long enough that a prefix sending steadily keeps its bucket; a prefix quiet this long
+/// is forgotten, and its bucket would have refilled by then for any burst up to 10 s of rate.
+pub const SYN_PREFIX_TIMEOUT_MS: u64 = 10_000;
+
+/// Most elements a [`SynPrefixSet`] holds: 65,536 prefixes seen within
+/// [`SYN_PREFIX_TIMEOUT_MS`]. Beyond that a new prefix is not limited ([`SynPrefixLimit`]).
+pub const SYN_PREFIX_SIZE: u32 = 65_536;
+
+/// Highest [`SynPrefixLimit::rate_per_second`]. The kernel charges each packet a cost of one
+/// second divided by the rate, in whole nanoseconds (`nft_limit_pkts_init`): above 10^9 a
+/// second the cost is 0 and the limit would never drop anything.
+pub const MAX_SYN_PREFIX_RATE: u32 = 1_000_000_000;
+
+/// Comment of the master's prerouting rule whose counter is `syn_prefix_limited` in
+/// [`crate::RuleDrops`].
+pub(crate) const SYN_PREFIX_LIMIT_COMMENT: &str =
+    "tdsc: SYN rate of this source prefix over the limit";
 
 /// Name of the [`GivenSet`].
 pub const GIVEN_SET_NAME: &str = "given";
@@ -457,7 +609,11 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 ///    it met: the client starts a new connection on this 4-tuple, and no node owns it yet.
 ///    Unless it is in the [`GivenSet`]: then it is a copy of a SYN this node was given lately
 ///    (a late flood copy, a retransmission), and the connection stays this node's.
-/// 2. The same SYN: the master queues it to its daemon, a member drops it, because the master
+/// 2. Only on a master with [`ClusterSpec::syn_prefix_limit`]: the same SYN is dropped (and
+///    counted) when its source prefix is over the [`SynPrefixLimit`], before it takes room in
+///    the queue. After rule 1, so a dropped SYN has disowned its 4-tuple like any other
+///    (the client starts a new connection there either way).
+/// 3. The same SYN: the master queues it to its daemon, a member drops it, because the master
 ///    forwards each one to exactly one node.
 ///
 /// Chain `input` (hook input, priority `filter - 10`):
@@ -497,11 +653,14 @@ pub(crate) const NOT_OWNED_COMMENT: &str = "tdsc: segment of a connection this n
 /// rewrites the source MAC, so a learning bridge learns per-node MACs and keeps flooding frames
 /// for the shared cluster MAC to every node.
 pub fn ruleset(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Ruleset {
+    let family = IpFamily::of(&spec.vip);
+    let mut sets = vec![NamedSet::Given(GivenSet { family })];
+    if role == Role::Master && spec.syn_prefix_limit.is_some() {
+        sets.push(NamedSet::SynPrefix(SynPrefixSet { family }));
+    }
     let mut tables = vec![Table {
         family: Family::Inet,
-        sets: vec![GivenSet {
-            family: IpFamily::of(&spec.vip),
-        }],
+        sets,
         chains: vec![
             Chain {
                 name: ChainName::Prerouting,
@@ -570,6 +729,22 @@ fn prerouting_rules(role: Role, spec: &ClusterSpec, facts: &HostFacts) -> Vec<Ru
         action: Action::SetCtMark(0),
         comment: DISOWN_COMMENT,
     });
+    // A flood from a few prefixes would otherwise fill the queue, which serves first come
+    // first served, so its drops would fall on every client alike. Members need no limit:
+    // they drop every client SYN anyway.
+    if let (Role::Master, Some(limit)) = (role, spec.syn_prefix_limit) {
+        let mut limited = syn.clone();
+        limited.push(Match::SynPrefixOverLimit {
+            family: IpFamily::of(&spec.vip),
+            limit,
+        });
+        rules.push(Rule {
+            matches: limited,
+            counter: true,
+            action: Action::Drop,
+            comment: SYN_PREFIX_LIMIT_COMMENT,
+        });
+    }
     rules.push(match role {
         // No bypass flag: if the daemon is not reading the queue, the kernel drops the SYN
         // instead of accepting it. Fail closed: with bypass every node would accept every SYN
@@ -826,7 +1001,10 @@ impl fmt::Display for Ruleset {
         for table in &self.tables {
             writeln!(f, "table {} {TABLE_NAME} {{", table.family.as_str())?;
             for set in &table.sets {
-                write_given_set(f, set)?;
+                match set {
+                    NamedSet::Given(set) => write_given_set(f, set)?,
+                    NamedSet::SynPrefix(set) => write_syn_prefix_set(f, set)?,
+                }
                 writeln!(f)?;
             }
             for (i, chain) in table.chains.iter().enumerate() {
@@ -851,6 +1029,48 @@ fn write_given_set(f: &mut fmt::Formatter<'_>, set: &GivenSet) -> fmt::Result {
     writeln!(f, "\t\ttimeout {}s", GIVEN_TIMEOUT_MS / 1000)?;
     writeln!(f, "\t}}")
 }
+
+/// Declared by type, as nft prints a set of plain addresses.
+fn write_syn_prefix_set(f: &mut fmt::Formatter<'_>, set: &SynPrefixSet) -> fmt::Result {
+    let key = match set.family {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    };
+    writeln!(f, "\tset {} {{", set.name())?;
+    writeln!(f, "\t\ttype {key}")?;
+    writeln!(f, "\t\tsize {SYN_PREFIX_SIZE}")?;
+    writeln!(f, "\t\tflags dynamic,timeout")?;
+    writeln!(f, "\t\ttimeout {}s", SYN_PREFIX_TIMEOUT_MS / 1000)?;
+    writeln!(f, "\t}}")
+}
+
+/// `update @syn_prefix4 { ip saddr & 255.255.255.0 limit rate over 5/second }` as nft 1.0.6
+/// prints it: no mask when it keeps every bit (nft still loads it), and no burst when it is
+/// nft's default of 5 packets.
+fn syn_prefix_text(family: IpFamily, limit: &SynPrefixLimit) -> String {
+    let max = match family {
+        IpFamily::V4 => 32,
+        IpFamily::V6 => 128,
+    };
+    let mut text = format!(
+        "update @{} {{ {} saddr",
+        syn_prefix_set_name(family),
+        family.keyword()
+    );
+    if limit.prefix_len(family) < max {
+        let _ = write!(text, " & {}", limit.mask(family));
+    }
+    let _ = write!(text, " limit rate over {}/second", limit.rate_per_second);
+    if limit.burst != NFT_DEFAULT_BURST {
+        let _ = write!(text, " burst {} packets", limit.burst);
+    }
+    text.push_str(" }");
+    text
+}
+
+/// The packet burst nft assumes when a `limit` statement names none, and leaves out when it
+/// prints one (seen with nft 1.0.6: `burst 5 packets` is listed as nothing, 1 and 10 are).
+const NFT_DEFAULT_BURST: u32 = 5;
 
 /// The [`GivenSet`] key as nft prints the concatenation.
 fn syn_tuple_text(family: IpFamily) -> String {
@@ -931,6 +1151,7 @@ fn match_text(m: &Match) -> String {
         Match::SynNotGiven(family) => {
             format!("{} != @{GIVEN_SET_NAME}", syn_tuple_text(*family))
         }
+        Match::SynPrefixOverLimit { family, limit } => syn_prefix_text(*family, limit),
         Match::EchoRequest(IpFamily::V4) => "icmp type echo-request".to_string(),
         Match::EchoRequest(IpFamily::V6) => "icmpv6 type echo-request".to_string(),
         Match::HashNotMine { input, hash } => {
@@ -1013,6 +1234,7 @@ mod tests {
                 count: 2,
                 seed: 9,
             },
+            syn_prefix_limit: None,
         }
     }
 
@@ -1324,9 +1546,9 @@ mod tests {
             assert_eq!(own + 3, foreign);
             assert_eq!(
                 rs.table(Family::Inet).unwrap().sets,
-                vec![GivenSet {
+                vec![NamedSet::Given(GivenSet {
                     family: IpFamily::V4
-                }]
+                })]
             );
             assert_eq!(input[foreign].action, Action::Drop);
             assert!(input[foreign]
@@ -1382,6 +1604,182 @@ mod tests {
         let compat = ruleset(Role::Master, &spec(), &COMPAT).to_nft_text();
         assert!(compat.contains(" queue num 7 "), "{compat}");
         assert!(!compat.contains("bypass") && !master.contains("bypass"));
+    }
+
+    const LIMIT: SynPrefixLimit = SynPrefixLimit {
+        rate_per_second: 5,
+        burst: 5,
+        prefix_v4: 24,
+        prefix_v6: 48,
+    };
+
+    fn limited() -> ClusterSpec {
+        ClusterSpec {
+            syn_prefix_limit: Some(LIMIT),
+            ..spec()
+        }
+    }
+
+    /// The limit sits between the disown rule and the queue rule, with the very same SYN
+    /// matches, and only the master gets it (and its set).
+    #[test]
+    fn the_master_limits_syns_per_prefix_before_the_queue() {
+        let rs = ruleset(Role::Master, &limited(), &COMPAT);
+        let pre = prerouting(&rs);
+        assert_eq!(pre.len(), 3);
+        assert_eq!(pre[0].comment, DISOWN_COMMENT);
+        let (last, syn) = pre[1].matches.split_last().unwrap();
+        assert_eq!(syn, pre[2].matches.as_slice());
+        assert_eq!(
+            *last,
+            Match::SynPrefixOverLimit {
+                family: IpFamily::V4,
+                limit: LIMIT
+            }
+        );
+        assert_eq!(pre[1].action, Action::Drop);
+        assert!(pre[1].counter);
+        assert_eq!(pre[1].comment, SYN_PREFIX_LIMIT_COMMENT);
+        assert!(matches!(pre[2].action, Action::Queue { .. }));
+        assert_eq!(
+            rs.table(Family::Inet).unwrap().sets,
+            vec![
+                NamedSet::Given(GivenSet {
+                    family: IpFamily::V4
+                }),
+                NamedSet::SynPrefix(SynPrefixSet {
+                    family: IpFamily::V4
+                }),
+            ]
+        );
+        // Everything else is the ruleset without the limit.
+        let plain = ruleset(Role::Master, &spec(), &COMPAT);
+        assert_eq!(input(&rs), input(&plain));
+        assert_eq!(
+            ruleset(Role::Member, &limited(), &COMPAT),
+            ruleset(Role::Member, &spec(), &COMPAT)
+        );
+    }
+
+    #[test]
+    fn the_limit_prints_as_nft_lists_it() {
+        let text = ruleset(Role::Master, &limited(), &COMPAT).to_nft_text();
+        assert!(
+            text.contains(
+                "tcp flags syn / fin,syn,rst,ack update @syn_prefix4 { ip saddr & 255.255.255.0 \
+                 limit rate over 5/second } counter packets 0 bytes 0 drop comment \
+                 \"tdsc: SYN rate of this source prefix over the limit\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\tset syn_prefix4 {\n\t\ttype ipv4_addr\n\t\tsize 65536\n\t\tflags dynamic,timeout\n\t\ttimeout 10s\n\t}\n"
+            ),
+            "{text}"
+        );
+        let text = |family, limit| syn_prefix_text(family, &limit);
+        let other = SynPrefixLimit {
+            rate_per_second: 100,
+            burst: 1,
+            prefix_v4: 32,
+            prefix_v6: 47,
+        };
+        assert_eq!(
+            text(IpFamily::V4, other),
+            "update @syn_prefix4 { ip saddr limit rate over 100/second burst 1 packets }"
+        );
+        assert_eq!(
+            text(IpFamily::V6, other),
+            "update @syn_prefix6 { ip6 saddr & ffff:ffff:fffe:: limit rate over 100/second burst 1 packets }"
+        );
+        assert_eq!(
+            text(IpFamily::V6, LIMIT),
+            "update @syn_prefix6 { ip6 saddr & ffff:ffff:ffff:: limit rate over 5/second }"
+        );
+    }
+
+    #[test]
+    fn prefix_masks_keep_the_prefix_bits() {
+        let mask = |v4, v6| {
+            let l = SynPrefixLimit {
+                prefix_v4: v4,
+                prefix_v6: v6,
+                ..LIMIT
+            };
+            (
+                l.mask(IpFamily::V4).to_string(),
+                l.mask(IpFamily::V6).to_string(),
+            )
+        };
+        assert_eq!(mask(1, 1), ("128.0.0.0".into(), "8000::".into()));
+        assert_eq!(
+            mask(20, 64),
+            ("255.255.240.0".into(), "ffff:ffff:ffff:ffff::".into())
+        );
+        assert_eq!(
+            mask(32, 128),
+            (
+                "255.255.255.255".into(),
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".into()
+            )
+        );
+    }
+
+    #[test]
+    fn validate_rejects_a_limit_the_kernel_cannot_take() {
+        assert!(limited().validate().is_ok());
+        let bad = [
+            (
+                "syn_prefix_limit.rate_per_second",
+                SynPrefixLimit {
+                    rate_per_second: 0,
+                    ..LIMIT
+                },
+            ),
+            (
+                "syn_prefix_limit.burst",
+                SynPrefixLimit { burst: 0, ..LIMIT },
+            ),
+            (
+                "syn_prefix_limit.prefix_v4",
+                SynPrefixLimit {
+                    prefix_v4: 0,
+                    ..LIMIT
+                },
+            ),
+            (
+                "syn_prefix_limit.prefix_v4",
+                SynPrefixLimit {
+                    prefix_v4: 33,
+                    ..LIMIT
+                },
+            ),
+            (
+                "syn_prefix_limit.prefix_v6",
+                SynPrefixLimit {
+                    prefix_v6: 0,
+                    ..LIMIT
+                },
+            ),
+            (
+                "syn_prefix_limit.prefix_v6",
+                SynPrefixLimit {
+                    prefix_v6: 129,
+                    ..LIMIT
+                },
+            ),
+        ];
+        for (want, limit) in bad {
+            let spec = ClusterSpec {
+                syn_prefix_limit: Some(limit),
+                ..spec()
+            };
+            match spec.validate() {
+                Err(Error::InvalidSpec { field, .. }) => assert_eq!(field, want, "{limit:?}"),
+                other => panic!("{limit:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

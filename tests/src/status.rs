@@ -152,6 +152,7 @@ pub struct Drops {
     pub untracked_out: u64,
     pub control_port_foreign: u64,
     pub control_port_local: u64,
+    pub syn_prefix_limited: u64,
     pub listen_overflows: u64,
     pub listen_drops: u64,
     pub conntrack_insert_failed: u64,

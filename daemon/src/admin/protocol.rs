@@ -207,6 +207,9 @@ pub struct Drops {
     pub control_port_foreign: u64,
     /// Ruleset: datagrams to the cluster port a local process other than the daemon sent.
     pub control_port_local: u64,
+    /// Ruleset (master with `[flood] syn_prefix_rate`): client SYNs dropped before the queue
+    /// because their source prefix sent SYNs faster than the limit.
+    pub syn_prefix_limited: u64,
     /// This namespace's TCP: SYNs or handshake ACKs dropped because a listener's accept
     /// queue was full (`TcpExtListenOverflows` in `/proc/net/netstat`).
     pub listen_overflows: u64,

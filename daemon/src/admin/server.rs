@@ -462,6 +462,7 @@ fn drops(s: &Shared) -> crate::admin::protocol::Drops {
         untracked_out: r.untracked_out,
         control_port_foreign: r.control_port_foreign,
         control_port_local: r.control_port_local,
+        syn_prefix_limited: r.syn_prefix_limited,
     }
 }
 

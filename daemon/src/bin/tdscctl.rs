@@ -196,7 +196,8 @@ fn print_table(s: &Status) {
     );
     let d = &c.drops;
     println!(
-        "drops: queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}  cluster-port foreign {} local {}",
+        "drops: syn-prefix-limited {}  queue-full {}  queue-socket {}  listen-overflow {} (listen drops {})  conntrack insert-failed {} drop {}  not-owned in {} out {}  untracked in {} out {}  cluster-port foreign {} local {}",
+        d.syn_prefix_limited,
         d.queue_kernel,
         d.queue_user,
         d.listen_overflows,

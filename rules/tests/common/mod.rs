@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tdsc_rules::{ClusterSpec, HostFacts, QueueBackend, Role, Ruleset, StaticHash};
+use tdsc_rules::{ClusterSpec, HostFacts, QueueBackend, Role, Ruleset, StaticHash, SynPrefixLimit};
 
 pub const MEMBER_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x00, 0x53, 0x0b];
 
@@ -32,6 +32,7 @@ pub fn spec_v4() -> ClusterSpec {
             count: 3,
             seed: 0x2a,
         },
+        syn_prefix_limit: None,
     }
 }
 
@@ -42,6 +43,22 @@ pub fn spec_v6() -> ClusterSpec {
             .map(|n| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, n)))
             .collect(),
         ..spec_v4()
+    }
+}
+
+/// The golden files' SYN limit: a burst other than nft's default of 5, so its text is printed.
+pub const SYN_LIMIT: SynPrefixLimit = SynPrefixLimit {
+    rate_per_second: 200,
+    burst: 50,
+    prefix_v4: 24,
+    prefix_v6: 48,
+};
+
+/// `spec` with the SYN limit on.
+pub fn with_syn_limit(spec: ClusterSpec, limit: SynPrefixLimit) -> ClusterSpec {
+    ClusterSpec {
+        syn_prefix_limit: Some(limit),
+        ..spec
     }
 }
 
@@ -103,6 +120,29 @@ pub fn golden_cases() -> Vec<(&'static str, Ruleset)> {
         (
             "member-ipv6",
             tdsc_rules::ruleset(Role::Member, &spec_v6(), &COMPAT),
+        ),
+        (
+            "master-syn-limit-compat",
+            tdsc_rules::ruleset(
+                Role::Master,
+                &with_syn_limit(v4.clone(), SYN_LIMIT),
+                &COMPAT,
+            ),
+        ),
+        (
+            "master-ipv6-syn-limit-compat",
+            tdsc_rules::ruleset(
+                Role::Master,
+                // nft's default burst, which it does not print.
+                &with_syn_limit(
+                    spec_v6(),
+                    SynPrefixLimit {
+                        burst: 5,
+                        ..SYN_LIMIT
+                    },
+                ),
+                &COMPAT,
+            ),
         ),
     ]
 }
