@@ -125,6 +125,10 @@ enum Cmd {
         /// an inter-processor interrupt that is dearer than the dispatch.
         #[arg(long)]
         steer_flows: bool,
+        /// Elect the master by Raft, which also replicates the SYN-forward records (the
+        /// product's default), instead of the lab's static election.
+        #[arg(long)]
+        raft: bool,
     },
     /// Every policy under the same CGI workload (paper Table 4, Fig. 8/9).
     BenchPolicies {
@@ -226,6 +230,7 @@ fn namespace_command(cli: &Cli, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             rounds,
             readers,
             steer_flows,
+            raft,
         } => bench_dispatch(
             cli,
             &DispatchArgs {
@@ -234,6 +239,7 @@ fn namespace_command(cli: &Cli, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
                 rounds: *rounds,
                 readers,
                 steer_flows: *steer_flows,
+                raft: *raft,
             },
             stop,
         ),
@@ -301,6 +307,7 @@ struct DispatchArgs<'a> {
     rounds: usize,
     readers: &'a [String],
     steer_flows: bool,
+    raft: bool,
 }
 
 /// `bench-dispatch`: per round, one cluster per reader (the order alternating), every rate in
@@ -317,18 +324,24 @@ fn bench_dispatch(
         rounds,
         readers,
         steer_flows,
+        raft,
     } = *args;
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     println!(
         "bench-dispatch: {} rounds x readers {} x offered {:?} SYN/s, {:?} each (after a floor \
-         run each); one queue; {cpus} CPUs; flow steering {}; the master at weight 0 and alone \
+         run each); one queue; {cpus} CPUs; flow steering {}; {} election; the master at weight 0 and alone \
          on the client bridge, the members sinking the forwards at ingress \
          (tests/src/dispatchbench.rs)",
         rounds,
         readers.join(", "),
         rates,
         duration,
-        if steer_flows { "on" } else { "off" }
+        if steer_flows { "on" } else { "off" },
+        if raft {
+            "Raft (records replicated)"
+        } else {
+            "static"
+        }
     );
     let header = format!(
         "{:<10} {:>5} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5}",
@@ -384,6 +397,7 @@ fn bench_dispatch(
                 remove_stale: true,
                 threads_extra: vec![("queue_io".into(), toml::Value::String(reader.clone()))],
                 steer_flows,
+                raft,
                 ..ClusterOptions::default()
             })
             .context("start the cluster")?;
