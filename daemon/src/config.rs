@@ -160,12 +160,11 @@ pub enum L2Mode {
 pub enum QueueIo {
     /// The daemon's own nfnetlink_queue I/O ([`crate::datapath::queue_socket`]): a receive
     /// buffer sized to the queue, every waiting SYN in one `recvmmsg`, the batch's verdicts in
-    /// one `send` and its forwards in one `sendmmsg`, overruns counted. Opt-in until the
-    /// namespace suite and the dispatch benchmark have run with it (issue 12).
+    /// one `send` and its forwards in one `sendmmsg`, overruns counted. The default.
+    #[default]
     Batched,
     /// One `recv`, one verdict and one forward system call per SYN through the nfq crate, at
-    /// the default receive buffer: the default for now, and the benchmark's baseline.
-    #[default]
+    /// the default receive buffer: the dispatch benchmark's baseline.
     PerPacket,
 }
 
@@ -304,7 +303,7 @@ pub struct Config {
     /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
     /// (see [`crate::datapath::affinity`]); `None` leaves them to the scheduler.
     pub data_path_cpu: Option<usize>,
-    /// `[threads] queue_io`: `"per-packet"` (default) or `"batched"`.
+    /// `[threads] queue_io`: `"batched"` (default) or `"per-packet"`.
     pub queue_io: QueueIo,
     /// `[shutdown] drain_timeout_ms`: on SIGTERM, how long the node waits for its own
     /// connections on the VIP to finish before it removes the VIP (0: not at all).
@@ -646,7 +645,7 @@ impl Config {
                     })?,
             ),
         };
-        let queue_io = match raw.threads.queue_io.as_deref().unwrap_or("per-packet") {
+        let queue_io = match raw.threads.queue_io.as_deref().unwrap_or("batched") {
             "batched" => QueueIo::Batched,
             "per-packet" => QueueIo::PerPacket,
             other => {
@@ -1129,10 +1128,10 @@ address = "198.51.100.12"
     }
 
     #[test]
-    fn queue_io_defaults_to_per_packet_and_is_checked() {
-        assert_eq!(Config::parse(GOOD).unwrap().queue_io, QueueIo::PerPacket);
-        let c = Config::parse(&format!("{GOOD}\n[threads]\nqueue_io = \"batched\"\n")).unwrap();
-        assert_eq!(c.queue_io, QueueIo::Batched);
+    fn queue_io_defaults_to_batched_and_is_checked() {
+        assert_eq!(Config::parse(GOOD).unwrap().queue_io, QueueIo::Batched);
+        let c = Config::parse(&format!("{GOOD}\n[threads]\nqueue_io = \"per-packet\"\n")).unwrap();
+        assert_eq!(c.queue_io, QueueIo::PerPacket);
         let msg = Config::parse(&format!("{GOOD}\n[threads]\nqueue_io = \"fast\"\n"))
             .unwrap_err()
             .to_string();
