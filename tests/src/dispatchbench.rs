@@ -4,10 +4,13 @@
 //! One *run* offers crafted SYNs at a fixed rate for a fixed time and reads, before and after:
 //!
 //! * the master's `syns_dispatched`, its kernel queue drops (`drops.queue_kernel` and
-//!   `drops.queue_user`) and its reader's overruns (`queue.enobufs`);
+//!   `drops.queue_user`), its reader's overruns (`queue.enobufs`), and the new SYN-forward
+//!   records the Raft task had no room for (`records_handoff_overflow`, column `rec.ovf`);
 //! * the master tdscd's `utime + stime` ([`crate::bench::process_cpu`]);
-//! * the whole machine's busy time from `/proc/stat` (user, system, irq, softirq, steal; not
-//!   nice, so that background work at a lower priority, such as a build, is left out). This kernel has no IRQ time accounting, so softirq work is billed to whichever
+//! * the whole machine's busy time from `/proc/stat`: user, system, irq and softirq. Not nice,
+//!   so that background work at a lower priority (a build) is left out, and not steal, the
+//!   time the hypervisor gave this VM's CPUs to someone else (on this machine up to half of
+//!   a CPU even when idle), which no work here did. This kernel has no IRQ time accounting, so softirq work is billed to whichever
 //!   task runs: the whole machine is the figure that cannot hide any of it;
 //! * the generator thread's own CPU time, and the backlog drops of `/proc/net/softnet_stat`
 //!   (packets the lab's fabric lost before any node saw them).
@@ -75,6 +78,9 @@ pub struct Run {
     /// The master's `syns_dispatched`, and the forwards the members' sinks counted.
     pub dispatched: u64,
     pub sunk: u64,
+    /// New SYN-forward records not replicated for want of room (`records_handoff_overflow`;
+    /// only with a Raft election).
+    pub records_unreplicated: u64,
     /// The master's kernel queue drops (queue full, socket full) and reader overruns.
     pub queue_dropped: u64,
     pub overruns: u64,
@@ -243,6 +249,7 @@ fn isolate(cluster: &Cluster, client: &str, master: &str) -> Result<usize, Bench
 #[derive(Debug, Clone, Copy)]
 struct Snapshot {
     dispatched: u64,
+    records_unreplicated: u64,
     queue_dropped: u64,
     overruns: u64,
     sunk: u64,
@@ -260,6 +267,7 @@ impl Snapshot {
         }
         Ok(Snapshot {
             dispatched: c.syns_dispatched,
+            records_unreplicated: c.records_handoff_overflow,
             queue_dropped: c.drops.queue_kernel + c.drops.queue_user,
             overruns: c.queue.enobufs,
             sunk,
@@ -346,6 +354,9 @@ pub fn run(
         generator_cpu: generated.cpu,
         dispatched: after.dispatched.saturating_sub(before.dispatched),
         sunk: after.sunk.saturating_sub(before.sunk),
+        records_unreplicated: after
+            .records_unreplicated
+            .saturating_sub(before.records_unreplicated),
         queue_dropped: after.queue_dropped.saturating_sub(before.queue_dropped),
         overruns: after.overruns.saturating_sub(before.overruns),
         backlog_dropped: after.backlog_dropped.saturating_sub(before.backlog_dropped),
@@ -470,7 +481,7 @@ fn thread_cpu() -> Duration {
 /// The machine's CPU time from the `cpu` line of `/proc/stat`, in ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MachineTimes {
-    /// user + system + irq + softirq + steal (not nice).
+    /// user + system + irq + softirq (not nice, not steal).
     pub busy_ticks: u64,
     pub softirq_ticks: u64,
 }
@@ -508,7 +519,7 @@ impl MachineTimes {
             .ok()?;
         let at = |i: usize| f.get(i).copied().unwrap_or(0);
         Some(MachineTimes {
-            busy_ticks: at(0) + at(2) + at(5) + at(6) + at(7),
+            busy_ticks: at(0) + at(2) + at(5) + at(6),
             softirq_ticks: at(6),
         })
     }
@@ -549,12 +560,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_stat_busy_is_everything_but_idle_iowait_and_nice() {
+    fn proc_stat_busy_is_everything_but_idle_iowait_nice_and_steal() {
         let text = "cpu  100 2 30 5000 7 0 11 1 0 0\ncpu0 50 1 15 2500 3 0 5 0 0 0\n";
         assert_eq!(
             MachineTimes::parse(text),
             Some(MachineTimes {
-                busy_ticks: 100 + 30 + 11 + 1,
+                busy_ticks: 100 + 30 + 11,
                 softirq_ticks: 11,
             })
         );
@@ -578,6 +589,7 @@ mod tests {
             generator_cpu: Duration::ZERO,
             dispatched,
             sunk: dispatched,
+            records_unreplicated: 0,
             queue_dropped: 0,
             overruns: 0,
             backlog_dropped: 0,

@@ -90,6 +90,8 @@ pub struct Counters {
     pub reinjected: u64,
     pub retransmit_hits: u64,
     pub forward_send_errors: u64,
+    /// New SYN-forward records the Raft task had no room for (not replicated).
+    pub records_handoff_overflow: u64,
     pub forward_rejected: Rejected,
     /// Cluster datagrams accepted and refused (all reasons).
     pub reports_received: u64,

@@ -23,7 +23,7 @@
 //! are sent.
 //!
 //! The task also replicates the SYN-forward records (see `crate::cluster::takeover`): while leader it
-//! proposes at most one batch per tick from the master thread's hand-off, and it applies
+//! proposes what the master thread's hand-off holds each tick (a batch per entry), and it applies
 //! committed batches to this node's replica *before* it publishes a new leadership, so a node
 //! that becomes master has applied every committed record.
 
@@ -134,7 +134,7 @@ struct Pending {
     reply: oneshot::Sender<Result<String, String>>,
     kind: PendingKind,
 }
-use crate::cluster::takeover::{drain_batch, encode_batch, RecordStats, Replica};
+use crate::cluster::takeover::{drain_tick, encode_batch, RecordStats, Replica};
 use crate::cluster::view::ClusterView;
 use crate::datapath::records::Dispatched;
 
@@ -433,31 +433,32 @@ impl RaftTask {
         self
     }
 
-    /// While leader, proposes one batch of new records; otherwise discards them (made just
-    /// before this node stepped down; the next master learns of them by reconciliation).
+    /// While leader, proposes the new records waiting in the hand-off, a batch per entry
+    /// ([`drain_tick`]); otherwise discards them (made just before this node stepped down; the
+    /// next master learns of them by reconciliation).
     fn propose_records(&mut self) {
         let Some(link) = self.records.as_mut() else {
             return;
         };
-        drain_batch(&link.handoff, &mut link.batch);
-        if link.batch.is_empty() {
-            return;
-        }
-        let n = u64::try_from(link.batch.len()).unwrap_or(u64::MAX);
-        if !self.core.is_leader() || !link.replicate {
-            link.stats.discarded_not_leader.fetch_add(n, Relaxed);
-            return;
-        }
-        match self.core.propose(encode_batch(&link.batch)) {
-            Ok(()) => {
-                link.stats.proposed_batches.fetch_add(1, Relaxed);
-                link.stats.proposed_records.fetch_add(n, Relaxed);
+        let propose = self.core.is_leader() && link.replicate;
+        let (stats, core) = (&link.stats, &mut self.core);
+        drain_tick(&link.handoff, &mut link.batch, |batch| {
+            let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+            if !propose {
+                stats.discarded_not_leader.fetch_add(n, Relaxed);
+                return;
             }
-            Err(e) => {
-                link.stats.proposals_refused.fetch_add(1, Relaxed);
-                tracing::debug!(error = %e, "record batch not proposed");
+            match core.propose(encode_batch(batch)) {
+                Ok(()) => {
+                    stats.proposed_batches.fetch_add(1, Relaxed);
+                    stats.proposed_records.fetch_add(n, Relaxed);
+                }
+                Err(e) => {
+                    stats.proposals_refused.fetch_add(1, Relaxed);
+                    tracing::debug!(error = %e, "record batch not proposed");
+                }
             }
-        }
+        });
     }
 
     /// Applies committed record batches to the replica.

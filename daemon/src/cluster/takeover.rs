@@ -6,8 +6,10 @@
 //!    [`Dispatched`] value to the Raft task through a bounded `sync_channel` (see
 //!    `crate::datapath::dispatch`): no lock, no allocation, never blocks; a full channel is counted
 //!    (`records_handoff_overflow`).
-//! 2. The Raft task, while leader, drains up to [`MAX_RECORDS_PER_BATCH`] of them each tick
-//!    and proposes them as one entry ([`encode_batch`]); at most one entry per tick.
+//! 2. The Raft task, while leader, drains the hand-off each tick and proposes what it holds as
+//!    entries of up to [`MAX_RECORDS_PER_BATCH`] records ([`encode_batch`]), at most
+//!    [`MAX_BATCHES_PER_TICK`] of them: as many as the hand-off holds, so it keeps up with any
+//!    dispatch rate the channel does ([`drain_tick`]).
 //! 3. Every node applies committed batches to its [`Replica`], a table of the same size and
 //!    window as the master's, stamped with the local apply time; node ids become view indices.
 //! 4. When leadership arrives, *before* the master ruleset goes in, [`Takeover::adopt`]
@@ -66,6 +68,11 @@ use crate::shutdown::Shutdown;
 /// Records waiting between the master thread and the Raft task: many batches' worth, so a
 /// burst rides out a slow tick. 28 bytes each, preallocated.
 pub const HANDOFF_CAPACITY: usize = 8 * MAX_RECORDS_PER_BATCH;
+
+/// Record batches the Raft task proposes in one tick at most: the whole hand-off. With the
+/// default 10 ms tick that replicates up to 409,600 records a second; one batch per tick (as
+/// before) capped it at 51,200, below what the master dispatches.
+pub const MAX_BATCHES_PER_TICK: usize = HANDOFF_CAPACITY / MAX_RECORDS_PER_BATCH;
 
 /// Queries or answers waiting in the bus's channels; beyond this they are dropped.
 pub const QUERY_CHANNEL_CAPACITY: usize = 64;
@@ -152,6 +159,24 @@ pub fn encode_batch(records: &[Dispatched]) -> Vec<u8> {
             .collect(),
     )
     .to_bytes()
+}
+
+/// Drains the hand-off (non-blocking) into batches of at most [`MAX_RECORDS_PER_BATCH`], at
+/// most [`MAX_BATCHES_PER_TICK`] of them, and hands each to `each` in turn, through `into`
+/// (reused). Returns how many batches it handed over.
+pub fn drain_tick(
+    rx: &mpsc::Receiver<Dispatched>,
+    into: &mut Vec<Dispatched>,
+    mut each: impl FnMut(&[Dispatched]),
+) -> usize {
+    for n in 0..MAX_BATCHES_PER_TICK {
+        drain_batch(rx, into);
+        if into.is_empty() {
+            return n;
+        }
+        each(into);
+    }
+    MAX_BATCHES_PER_TICK
 }
 
 /// Drains at most one batch from the hand-off (non-blocking).
@@ -820,5 +845,37 @@ mod tests {
         assert_eq!(v.len(), MAX_RECORDS_PER_BATCH);
         drain_batch(&rx, &mut v);
         assert_eq!(v.len(), 3);
+    }
+
+    #[test]
+    fn a_tick_drains_every_batch_waiting_up_to_its_bound() {
+        let d = Dispatched {
+            client: "192.0.2.1".parse().unwrap(),
+            port: 1,
+            isn: 1,
+            node_id: 1,
+        };
+        // A full hand-off and some: more than a tick takes.
+        let (tx, rx) = mpsc::sync_channel(HANDOFF_CAPACITY + 2 * MAX_RECORDS_PER_BATCH);
+        for _ in 0..3 * MAX_RECORDS_PER_BATCH + 10 {
+            tx.try_send(d).unwrap();
+        }
+        let (mut v, mut sizes) = (Vec::new(), Vec::new());
+        assert_eq!(drain_tick(&rx, &mut v, |b| sizes.push(b.len())), 4);
+        let full = MAX_RECORDS_PER_BATCH;
+        assert_eq!(sizes, [full, full, full, 10]);
+        assert_eq!(drain_tick(&rx, &mut v, |_| panic!("nothing is left")), 0);
+
+        for _ in 0..(MAX_BATCHES_PER_TICK + 2) * MAX_RECORDS_PER_BATCH {
+            tx.try_send(d).unwrap();
+        }
+        sizes.clear();
+        assert_eq!(
+            drain_tick(&rx, &mut v, |b| sizes.push(b.len())),
+            MAX_BATCHES_PER_TICK
+        );
+        assert!(sizes.iter().all(|n| *n == full), "{sizes:?}");
+        // The rest waits for the next tick.
+        assert_eq!(drain_tick(&rx, &mut v, |_| {}), 2);
     }
 }

@@ -344,7 +344,7 @@ fn bench_dispatch(
         }
     );
     let header = format!(
-        "{:<10} {:>5} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5}",
+        "{:<10} {:>5} {:>8} {:>8} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5}",
         "reader",
         "round",
         "offered",
@@ -354,6 +354,7 @@ fn bench_dispatch(
         "q.drop",
         "backlog",
         "overrun",
+        "rec.ovf",
         "µs tdscd",
         "µs mach",
         "µs floor",
@@ -362,7 +363,7 @@ fn bench_dispatch(
     );
     let row = |reader: &str, round: String, r: &Run| {
         format!(
-            "{:<10} {:>5} {:>8} {:>8.0} {:>10.0} {:>7.2} {:>7} {:>7} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>5}",
+            "{:<10} {:>5} {:>8} {:>8.0} {:>10.0} {:>7.2} {:>7} {:>7} {:>7} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>5}",
             reader,
             round,
             r.rate,
@@ -372,6 +373,7 @@ fn bench_dispatch(
             r.queue_dropped,
             r.backlog_dropped,
             r.overruns,
+            r.records_unreplicated,
             r.per_syn(r.master_cpu),
             r.per_syn(r.machine_busy),
             r.floor.machine_busy.as_secs_f64() * 1e6 / (r.floor.sent.max(1) as f64),
@@ -439,6 +441,7 @@ fn bench_dispatch(
                 sum.sunk += r.sunk;
                 sum.queue_dropped += r.queue_dropped;
                 sum.overruns += r.overruns;
+                sum.records_unreplicated += r.records_unreplicated;
                 sum.backlog_dropped += r.backlog_dropped;
                 sum.master_cpu += r.master_cpu;
                 sum.machine_busy += r.machine_busy;
