@@ -173,7 +173,10 @@ pub struct CpuReport {
 
 /// One connection: times `connect()` alone, then sends a GET and returns the serving node
 /// from the reply. Runs in the calling thread's namespace.
-fn connect_once(target: SocketAddrV4, index: usize) -> Result<(u32, Duration), BenchError> {
+pub(crate) fn connect_once(
+    target: SocketAddrV4,
+    index: usize,
+) -> Result<(u32, Duration), BenchError> {
     use std::io::{Read, Write};
     let target = SocketAddr::V4(target);
     let fail = |reason: String| BenchError::Connect {

@@ -104,6 +104,8 @@ pub struct ClusterOptions {
     pub scheduler_extra: Vec<(String, toml::Value)>,
     /// Extra `[threads]` keys for every node's config (e.g. `queue_io = "batched"`).
     pub threads_extra: Vec<(String, toml::Value)>,
+    /// Extra `[flood]` keys for every node's config (e.g. `syn_prefix_rate = 1000`).
+    pub flood_extra: Vec<(String, toml::Value)>,
     /// Per-flow CPU steering (RPS) on the client side's veths, so that each connection's
     /// segments are handled on one CPU as a NIC's RSS does (docs/platform.md). On by default:
     /// without it a veth lets one connection's handshake ACK and request race on two CPUs.
@@ -125,6 +127,7 @@ impl Default for ClusterOptions {
             raft: false,
             scheduler_extra: Vec::new(),
             threads_extra: Vec::new(),
+            flood_extra: Vec::new(),
             steer_flows: true,
         }
     }
@@ -316,6 +319,7 @@ impl Cluster {
             )?;
             add_keys(&config, "scheduler", &opts.scheduler_extra)?;
             add_keys(&config, "threads", &opts.threads_extra)?;
+            add_keys(&config, "flood", &opts.flood_extra)?;
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
             if facts.master.is_some() {
@@ -988,8 +992,7 @@ fn set_key_file(path: &Path, key_file: &Path) -> Result<(), ClusterError> {
     })
 }
 
-/// Adds `keys` to the `[scheduler]` table of the config at `path` (nothing if empty).
-/// Sets `keys` in the `[section]` table of the node config at `path`.
+/// Sets `keys` in the `[section]` table of the node config at `path` (nothing if empty).
 fn add_keys(
     path: &Path,
     section: &str,

@@ -298,7 +298,14 @@ pub fn floor(
     let measured = (|| -> Result<Floor, BenchError> {
         let before = MachineTimes::read()?;
         let generated = netns::run_in(&cluster.netns(&client.name), || {
-            generate(client.addr, *vip.ip(), vip.port(), rate, duration, stop)
+            generate(
+                Sources::One(client.addr),
+                *vip.ip(),
+                vip.port(),
+                rate,
+                duration,
+                stop,
+            )
         })??;
         // As long as a run's settling, which is mostly idle.
         std::thread::sleep(Duration::from_millis(300));
@@ -333,7 +340,14 @@ pub fn run(
     let before = Snapshot::take(cluster, master, pid)?;
     let vip = cluster.vip();
     let generated = netns::run_in(&cluster.netns(&client.name), || {
-        generate(client.addr, *vip.ip(), vip.port(), rate, duration, stop)
+        generate(
+            Sources::One(client.addr),
+            *vip.ip(),
+            vip.port(),
+            rate,
+            duration,
+            stop,
+        )
     })??;
     // Wait until the master has worked through its queue.
     let (mut last, mut stable) = (before.dispatched, 0);
@@ -369,17 +383,40 @@ pub fn run(
 
 /// What the generator did.
 #[derive(Debug, Clone, Copy)]
-struct Generated {
-    sent: u64,
-    elapsed: Duration,
-    refused: u64,
-    cpu: Duration,
+pub struct Generated {
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// Sends the kernel refused (`ENOBUFS`), retried after a pause.
+    pub refused: u64,
+    /// The generator thread's CPU time.
+    pub cpu: Duration,
+}
+
+/// Where the generator's SYNs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sources {
+    /// One address (the namespace's own), random ports.
+    One(Ipv4Addr),
+    /// Random addresses of a prefix (spoofed), random ports.
+    Spoofed { prefix: Ipv4Addr, len: u8 },
+}
+
+impl Sources {
+    fn pick(self, random: u32) -> Ipv4Addr {
+        match self {
+            Sources::One(a) => a,
+            Sources::Spoofed { prefix, len } => {
+                let host_mask = u32::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+                Ipv4Addr::from((u32::from(prefix) & !host_mask) | (random & host_mask))
+            }
+        }
+    }
 }
 
 /// Sends SYNs from `src` to `dst:dport` at `rate` a second for `duration` (or until `stop`),
 /// in the calling thread's namespace. See the module docs for the pacing.
-fn generate(
-    src: Ipv4Addr,
+pub fn generate(
+    src: Sources,
     dst: Ipv4Addr,
     dport: u16,
     rate: u64,
@@ -395,7 +432,7 @@ fn generate(
     // xorshift64: cheap, varied source ports and ISNs.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()) ^ rate;
     let mut syn = Syn {
-        src,
+        src: src.pick(0),
         dst,
         sport: 0,
         dport,
@@ -440,6 +477,7 @@ fn generate(
             // Ports 1024..=65535 and any ISN.
             syn.sport = 1024 + u16::from_le_bytes([bits[0], bits[1]]) % (65535 - 1024);
             syn.seq = u32::from_le_bytes([bits[2], bits[3], bits[4], bits[5]]);
+            syn.src = src.pick(u32::from_le_bytes([bits[4], bits[5], bits[6], bits[7]]));
             batch.push(syn.ipv4_packet());
         }
         match sender.send_many(&batch, dst) {
@@ -609,6 +647,19 @@ mod tests {
         assert!(!r.generator_short());
         assert!(run_of(100_000, 190_000, 190_000, 2).generator_short());
         assert!((run_of(1, 0, 0, 1).lost_percent()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn spoofed_sources_stay_inside_their_prefix() {
+        let flood = Sources::Spoofed {
+            prefix: Ipv4Addr::new(192, 0, 2, 200),
+            len: 25,
+        };
+        assert_eq!(flood.pick(0), Ipv4Addr::new(192, 0, 2, 128));
+        assert_eq!(flood.pick(u32::MAX), Ipv4Addr::new(192, 0, 2, 255));
+        assert_eq!(flood.pick(5), Ipv4Addr::new(192, 0, 2, 133));
+        let one = Sources::One(Ipv4Addr::new(192, 0, 2, 101));
+        assert_eq!(one.pick(12345), Ipv4Addr::new(192, 0, 2, 101));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod bins;
 pub mod cluster;
 pub mod dispatchbench;
 pub mod docker;
+pub mod floodbench;
 pub mod http;
 pub mod lab;
 pub mod load;

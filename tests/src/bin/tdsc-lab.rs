@@ -130,6 +130,25 @@ enum Cmd {
         #[arg(long)]
         raft: bool,
     },
+    /// Real clients' connects through a spoofed-source SYN flood, with the per-prefix SYN
+    /// limit (`[flood]`) off and on (issue 12's flood benchmark).
+    BenchFlood {
+        /// Offered flood SYN/s.
+        #[arg(long, default_value_t = 150_000)]
+        rate: u64,
+        /// Seconds of flood per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds; each starts a cluster per mode, the modes' order alternating.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// With the defence on: `[flood] syn_prefix_rate` (the burst is the same), per /25.
+        #[arg(long, default_value_t = 2000)]
+        limit: u64,
+        /// Elect the master by Raft (the product's default) instead of statically.
+        #[arg(long)]
+        raft: bool,
+    },
     /// Every policy under the same CGI workload (paper Table 4, Fig. 8/9).
     BenchPolicies {
         /// Policies, comma-separated, in order of running.
@@ -239,6 +258,23 @@ fn namespace_command(cli: &Cli, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
                 rounds: *rounds,
                 readers,
                 steer_flows: *steer_flows,
+                raft: *raft,
+            },
+            stop,
+        ),
+        Cmd::BenchFlood {
+            rate,
+            seconds,
+            rounds,
+            limit,
+            raft,
+        } => bench_flood(
+            cli,
+            &FloodArgs {
+                rate: *rate,
+                duration: std::time::Duration::from_secs(*seconds),
+                rounds: *rounds,
+                limit: *limit,
                 raft: *raft,
             },
             stop,
@@ -476,6 +512,138 @@ fn bench_dispatch(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `bench-flood`'s arguments.
+#[derive(Debug, Clone, Copy)]
+struct FloodArgs {
+    rate: u64,
+    duration: std::time::Duration,
+    rounds: usize,
+    limit: u64,
+    raft: bool,
+}
+
+/// `bench-flood`: per round, one cluster with the defence off and one with it on (the order
+/// alternating); a row per run, then both modes over all rounds.
+fn bench_flood(cli: &Cli, a: &FloodArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    use tdsc_lab::floodbench::{self, FloodRun};
+    println!(
+        "bench-flood: {} rounds x defence off/on; a flood of {} SYN/s offered from random \
+         addresses of {}/{} for {:?}; both clients connecting meanwhile ({:?} apart); defence \
+         on = [flood] syn_prefix_rate = burst = {} per /{}; {} election \
+         (tests/src/floodbench.rs)",
+        a.rounds,
+        a.rate,
+        floodbench::FLOOD_PREFIX,
+        floodbench::FLOOD_LEN,
+        a.duration,
+        floodbench::CONNECT_GAP,
+        a.limit,
+        floodbench::FLOOD_LEN,
+        if a.raft { "Raft" } else { "static" }
+    );
+    let header = format!(
+        "{:<8} {:>5} {:>8} {:>9} {:>10} {:>9} {:>6} {:>8} {:>6} {:>8} {:>8} {:>5}",
+        "defence",
+        "round",
+        "flood/s",
+        "sent/s",
+        "dispatch/s",
+        "limited/s",
+        "real",
+        "prompt%",
+        "failed",
+        "p50 ms",
+        "p99 ms",
+        ">1s"
+    );
+    let row = |mode: &str, round: String, r: &FloodRun| {
+        let secs = r.flood.elapsed.as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^53")]
+        let per_s = |n: u64| n as f64 / secs;
+        let s = r.summary();
+        format!(
+            "{:<8} {:>5} {:>8} {:>9.0} {:>10.0} {:>9.0} {:>6} {:>8.2} {:>6} {:>8} {:>8} {:>5}",
+            mode,
+            round,
+            r.rate,
+            per_s(r.flood.sent),
+            per_s(r.dispatched),
+            per_s(r.limited),
+            r.connects.len() + r.failed,
+            r.prompt_percent(),
+            r.failed,
+            s.map_or("-".into(), |s| format!("{:.2}", s.p50 / 1000.0)),
+            s.map_or("-".into(), |s| format!("{:.2}", s.p99 / 1000.0)),
+            s.map_or(0, |s| s.over_1s)
+        )
+    };
+    println!("{header}");
+    let modes = ["off", "on"];
+    let mut all: Vec<(&str, FloodRun)> = Vec::new();
+    for round in 0..a.rounds {
+        let mut order = modes.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for mode in order {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let flood_extra = if mode == "on" {
+                vec![
+                    (
+                        "syn_prefix_rate".into(),
+                        toml::Value::Integer(i64::try_from(a.limit)?),
+                    ),
+                    (
+                        "syn_prefix_burst".into(),
+                        toml::Value::Integer(i64::try_from(a.limit)?),
+                    ),
+                    (
+                        "prefix_v4".into(),
+                        toml::Value::Integer(i64::from(floodbench::FLOOD_LEN)),
+                    ),
+                ]
+            } else {
+                Vec::new()
+            };
+            let cluster = Cluster::start(&ClusterOptions {
+                topology: cli.topology.clone(),
+                lab_name: cli.lab_name.clone(),
+                rust_log: cli.daemon_log.clone(),
+                remove_stale: true,
+                raft: a.raft,
+                flood_extra,
+                ..ClusterOptions::default()
+            })
+            .context("start the cluster")?;
+            let result = floodbench::run(&cluster, a.rate, a.duration, stop);
+            let down = cluster.teardown();
+            let r = result?;
+            down.map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", row(mode, (round + 1).to_string(), &r));
+            all.push((mode, r));
+        }
+    }
+    println!("\nBoth modes over all rounds (prompt%: real connects that succeeded without a SYN retransmission, of all tried):");
+    println!("{header}");
+    for mode in modes {
+        let mut runs = all.iter().filter(|(m, _)| *m == mode).map(|(_, r)| r);
+        let Some(first) = runs.next() else { continue };
+        let mut sum = first.clone();
+        for r in runs {
+            sum.flood.sent += r.flood.sent;
+            sum.flood.elapsed += r.flood.elapsed;
+            sum.connects.extend(r.connects.iter().copied());
+            sum.failed += r.failed;
+            sum.dispatched += r.dispatched;
+            sum.limited += r.limited;
+        }
+        println!("{}", row(mode, "all".into(), &sum));
     }
     Ok(())
 }
