@@ -107,6 +107,7 @@ all:
         tcp_dsc_election_master: 1
         tcp_dsc_health: { report_interval_ms: 200, dead_after_ms: 1000 }
         tcp_dsc_shutdown: { drain_timeout_ms: 20000 }
+        tcp_dsc_flood: { syn_prefix_rate: 1000, prefix_v4: 25 }
         tcp_dsc_service_state: ""
         tcp_dsc_sysctl_set: false
       hosts:
@@ -130,6 +131,9 @@ for n in 1 2 3; do
     f="$1/etc/tdsc/tdsc.toml"
     if [ "$2" = 2 ]; then grep -qx "\[threads\]" "$f" && grep -qx "data_path_cpu = 0" "$f"
     else ! grep -q "threads" "$f"; fi' _ "$r" "$n"
+  check "node$n: the [flood] keys reach the config" bash -c '
+    f="$1/etc/tdsc/tdsc.toml"
+    grep -qx "\[flood\]" "$f" && grep -qx "syn_prefix_rate = 1000" "$f" && grep -qx "prefix_v4 = 25" "$f"' _ "$r"
   check "node$n: node_id = $n, three [[nodes]] with their addresses" bash -c '
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "node_id = $2" "$f" && [ "$(grep -c "^\[\[nodes\]\]" "$f")" = 3 ] &&

@@ -4,6 +4,10 @@
 //!   from both clients and show which node served how many; then tear everything down.
 //! * `tdsc-lab bench-connect` — connect() latency through tcp-dsc vs. a plain server, and the
 //!   master's CPU cost per dispatched SYN.
+//! * `tdsc-lab bench-dispatch` — SYNs dispatched and lost, and CPU per SYN, at fixed offered
+//!   rates, for each NFQUEUE reader (`[threads] queue_io`).
+//! * `tdsc-lab bench-flood` — real clients' connects through a spoofed-source SYN flood, with
+//!   the per-prefix SYN limit (`[flood]`) off and on.
 //! * `tdsc-lab bench-policies` — the paper's Table 4: a CGI workload under open-loop Poisson
 //!   arrivals at 70 % and 90 % of capacity, every policy in turn; reply and connect times,
 //!   node utilisation, connections per node.
