@@ -178,9 +178,11 @@ impl StepError {
 }
 
 /// Applied entries kept in the log after a compaction; a compaction runs once twice as many
-/// are held. A follower that lags by more needs a snapshot. At one entry per 10 ms tick this
-/// is at least 0.64 s of history; the persisted state is at most `2 * LOG_KEEP_ENTRIES`
-/// entries (each at most one record batch, see `tdsc_proto::control::MAX_RECORDS_PER_BATCH`).
+/// are held. A follower that lags by more needs a snapshot (which carries no records). The
+/// leader proposes up to eight record batches a 10 ms tick under load (one while fewer than
+/// a batch a tick arrive), so this is between 80 ms and 0.64 s of history; the persisted
+/// state is at most `2 * LOG_KEEP_ENTRIES` entries (each at most one record batch, see
+/// `tdsc_proto::control::MAX_RECORDS_PER_BATCH`).
 pub const LOG_KEEP_ENTRIES: u64 = 64;
 
 /// Largest Raft message payload of entries: one full record batch fits, two need two

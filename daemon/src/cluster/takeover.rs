@@ -69,9 +69,8 @@ use crate::shutdown::Shutdown;
 /// burst rides out a slow tick. 28 bytes each, preallocated.
 pub const HANDOFF_CAPACITY: usize = 8 * MAX_RECORDS_PER_BATCH;
 
-/// Record batches the Raft task proposes in one tick at most: the whole hand-off. With the
-/// default 10 ms tick that replicates up to 409,600 records a second; one batch per tick (as
-/// before) capped it at 51,200, below what the master dispatches.
+/// Record batches the Raft task proposes in one tick at most: the whole hand-off (the rate
+/// this allows: docs/design/syn-records.md).
 pub const MAX_BATCHES_PER_TICK: usize = HANDOFF_CAPACITY / MAX_RECORDS_PER_BATCH;
 
 /// Queries or answers waiting in the bus's channels; beyond this they are dropped.
@@ -163,7 +162,9 @@ pub fn encode_batch(records: &[Dispatched]) -> Vec<u8> {
 
 /// Drains the hand-off (non-blocking) into batches of at most [`MAX_RECORDS_PER_BATCH`], at
 /// most [`MAX_BATCHES_PER_TICK`] of them, and hands each to `each` in turn, through `into`
-/// (reused). Returns how many batches it handed over.
+/// (reused). A batch that is not full ends the tick: records arriving meanwhile wait for the
+/// next one rather than make an entry (a Raft message, a disk write) of a few. Returns how
+/// many batches it handed over.
 pub fn drain_tick(
     rx: &mpsc::Receiver<Dispatched>,
     into: &mut Vec<Dispatched>,
@@ -175,6 +176,9 @@ pub fn drain_tick(
             return n;
         }
         each(into);
+        if into.len() < MAX_RECORDS_PER_BATCH {
+            return n + 1;
+        }
     }
     MAX_BATCHES_PER_TICK
 }
@@ -861,9 +865,20 @@ mod tests {
             tx.try_send(d).unwrap();
         }
         let (mut v, mut sizes) = (Vec::new(), Vec::new());
-        assert_eq!(drain_tick(&rx, &mut v, |b| sizes.push(b.len())), 4);
         let full = MAX_RECORDS_PER_BATCH;
+        // A record arriving while the partial batch is proposed waits for the next tick.
+        let late = tx.clone();
+        let mut arrive = |b: &[Dispatched]| {
+            sizes.push(b.len());
+            if b.len() < full {
+                late.try_send(d).unwrap();
+            }
+        };
+        assert_eq!(drain_tick(&rx, &mut v, &mut arrive), 4);
         assert_eq!(sizes, [full, full, full, 10]);
+        sizes.clear();
+        assert_eq!(drain_tick(&rx, &mut v, |b| sizes.push(b.len())), 1);
+        assert_eq!(sizes, [1]);
         assert_eq!(drain_tick(&rx, &mut v, |_| panic!("nothing is left")), 0);
 
         for _ in 0..(MAX_BATCHES_PER_TICK + 2) * MAX_RECORDS_PER_BATCH {
