@@ -15,16 +15,20 @@
 //! * the generator thread's own CPU time, and the backlog drops of `/proc/net/softnet_stat`
 //!   (packets the lab's fabric lost before any node saw them).
 //!
-//! The generator sends from the first client's address with random source ports and ISNs,
+//! The generator sends from random addresses of the first client's /26 ([`CLIENT_SOURCE_LEN`]),
+//! random source ports and ISNs, so that nearly every SYN is a new flow to conntrack as a new
+//! connection is (nothing answers them: see below),
 //! in batches every [`PERIOD`] (one `sendmmsg` per [`MAX_SEND_MANY`]), paced against the
 //! clock; it sleeps between batches (with a timer slack of 1 ns), so it does not spin a CPU
 //! that the figures would then bill. A run whose generator fell short of the offered rate
 //! says so: that rate then measures the generator, not the master.
 //!
 //! Each run follows a *floor* run at the same rate ([`floor`]): the master drops the SYNs at
-//! its client interface's ingress hook instead of queueing them. The floor is what the lab's
-//! fabric, the generator and the other nodes cost; the run less the floor is what dispatching
-//! costs ([`Run::dispatch_cost`]).
+//! its client interface's ingress hook instead of queueing them. The floor is what the
+//! generator and the lab's fabric up to the master cost; the run less the floor is what
+//! dispatching costs ([`Run::dispatch_cost`]). Both measure the machine from just before the
+//! generator starts to after the same settling (status polls until the master's counters
+//! stand still; the floor polls as often as the quickest run does).
 //!
 //! What the setup isolates, so that the figures are the master's dispatch and little else:
 //!
@@ -53,8 +57,23 @@ use crate::packet::{RawIpSender, Syn, MAX_SEND_MANY};
 /// The generator sends one batch per period.
 pub const PERIOD: Duration = Duration::from_micros(200);
 
-/// How long the master's counters may keep moving after a run before they are read.
+/// How long the master's counters may keep moving after a run before they are read, how
+/// often they are polled meanwhile, and how many unchanged polls end the wait.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+const SETTLE_POLL: Duration = Duration::from_millis(150);
+const SETTLE_STABLE: u32 = 2;
+
+/// The generator's sources for a client at `addr` (see [`CLIENT_SOURCE_LEN`]).
+fn sources_of(addr: Ipv4Addr) -> Sources {
+    Sources::Spoofed {
+        prefix: addr,
+        len: CLIENT_SOURCE_LEN,
+    }
+}
+
+/// Where the generator's SYNs come from: the first client's /26, spoofed (in the lab
+/// 192.0.2.64/26, which holds neither the VIP nor the plain server).
+pub const CLIENT_SOURCE_LEN: u8 = 26;
 
 /// The client and cluster interfaces of the lab's nodes.
 const CLIENT_IF: &str = "eth0";
@@ -96,8 +115,9 @@ pub struct Run {
 }
 
 /// A floor run: the same generator at the same rate, with the master dropping the SYNs at its
-/// client interface's ingress hook, so nothing is queued or dispatched; every other node's
-/// stack still sees and drops every SYN.
+/// client interface's ingress hook, so nothing is queued or dispatched: what the generator,
+/// the client's stack and the bridge cost (the other nodes are off the bridge, see
+/// [`prepare`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Floor {
     pub sent: u64,
@@ -259,7 +279,19 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(cluster: &Cluster, master: &str, pid: u32) -> Result<Snapshot, BenchError> {
+    /// Takes the counters; the machine's times are read first when `machine_first` (after a
+    /// run, so that reading the rest is not billed to it) and last otherwise (before one).
+    fn take(
+        cluster: &Cluster,
+        master: &str,
+        pid: u32,
+        machine_first: bool,
+    ) -> Result<Snapshot, BenchError> {
+        let early = if machine_first {
+            Some(MachineTimes::read()?)
+        } else {
+            None
+        };
         let c = cluster.status(master)?.counters;
         let mut sunk = 0;
         for n in cluster.nodes().iter().filter(|n| n.name != master) {
@@ -272,8 +304,11 @@ impl Snapshot {
             overruns: c.queue.enobufs,
             sunk,
             master_cpu: process_cpu(pid)?,
-            machine: MachineTimes::read()?,
             backlog_dropped: backlog_dropped()?,
+            machine: match early {
+                Some(m) => m,
+                None => MachineTimes::read()?,
+            },
         })
     }
 }
@@ -299,7 +334,7 @@ pub fn floor(
         let before = MachineTimes::read()?;
         let generated = netns::run_in(&cluster.netns(&client.name), || {
             generate(
-                Sources::One(client.addr),
+                sources_of(client.addr),
                 *vip.ip(),
                 vip.port(),
                 rate,
@@ -307,8 +342,11 @@ pub fn floor(
                 stop,
             )
         })??;
-        // As long as a run's settling, which is mostly idle.
-        std::thread::sleep(Duration::from_millis(300));
+        // As much settling as the quickest run has: SETTLE_STABLE + 1 polls.
+        for _ in 0..=SETTLE_STABLE {
+            std::thread::sleep(SETTLE_POLL);
+            cluster.status(master)?;
+        }
         let machine = MachineTimes::read()?.since(&before);
         Ok(Floor {
             sent: generated.sent,
@@ -337,11 +375,11 @@ pub fn run(
         .clone();
     let floor = floor(cluster, master, rate, duration, stop)?;
     let pid = cluster.daemon_pid(master)?;
-    let before = Snapshot::take(cluster, master, pid)?;
+    let before = Snapshot::take(cluster, master, pid, false)?;
     let vip = cluster.vip();
     let generated = netns::run_in(&cluster.netns(&client.name), || {
         generate(
-            Sources::One(client.addr),
+            sources_of(client.addr),
             *vip.ip(),
             vip.port(),
             rate,
@@ -352,13 +390,13 @@ pub fn run(
     // Wait until the master has worked through its queue.
     let (mut last, mut stable) = (before.dispatched, 0);
     let settle = Instant::now();
-    while settle.elapsed() < SETTLE_TIMEOUT && stable < 2 {
-        std::thread::sleep(Duration::from_millis(150));
+    while settle.elapsed() < SETTLE_TIMEOUT && stable < SETTLE_STABLE {
+        std::thread::sleep(SETTLE_POLL);
         let now = cluster.status(master)?.counters.syns_dispatched;
         stable = if now == last { stable + 1 } else { 0 };
         last = now;
     }
-    let after = Snapshot::take(cluster, master, pid)?;
+    let after = Snapshot::take(cluster, master, pid, true)?;
     let machine = after.machine.since(&before.machine);
     Ok(Run {
         rate,
@@ -425,7 +463,13 @@ pub fn generate(
 ) -> Result<Generated, BenchError> {
     // SAFETY: prctl(PR_SET_TIMERSLACK) takes plain integers and changes only this thread.
     unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1_u64, 0_u64, 0_u64, 0_u64);
+        libc::prctl(
+            libc::PR_SET_TIMERSLACK,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        );
     }
     let sender = RawIpSender::new().map_err(BenchError::Raw)?;
     let cpu_before = thread_cpu();
@@ -474,7 +518,7 @@ pub fn generate(
             x ^= x >> 7;
             x ^= x << 17;
             let bits = x.to_le_bytes();
-            // Ports 1024..=65535 and any ISN.
+            // Ports 1024..=65534 and any ISN.
             syn.sport = 1024 + u16::from_le_bytes([bits[0], bits[1]]) % (65535 - 1024);
             syn.seq = u32::from_le_bytes([bits[2], bits[3], bits[4], bits[5]]);
             syn.src = src.pick(u32::from_le_bytes([bits[4], bits[5], bits[6], bits[7]]));

@@ -5,6 +5,7 @@
 //! client's namespace with SYNs from random addresses of [`FLOOD_PREFIX`]/[`FLOOD_LEN`] and
 //! random ports, while each client (their addresses are outside that prefix) opens one
 //! connection after another ([`CONNECT_GAP`] apart), sends a request and reads the reply.
+//! Only the connects begun while the flood runs count (the clients start 200 ms earlier).
 //! Each real connect is timed; one that needed a SYN retransmission takes a second or more
 //! (Linux's first SYN timeout), one that failed is counted. The master's `syns_dispatched`
 //! and its `drops.syn_prefix_limited` are read before and after.
@@ -83,17 +84,25 @@ pub fn run(
     let master = cluster.master()?.name.clone();
     let vip = cluster.vip();
     let before = cluster.status(&master)?.counters;
-    let done = Arc::new(AtomicBool::new(false));
+    let (flooding, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let mut real = Vec::new();
     for (i, c) in clients.iter().enumerate() {
-        let (done, stop) = (Arc::clone(&done), Arc::clone(stop));
+        let (flooding, done, stop) = (Arc::clone(&flooding), Arc::clone(&done), Arc::clone(stop));
         real.push(netns::spawn_in(&cluster.netns(&c.name), move || {
             let (mut ok, mut failed) = (Vec::new(), 0usize);
             let mut index = i * 1_000_000;
             while !done.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-                match connect_once(vip, index) {
-                    Ok((_, took)) => ok.push(took),
-                    Err(_) => failed += 1,
+                // Only connects begun while the flood runs count.
+                let counted = flooding.load(Ordering::Relaxed);
+                let result = connect_once(vip, index);
+                if counted {
+                    match result {
+                        Ok((_, took)) => ok.push(took),
+                        Err(_) => failed += 1,
+                    }
                 }
                 index += 1;
                 std::thread::sleep(CONNECT_GAP);
@@ -107,15 +116,21 @@ pub fn run(
         prefix: FLOOD_PREFIX,
         len: FLOOD_LEN,
     };
+    flooding.store(true, Ordering::Relaxed);
     let flood = netns::run_in(&cluster.netns(&first.name), || {
         generate(sources, *vip.ip(), vip.port(), rate, duration, stop)
     });
+    flooding.store(false, Ordering::Relaxed);
     done.store(true, Ordering::Relaxed);
+    // Every client thread is joined before any error is raised.
+    let joined: Vec<_> = real
+        .into_iter()
+        .map(std::thread::JoinHandle::join)
+        .collect();
     let (mut connects, mut failed) = (Vec::new(), 0);
-    for h in real {
-        let (ok, f) = h
-            .join()
-            .map_err(|_| BenchError::Setup("a real client's thread panicked".into()))??;
+    for j in joined {
+        let (ok, f) =
+            j.map_err(|_| BenchError::Setup("a real client's thread panicked".into()))??;
         connects.extend(ok);
         failed += f;
     }

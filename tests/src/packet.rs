@@ -179,6 +179,7 @@ impl RawIpSender {
     pub fn send_many(&self, packets: &[Vec<u8>], dst: Ipv4Addr) -> io::Result<usize> {
         let packets = &packets[..packets.len().min(MAX_SEND_MANY)];
         let mut sa = sockaddr_in(dst);
+        let name: *mut libc::c_void = std::ptr::from_mut(&mut sa).cast();
         let mut iov: Vec<libc::iovec> = packets
             .iter()
             .map(|p| libc::iovec {
@@ -191,7 +192,7 @@ impl RawIpSender {
             .map(|v| {
                 // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
                 let mut m: libc::mmsghdr = unsafe { zeroed() };
-                m.msg_hdr.msg_name = std::ptr::from_mut(&mut sa).cast();
+                m.msg_hdr.msg_name = name;
                 m.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
                 m.msg_hdr.msg_iov = std::ptr::from_mut(v);
                 m.msg_hdr.msg_iovlen = 1;

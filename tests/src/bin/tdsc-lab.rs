@@ -537,8 +537,8 @@ fn bench_flood(cli: &Cli, a: &FloodArgs, stop: &Arc<AtomicBool>) -> anyhow::Resu
     println!(
         "bench-flood: {} rounds x defence off/on; a flood of {} SYN/s offered from random \
          addresses of {}/{} for {:?}; both clients connecting meanwhile ({:?} apart); defence \
-         on = [flood] syn_prefix_rate = burst = {} per /{}; {} election \
-         (tests/src/floodbench.rs)",
+         on = [flood] syn_prefix_rate = burst = {} per /{}; {} election; flow steering on, \
+         as the real connections need (tests/src/floodbench.rs)",
         a.rounds,
         a.rate,
         floodbench::FLOOD_PREFIX,
