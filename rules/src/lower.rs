@@ -339,16 +339,7 @@ fn check_syn_prefix(
         IpAddr::V4(m) => m.octets().to_vec(),
         IpAddr::V6(m) => m.octets().to_vec(),
     };
-    let (offset, len) = match family {
-        IpFamily::V4 => (12, 4),
-        IpFamily::V6 => (8, 16),
-    };
-    rule.add_expr(&Load {
-        base: PayloadBase::Network,
-        offset,
-        len,
-        dreg: reg::R1,
-    });
+    load_saddr(rule, family);
     rule.add_expr(&Bitwise::new(&mask[..], &vec![0u8; mask.len()][..]));
     rule.add_expr(&DynsetUpdate {
         set_name: CString::new(syn_prefix_set_name(family)).expect("a constant without NUL"),
@@ -360,12 +351,8 @@ fn check_syn_prefix(
     });
 }
 
-/// `ADDR saddr . tcp sport . tcp dport . tcp sequence` into the registers nft uses for a
-/// concatenation: the address from register 1 on, each next field in the 4-byte register
-/// after the previous one (zero-padded by the load), so the key starts at register 1.
-fn load_syn_tuple(rule: &mut nftnl::Rule<'_>, deps: &mut Deps, family: IpFamily) {
-    check_nfproto(rule, deps, family);
-    check_l4proto(rule, deps, IPPROTO_TCP);
+/// The source address of `family` into register 1 (and on, for IPv6); returns its length.
+fn load_saddr(rule: &mut nftnl::Rule<'_>, family: IpFamily) -> u32 {
     let (offset, len) = match family {
         IpFamily::V4 => (12, 4),
         IpFamily::V6 => (8, 16),
@@ -376,6 +363,16 @@ fn load_syn_tuple(rule: &mut nftnl::Rule<'_>, deps: &mut Deps, family: IpFamily)
         len,
         dreg: reg::R1,
     });
+    len
+}
+
+/// `ADDR saddr . tcp sport . tcp dport . tcp sequence` into the registers nft uses for a
+/// concatenation: the address from register 1 on, each next field in the 4-byte register
+/// after the previous one (zero-padded by the load), so the key starts at register 1.
+fn load_syn_tuple(rule: &mut nftnl::Rule<'_>, deps: &mut Deps, family: IpFamily) {
+    check_nfproto(rule, deps, family);
+    check_l4proto(rule, deps, IPPROTO_TCP);
+    let len = load_saddr(rule, family);
     let first = reg::R32_00 + len / 4;
     for (next, (offset, len)) in (first..).zip([(0, 2), (2, 2), (4, 4)]) {
         // A 4-byte register at the start of a 16-byte one is sent as the 16-byte one, as the
