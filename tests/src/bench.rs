@@ -321,10 +321,14 @@ pub fn process_cpu(pid: u32) -> Result<Duration, BenchError> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| bad(format!("no field {i}")))
     };
-    let total = ticks(14)? + ticks(15)?;
+    Ok(clock_ticks(ticks(14)? + ticks(15)?))
+}
+
+/// `ticks` of the kernel's `USER_HZ` clock (the unit of `/proc/<pid>/stat` and `/proc/stat`).
+pub(crate) fn clock_ticks(ticks: u64) -> Duration {
     // SAFETY: sysconf(3) has no memory-safety preconditions.
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-    Ok(Duration::from_micros(total * 1_000_000 / hz.max(1)))
+    Duration::from_micros(ticks * 1_000_000 / hz.max(1))
 }
 
 /// Phase 2: CPU per dispatched SYN.
@@ -350,7 +354,6 @@ pub fn syn_cpu(
     let stop2 = Arc::clone(stop);
     let (sent, send_time) = netns::run_in(&ns, move || {
         let sender = RawIpSender::new().map_err(BenchError::Raw)?;
-        // xorshift64: cheap, varied source ports and ISNs.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
         let mut syn = Syn {
             src,
@@ -366,13 +369,7 @@ pub fn syn_cpu(
             if sent & 1023 == 0 && (start.elapsed() > limit || stop2.load(Ordering::Relaxed)) {
                 break;
             }
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let bits = x.to_le_bytes();
-            // Ports 1024..=65535 and any ISN.
-            syn.sport = 1024 + u16::from_le_bytes([bits[0], bits[1]]) % (65535 - 1024);
-            syn.seq = u32::from_le_bytes([bits[2], bits[3], bits[4], bits[5]]);
+            syn.randomise(&mut x);
             match sender.send(&syn.ipv4_packet(), *vip.ip()) {
                 Ok(_) => sent += 1,
                 // The qdisc is full: give the receivers a moment.

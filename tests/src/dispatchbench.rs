@@ -48,8 +48,8 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::bench::{process_cpu, BenchError};
-use crate::cluster::Cluster;
+use crate::bench::{clock_ticks, process_cpu, BenchError};
+use crate::cluster::{Cluster, Host};
 use crate::netns;
 use crate::nft;
 use crate::packet::{RawIpSender, Syn, MAX_SEND_MANY};
@@ -63,12 +63,32 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 const SETTLE_POLL: Duration = Duration::from_millis(150);
 const SETTLE_STABLE: u32 = 2;
 
-/// The generator's sources for a client at `addr` (see [`CLIENT_SOURCE_LEN`]).
-fn sources_of(addr: Ipv4Addr) -> Sources {
-    Sources::Spoofed {
-        prefix: addr,
+/// The cluster's first client, which the generator sends from.
+fn first_client(cluster: &Cluster) -> Result<Host, BenchError> {
+    cluster
+        .clients()
+        .first()
+        .cloned()
+        .ok_or(BenchError::Missing { what: "client" })
+}
+
+/// The generator at `rate` for `duration` in `client`'s namespace, from its
+/// [`CLIENT_SOURCE_LEN`] prefix to the VIP.
+fn offer(
+    cluster: &Cluster,
+    client: &Host,
+    rate: u64,
+    duration: Duration,
+    stop: &AtomicBool,
+) -> Result<Generated, BenchError> {
+    let vip = cluster.vip();
+    let sources = Sources::Spoofed {
+        prefix: client.addr,
         len: CLIENT_SOURCE_LEN,
-    }
+    };
+    netns::run_in(&cluster.netns(&client.name), || {
+        generate(sources, *vip.ip(), vip.port(), rate, duration, stop)
+    })?
 }
 
 /// Where the generator's SYNs come from: the first client's /26, spoofed (in the lab
@@ -90,13 +110,10 @@ pub struct Run {
     /// SYNs the generator sent, and in how long.
     pub sent: u64,
     pub send_time: Duration,
-    /// Sends the kernel refused (`ENOBUFS`), retried after a pause.
-    pub send_refused: u64,
     /// The generator thread's own CPU time.
     pub generator_cpu: Duration,
-    /// The master's `syns_dispatched`, and the forwards the members' sinks counted.
+    /// The master's `syns_dispatched`.
     pub dispatched: u64,
-    pub sunk: u64,
     /// New SYN-forward records not replicated for want of room (`records_handoff_overflow`;
     /// only with a Raft election).
     pub records_unreplicated: u64,
@@ -125,7 +142,36 @@ pub struct Floor {
     pub machine_busy: Duration,
 }
 
+impl Floor {
+    /// The machine's busy time per SYN sent, in µs.
+    #[must_use]
+    pub fn per_sent(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^53")]
+        let n = self.sent.max(1) as f64;
+        self.machine_busy.as_secs_f64() * 1e6 / n
+    }
+}
+
 impl Run {
+    /// Adds `other`'s counts and times to these (its rate and anything else left alone): the
+    /// sum of several runs at one rate reads as one long run.
+    pub fn add(&mut self, other: &Run) {
+        self.sent += other.sent;
+        self.send_time += other.send_time;
+        self.generator_cpu += other.generator_cpu;
+        self.dispatched += other.dispatched;
+        self.records_unreplicated += other.records_unreplicated;
+        self.queue_dropped += other.queue_dropped;
+        self.overruns += other.overruns;
+        self.backlog_dropped += other.backlog_dropped;
+        self.master_cpu += other.master_cpu;
+        self.machine_busy += other.machine_busy;
+        self.machine_softirq += other.machine_softirq;
+        self.floor.sent += other.floor.sent;
+        self.floor.send_time += other.floor.send_time;
+        self.floor.machine_busy += other.floor.machine_busy;
+    }
+
     /// SYNs sent that the master did not dispatch, in % of those sent.
     #[must_use]
     pub fn lost_percent(&self) -> f64 {
@@ -157,12 +203,8 @@ impl Run {
     #[must_use]
     pub fn dispatch_cost(&self) -> f64 {
         #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^53")]
-        let floor_per_sent = self.floor.machine_busy.as_secs_f64() / self.floor.sent.max(1) as f64;
-        #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^53")]
-        let floor = floor_per_sent * self.sent as f64;
-        #[allow(clippy::cast_precision_loss, reason = "counts are far below 2^53")]
-        let n = self.dispatched.max(1) as f64;
-        (self.machine_busy.as_secs_f64() - floor) * 1e6 / n
+        let (sent, n) = (self.sent as f64, self.dispatched.max(1) as f64);
+        (self.machine_busy.as_secs_f64() * 1e6 - self.floor.per_sent() * sent) / n
     }
 
     /// `cpu` per dispatched SYN, in µs.
@@ -272,7 +314,6 @@ struct Snapshot {
     records_unreplicated: u64,
     queue_dropped: u64,
     overruns: u64,
-    sunk: u64,
     master_cpu: Duration,
     machine: MachineTimes,
     backlog_dropped: u64,
@@ -293,16 +334,11 @@ impl Snapshot {
             None
         };
         let c = cluster.status(master)?.counters;
-        let mut sunk = 0;
-        for n in cluster.nodes().iter().filter(|n| n.name != master) {
-            sunk += nft::sunk_forwards(&cluster.netns(&n.name))?;
-        }
         Ok(Snapshot {
             dispatched: c.syns_dispatched,
             records_unreplicated: c.records_handoff_overflow,
             queue_dropped: c.drops.queue_kernel + c.drops.queue_user,
             overruns: c.queue.enobufs,
-            sunk,
             master_cpu: process_cpu(pid)?,
             backlog_dropped: backlog_dropped()?,
             machine: match early {
@@ -322,26 +358,13 @@ pub fn floor(
     duration: Duration,
     stop: &AtomicBool,
 ) -> Result<Floor, BenchError> {
-    let client = cluster
-        .clients()
-        .first()
-        .ok_or(BenchError::Missing { what: "client" })?
-        .clone();
+    let client = first_client(cluster)?;
     let vip = cluster.vip();
     let ns = cluster.netns(master);
     nft::sink_syns(&ns, CLIENT_IF, vip)?;
     let measured = (|| -> Result<Floor, BenchError> {
         let before = MachineTimes::read()?;
-        let generated = netns::run_in(&cluster.netns(&client.name), || {
-            generate(
-                sources_of(client.addr),
-                *vip.ip(),
-                vip.port(),
-                rate,
-                duration,
-                stop,
-            )
-        })??;
+        let generated = offer(cluster, &client, rate, duration, stop)?;
         // As much settling as the quickest run has: SETTLE_STABLE + 1 polls.
         for _ in 0..=SETTLE_STABLE {
             std::thread::sleep(SETTLE_POLL);
@@ -368,25 +391,11 @@ pub fn run(
     duration: Duration,
     stop: &AtomicBool,
 ) -> Result<Run, BenchError> {
-    let client = cluster
-        .clients()
-        .first()
-        .ok_or(BenchError::Missing { what: "client" })?
-        .clone();
+    let client = first_client(cluster)?;
     let floor = floor(cluster, master, rate, duration, stop)?;
     let pid = cluster.daemon_pid(master)?;
     let before = Snapshot::take(cluster, master, pid, false)?;
-    let vip = cluster.vip();
-    let generated = netns::run_in(&cluster.netns(&client.name), || {
-        generate(
-            sources_of(client.addr),
-            *vip.ip(),
-            vip.port(),
-            rate,
-            duration,
-            stop,
-        )
-    })??;
+    let generated = offer(cluster, &client, rate, duration, stop)?;
     // Wait until the master has worked through its queue.
     let (mut last, mut stable) = (before.dispatched, 0);
     let settle = Instant::now();
@@ -402,10 +411,8 @@ pub fn run(
         rate,
         sent: generated.sent,
         send_time: generated.elapsed,
-        send_refused: generated.refused,
         generator_cpu: generated.cpu,
         dispatched: after.dispatched.saturating_sub(before.dispatched),
-        sunk: after.sunk.saturating_sub(before.sunk),
         records_unreplicated: after
             .records_unreplicated
             .saturating_sub(before.records_unreplicated),
@@ -424,8 +431,6 @@ pub fn run(
 pub struct Generated {
     pub sent: u64,
     pub elapsed: Duration,
-    /// Sends the kernel refused (`ENOBUFS`), retried after a pause.
-    pub refused: u64,
     /// The generator thread's CPU time.
     pub cpu: Duration,
 }
@@ -473,7 +478,6 @@ pub fn generate(
     }
     let sender = RawIpSender::new().map_err(BenchError::Raw)?;
     let cpu_before = thread_cpu();
-    // xorshift64: cheap, varied source ports and ISNs.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()) ^ rate;
     let mut syn = Syn {
         src: src.pick(0),
@@ -484,7 +488,7 @@ pub fn generate(
         payload: Vec::new(),
     };
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_SEND_MANY);
-    let (mut sent, mut refused) = (0u64, 0u64);
+    let mut sent = 0u64;
     let start = Instant::now();
     let mut due_at = start;
     loop {
@@ -514,13 +518,7 @@ pub fn generate(
         }
         batch.clear();
         for _ in 0..want {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let bits = x.to_le_bytes();
-            // Ports 1024..=65534 and any ISN.
-            syn.sport = 1024 + u16::from_le_bytes([bits[0], bits[1]]) % (65535 - 1024);
-            syn.seq = u32::from_le_bytes([bits[2], bits[3], bits[4], bits[5]]);
+            let bits = syn.randomise(&mut x);
             syn.src = src.pick(u32::from_le_bytes([bits[4], bits[5], bits[6], bits[7]]));
             batch.push(syn.ipv4_packet());
         }
@@ -528,7 +526,6 @@ pub fn generate(
             Ok(n) => sent += n as u64,
             // The qdisc is full: give the receivers a moment.
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                refused += 1;
                 std::thread::sleep(Duration::from_micros(50));
             }
             Err(e) => return Err(BenchError::Raw(e)),
@@ -541,7 +538,6 @@ pub fn generate(
     Ok(Generated {
         sent,
         elapsed: start.elapsed(),
-        refused,
         cpu: thread_cpu().saturating_sub(cpu_before),
     })
 }
@@ -607,12 +603,9 @@ impl MachineTimes {
     }
 
     fn since(&self, earlier: &MachineTimes) -> MachineDelta {
-        // SAFETY: sysconf(3) has no memory-safety preconditions.
-        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-        let d = |t: u64| Duration::from_micros(t * 1_000_000 / hz.max(1));
         MachineDelta {
-            busy: d(self.busy_ticks.saturating_sub(earlier.busy_ticks)),
-            softirq: d(self.softirq_ticks.saturating_sub(earlier.softirq_ticks)),
+            busy: clock_ticks(self.busy_ticks.saturating_sub(earlier.busy_ticks)),
+            softirq: clock_ticks(self.softirq_ticks.saturating_sub(earlier.softirq_ticks)),
         }
     }
 }
@@ -667,10 +660,8 @@ mod tests {
             rate,
             sent,
             send_time: Duration::from_secs(secs),
-            send_refused: 0,
             generator_cpu: Duration::ZERO,
             dispatched,
-            sunk: dispatched,
             records_unreplicated: 0,
             queue_dropped: 0,
             overruns: 0,

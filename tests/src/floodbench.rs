@@ -49,6 +49,17 @@ pub struct FloodRun {
 }
 
 impl FloodRun {
+    /// Adds `other`'s flood, connects and counts to these: several runs read as one.
+    pub fn add(&mut self, other: &FloodRun) {
+        self.flood.sent += other.flood.sent;
+        self.flood.elapsed += other.flood.elapsed;
+        self.flood.cpu += other.flood.cpu;
+        self.connects.extend(other.connects.iter().copied());
+        self.failed += other.failed;
+        self.dispatched += other.dispatched;
+        self.limited += other.limited;
+    }
+
     /// Real connects that succeeded without a SYN retransmission, in % of all attempted.
     #[must_use]
     pub fn prompt_percent(&self) -> f64 {
@@ -160,7 +171,6 @@ mod tests {
             flood: Generated {
                 sent: 0,
                 elapsed: Duration::ZERO,
-                refused: 0,
                 cpu: Duration::ZERO,
             },
             connects: vec![

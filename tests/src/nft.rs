@@ -86,18 +86,17 @@ pub fn drop_outgoing_rsts(ns: &str) -> Result<(), NftError> {
 }
 
 /// Drops the protocol-253 forwards arriving on `iface` at its ingress hook, before the
-/// node's own rules and TCP see them, and counts them in counter `forwards_sunk` of table
-/// `netdev tdsc_lab` ([`sunk_forwards`]). The dispatch benchmark uses it on the members, so
+/// node's own rules and TCP see them (table `netdev tdsc_lab`). The dispatch benchmark uses
+/// it on the members, so
 /// that what it measures is the master's work and not the members' handshakes.
 pub fn sink_forwards(ns: &str, iface: &str) -> Result<(), NftError> {
     nft_apply(
         ns,
         &format!(
             "table netdev {TABLE} {{
-    counter forwards_sunk {{ }}
     chain ingress {{
         type filter hook ingress device \"{iface}\" priority -500; policy accept;
-        ip protocol 253 counter name \"forwards_sunk\" drop
+        ip protocol 253 drop
     }}
 }}
 "
@@ -133,18 +132,9 @@ pub fn unsink_syns(ns: &str) -> Result<(), NftError> {
     Ok(())
 }
 
-/// Forwards [`sink_forwards`] dropped so far.
-pub fn sunk_forwards(ns: &str) -> Result<u64, NftError> {
-    family_counter(ns, "netdev", "forwards_sunk")
-}
-
 /// Packets counted by a named counter of the lab's table.
 pub fn counter(ns: &str, name: &str) -> Result<u64, NftError> {
-    family_counter(ns, "inet", name)
-}
-
-fn family_counter(ns: &str, family: &str, name: &str) -> Result<u64, NftError> {
-    let out = netns::exec(ns, "nft", ["-j", "list", "counter", family, TABLE, name])?;
+    let out = netns::exec(ns, "nft", ["-j", "list", "counter", "inet", TABLE, name])?;
     let bad = |reason: String| NftError::Counter {
         name: name.to_owned(),
         reason,

@@ -94,6 +94,19 @@ impl Syn {
         seg
     }
 
+    /// Gives the SYN the next random source port (1024..=65534) and ISN from `x`, an
+    /// xorshift64 state (cheap, and varied enough for a flood); returns the 8 random bytes,
+    /// of which bytes 4..8 are not used up by the port and ISN's first half.
+    pub fn randomise(&mut self, x: &mut u64) -> [u8; 8] {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let bits = x.to_le_bytes();
+        self.sport = 1024 + u16::from_le_bytes([bits[0], bits[1]]) % (65535 - 1024);
+        self.seq = u32::from_le_bytes([bits[2], bits[3], bits[4], bits[5]]);
+        bits
+    }
+
     /// The whole IPv4 packet, for an `IPPROTO_RAW` socket.
     pub fn ipv4_packet(&self) -> Vec<u8> {
         ipv4_packet(self.src, self.dst, PROTO_TCP, &self.segment())

@@ -416,7 +416,7 @@ fn bench_dispatch(
             r.records_unreplicated,
             r.per_syn(r.master_cpu),
             r.per_syn(r.machine_busy),
-            r.floor.machine_busy.as_secs_f64() * 1e6 / (r.floor.sent.max(1) as f64),
+            r.floor.per_sent(),
             r.dispatch_cost(),
             if r.generator_short() { "SHORT" } else { "ok" }
         )
@@ -473,22 +473,7 @@ fn bench_dispatch(
             let Some(first) = runs.first() else { continue };
             let mut sum = (*first).clone();
             for r in &runs[1..] {
-                sum.sent += r.sent;
-                sum.send_time += r.send_time;
-                sum.send_refused += r.send_refused;
-                sum.generator_cpu += r.generator_cpu;
-                sum.dispatched += r.dispatched;
-                sum.sunk += r.sunk;
-                sum.queue_dropped += r.queue_dropped;
-                sum.overruns += r.overruns;
-                sum.records_unreplicated += r.records_unreplicated;
-                sum.backlog_dropped += r.backlog_dropped;
-                sum.master_cpu += r.master_cpu;
-                sum.machine_busy += r.machine_busy;
-                sum.machine_softirq += r.machine_softirq;
-                sum.floor.sent += r.floor.sent;
-                sum.floor.send_time += r.floor.send_time;
-                sum.floor.machine_busy += r.floor.machine_busy;
+                sum.add(r);
             }
             println!("{}", row(reader, "all".into(), &sum));
             summed.push((reader.clone(), sum));
@@ -640,12 +625,7 @@ fn bench_flood(cli: &Cli, a: &FloodArgs, stop: &Arc<AtomicBool>) -> anyhow::Resu
         let Some(first) = runs.next() else { continue };
         let mut sum = first.clone();
         for r in runs {
-            sum.flood.sent += r.flood.sent;
-            sum.flood.elapsed += r.flood.elapsed;
-            sum.connects.extend(r.connects.iter().copied());
-            sum.failed += r.failed;
-            sum.dispatched += r.dispatched;
-            sum.limited += r.limited;
+            sum.add(r);
         }
         println!("{}", row(mode, "all".into(), &sum));
     }
