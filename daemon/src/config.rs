@@ -91,6 +91,11 @@ struct RawScheduler {
     reconcile_syn_recv: Option<bool>,
     load_file: Option<PathBuf>,
     load_command: Option<String>,
+    affinity: Option<String>,
+    affinity_timeout_ms: Option<u64>,
+    affinity_prefix_v4: Option<u8>,
+    affinity_prefix_v6: Option<u8>,
+    affinity_capacity: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -311,6 +316,8 @@ pub struct Config {
     /// `[flood]`: the master's SYN rate limit per client source prefix, in its ruleset;
     /// `None` (`syn_prefix_rate = 0`, the default) installs none.
     pub syn_prefix_limit: Option<tdsc_rules::SynPrefixLimit>,
+    /// `[scheduler] affinity = "client-address"` and its keys; `None`: `affinity = "none"`.
+    pub affinity: Option<crate::datapath::sticky::AffinitySettings>,
     /// Sorted by id.
     pub nodes: Vec<Node>,
 }
@@ -333,6 +340,13 @@ pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
 /// A member answers a SYN-RECV query within a round trip plus one sock_diag dump (well under
 /// a millisecond in a LAN); 50 ms covers a loaded member without delaying a takeover much.
 pub const DEFAULT_SYN_RECV_WAIT_MS: u64 = 50;
+
+/// `[scheduler] affinity_timeout_ms` default: IPVS's persistence timeout (5 minutes).
+pub const DEFAULT_AFFINITY_TIMEOUT_MS: u64 = 300_000;
+/// Longest `[scheduler] affinity_timeout_ms`: a day.
+pub const MAX_AFFINITY_TIMEOUT_MS: u64 = 86_400_000;
+/// `[scheduler] affinity_capacity` default.
+pub const DEFAULT_AFFINITY_CAPACITY: usize = 1 << 16;
 /// Longest allowed wait: every takeover pays it when a member is alive but does not answer.
 pub const MAX_SYN_RECV_WAIT_MS: u64 = 2_000;
 /// A node's weight when `[[nodes]] weight` is absent.
@@ -481,6 +495,7 @@ impl Config {
                 format!("{syn_recv_wait_ms} is outside 1..={MAX_SYN_RECV_WAIT_MS}"),
             ));
         }
+        let affinity = affinity_settings(&raw.scheduler)?;
         let replicate_records = raw.scheduler.replicate_records.unwrap_or(true);
         let reconcile_syn_recv = raw.scheduler.reconcile_syn_recv.unwrap_or(true);
 
@@ -690,6 +705,7 @@ impl Config {
             syn_recv_wait: Duration::from_millis(syn_recv_wait_ms),
             replicate_records,
             reconcile_syn_recv,
+            affinity,
             load_source,
             weights,
             election,
@@ -845,6 +861,86 @@ pub fn format_mac(m: &[u8; 6]) -> String {
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]
     )
+}
+
+/// `[scheduler] affinity` and the keys that go with it. The other keys are refused unless
+/// affinity is on: a timeout that does nothing is a mistake to report, not to ignore.
+fn affinity_settings(
+    raw: &RawScheduler,
+) -> Result<Option<crate::datapath::sticky::AffinitySettings>, ConfigError> {
+    let on = match raw.affinity.as_deref().unwrap_or("none") {
+        "none" => false,
+        "client-address" => true,
+        other => {
+            return Err(invalid(
+                "scheduler.affinity",
+                format!("unknown affinity {other:?}; expected \"none\" or \"client-address\""),
+            ))
+        }
+    };
+    if !on {
+        let given = [
+            (
+                "scheduler.affinity_timeout_ms",
+                raw.affinity_timeout_ms.is_some(),
+            ),
+            (
+                "scheduler.affinity_prefix_v4",
+                raw.affinity_prefix_v4.is_some(),
+            ),
+            (
+                "scheduler.affinity_prefix_v6",
+                raw.affinity_prefix_v6.is_some(),
+            ),
+            (
+                "scheduler.affinity_capacity",
+                raw.affinity_capacity.is_some(),
+            ),
+        ];
+        if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                *key,
+                "is set, but scheduler.affinity is \"none\" (set it to \"client-address\")",
+            ));
+        }
+        return Ok(None);
+    }
+    let timeout_ms = raw
+        .affinity_timeout_ms
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_MS);
+    if !(1..=MAX_AFFINITY_TIMEOUT_MS).contains(&timeout_ms) {
+        return Err(invalid(
+            "scheduler.affinity_timeout_ms",
+            format!("{timeout_ms} is outside 1..={MAX_AFFINITY_TIMEOUT_MS}"),
+        ));
+    }
+    let prefix_v4 = raw.affinity_prefix_v4.unwrap_or(32);
+    if !(1..=32).contains(&prefix_v4) {
+        return Err(invalid(
+            "scheduler.affinity_prefix_v4",
+            format!("{prefix_v4} is outside 1..=32"),
+        ));
+    }
+    let prefix_v6 = raw.affinity_prefix_v6.unwrap_or(128);
+    if !(1..=128).contains(&prefix_v6) {
+        return Err(invalid(
+            "scheduler.affinity_prefix_v6",
+            format!("{prefix_v6} is outside 1..=128"),
+        ));
+    }
+    let capacity = raw.affinity_capacity.unwrap_or(DEFAULT_AFFINITY_CAPACITY);
+    if !(1024..=(1 << 24)).contains(&capacity) {
+        return Err(invalid(
+            "scheduler.affinity_capacity",
+            format!("{capacity} is outside 1024..=16777216"),
+        ));
+    }
+    Ok(Some(crate::datapath::sticky::AffinitySettings {
+        timeout: Duration::from_millis(timeout_ms),
+        prefix_v4,
+        prefix_v6,
+        capacity,
+    }))
 }
 
 #[cfg(test)]
@@ -1082,6 +1178,93 @@ address = "198.51.100.12"
             crate::node::cluster_spec(&c).syn_prefix_limit,
             c.syn_prefix_limit
         );
+    }
+
+    fn with_scheduler(extra: &str) -> String {
+        GOOD.replace("[scheduler]\n", &format!("[scheduler]\n{extra}\n"))
+    }
+
+    #[test]
+    fn affinity_is_off_by_default_and_fills_in_its_defaults() {
+        assert_eq!(Config::parse(GOOD).unwrap().affinity, None);
+        let off = Config::parse(&with_scheduler("affinity = \"none\"")).unwrap();
+        assert_eq!(off.affinity, None);
+        let c = Config::parse(&with_scheduler("affinity = \"client-address\"")).unwrap();
+        assert_eq!(
+            c.affinity,
+            Some(crate::datapath::sticky::AffinitySettings {
+                timeout: Duration::from_millis(DEFAULT_AFFINITY_TIMEOUT_MS),
+                prefix_v4: 32,
+                prefix_v6: 128,
+                capacity: DEFAULT_AFFINITY_CAPACITY,
+            })
+        );
+        let c = Config::parse(&with_scheduler(
+            "affinity = \"client-address\"\naffinity_timeout_ms = 2000\naffinity_prefix_v4 = 24\naffinity_prefix_v6 = 64\naffinity_capacity = 4096",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.affinity,
+            Some(crate::datapath::sticky::AffinitySettings {
+                timeout: Duration::from_millis(2000),
+                prefix_v4: 24,
+                prefix_v6: 64,
+                capacity: 4096,
+            })
+        );
+    }
+
+    /// Each bad affinity setting must fail and name its key.
+    #[test]
+    fn bad_affinity_values_name_the_key() {
+        let on = "affinity = \"client-address\"\n";
+        let cases = [
+            ("affinity = \"source\"".to_owned(), "scheduler.affinity"),
+            ("affinity = 1".to_owned(), "affinity"),
+            (
+                format!("{on}affinity_timeout_ms = 0"),
+                "scheduler.affinity_timeout_ms",
+            ),
+            (
+                format!("{on}affinity_timeout_ms = 86400001"),
+                "scheduler.affinity_timeout_ms",
+            ),
+            (
+                format!("{on}affinity_prefix_v4 = 0"),
+                "scheduler.affinity_prefix_v4",
+            ),
+            (
+                format!("{on}affinity_prefix_v4 = 33"),
+                "scheduler.affinity_prefix_v4",
+            ),
+            (
+                format!("{on}affinity_prefix_v6 = 129"),
+                "scheduler.affinity_prefix_v6",
+            ),
+            (
+                format!("{on}affinity_capacity = 10"),
+                "scheduler.affinity_capacity",
+            ),
+            // Keys that would do nothing with affinity off.
+            (
+                "affinity_timeout_ms = 1000".to_owned(),
+                "scheduler.affinity_timeout_ms",
+            ),
+            (
+                "affinity = \"none\"\naffinity_prefix_v4 = 24".to_owned(),
+                "scheduler.affinity_prefix_v4",
+            ),
+            ("affinity_timeout = 5".to_owned(), "affinity_timeout"),
+        ];
+        for (extra, key) in cases {
+            let msg = Config::parse(&with_scheduler(&extra))
+                .expect_err(&format!("accepted {extra:?}"))
+                .to_string();
+            assert!(
+                msg.contains(key),
+                "error for {extra:?} does not name {key}: {msg}"
+            );
+        }
     }
 
     /// Each bad `[flood]` table must fail and name its key.

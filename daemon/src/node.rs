@@ -416,7 +416,11 @@ impl Wiring {
             reports: Arc::new(ReportCounters::default()),
             role,
             records: Arc::new(RecordStats::default()),
-            replica: Arc::new(Mutex::new(Replica::new(cfg.syn_record_capacity, window_ms))),
+            replica: Arc::new(Mutex::new(Replica::new(
+                cfg.syn_record_capacity,
+                window_ms,
+                cfg.affinity.as_ref(),
+            ))),
             signal,
             master_commands,
             master_commands_rx,
@@ -646,6 +650,9 @@ impl<'a> Node<'a> {
             SynRecords::new(cfg.syn_record_capacity, record_window_ms(&cfg)),
             cfg.nodes.len(),
         );
+        if let Some(settings) = &cfg.affinity {
+            dispatcher = dispatcher.with_affinity(crate::datapath::sticky::Affinity::new(settings));
+        }
         // Records are replicated through Raft; the hand-off is preallocated, once.
         if raft {
             dispatcher = dispatcher.with_handoff(w.handoff);

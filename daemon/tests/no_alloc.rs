@@ -20,6 +20,7 @@ use tdscd::config::{Node, PolicyName};
 use tdscd::datapath::dispatch::Dispatcher;
 use tdscd::datapath::policy::build;
 use tdscd::datapath::records::SynRecords;
+use tdscd::datapath::sticky::{Affinity, AffinitySettings};
 use tdscd::datapath::syn_path::{Origin, SynPath, Verdict};
 
 /// The enum's variant count, by an exhaustive match (no wildcard): a new policy does not
@@ -97,9 +98,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn syn(sport: u16, isn: u32) -> Vec<u8> {
+/// A SYN from 192.0.2.`host`.
+fn syn(host: u8, sport: u16, isn: u32) -> Vec<u8> {
     let mut p = vec![
-        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 192, 0, 2, 101, 192, 0, 2, 1,
+        0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 192, 0, 2, host, 192, 0, 2, 1,
     ];
     let mut t = [0u8; 20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -129,7 +131,7 @@ fn per_syn_path_does_not_allocate() {
     election.set_lease_until_ms(u64::MAX);
     let vip = "192.0.2.1".parse().unwrap();
     let packets: Vec<Vec<u8>> = (0..10_000u32)
-        .map(|i| syn(1024 + (i % 60000) as u16, i))
+        .map(|i| syn(1 + (i % 50) as u8, 1024 + (i % 60000) as u16, i))
         .collect();
     let mut buf = vec![0u8; MAX_OVERHEAD + 0x10000];
     let members = |n: u32| -> Vec<MemberSlot> {
@@ -145,11 +147,24 @@ fn per_syn_path_does_not_allocate() {
     let (three, two, five) = (members(3), members(2), members(5));
     // Every forward is tagged: the tag must not allocate either.
     let keyring = Arc::new(Keyring::new(&[(1, [3; KEY_LEN])], None).unwrap());
-    for (_, policy) in PolicyName::ALL {
+    // Every policy with client affinity off, and with it on (64 entries for 50 clients in 16 sets, so
+    // its evictions run too).
+    let runs = PolicyName::ALL
+        .iter()
+        .flat_map(|(_, p)| [(*p, false), (*p, true)]);
+    for (policy, sticky) in runs {
         // Smaller than the number of SYNs: both the hand-off and its overflow path run.
         let (tx, rx) = std::sync::mpsc::sync_channel(tdscd::cluster::takeover::HANDOFF_CAPACITY);
-        let d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len())
+        let mut d = Dispatcher::new(build(policy), SynRecords::new(1 << 16, 64_000), nodes.len())
             .with_handoff(tx);
+        if sticky {
+            d = d.with_affinity(Affinity::new(&AffinitySettings {
+                timeout: std::time::Duration::from_secs(300),
+                prefix_v4: 32,
+                prefix_v6: 128,
+                capacity: 64,
+            }));
+        }
         let counters = Arc::new(Counters::default());
         let mut path = SynPath::new(
             vip,
@@ -210,5 +225,9 @@ fn per_syn_path_does_not_allocate() {
             c.records_handoff_overflow > 0,
             "{policy:?}: overflow path not run"
         );
+        if sticky {
+            assert!(c.affinity_hits > 0, "{policy:?}: affinity never chose");
+            assert!(c.affinity_evicted_live > 0, "{policy:?}: no eviction run");
+        }
     }
 }

@@ -9,6 +9,7 @@ pkgs=(
   iptables                             # its xtables extensions let `nft list` show the compat NFQUEUE target (else: nothing)
   iproute2 procps kmod                 # ip netns / veth / bridge, sysctl
   ca-certificates curl
+  iperf3                               # client affinity test: a real multi-connection protocol through the VIP
   g++                                  # fuzz targets: libfuzzer-sys builds libFuzzer (C++)
   dpkg-dev lintian                     # the .deb: dpkg-shlibdeps for cargo-deb, lintian
   debootstrap                          # install tests: a fresh Debian root

@@ -100,6 +100,8 @@ pub struct ClusterOptions {
     /// Replace each node's `[election]` with `mode = "raft"` (default timing) and a data
     /// directory of its own in the lab's workdir; the master is then whoever Raft elects.
     pub raft: bool,
+    /// Extra `[cluster]` keys for every node's config (e.g. `tcp_ports = [80, 5201]`).
+    pub cluster_extra: Vec<(String, toml::Value)>,
     /// Extra `[scheduler]` keys for every node's config (e.g. `replicate_records = false`).
     pub scheduler_extra: Vec<(String, toml::Value)>,
     /// Extra `[threads]` keys for every node's config (e.g. `queue_io = "batched"`).
@@ -125,6 +127,7 @@ impl Default for ClusterOptions {
             httpd_args: Vec::new(),
             load_files: false,
             raft: false,
+            cluster_extra: Vec::new(),
             scheduler_extra: Vec::new(),
             threads_extra: Vec::new(),
             flood_extra: Vec::new(),
@@ -317,6 +320,7 @@ impl Cluster {
                 load_file.as_deref(),
                 raft_dir.as_deref(),
             )?;
+            add_keys(&config, "cluster", &opts.cluster_extra)?;
             add_keys(&config, "scheduler", &opts.scheduler_extra)?;
             add_keys(&config, "threads", &opts.threads_extra)?;
             add_keys(&config, "flood", &opts.flood_extra)?;

@@ -26,6 +26,18 @@ pub struct Status {
     pub records: Records,
     /// The keyring's ids and the sealing one.
     pub cluster_key: ClusterKey,
+    /// Client affinity; `None` when off.
+    pub affinity: Option<Affinity>,
+}
+
+/// `affinity` of `tdscctl status --json`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Affinity {
+    pub timeout_ms: u64,
+    pub replica_live: u64,
+    pub hits: u64,
+    pub evicted_live: u64,
 }
 
 /// `cluster_key` of `tdscctl status --json`.
@@ -54,6 +66,7 @@ pub struct Records {
 pub struct Takeover {
     pub term: u64,
     pub records_adopted: u64,
+    pub affinity_adopted: u64,
     pub syn_recv_reconciled: u64,
     pub members_asked: u32,
     pub members_answered: u32,

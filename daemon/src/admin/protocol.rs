@@ -109,6 +109,12 @@ pub struct Counters {
     /// New records not handed to the Raft task for replication (hand-off full).
     #[serde(default)]
     pub records_handoff_overflow: u64,
+    /// New connections sent to the node their client's affinity entry named.
+    #[serde(default)]
+    pub affinity_hits: u64,
+    /// Live client-affinity entries pushed out by a full table.
+    #[serde(default)]
+    pub affinity_evicted_live: u64,
     pub forward_rejected: Rejected,
     pub reports_sent: u64,
     pub reports_received: u64,
@@ -253,6 +259,24 @@ pub struct Status {
     /// The cluster keyring this node runs with (ids only, never key material).
     #[serde(default)]
     pub cluster_key: ClusterKeyStatus,
+    /// Client affinity (`[scheduler] affinity`); `None` when off.
+    #[serde(default)]
+    pub affinity: Option<AffinityStatus>,
+}
+
+/// Client affinity's settings and figures.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AffinityStatus {
+    pub timeout_ms: u64,
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+    pub capacity: u64,
+    /// Live entries in this node's replica (what it would adopt as a new master).
+    pub replica_live: u64,
+    /// New connections sent where their client's entry named (master).
+    pub hits: u64,
+    /// Live entries pushed out by a full table (master).
+    pub evicted_live: u64,
 }
 
 /// The key ids of the keyring and the one this node seals with.

@@ -394,6 +394,8 @@ pub fn status(s: &Shared) -> Status {
             reinject_errors: c.reinject_errors,
             records_evicted_live: c.records_evicted_live,
             records_handoff_overflow: c.records_handoff_overflow,
+            affinity_hits: c.affinity_hits,
+            affinity_evicted_live: c.affinity_evicted_live,
             forward_rejected: Rejected {
                 malformed: c.rejected_malformed,
                 unknown_peer: c.rejected_unknown_peer,
@@ -434,7 +436,29 @@ pub fn status(s: &Shared) -> Status {
                 send: ring.send_id(),
             }
         },
+        affinity: affinity_status(s, &c),
     }
+}
+
+fn affinity_status(
+    s: &Shared,
+    c: &crate::cluster::counters::CountersSnapshot,
+) -> Option<crate::admin::protocol::AffinityStatus> {
+    let a = s.config.affinity?;
+    let now = s.role.now_ms();
+    Some(crate::admin::protocol::AffinityStatus {
+        timeout_ms: u64::try_from(a.timeout.as_millis()).unwrap_or(u64::MAX),
+        prefix_v4: a.prefix_v4,
+        prefix_v6: a.prefix_v6,
+        capacity: u64::try_from(a.capacity).unwrap_or(u64::MAX),
+        replica_live: s.replica.lock().map_or(0, |r| {
+            r.affinity
+                .as_ref()
+                .map_or(0, |t| u64::try_from(t.live_count(now)).unwrap_or(u64::MAX))
+        }),
+        hits: c.affinity_hits,
+        evicted_live: c.affinity_evicted_live,
+    })
 }
 
 /// The drops the daemon can see outside its own code: the ruleset's counting drop rules and

@@ -237,11 +237,25 @@ fn print_table(s: &Status) {
         rec.discarded_not_leader,
         rec.queries_answered
     );
+    match &s.affinity {
+        Some(a) => println!(
+            "affinity: client-address /{} /{} for {} ms  hits {}  replica live {} of {}  evicted {}",
+            a.prefix_v4,
+            a.prefix_v6,
+            a.timeout_ms,
+            a.hits,
+            a.replica_live,
+            a.capacity,
+            a.evicted_live
+        ),
+        None => println!("affinity: none"),
+    }
     if let Some(t) = &rec.last_takeover {
         println!(
-            "last takeover (term {}): {} records adopted, {} SYN-RECV reconciled, {}/{} members answered{}, waited {} ms",
+            "last takeover (term {}): {} records and {} affinity entries adopted, {} SYN-RECV reconciled, {}/{} members answered{}, waited {} ms",
             t.term,
             t.records_adopted,
+            t.affinity_adopted,
             t.syn_recv_reconciled,
             t.members_answered,
             t.members_asked,

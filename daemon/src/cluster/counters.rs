@@ -67,6 +67,10 @@ counters! {
     records_evicted_live,
     /// New records not handed to the Raft task for replication: the hand-off was full.
     records_handoff_overflow,
+    /// New connections sent to the node named by their client's affinity entry.
+    affinity_hits,
+    /// Live client-affinity entries pushed out by a full table.
+    affinity_evicted_live,
     /// Packets taken off NFQUEUE (master thread).
     queue_received,
     /// Receives that returned at least one packet: `queue_received / queue_batches` is the

@@ -62,6 +62,7 @@ use crate::cluster::role::RoleCell;
 use crate::cluster::view::ClusterView;
 use crate::datapath::queue::MasterCommand;
 use crate::datapath::records::{Dispatched, RecordEntry, SynRecords};
+use crate::datapath::sticky::{Affinity, AffinitySettings};
 use crate::host::sockdiag::SockDiag;
 use crate::shutdown::Shutdown;
 
@@ -98,6 +99,9 @@ pub struct RecordStats {
 pub struct TakeoverReport {
     pub term: u64,
     pub records_adopted: u64,
+    /// Client-affinity entries adopted from the replica.
+    #[serde(default)]
+    pub affinity_adopted: u64,
     pub syn_recv_reconciled: u64,
     pub members_asked: u32,
     pub members_answered: u32,
@@ -110,12 +114,16 @@ pub struct TakeoverReport {
 #[derive(Debug)]
 pub struct Replica {
     pub table: SynRecords,
+    /// The client-affinity replica (`crate::datapath::sticky`), built from the same records:
+    /// each committed record renews its client's entry. `None` with affinity off.
+    pub affinity: Option<Affinity>,
 }
 
 impl Replica {
-    pub fn new(capacity: usize, window_ms: u64) -> Self {
+    pub fn new(capacity: usize, window_ms: u64, affinity: Option<&AffinitySettings>) -> Self {
         Replica {
             table: SynRecords::new(capacity, window_ms),
+            affinity: affinity.map(Affinity::new),
         }
     }
 
@@ -138,6 +146,9 @@ impl Replica {
                 continue;
             };
             self.table.insert(&client, port, r.isn, node, now_ms);
+            if let Some(a) = &mut self.affinity {
+                a.renew(&client, node, now_ms);
+            }
             ok += 1;
         }
         (ok, unknown)
@@ -480,13 +491,26 @@ impl Takeover {
         };
         let records_adopted = u64::try_from(replica.len()).unwrap_or(u64::MAX);
         let reconciled = u64::try_from(syn_recv.len()).unwrap_or(u64::MAX);
-        let entries = build_adoption(replica, &syn_recv, now);
-        if self.commands.send(MasterCommand::Adopt(entries)).is_err() {
+        let affinity = match self.replica.lock() {
+            Ok(r) => r
+                .affinity
+                .as_ref()
+                .map_or_else(Vec::new, |a| a.live_entries(now)),
+            Err(_) => Vec::new(),
+        };
+        let affinity_adopted = u64::try_from(affinity.len()).unwrap_or(u64::MAX);
+        let records = build_adoption(replica, &syn_recv, now);
+        if self
+            .commands
+            .send(MasterCommand::Adopt { records, affinity })
+            .is_err()
+        {
             tracing::error!("the master thread has stopped; nothing adopted");
         }
         let report = TakeoverReport {
             term,
             records_adopted,
+            affinity_adopted,
             syn_recv_reconciled: reconciled,
             members_asked: asked,
             members_answered: answered,
@@ -777,6 +801,37 @@ mod tests {
         assert_eq!(alone.finish(), Gathered::default());
     }
 
+    /// The affinity replica is built from the same committed records, and outlives the
+    /// record window: a new master adopts it with the stamps the replica gave.
+    #[test]
+    fn committed_records_renew_the_affinity_replica() {
+        let v = view();
+        let c: IpAddr = "192.0.2.101".parse().unwrap();
+        let data = encode_batch(&[Dispatched {
+            client: c,
+            port: 40000,
+            isn: 7,
+            node_id: 3,
+        }]);
+        let settings = AffinitySettings {
+            timeout: Duration::from_millis(60_000),
+            prefix_v4: 24,
+            prefix_v6: 64,
+            capacity: 1024,
+        };
+        let mut r = Replica::new(1024, 1000, Some(&settings));
+        assert_eq!(r.apply(&data, &v, 100), (1, 0));
+        let a = r.affinity.as_ref().unwrap();
+        assert_eq!(a.lookup(&"192.0.2.7".parse().unwrap(), 50_000), Some(2));
+        let live = a.live_entries(50_000);
+        assert_eq!(live.len(), 1);
+        assert_eq!((live[0].node, live[0].stamp_ms), (2, 100));
+        assert_eq!(r.table.live_count(50_000), 0, "the record window is over");
+        let mut off = Replica::new(1024, 1000, None);
+        off.apply(&data, &v, 100);
+        assert!(off.affinity.is_none());
+    }
+
     #[test]
     fn batches_apply_with_ids_mapped_to_view_indices() {
         let v = view();
@@ -795,7 +850,7 @@ mod tests {
                 node_id: 9,
             },
         ]);
-        let mut r = Replica::new(1024, 1000);
+        let mut r = Replica::new(1024, 1000, None);
         assert_eq!(r.apply(&data, &v, 100), (1, 1));
         assert_eq!(
             r.table.lookup(&c, 40000, 7, 1099),

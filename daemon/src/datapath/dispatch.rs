@@ -4,9 +4,12 @@
 //! 1. Is this a retransmission of a SYN we already dispatched (same client address, port and
 //!    ISN within the record window)? Then it goes where the first copy went, whatever the
 //!    policy says (paper §3.5) — unless that node has died since.
-//! 2. Otherwise the policy picks among the candidates. In-flight dispatches since each node's
-//!    last report are added to its reported connection count.
-//! 3. The choice is recorded, and (under Raft) handed to the Raft task for replication
+//! 2. Otherwise, with client affinity on, a client whose affinity entry lives goes to the
+//!    node that entry names, if that node is eligible ([`crate::datapath::sticky`]).
+//! 3. Otherwise the policy picks among the candidates. In-flight dispatches since each node's
+//!    last report are added to its reported connection count. The choice renews the client's
+//!    affinity entry.
+//! 4. The choice is recorded, and (under Raft) handed to the Raft task for replication
 //!    through a bounded, preallocated channel: `try_send` on a `sync_channel` writes into a
 //!    slot array allocated when the channel was made, never blocks, and takes no lock while
 //!    no receiver is blocked (the Raft task only ever calls `try_recv`). A full channel
@@ -19,6 +22,7 @@ use crate::cluster::view::{ClusterView, MAX_NODES};
 use crate::datapath::classify::Syn;
 use crate::datapath::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
 use crate::datapath::records::{Dispatched, Lookup, RecordEntry, SynRecords};
+use crate::datapath::sticky::Affinity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -34,6 +38,8 @@ pub enum Decision {
 pub struct Outcome {
     pub decision: Decision,
     pub retransmit: bool,
+    /// The client's affinity entry chose the node, not the policy.
+    pub sticky: bool,
 }
 
 #[derive(Debug)]
@@ -48,6 +54,8 @@ pub struct Dispatcher {
     handoff: Option<SyncSender<Dispatched>>,
     /// Hand-offs dropped because the channel was full, since the last `take_handoff_drops`.
     handoff_drops: u64,
+    /// Client affinity; `None` when off.
+    affinity: Option<Affinity>,
 }
 
 impl Dispatcher {
@@ -63,7 +71,19 @@ impl Dispatcher {
             seen_gen: vec![0; n],
             handoff: None,
             handoff_drops: 0,
+            affinity: None,
         }
+    }
+
+    /// Turns client affinity on, with this table.
+    pub fn with_affinity(mut self, affinity: Affinity) -> Self {
+        self.affinity = Some(affinity);
+        self
+    }
+
+    /// The client-affinity table, when affinity is on.
+    pub fn affinity(&self) -> Option<&Affinity> {
+        self.affinity.as_ref()
     }
 
     /// Hands every new record to `tx` (see the module docs).
@@ -77,6 +97,16 @@ impl Dispatcher {
     pub fn adopt(&mut self, entries: &[RecordEntry]) {
         for e in entries {
             self.records.adopt(e);
+        }
+    }
+
+    /// Takes over a replica's client-affinity entries (a new master). Ignored with affinity
+    /// off.
+    pub fn adopt_affinity(&mut self, entries: &[RecordEntry]) {
+        if let Some(a) = &mut self.affinity {
+            for e in entries {
+                a.adopt(e);
+            }
         }
     }
 
@@ -126,6 +156,7 @@ impl Dispatcher {
         }
 
         let mut retransmit = false;
+        let mut sticky = false;
         let chosen = match self
             .records
             .lookup(&syn.client, syn.client_port, syn.isn, now_ms)
@@ -137,18 +168,30 @@ impl Dispatcher {
                 Some(usize::from(node))
             }
             _ => {
-                let key = FlowKey {
-                    client: syn.client,
-                    client_port: syn.client_port,
-                    isn: syn.isn,
-                };
-                self.policy.pick(&key, &self.candidates)
+                let held = self
+                    .affinity
+                    .as_ref()
+                    .and_then(|a| a.lookup(&syn.client, now_ms))
+                    .map(usize::from)
+                    .filter(|&i| i < n && self.candidates[i].eligible());
+                if held.is_some() {
+                    sticky = true;
+                    held
+                } else {
+                    let key = FlowKey {
+                        client: syn.client,
+                        client_port: syn.client_port,
+                        isn: syn.isn,
+                    };
+                    self.policy.pick(&key, &self.candidates)
+                }
             }
         };
         let Some(index) = chosen else {
             return Outcome {
                 decision: Decision::NoNode,
                 retransmit,
+                sticky,
             };
         };
         if !retransmit {
@@ -156,6 +199,9 @@ impl Dispatcher {
             let node = u16::try_from(index).unwrap_or(u16::MAX);
             self.records
                 .insert(&syn.client, syn.client_port, syn.isn, node, now_ms);
+            if let Some(a) = &mut self.affinity {
+                a.renew(&syn.client, node, now_ms);
+            }
             self.inflight[index] = self.inflight[index].saturating_add(1);
             if let Some(tx) = &self.handoff {
                 let d = Dispatched {
@@ -176,12 +222,18 @@ impl Dispatcher {
                 Decision::Forward { index }
             },
             retransmit,
+            sticky,
         }
     }
 
     /// Live records pushed out since the last call.
     pub fn take_evictions(&mut self) -> u64 {
         std::mem::take(&mut self.records.evicted_live)
+    }
+
+    /// Live affinity entries pushed out since the last call (0 with affinity off).
+    pub fn take_affinity_evictions(&mut self) -> u64 {
+        self.affinity.as_mut().map_or(0, Affinity::take_evictions)
     }
 }
 
@@ -243,7 +295,8 @@ mod tests {
             again,
             Outcome {
                 decision: Decision::Local,
-                retransmit: true
+                retransmit: true,
+                sticky: false
             }
         );
         // A new ISN on the same port is a new connection: the policy decides.
@@ -351,6 +404,105 @@ mod tests {
         let o = d.decide(&syn(6, 999), &v, 10);
         assert_eq!(o.decision, Decision::Forward { index: 1 });
         assert!(o.retransmit);
+    }
+
+    fn sticky_dispatcher(p: PolicyName, timeout_ms: u64) -> Dispatcher {
+        dispatcher(p).with_affinity(Affinity::new(&crate::datapath::sticky::AffinitySettings {
+            timeout: std::time::Duration::from_millis(timeout_ms),
+            prefix_v4: 32,
+            prefix_v6: 128,
+            capacity: 1024,
+        }))
+    }
+
+    fn syn_from(client: &str, port: u16, isn: u32) -> Syn<'static> {
+        Syn {
+            client: client.parse().unwrap(),
+            ..syn(port, isn)
+        }
+    }
+
+    /// iperf3's case: a client's data connections follow its control connection, while other
+    /// clients are spread by the policy; without affinity round robin splits them.
+    #[test]
+    fn with_affinity_a_client_keeps_its_node_until_the_timeout() {
+        let v = view(1);
+        let mut d = sticky_dispatcher(PolicyName::RoundRobin, 1000);
+        let first = d.decide(&syn_from("192.0.2.101", 1, 1), &v, 0);
+        assert!(!first.sticky);
+        for port in 2..8 {
+            let o = d.decide(&syn_from("192.0.2.101", port, port.into()), &v, 100);
+            assert_eq!(o.decision, first.decision);
+            assert!(o.sticky);
+        }
+        let other = d.decide(&syn_from("192.0.2.102", 1, 1), &v, 100);
+        assert_ne!(
+            other.decision, first.decision,
+            "the policy spreads other clients"
+        );
+        assert!(!other.sticky);
+        // Renewed at 100 ms: lives until 1100 ms.
+        let late = d.decide(&syn_from("192.0.2.101", 9, 9), &v, 1099);
+        assert!(late.sticky);
+        let expired = d.decide(&syn_from("192.0.2.101", 10, 10), &v, 2100);
+        assert!(!expired.sticky, "timed out: the policy picks again");
+
+        let mut plain = dispatcher(PolicyName::RoundRobin);
+        let a = plain.decide(&syn_from("192.0.2.101", 1, 1), &v, 0).decision;
+        let b = plain.decide(&syn_from("192.0.2.101", 2, 2), &v, 0).decision;
+        assert_ne!(
+            a, b,
+            "without affinity the second connection goes elsewhere"
+        );
+    }
+
+    /// An entry naming a node that stopped being eligible is not followed, and the policy's
+    /// new choice replaces it; a retransmitted SYN still follows its record first.
+    #[test]
+    fn affinity_yields_to_eligibility_and_records_come_first() {
+        let v = view(1);
+        let mut d = sticky_dispatcher(PolicyName::RoundRobin, 10_000);
+        let c = "192.0.2.101";
+        let to = d.decide(&syn_from(c, 1, 1), &v, 0).decision;
+        let index = match to {
+            Decision::Local => 0,
+            Decision::Forward { index } => index,
+            Decision::NoNode => unreachable!("every node is eligible"),
+        };
+        v.nodes[index].draining.store(true, Relaxed);
+        let moved = d.decide(&syn_from(c, 2, 2), &v, 1);
+        assert!(!moved.sticky);
+        assert_ne!(moved.decision, to, "a draining node gets no new connection");
+        v.nodes[index].draining.store(false, Relaxed);
+        let again = d.decide(&syn_from(c, 3, 3), &v, 2);
+        assert!(again.sticky);
+        assert_eq!(
+            again.decision, moved.decision,
+            "the entry names the new node"
+        );
+        // A retransmission of the first SYN still goes where its first copy went.
+        let re = d.decide(&syn_from(c, 1, 1), &v, 3);
+        assert!(re.retransmit && !re.sticky);
+        assert_eq!(re.decision, to);
+    }
+
+    #[test]
+    fn adopted_affinity_steers_new_connections() {
+        let v = view(1);
+        let mut d = sticky_dispatcher(PolicyName::RoundRobin, 10_000);
+        d.adopt_affinity(&[RecordEntry {
+            client: "192.0.2.101".parse().unwrap(),
+            port: 0,
+            isn: None,
+            node: 2,
+            stamp_ms: 0,
+        }]);
+        for port in 1..10 {
+            let o = d.decide(&syn_from("192.0.2.101", port, port.into()), &v, 5);
+            assert_eq!(o.decision, Decision::Forward { index: 2 });
+            assert!(o.sticky);
+        }
+        dispatcher(PolicyName::RoundRobin).adopt_affinity(&[]);
     }
 
     #[test]

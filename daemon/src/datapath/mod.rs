@@ -5,7 +5,8 @@
 //! [`dispatch`] decision (the SYN-forward [`records`], then the [`policy`]) and encodes the
 //! forward; the queue thread sends a forward through a [`rawsock`]. On the chosen member: the
 //! receive thread ([`receive`]) checks the forward and re-injects the SYN, built by [`inject`],
-//! into the local TCP stack. [`affinity`] pins both threads when configured. [`nfqueue`] is
+//! into the local TCP stack. [`sticky`] is client affinity, consulted by the dispatcher after
+//! the records; [`affinity`] pins both threads when configured. [`nfqueue`] is
 //! the queue protocol as bytes (batched verdicts) and [`queue_socket`] the socket that speaks
 //! it.
 
@@ -20,4 +21,5 @@ pub mod queue_socket;
 pub mod rawsock;
 pub mod receive;
 pub mod records;
+pub mod sticky;
 pub mod syn_path;

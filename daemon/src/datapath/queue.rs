@@ -44,9 +44,13 @@ use crate::watchdog::Heartbeat;
 #[derive(Debug)]
 pub enum MasterCommand {
     SetPolicy(Box<dyn Policy>),
-    /// Records a new master takes over (replica + SYN-RECV reconciliation), sent before the
-    /// master ruleset goes in, so it is processed before the first queued SYN.
-    Adopt(Vec<crate::datapath::records::RecordEntry>),
+    /// Records a new master takes over (replica + SYN-RECV reconciliation) and the replica's
+    /// client-affinity entries, sent before the master ruleset goes in, so they are processed
+    /// before the first queued SYN.
+    Adopt {
+        records: Vec<crate::datapath::records::RecordEntry>,
+        affinity: Vec<crate::datapath::records::RecordEntry>,
+    },
 }
 
 /// Kernel queue length before new SYNs are dropped: about 20 ms of SYNs at 200k/s.
@@ -303,9 +307,14 @@ impl Path {
                     tracing::info!(policy = p.name().as_str(), "policy switched");
                     self.core.set_policy(p);
                 }
-                MasterCommand::Adopt(entries) => {
-                    self.core.adopt(&entries);
-                    tracing::info!(records = entries.len(), "records adopted");
+                MasterCommand::Adopt { records, affinity } => {
+                    self.core.adopt(&records);
+                    self.core.adopt_affinity(&affinity);
+                    tracing::info!(
+                        records = records.len(),
+                        affinity = affinity.len(),
+                        "records adopted"
+                    );
                 }
             }
         }

@@ -150,6 +150,9 @@ impl SynPath {
         if outcome.retransmit {
             add(&self.counters.retransmit_hits);
         }
+        if outcome.sticky {
+            add(&self.counters.affinity_hits);
+        }
         let dropped = self.dispatcher.take_handoff_drops();
         if dropped > 0 {
             self.counters
@@ -160,6 +163,12 @@ impl SynPath {
         if evicted > 0 {
             self.counters
                 .records_evicted_live
+                .fetch_add(evicted, Relaxed);
+        }
+        let evicted = self.dispatcher.take_affinity_evictions();
+        if evicted > 0 {
+            self.counters
+                .affinity_evicted_live
                 .fetch_add(evicted, Relaxed);
         }
         match outcome.decision {
@@ -218,6 +227,11 @@ impl SynPath {
     /// Takes over records (a new master; see `crate::cluster::takeover`).
     pub fn adopt(&mut self, entries: &[RecordEntry]) {
         self.dispatcher.adopt(entries);
+    }
+
+    /// Takes over client-affinity entries (a new master).
+    pub fn adopt_affinity(&mut self, entries: &[RecordEntry]) {
+        self.dispatcher.adopt_affinity(entries);
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
