@@ -138,10 +138,36 @@ impl Firewall {
     }
 
     /// Replaces our tables with `rs` in one atomic batch: for each family, `add table; delete
-    /// table`, then the new table, chains, sets and rules. Every message's acknowledgement is
-    /// checked; on any error the kernel rolls the whole batch back and the old ruleset stays.
+    /// table`, then the new table, chains, sets and rules; except that an `inet` table already
+    /// there keeps its `given` set with its elements (see `lower::apply_plan`), so its chains
+    /// and other sets are read first. Every message's acknowledgement is checked; on any error
+    /// the kernel rolls the whole batch back and the old ruleset stays.
     pub fn apply(&mut self, rs: &Ruleset) -> Result<(), Error> {
-        self.run(&lower::apply_plan(rs))
+        let present = self.present()?;
+        self.run(&lower::apply_plan(rs, &present))
+    }
+
+    /// Our `inet` table's chains and named sets, as the kernel holds them now.
+    fn present(&mut self) -> Result<lower::Present, Error> {
+        let family = Family::Inet;
+        if !self.dump_tables(family)?.iter().any(|n| n == TABLE_NAME) {
+            return Ok(lower::Present::default());
+        }
+        let chains = self
+            .dump_chains(family)?
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        let mut sets = Vec::new();
+        self.dump(libc::NFT_MSG_GETSET, family, libc::NLM_F_DUMP, |msg| {
+            if msg.family() == Some(family_byte(family)) {
+                if let Some(set) = KernelSet::parse(msg)? {
+                    sets.push(set);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(lower::Present { chains, sets })
     }
 
     /// Deletes our tables (and nothing else). Succeeds when they are already absent.
@@ -156,7 +182,8 @@ impl Firewall {
     /// given, expression by expression. Counter values and the kernel-chosen names of anonymous
     /// sets are masked.
     pub fn verify(&mut self, rs: &Ruleset) -> Result<(), Error> {
-        let plan = lower::apply_plan(rs);
+        // The rules a fresh table gets are the rules a kept one gets.
+        let plan = lower::apply_plan(rs, &lower::Present::default());
         let expected_rules = expected_rules(&plan)?;
         for family in Family::ALL {
             let want_table = rs.table(family);
@@ -836,6 +863,48 @@ impl KernelChain {
     }
 }
 
+/// A named set of our table as the kernel reports it: (name, key length). `None` for another
+/// table's set and for anonymous sets (they go with their rules).
+struct KernelSet;
+
+impl KernelSet {
+    fn parse(msg: &NlMsg<'_>) -> Result<Option<(String, u32)>, Error> {
+        let set = Owned::new(
+            // SAFETY: plain allocation; checked for NULL by `Owned::new`.
+            unsafe { sys::nftnl_set_alloc() },
+            // SAFETY: frees the set allocated above, once.
+            |p| unsafe { sys::nftnl_set_free(p) },
+        );
+        // SAFETY: the header points at a complete message inside a 4-byte-aligned buffer.
+        if unsafe { sys::nftnl_set_nlmsg_parse(msg.header(), set.ptr()) } < 0 {
+            return Err(Error::Malformed {
+                reason: "unparsable set message",
+            });
+        }
+        // The getters act on `set`, parsed above; `is_set` guards each, and the strings are
+        // owned by `set`, which outlives the copies `cstr` makes.
+        let get_str = |id: u32| {
+            // SAFETY: see above.
+            unsafe { sys::nftnl_set_is_set(set.ptr(), attr(id)) }
+                // SAFETY: see above.
+                .then(|| cstr(unsafe { sys::nftnl_set_get_str(set.ptr(), attr(id)) }))
+        };
+        let get_u32 = |id: u32| {
+            // SAFETY: see above.
+            unsafe { sys::nftnl_set_is_set(set.ptr(), attr(id)) }
+                // SAFETY: see above.
+                .then(|| unsafe { sys::nftnl_set_get_u32(set.ptr(), attr(id)) })
+        };
+        let table = get_str(sys::NFTNL_SET_TABLE).unwrap_or_default();
+        let name = get_str(sys::NFTNL_SET_NAME).unwrap_or_default();
+        let flags = get_u32(sys::NFTNL_SET_FLAGS).unwrap_or(0);
+        if table != TABLE_NAME || name.is_empty() || flags & c32(libc::NFT_SET_ANONYMOUS) != 0 {
+            return Ok(None);
+        }
+        Ok(Some((name, get_u32(sys::NFTNL_SET_KEY_LEN).unwrap_or(0))))
+    }
+}
+
 /// A rule as the kernel reports it (or as we sent it), rendered by libnftnl.
 struct KernelRule {
     family: u32,
@@ -1013,7 +1082,7 @@ mod tests {
 
     /// The expressions of rule 1 of `inet tdsc input`, parsed back out of the batch bytes.
     fn syn_rule(queue: QueueBackend) -> Vec<(String, Vec<u8>)> {
-        let plan = lower::apply_plan(&master(queue));
+        let plan = lower::apply_plan(&master(queue), &lower::Present::default());
         let bytes = plan.bytes();
         let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
         // SAFETY: `aligned` has room for `bytes`; no overlap.
@@ -1145,7 +1214,8 @@ mod tests {
                     queue: QueueBackend::Compat,
                 },
             );
-            let rules = expected_rules(&lower::apply_plan(&rs)).unwrap();
+            let rules =
+                expected_rules(&lower::apply_plan(&rs, &lower::Present::default())).unwrap();
             let pre = &rules[&(Family::Inet, "prerouting".to_string())];
             assert_eq!(pre.len(), 3);
             let tail: Vec<&str> = pre[1]
@@ -1175,7 +1245,7 @@ mod tests {
 
     #[test]
     fn apply_batch_replaces_both_tables_and_labels_every_message() {
-        let plan = lower::apply_plan(&master(QueueBackend::Compat));
+        let plan = lower::apply_plan(&master(QueueBackend::Compat), &lower::Present::default());
         assert_eq!(
             &plan.labels[..6],
             &[

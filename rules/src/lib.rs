@@ -131,8 +131,7 @@
 //!
 //! What remains: the set holds 65,536 SYNs (13,107 given a second for 5 s); beyond that a SYN
 //! is not remembered and a late copy of it may stall its connection (never reset it). Applying
-//! a ruleset (a role change) re-creates the table and empties the set, so a late copy within
-//! that instant may do the same. A client that reused a port within 5 s with the very same
+//! a ruleset (a role change) keeps the set and its elements ([`Firewall::apply`]). A client that reused a port within 5 s with the very same
 //! initial sequence number would keep the old owner's entry marked; Linux draws it from a keyed
 //! hash of the 4-tuple plus a clock that moves 64 ns a tick.
 //!

@@ -129,21 +129,81 @@ pub(crate) fn proto_family(family: Family) -> ProtoFamily {
     }
 }
 
-/// The apply batch: for every family we may own, clear our table, then rebuild it if the
-/// ruleset has one. One transaction, so the old ruleset is replaced atomically.
-pub(crate) fn apply_plan(rs: &Ruleset) -> Plan {
+/// What the kernel holds of our `inet` table before an apply, as [`crate::Firewall::apply`]
+/// reads it: its chains and named sets. Empty: no table (or not read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Present {
+    pub chains: Vec<String>,
+    /// Named sets (anonymous ones go with the rules that own them): name and key length.
+    pub sets: Vec<(String, u32)>,
+}
+
+impl Present {
+    /// The [`GivenSet`] in the kernel has the key `set` needs, so its elements can stay.
+    fn keeps(&self, set: &GivenSet) -> bool {
+        let len = match set.family {
+            IpFamily::V4 => GivenKeyV4::LEN,
+            IpFamily::V6 => GivenKeyV6::LEN,
+        };
+        self.sets
+            .iter()
+            .any(|(name, key_len)| name == GIVEN_SET_NAME && *key_len == len)
+    }
+}
+
+/// The apply batch. One transaction, so the old ruleset is replaced atomically.
+///
+/// For the `netdev` table, and for an `inet` table the kernel does not hold yet: clear our
+/// table, then build it if the ruleset has one. For an `inet` table the kernel holds
+/// (`present`), when the new ruleset's [`GivenSet`] has the same key as the kernel's: delete
+/// every chain (with its rules) and every other named set, then add the new sets and chains
+/// around the kept `given` set. Its elements, the SYNs this node was given in the last
+/// [`GIVEN_TIMEOUT_MS`], survive a role change: a late copy of such a SYN does not take the
+/// ownership mark off the node's connection because its ruleset was replaced meanwhile.
+pub(crate) fn apply_plan(rs: &Ruleset, present: &Present) -> Plan {
     let mut b = Builder::new();
     for family in Family::ALL {
-        b.clear_table(family);
-        if let Some(table) = rs.table(family) {
-            let nl_table = nftnl::Table::new(TABLE_C, proto_family(family));
+        let table = rs.table(family);
+        let kept = match (family, table) {
+            (Family::Inet, Some(t)) => t.sets.iter().find_map(|s| match s {
+                NamedSet::Given(g) if present.keeps(g) => Some(g),
+                _ => None,
+            }),
+            _ => None,
+        };
+        let nl_table = nftnl::Table::new(TABLE_C, proto_family(family));
+        if kept.is_some() {
             b.add(
                 &nl_table,
                 MsgType::Add,
                 format!("add table {} {TABLE_NAME}", family.as_str()),
             );
+            for chain in &present.chains {
+                let name = CString::new(chain.as_str()).unwrap_or_default();
+                let nl_chain = nftnl::Chain::new(&name, &nl_table);
+                b.add(&nl_chain, MsgType::Del, format!("delete chain {chain}"));
+            }
+            for (set, _) in present.sets.iter().filter(|(n, _)| n != GIVEN_SET_NAME) {
+                let name = CString::new(set.as_str()).unwrap_or_default();
+                let s: Set<'_, GivenKeyV4> =
+                    Set::new_named(&name, 0, &nl_table, nl_table.get_family());
+                b.add(&s, MsgType::Del, format!("delete set {set}"));
+            }
+        } else {
+            b.clear_table(family);
+        }
+        if let Some(table) = table {
+            if kept.is_none() {
+                b.add(
+                    &nl_table,
+                    MsgType::Add,
+                    format!("add table {} {TABLE_NAME}", family.as_str()),
+                );
+            }
             for set in &table.sets {
                 match set {
+                    // Kept: the rules name it, and the kernel finds it by name.
+                    NamedSet::Given(_) if kept.is_some() => {}
                     NamedSet::Given(set) => add_given_set(&mut b, &nl_table, set),
                     NamedSet::SynPrefix(set) => add_syn_prefix_set(&mut b, &nl_table, set),
                 }

@@ -526,3 +526,58 @@ fn syn_limit_drops_a_flooding_prefix_and_spares_the_others() {
         "{set}"
     );
 }
+
+/// A role change replaces every chain and rule but keeps the `given` set and its elements: the
+/// SYNs this node was given lately stay its own across the change. A ruleset whose `given`
+/// set needs another key (another address family) gets a new, empty one.
+#[test]
+fn the_given_set_keeps_its_elements_across_role_changes() {
+    if !can_run_netns("the_given_set_keeps_its_elements_across_role_changes") {
+        return;
+    }
+    let ns = NetNs::new();
+    let given = "192.0.2.101 . 40000 . 80 . 7";
+    apply_and_verify(&ns, &member());
+    ns.nft(&[
+        "add",
+        "element",
+        "inet",
+        "tdsc",
+        "given",
+        &format!("{{ {given} timeout 60s }}"),
+    ]);
+    let listed = |ns: &NetNs| ns.nft(&["list", "set", "inet", "tdsc", "given"]);
+    assert!(listed(&ns).contains(given), "{}", listed(&ns));
+    let master = ruleset(
+        Role::Master,
+        &with_syn_limit(common::spec_v4(), common::SYN_LIMIT),
+        &COMPAT,
+    );
+    apply_and_verify(&ns, &master);
+    assert!(
+        listed(&ns).contains(given),
+        "member -> master emptied the given set: {}",
+        listed(&ns)
+    );
+    assert_eq!(listing(&ns).matches("set given").count(), 1);
+    apply_and_verify(&ns, &member());
+    assert!(
+        listed(&ns).contains(given),
+        "master -> member emptied the given set"
+    );
+    // The same ruleset as a fresh apply makes, but for the kept element.
+    let without_elements: String = listing(&ns)
+        .lines()
+        .filter(|l| !l.contains("elements = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(without_elements, golden("member"));
+    assert!(
+        !listing(&ns).contains("syn_prefix4"),
+        "the master's set went"
+    );
+    let v6 = ruleset(Role::Member, &common::spec_v6(), &COMPAT);
+    apply_and_verify(&ns, &v6);
+    let set = listed(&ns);
+    assert!(set.contains("ip6 saddr") && !set.contains(given), "{set}");
+}
