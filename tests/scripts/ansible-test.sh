@@ -125,7 +125,7 @@ for n in 1 2 3; do
   check "node$n: tcp-dsc installed" bash -c 'chroot "$1" dpkg-query -W -f="\${Status}" tcp-dsc | grep -q "install ok installed"' _ "$r"
   check "node$n: /usr/sbin/tdscd runs" chroot "$r" /usr/sbin/tdscd --version
   check "node$n: rendered config passes --check-config as node $n of 3" \
-    bash -c 'chroot "$1" /usr/sbin/tdscd --config /etc/tdsc/tdsc.toml --check-config | grep -qE "ok \(node $2, 3 bootstrap nodes; .*vip 192\.0\.2\.1\)"' _ "$r" "$n"
+    bash -c 'chroot "$1" /usr/sbin/tdscd --config /etc/tdsc/tdsc.toml --check-config | grep -qE "ok \(node $2, 3 bootstrap nodes; .*vip 192\.0\.2\.1, cluster key ids \[1\]\)"' _ "$r" "$n"
   check "node$n: the election keys reach the config (raft, data_dir, timing)" \
     bash -c 'f="$1/etc/tdsc/tdsc.toml"; grep -qx "mode = \"raft\"" "$f" && grep -qx "data_dir = \"/var/lib/tdsc\"" "$f" && grep -qx "election_tick = 10" "$f"' _ "$r"
   check "node$n: [threads] only where the host sets it (node2)" bash -c '

@@ -108,6 +108,13 @@ check "--check-config rejects a bad file, naming the key" bash -c '
   sed "s/^vip = .*/vip = \"192.0.2.300\"/" "$1/etc/tdsc/tdsc.toml" >"$1/tmp/bad.toml"
   out=$(chroot "$1" tdscd --config /tmp/bad.toml --check-config 2>&1) && exit 1
   grep -q "cluster.vip" <<<"$out"' _ "$root"
+check "--check-config refuses a cluster key that others can read" bash -c '
+  sed "s|^# key_file = .*|key_file = \"/tmp/open.key\"|" "$1/etc/tdsc/tdsc.toml" >"$1/tmp/open.toml"
+  grep -q "^key_file = \"/tmp/open.key\"" "$1/tmp/open.toml" || exit 1
+  echo "send 1" >"$1/tmp/open.key"; chmod 644 "$1/tmp/open.key"
+  out=$(chroot "$1" tdscd --config /tmp/open.toml --check-config 2>&1) && exit 1
+  rm -f "$1/tmp/open.key" "$1/tmp/open.toml"
+  grep -q "chmod 600" <<<"$out"' _ "$root"
 # The boot unit's command, with the packaged binary and libraries, in a new network namespace
 # (unshare -n): the host's own firewall is never touched.
 check "tdsc-safe-rules.service's commands, in a throw-away netns: member ruleset and sysctls" bash -c '

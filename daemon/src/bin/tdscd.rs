@@ -109,8 +109,26 @@ fn main() -> ExitCode {
             ),
             tdscd::config::ElectionMode::Static { .. } => format!("{} nodes", cfg.nodes.len()),
         };
+        // The key file as start-up reads it. An absent one is said, not failed: the package
+        // ships none, and the configuration is checked before the key is copied in.
+        let key = match tdscd::cluster::keyfile::load(&cfg.key_file) {
+            Ok(ring) => format!("cluster key ids {:?}", ring.ids()),
+            Err(tdscd::cluster::keyfile::KeyFileError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                eprintln!(
+                    "tdscd: warning: {} does not exist yet: tdscd will not start without it (tdscctl keygen)",
+                    cfg.key_file.display()
+                );
+                "no cluster key yet".to_owned()
+            }
+            Err(e) => {
+                eprintln!("tdscd: {}", chain(&e));
+                return ExitCode::from(2);
+            }
+        };
         println!(
-            "{}: ok (node {}, {nodes}, vip {})",
+            "{}: ok (node {}, {nodes}, vip {}, {key})",
             args.config.display(),
             cfg.node_id,
             cfg.vip
