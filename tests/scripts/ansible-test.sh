@@ -108,6 +108,7 @@ all:
         tcp_dsc_health: { report_interval_ms: 200, dead_after_ms: 1000 }
         tcp_dsc_shutdown: { drain_timeout_ms: 20000 }
         tcp_dsc_flood: { syn_prefix_rate: 1000, prefix_v4: 25 }
+        tcp_dsc_metrics_port: 9464
         tcp_dsc_service_state: ""
         tcp_dsc_sysctl_set: false
       hosts:
@@ -134,6 +135,9 @@ for n in 1 2 3; do
   check "node$n: the [flood] keys reach the config" bash -c '
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "\[flood\]" "$f" && grep -qx "syn_prefix_rate = 1000" "$f" && grep -qx "prefix_v4 = 25" "$f"' _ "$r"
+  check "node$n: [metrics] listens on its cluster address" bash -c '
+    f="$1/etc/tdsc/tdsc.toml"
+    grep -qx "\[metrics\]" "$f" && grep -qx "listen = \"198.51.100.1$2:9464\"" "$f"' _ "$r" "$n"
   check "node$n: node_id = $n, three [[nodes]] with their addresses" bash -c '
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "node_id = $2" "$f" && [ "$(grep -c "^\[\[nodes\]\]" "$f")" = 3 ] &&

@@ -13,6 +13,7 @@ pkgs=(
   dpkg-dev lintian                     # the .deb: dpkg-shlibdeps for cargo-deb, lintian
   debootstrap                          # install tests: a fresh Debian root
   python3-venv                         # Ansible role test: ansible-core and ansible-lint in a venv
+  prometheus                           # metrics test: a real Prometheus scrapes the lab, promtool checks the output
 )
 missing=()
 for p in "${pkgs[@]}"; do

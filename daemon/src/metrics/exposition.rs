@@ -42,6 +42,42 @@ pub fn render(scrape: &Scrape) -> String {
     out
 }
 
+/// The classic Prometheus text format (0.0.4) of `openmetrics` (what [`render`] returns), for
+/// clients that do not ask for OpenMetrics, such as `promtool check metrics` and older
+/// scrapers: `prometheus-client` writes only OpenMetrics, whose counter family `x` has samples
+/// `x_total`, where the classic format names the family `x_total` too. So: a counter
+/// family's HELP and TYPE lines get `_total`, and the `# UNIT` and `# EOF` lines, which the
+/// classic format lacks, go. Samples are the same in both.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            if let Some(h) = help.take() {
+                let text = h
+                    .strip_prefix("# HELP ")
+                    .and_then(|r| r.split_once(' '))
+                    .map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 type Labels = Vec<(&'static str, String)>;
 
 #[derive(Debug)]
@@ -650,6 +686,30 @@ mod tests {
         assert!(t.ends_with("# EOF\n"), "no EOF marker");
         // Self is never "last heard".
         assert!(!t.contains("tdsc_node_last_report_age_seconds{node=\"1\"}"));
+    }
+
+    #[test]
+    fn the_classic_format_names_counter_families_with_total_and_has_no_unit_or_eof() {
+        let t = to_classic(&render(&scrape()));
+        has(&t, "# HELP tdsc_syns_dispatched_total SYNs taken off the queue and given to the policy (master).");
+        has(&t, "# TYPE tdsc_syns_dispatched_total counter");
+        has(&t, "tdsc_syns_dispatched_total 600");
+        has(&t, "# TYPE tdsc_term gauge");
+        has(&t, "# TYPE tdsc_lease_remaining_seconds gauge");
+        has(&t, "tdsc_lease_remaining_seconds 1.5");
+        has(&t, "# TYPE tdsc_queue_batch_size histogram");
+        assert!(!t.contains("# UNIT") && !t.contains("# EOF"), "{t}");
+        // Every TYPE line has its HELP line just before it.
+        let lines: Vec<&str> = t.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap_or("");
+                assert!(
+                    i > 0 && lines[i - 1].starts_with(&format!("# HELP {name} ")),
+                    "{l}"
+                );
+            }
+        }
     }
 
     #[test]

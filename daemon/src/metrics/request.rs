@@ -9,8 +9,9 @@ pub const MAX_HEAD_BYTES: usize = 2048;
 /// What to answer a request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// `GET /metrics`: the exposition (`head_only` for `HEAD`).
-    Metrics { head_only: bool },
+    /// `GET /metrics`: the exposition (`head_only` for `HEAD`), in OpenMetrics if the client
+    /// accepts it (Prometheus does), else in the classic text format.
+    Metrics { head_only: bool, openmetrics: bool },
     /// A refusal, with its status line and counter.
     Refuse(Refusal),
 }
@@ -84,8 +85,8 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
 
-/// Decides on a complete head (`head` ends with its blank line). Only the request line
-/// matters; headers are neither needed nor trusted.
+/// Decides on a complete head (`head` ends with its blank line). The request line decides;
+/// of the headers only `Accept` is read, for the format.
 pub fn answer(head: &[u8]) -> Answer {
     let Ok(text) = std::str::from_utf8(head) else {
         return Answer::Refuse(Refusal::BadRequest);
@@ -110,28 +111,40 @@ pub fn answer(head: &[u8]) -> Answer {
     if path != "/metrics" {
         return Answer::Refuse(Refusal::NotFound);
     }
-    Answer::Metrics { head_only }
+    let openmetrics = text.split("\r\n").skip(1).any(|h| {
+        h.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    });
+    Answer::Metrics {
+        head_only,
+        openmetrics,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const CLASSIC: Answer = Answer::Metrics {
+        head_only: false,
+        openmetrics: false,
+    };
+
     #[test]
     fn requests_are_answered_by_their_request_line() {
         let cases: &[(&[u8], Answer)] = &[
-            (
-                b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-                Answer::Metrics { head_only: false },
-            ),
-            (
-                b"GET /metrics?x=1 HTTP/1.0\r\n\r\n",
-                Answer::Metrics { head_only: false },
-            ),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", CLASSIC),
+            (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", CLASSIC),
             (
                 b"HEAD /metrics HTTP/1.1\r\n\r\n",
-                Answer::Metrics { head_only: true },
+                Answer::Metrics { head_only: true, openmetrics: false },
             ),
+            (
+                b"GET /metrics HTTP/1.1\r\naccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n",
+                Answer::Metrics { head_only: false, openmetrics: true },
+            ),
+            (b"GET /metrics HTTP/1.1\r\nAccept: text/plain\r\n\r\n", CLASSIC),
             (
                 b"POST /metrics HTTP/1.1\r\n\r\n",
                 Answer::Refuse(Refusal::Method),

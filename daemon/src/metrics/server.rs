@@ -111,11 +111,20 @@ async fn connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<(
         Ok(Ok(Some(head))) => answer(&head),
     };
     let reply = match decided {
-        Answer::Metrics { head_only } => {
+        Answer::Metrics {
+            head_only,
+            openmetrics,
+        } => {
             c.served.fetch_add(1, Relaxed);
-            let body = crate::metrics::exposition::render(&crate::metrics::collect(shared));
+            let mut body = crate::metrics::exposition::render(&crate::metrics::collect(shared));
+            let content_type = if openmetrics {
+                OPENMETRICS
+            } else {
+                body = crate::metrics::exposition::to_classic(&body);
+                CLASSIC
+            };
             let mut reply = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             )
             .into_bytes();
@@ -137,8 +146,10 @@ async fn connection(mut stream: TcpStream, shared: &Shared) -> std::io::Result<(
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "metrics reply not taken"))?
 }
 
-/// The OpenMetrics text format `prometheus-client` writes (counters as `_total`, `# EOF`).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The OpenMetrics text format `prometheus-client` writes, for clients that accept it.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic text format ([`crate::metrics::exposition::to_classic`]), for the others.
+pub const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Reads up to the blank line; `None` if none comes within [`MAX_HEAD_BYTES`] (or the client
 /// closes first).
