@@ -54,6 +54,8 @@ struct RawConfig {
     #[serde(default)]
     flood: RawFlood,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     nodes: Vec<RawNode>,
 }
 
@@ -138,6 +140,12 @@ struct RawFlood {
     syn_prefix_burst: Option<i64>,
     prefix_v4: Option<i64>,
     prefix_v6: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +326,9 @@ pub struct Config {
     pub syn_prefix_limit: Option<tdsc_rules::SynPrefixLimit>,
     /// `[scheduler] affinity = "client-address"` and its keys; `None`: `affinity = "none"`.
     pub affinity: Option<crate::datapath::sticky::AffinitySettings>,
+    /// `[metrics] listen`: the address of the Prometheus endpoint (`crate::metrics`); `None`
+    /// (absent, the default) serves none.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Sorted by id.
     pub nodes: Vec<Node>,
 }
@@ -684,6 +695,7 @@ impl Config {
         }
 
         let syn_prefix_limit = flood_limit(&raw.flood)?;
+        let metrics_listen = metrics_listen(&raw.metrics)?;
 
         Ok(Config {
             node_id: raw.node_id,
@@ -723,6 +735,7 @@ impl Config {
             queue_io,
             drain_timeout: Duration::from_millis(drain_ms),
             syn_prefix_limit,
+            metrics_listen,
             nodes,
         })
     }
@@ -759,6 +772,28 @@ impl Config {
         let id = self.node_id.to_le_bytes()[0];
         Some([0x02, id, tail[0], tail[1], tail[2], tail[3]])
     }
+}
+
+/// `[metrics] listen`: an `address:port` (IPv6 in brackets) with a port above 0; absent, no
+/// endpoint. The endpoint has no authentication, so which interface it is on is the
+/// operator's choice, never a default.
+fn metrics_listen(raw: &RawMetrics) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    let Some(text) = &raw.listen else {
+        return Ok(None);
+    };
+    let address: std::net::SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            "metrics.listen",
+            format!("{text:?} is not an address:port (e.g. \"127.0.0.1:9464\", \"[::1]:9464\")"),
+        )
+    })?;
+    if address.port() == 0 {
+        return Err(invalid(
+            "metrics.listen",
+            format!("{text:?}: port 0 is not a fixed port; Prometheus needs one"),
+        ));
+    }
+    Ok(Some(address))
 }
 
 /// `[flood]`: off unless `syn_prefix_rate` is set above 0; its other keys are refused while it
@@ -1263,6 +1298,46 @@ address = "198.51.100.12"
             assert!(
                 msg.contains(key),
                 "error for {extra:?} does not name {key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_listen_where_told() {
+        assert_eq!(Config::parse(GOOD).unwrap().metrics_listen, None);
+        let c = Config::parse(&format!(
+            "{GOOD}\n[metrics]\nlisten = \"198.51.100.1:9464\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics_listen, Some("198.51.100.1:9464".parse().unwrap()));
+        let c = Config::parse(&format!("{GOOD}\n[metrics]\nlisten = \"[::1]:9464\"\n")).unwrap();
+        assert_eq!(c.metrics_listen, Some("[::1]:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_metrics_values_name_the_key() {
+        for bad in [
+            "listen = \"127.0.0.1\"",
+            "listen = \"localhost:9464\"",
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"::1:9464\"",
+        ] {
+            let err = Config::parse(&format!("{GOOD}\n[metrics]\n{bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("metrics.listen"),
+                "error for {bad:?} does not name the key: {err}"
+            );
+        }
+        // Wrong shapes are refused by serde, naming the key.
+        for (bad, key) in [("listen = 9464", "listen"), ("port = 9464", "port")] {
+            let err = Config::parse(&format!("{GOOD}\n[metrics]\n{bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains(key),
+                "error for {bad:?} does not name {key}: {err}"
             );
         }
     }

@@ -17,7 +17,8 @@
 //! ([`cluster::bus`]) routes every message to its owner; the Raft task ([`cluster::raft`]) also
 //! owns the cluster's [`cluster::membership`], which it applies to the dispatch
 //! [`cluster::view`] and, through the role task ([`node`]), to the ruleset; the control socket
-//! ([`admin`]) serves `tdscctl`. Every thread and task is owned by a handle that stops it
+//! ([`admin`]) serves `tdscctl`, and
+//! [`metrics`] serves Prometheus. Every thread and task is owned by a handle that stops it
 //! cooperatively and joins it ([`shutdown`]).
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod host;
+pub mod metrics;
 pub mod node;
 pub mod shutdown;
 pub mod watchdog;

@@ -97,6 +97,8 @@ pub enum NodeError {
     },
     #[error("control socket")]
     Control(#[from] crate::admin::server::ControlError),
+    #[error("metrics endpoint")]
+    Metrics(#[from] crate::metrics::server::ListenError),
     #[error("raft election")]
     Raft(#[from] crate::cluster::raft::RaftTaskError),
     #[error("[threads] data_path_cpu")]
@@ -136,6 +138,8 @@ pub struct Shared {
     pub cluster_socket: Arc<ClusterSocket>,
     /// The control socket's refusals; its accept loop and sessions write them.
     pub control: crate::admin::server::ControlCounters,
+    /// The metrics server's own counts; its accept loop and connections write them.
+    pub metrics_http: crate::metrics::server::HttpCounters,
 }
 
 impl Shared {
@@ -461,6 +465,9 @@ struct Owners {
     /// The control socket's accept loop and its sessions. First, so that no request starts
     /// once teardown has begun; a session ends after the request in hand.
     control: TaskHandle,
+    /// The `/metrics` server (`[metrics] listen`), when configured. Beside the control
+    /// socket: a scrape reads the same state, and ends within its timeouts.
+    metrics: Option<TaskHandle>,
     /// Applies committed settings (the policy) through `Shared::set_policy`.
     settings: TaskHandle,
     /// The cluster socket's receive loop ([`Bus`]).
@@ -796,6 +803,10 @@ impl<'a> Node<'a> {
         };
 
         let listener = crate::admin::server::bind(&cfg.control_socket).await?;
+        let metrics_listener = match cfg.metrics_listen {
+            Some(address) => Some(crate::metrics::server::bind(address).await?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             policy: AtomicU8::new(
                 u8::try_from(
@@ -825,6 +836,7 @@ impl<'a> Node<'a> {
             replica: w.replica,
             cluster_socket,
             control: crate::admin::server::ControlCounters::default(),
+            metrics_http: crate::metrics::server::HttpCounters::default(),
         });
         let control = {
             let shared = shared.clone();
@@ -832,6 +844,12 @@ impl<'a> Node<'a> {
                 crate::admin::server::serve(listener, shared, s)
             })
         };
+        let metrics = metrics_listener.map(|listener| {
+            let shared = shared.clone();
+            TaskHandle::spawn("metrics", &sup, move |s| {
+                crate::metrics::server::serve(listener, shared, s)
+            })
+        });
         let settings = {
             let shared = shared.clone();
             TaskHandle::spawn("settings", &sup, move |s| {
@@ -868,6 +886,7 @@ impl<'a> Node<'a> {
             owners: Owners {
                 watchdog,
                 control,
+                metrics,
                 settings,
                 bus,
                 reporter,
@@ -1095,6 +1114,7 @@ impl<'a> Node<'a> {
         let Owners {
             watchdog,
             control,
+            metrics,
             settings,
             bus,
             reporter,
@@ -1106,8 +1126,13 @@ impl<'a> Node<'a> {
         if let Some(w) = watchdog {
             w.stop(STOP_WAIT).await;
         }
+        let metrics_joined = match metrics {
+            Some(m) => m.stop(STOP_WAIT).await,
+            None => true,
+        };
         let joined = [
             control.stop(STOP_WAIT).await,
+            metrics_joined,
             settings.stop(STOP_WAIT).await,
             bus.stop(STOP_WAIT).await,
             reporter.stop(STOP_WAIT).await,

@@ -79,6 +79,40 @@ const HKDF_SALT: &[u8] = b"tcp-dsc seal v1";
 const LABEL_MESSAGE: &[u8] = b"cluster datagram";
 /// HKDF label of the forward-tag key.
 const LABEL_FORWARD: &[u8] = b"proto-253 forward";
+/// HKDF label of the TCP Fast Open server key ([`Keyring::tcp_fastopen_key`]): a third
+/// output of the same extraction, so it reveals nothing of the cluster key or the AEAD keys.
+const LABEL_TCP_FASTOPEN: &[u8] = b"tcp_fastopen_key";
+
+/// Length of the kernel's TCP Fast Open key (`TCP_FASTOPEN_KEY_LENGTH`: 128-bit SipHash key).
+pub const TCP_FASTOPEN_KEY_LEN: usize = 16;
+
+struct FastOpenLen;
+
+impl hkdf::KeyType for FastOpenLen {
+    fn len(&self) -> usize {
+        TCP_FASTOPEN_KEY_LEN
+    }
+}
+
+fn derive_fastopen(key: &[u8; KEY_LEN]) -> [u8; TCP_FASTOPEN_KEY_LEN] {
+    let labels = [LABEL_TCP_FASTOPEN];
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(key);
+    let mut out = [0u8; TCP_FASTOPEN_KEY_LEN];
+    prk.expand(&labels, FastOpenLen)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("16 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
+/// `key` as `net.ipv4.tcp_fastopen_key` reads and writes it: four groups of eight hex digits,
+/// each the big-endian reading of four key bytes (the kernel parses each group with `%x` into a
+/// u32 and prints it back the same way, so the text round-trips).
+pub fn format_fastopen_key(key: &[u8; TCP_FASTOPEN_KEY_LEN]) -> String {
+    key.chunks(4)
+        .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("-")
+}
 
 /// Why a keyring file was refused. The line number is 1-based.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,9 +178,10 @@ pub struct Opened<'a> {
     pub payload: &'a [u8],
 }
 
-/// One key: its id and the two AES keys derived from it.
+/// One key: its id, the two AES keys and the TCP Fast Open key derived from it.
 struct Entry {
     id: u8,
+    fastopen: [u8; TCP_FASTOPEN_KEY_LEN],
     message: LessSafeKey,
     forward: LessSafeKey,
 }
@@ -197,6 +232,13 @@ fn parse_hex_key(s: &str) -> Option<[u8; KEY_LEN]> {
 }
 
 impl Keyring {
+    /// The TCP Fast Open server key every node holding this keyring derives alike (from the
+    /// key this node seals with, so during a rotation a node that has switched `send` issues
+    /// cookies the others do not accept until they switch too). Secret, as the cluster key.
+    pub fn tcp_fastopen_key(&self) -> [u8; TCP_FASTOPEN_KEY_LEN] {
+        self.entries[self.send].fastopen
+    }
+
     /// Builds a keyring from raw keys. `send` names the sealing key; with one key it may be
     /// `None`.
     pub fn new(keys: &[(u8, [u8; KEY_LEN])], send: Option<u8>) -> Result<Self, KeyError> {
@@ -213,6 +255,7 @@ impl Keyring {
             }
             entries.push(Entry {
                 id: *id,
+                fastopen: derive_fastopen(key),
                 message: derive(key, LABEL_MESSAGE),
                 forward: derive(key, LABEL_FORWARD),
             });
@@ -486,6 +529,25 @@ mod tests {
 
     fn ring(keys: &[(u8, [u8; KEY_LEN])], send: Option<u8>) -> Keyring {
         Keyring::new(keys, send).unwrap()
+    }
+
+    #[test]
+    fn the_fastopen_key_is_the_same_for_one_key_differs_for_another_and_is_not_the_key() {
+        let a = ring(&[(1, K1)], None).tcp_fastopen_key();
+        assert_eq!(a, ring(&[(1, K1), (2, K2)], Some(1)).tcp_fastopen_key());
+        assert_ne!(a, ring(&[(1, K1), (2, K2)], Some(2)).tcp_fastopen_key());
+        assert_ne!(a[..], K1[..TCP_FASTOPEN_KEY_LEN]);
+        // HKDF-SHA256(salt "tcp-dsc seal v1", ikm K1, info "tcp_fastopen_key"), first 16
+        // bytes, computed independently (Python's hmac): pinned, so a change of derivation
+        // (which would break cookies across a rolling upgrade) is seen.
+        assert_eq!(
+            format_fastopen_key(&a),
+            "adbc6319-c5376d03-0893bf1b-f7d234ae"
+        );
+        let text = format_fastopen_key(&[
+            0x01, 0x02, 0x03, 0x04, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
+        ]);
+        assert_eq!(text, "01020304-a0000000-00000000-ffffffff");
     }
 
     #[test]

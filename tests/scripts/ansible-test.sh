@@ -109,6 +109,7 @@ all:
         tcp_dsc_shutdown: { drain_timeout_ms: 20000 }
         tcp_dsc_flood: { syn_prefix_rate: 1000, prefix_v4: 25 }
         tcp_dsc_scheduler_extra: { affinity: client-address, affinity_timeout_ms: 60000 }
+        tcp_dsc_metrics_port: 9464
         tcp_dsc_service_state: ""
         tcp_dsc_sysctl_set: false
       hosts:
@@ -139,6 +140,9 @@ for n in 1 2 3; do
     f="$1/etc/tdsc/tdsc.toml"
     sed -n "/^\[scheduler\]/,/^\[/p" "$f" | grep -qx "affinity = \"client-address\"" &&
     grep -qx "affinity_timeout_ms = 60000" "$f"' _ "$r"
+  check "node$n: [metrics] listens on its cluster address" bash -c '
+    f="$1/etc/tdsc/tdsc.toml"
+    grep -qx "\[metrics\]" "$f" && grep -qx "listen = \"198.51.100.1$2:9464\"" "$f"' _ "$r" "$n"
   check "node$n: node_id = $n, three [[nodes]] with their addresses" bash -c '
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "node_id = $2" "$f" && [ "$(grep -c "^\[\[nodes\]\]" "$f")" = 3 ] &&

@@ -14,6 +14,7 @@ pkgs=(
   dpkg-dev lintian                     # the .deb: dpkg-shlibdeps for cargo-deb, lintian
   debootstrap                          # install tests: a fresh Debian root
   python3-venv                         # Ansible role test: ansible-core and ansible-lint in a venv
+  prometheus                           # metrics test: a real Prometheus scrapes the lab, promtool checks the output
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -23,7 +24,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # No package installed here may start a service on this host (Debian's prometheus would
+  # enable and start prometheus.service on :9090): policy-rc.d refuses every start for the
+  # length of this install, unless the host already has a policy of its own.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$policy" ]; then rm -f "$policy"; trap - EXIT; fi
+  # A unit enabled at boot would still start it later.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled prometheus >/dev/null 2>&1; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -108,6 +108,8 @@ pub struct ClusterOptions {
     pub threads_extra: Vec<(String, toml::Value)>,
     /// Extra `[flood]` keys for every node's config (e.g. `syn_prefix_rate = 1000`).
     pub flood_extra: Vec<(String, toml::Value)>,
+    /// Serve `/metrics` on each node's cluster address at this port (`[metrics] listen`).
+    pub metrics_port: Option<u16>,
     /// Per-flow CPU steering (RPS) on the client side's veths, so that each connection's
     /// segments are handled on one CPU as a NIC's RSS does (docs/platform.md). On by default:
     /// without it a veth lets one connection's handshake ACK and request race on two CPUs.
@@ -131,6 +133,7 @@ impl Default for ClusterOptions {
             scheduler_extra: Vec::new(),
             threads_extra: Vec::new(),
             flood_extra: Vec::new(),
+            metrics_port: None,
             steer_flows: true,
         }
     }
@@ -324,6 +327,15 @@ impl Cluster {
             add_keys(&config, "scheduler", &opts.scheduler_extra)?;
             add_keys(&config, "threads", &opts.threads_extra)?;
             add_keys(&config, "flood", &opts.flood_extra)?;
+            let cluster_addr = node
+                .ipv4_addresses()
+                .iter()
+                .find(|(_, _, dev)| dev == "eth1")
+                .map(|(a, _, _)| *a);
+            if let (Some(port), Some(addr)) = (opts.metrics_port, cluster_addr) {
+                let listen = SocketAddrV4::new(addr, port).to_string();
+                add_keys(&config, "metrics", &[("listen".to_owned(), listen.into())])?;
+            }
             vip.get_or_insert(facts.vip);
             port.get_or_insert(facts.port);
             if facts.master.is_some() {
@@ -334,11 +346,7 @@ impl Cluster {
                 id: facts.node_id,
                 config,
                 socket,
-                cluster_addr: node
-                    .ipv4_addresses()
-                    .iter()
-                    .find(|(_, _, dev)| dev == "eth1")
-                    .map(|(a, _, _)| *a),
+                cluster_addr,
                 load_file,
             });
         }

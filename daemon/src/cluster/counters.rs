@@ -12,7 +12,12 @@ macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// Event counters; `tdscctl status` shows a snapshot.
         #[derive(Debug, Default)]
-        pub struct Counters { $( $(#[$doc])* pub $name: AtomicU64, )* }
+        pub struct Counters {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// The size of every batch the queue reader took off NFQUEUE (master thread, once
+            /// per receive that returned packets; never per SYN).
+            pub queue_batch_sizes: Histogram<{ BATCH_SIZE_BOUNDS.len() }>,
+        }
 
         #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
         pub struct CountersSnapshot { $( pub $name: u64, )* }
@@ -94,6 +99,81 @@ pub fn add(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
+/// Upper bounds of the queue batch-size histogram's buckets, in packets: powers of two up to
+/// `crate::datapath::queue_socket::MAX_BATCH` (64), the most one receive returns.
+pub const BATCH_SIZE_BOUNDS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// Upper bounds of the takeover-duration histogram's buckets, in milliseconds: a takeover
+/// waits at most `[scheduler] syn_recv_wait_ms` (50 ms by default, 2 s at most) for answers.
+pub const TAKEOVER_MS_BOUNDS: [u64; 9] = [1, 5, 10, 25, 50, 100, 250, 500, 2000];
+
+/// A histogram of atomics with fixed bucket bounds, for one writer that observes rarely (once
+/// per queue batch, once per takeover), read by `/metrics` ([`crate::metrics`]). An
+/// observation is two or three relaxed `fetch_add`s: no lock, no allocation. The bounds are
+/// the caller's constant, passed on every call, so the histogram holds only counts.
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    /// Observations at most `bounds[i]` and above `bounds[i - 1]` (not cumulative).
+    buckets: [AtomicU64; N],
+    /// Observations above the last bound.
+    over: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            over: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    /// Counts `value` in the first bucket whose bound (in `bounds`, ascending) holds it.
+    pub fn observe(&self, bounds: &[u64; N], value: u64) {
+        match bounds.iter().position(|b| value <= *b) {
+            Some(i) => self.buckets[i].fetch_add(1, Relaxed),
+            None => self.over.fetch_add(1, Relaxed),
+        };
+        self.sum.fetch_add(value, Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self, bounds: &[u64; N]) -> HistogramSnapshot {
+        let buckets: Vec<(u64, u64)> = bounds
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, c)| (*b, c.load(Relaxed)))
+            .collect();
+        HistogramSnapshot {
+            buckets,
+            over: self.over.load(Relaxed),
+            sum: self.sum.load(Relaxed),
+        }
+    }
+}
+
+/// A [`Histogram`] read at one moment. Read without a lock, so a concurrent observation may be
+/// in `sum` and not yet in a bucket; the next read has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// (upper bound, observations above the bound before it and at most this one), ascending;
+    /// not cumulative.
+    pub buckets: Vec<(u64, u64)>,
+    /// Observations above the last bound.
+    pub over: u64,
+    pub sum: u64,
+}
+
+impl HistogramSnapshot {
+    /// Every observation.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|(_, c)| c).sum::<u64>() + self.over
+    }
+}
+
 /// Datagrams on the cluster socket (`crate::cluster::bus`, `crate::cluster::report`).
 #[derive(Debug, Default)]
 pub struct ReportCounters {
@@ -128,4 +208,23 @@ pub struct ClusterDropCounters {
     pub undecodable: AtomicU64,
     /// Accepted, but its owner's channel was full or closed (or there is no owner).
     pub no_owner: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_hold_each_value_once_and_count_what_is_over_the_last_bound() {
+        let h = Histogram::<3>::default();
+        let bounds = [1, 4, 16];
+        for v in [0, 1, 2, 4, 5, 16, 17, 1000] {
+            h.observe(&bounds, v);
+        }
+        let s = h.snapshot(&bounds);
+        assert_eq!(s.buckets, vec![(1, 2), (4, 2), (16, 2)]);
+        assert_eq!(s.over, 2);
+        assert_eq!(s.count(), 8);
+        assert_eq!(s.sum, 1045);
+    }
 }

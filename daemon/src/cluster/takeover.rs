@@ -58,6 +58,7 @@ use tdsc_proto::control::{
 };
 
 use crate::cluster::bus::ClusterSocket;
+use crate::cluster::counters::{Histogram, TAKEOVER_MS_BOUNDS};
 use crate::cluster::role::RoleCell;
 use crate::cluster::view::ClusterView;
 use crate::datapath::queue::MasterCommand;
@@ -92,6 +93,9 @@ pub struct RecordStats {
     /// SYN-RECV queries this node answered.
     pub queries_answered: AtomicU64,
     pub last_takeover: Mutex<Option<TakeoverReport>>,
+    /// How long each takeover took, in ms (`TakeoverReport::wait_ms`; the Raft task's
+    /// takeover, once per takeover).
+    pub takeover_ms: Histogram<{ TAKEOVER_MS_BOUNDS.len() }>,
 }
 
 /// What the last takeover adopted.
@@ -518,6 +522,9 @@ impl Takeover {
             wait_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         tracing::info!(?report, "takeover: records and SYN-RECV sockets adopted");
+        self.stats
+            .takeover_ms
+            .observe(&TAKEOVER_MS_BOUNDS, report.wait_ms);
         if let Ok(mut last) = self.stats.last_takeover.lock() {
             *last = Some(report);
         }

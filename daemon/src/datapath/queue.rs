@@ -381,6 +381,9 @@ impl Path {
                 self.counters.queue_received.fetch_add(packets, Relaxed);
                 add(&self.counters.queue_batches);
                 self.counters.queue_batch_max.fetch_max(packets, Relaxed);
+                self.counters
+                    .queue_batch_sizes
+                    .observe(&crate::cluster::counters::BATCH_SIZE_BOUNDS, packets);
             }
             self.heartbeat.beat(self.role.now_ms());
         }
