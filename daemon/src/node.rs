@@ -107,6 +107,13 @@ pub enum NodeError {
     Shutdown(Vec<String>),
 }
 
+/// Control requests from other nodes: (sender id, its address, request), bus → cluster
+/// control task.
+type RemoteRequestTx =
+    tokio::sync::mpsc::Sender<(u32, std::net::SocketAddr, tdsc_proto::control::ControlRequest)>;
+type RemoteRequestRx =
+    tokio::sync::mpsc::Receiver<(u32, std::net::SocketAddr, tdsc_proto::control::ControlRequest)>;
+
 /// What the control socket and the tasks share.
 #[derive(Debug)]
 pub struct Shared {
@@ -136,6 +143,8 @@ pub struct Shared {
     pub cluster_socket: Arc<ClusterSocket>,
     /// The control socket's refusals; its accept loop and sessions write them.
     pub control: crate::admin::server::ControlCounters,
+    /// The cluster control task: control sessions hand it requests for other nodes.
+    pub remote: crate::cluster::remote::RemoteHandle,
 }
 
 impl Shared {
@@ -377,6 +386,15 @@ struct Wiring {
     /// Answers to this node's SYN-RECV queries, bus → takeover.
     answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::SynRecvAnswer)>,
     answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::SynRecvAnswer)>,
+    /// Control requests for other nodes, control sessions → cluster control task.
+    remote_asks: tokio::sync::mpsc::Sender<crate::cluster::remote::Ask>,
+    remote_asks_rx: tokio::sync::mpsc::Receiver<crate::cluster::remote::Ask>,
+    /// Control requests from other nodes, bus → cluster control task.
+    remote_requests: RemoteRequestTx,
+    remote_requests_rx: RemoteRequestRx,
+    /// Answers to this node's control requests, bus → cluster control task.
+    remote_answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::ControlAnswer)>,
+    remote_answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::ControlAnswer)>,
     /// Progress of the queue thread (it writes) and of the Raft task (it writes); the
     /// watchdog feeder reads both.
     queue_beat: Arc<Heartbeat>,
@@ -410,6 +428,10 @@ impl Wiring {
             tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
         let (answers, answers_rx) =
             tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
+        let remote_capacity = crate::cluster::remote::CHANNEL_CAPACITY;
+        let (remote_asks, remote_asks_rx) = tokio::sync::mpsc::channel(remote_capacity);
+        let (remote_requests, remote_requests_rx) = tokio::sync::mpsc::channel(remote_capacity);
+        let (remote_answers, remote_answers_rx) = tokio::sync::mpsc::channel(remote_capacity);
         Wiring {
             view,
             counters: Arc::new(Counters::default()),
@@ -434,6 +456,12 @@ impl Wiring {
             queries_rx,
             answers,
             answers_rx,
+            remote_asks,
+            remote_asks_rx,
+            remote_requests,
+            remote_requests_rx,
+            remote_answers,
+            remote_answers_rx,
             queue_beat: Arc::new(Heartbeat::default()),
             raft_beat: Arc::new(Heartbeat::default()),
             disk_beat: Arc::new(Heartbeat::default()),
@@ -457,6 +485,9 @@ struct Owners {
     /// The control socket's accept loop and its sessions. First, so that no request starts
     /// once teardown has begun; a session ends after the request in hand.
     control: TaskHandle,
+    /// Carries control requests to other nodes and serves theirs (`crate::cluster::remote`).
+    /// Right after the control socket, whose sessions wait on it.
+    remote: TaskHandle,
     /// Applies committed settings (the policy) through `Shared::set_policy`.
     settings: TaskHandle,
     /// The cluster socket's receive loop ([`Bus`]).
@@ -782,6 +813,8 @@ impl<'a> Node<'a> {
                     raft_requests: raft.then(|| w.raft_requests.clone()),
                     syn_recv_queries: w.queries,
                     syn_recv_answers: w.answers,
+                    control_requests: w.remote_requests,
+                    control_answers: w.remote_answers,
                 },
                 windows: HashMap::new(),
             };
@@ -818,7 +851,23 @@ impl<'a> Node<'a> {
             replica: w.replica,
             cluster_socket,
             control: crate::admin::server::ControlCounters::default(),
+            remote: crate::cluster::remote::RemoteHandle {
+                asks: w.remote_asks,
+                counters: Arc::default(),
+            },
         });
+        let remote = {
+            let shared = shared.clone();
+            let sock = shared.cluster_socket.clone();
+            let links = crate::cluster::remote::RemoteLinks {
+                asks: w.remote_asks_rx,
+                requests: w.remote_requests_rx,
+                answers: w.remote_answers_rx,
+            };
+            TaskHandle::spawn("cluster-control", &sup, move |s| {
+                crate::cluster::remote::run(sock, shared, links, s)
+            })
+        };
         let control = {
             let shared = shared.clone();
             TaskHandle::spawn("control", &sup, move |s| {
@@ -861,6 +910,7 @@ impl<'a> Node<'a> {
             owners: Owners {
                 watchdog,
                 control,
+                remote,
                 settings,
                 bus,
                 reporter,
@@ -1088,6 +1138,7 @@ impl<'a> Node<'a> {
         let Owners {
             watchdog,
             control,
+            remote,
             settings,
             bus,
             reporter,
@@ -1101,6 +1152,7 @@ impl<'a> Node<'a> {
         }
         let joined = [
             control.stop(STOP_WAIT).await,
+            remote.stop(STOP_WAIT).await,
             settings.stop(STOP_WAIT).await,
             bus.stop(STOP_WAIT).await,
             reporter.stop(STOP_WAIT).await,
