@@ -109,10 +109,16 @@ pub enum NodeError {
 
 /// Control requests from other nodes: (sender id, its address, request), bus → cluster
 /// control task.
-type RemoteRequestTx =
-    tokio::sync::mpsc::Sender<(u32, std::net::SocketAddr, tdsc_proto::control::ControlRequest)>;
-type RemoteRequestRx =
-    tokio::sync::mpsc::Receiver<(u32, std::net::SocketAddr, tdsc_proto::control::ControlRequest)>;
+type RemoteRequestTx = tokio::sync::mpsc::Sender<(
+    u32,
+    std::net::SocketAddr,
+    tdsc_proto::control::ControlRequest,
+)>;
+type RemoteRequestRx = tokio::sync::mpsc::Receiver<(
+    u32,
+    std::net::SocketAddr,
+    tdsc_proto::control::ControlRequest,
+)>;
 
 /// What the control socket and the tasks share.
 #[derive(Debug)]

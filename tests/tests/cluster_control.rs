@@ -163,7 +163,11 @@ fn weight_drain_and_policy_sent_to_a_follower_take_effect_cluster_wide() -> anyh
     let done = cluster.ctl(f, &["drain", &o])?;
     ensure!(done.contains("draining"), "{done}");
     ensure!(
-        cluster.status(&other_name)?.nodes.iter().any(|n| n.is_self && n.draining),
+        cluster
+            .status(&other_name)?
+            .nodes
+            .iter()
+            .any(|n| n.is_self && n.draining),
         "the drained node's own status does not say draining"
     );
     cluster.wait_master_status("drain to reach the master", PROPAGATION, |s| {
@@ -232,7 +236,10 @@ fn weight_drain_and_policy_sent_to_a_follower_take_effect_cluster_wide() -> anyh
         "{all:?}"
     );
     for a in &all {
-        let s = a.status.as_ref().with_context(|| format!("no status: {a:?}"))?;
+        let s = a
+            .status
+            .as_ref()
+            .with_context(|| format!("no status: {a:?}"))?;
         ensure!(s.node_id == a.id && a.error.is_none(), "{a:?}");
         ensure!(s.policy == "weighted-round-robin", "{a:?}");
     }
@@ -288,7 +295,10 @@ fn node_remove_and_add_sent_to_a_follower_are_committed_by_the_leader() -> anyho
     rest.retain(|&i| i != other);
 
     let done = cluster.ctl(f, &["node", "remove", &other.to_string()])?;
-    ensure!(done.contains("removed") && done.contains("voters now"), "{done}");
+    ensure!(
+        done.contains("removed") && done.contains("voters now"),
+        "{done}"
+    );
     let start = Instant::now();
     for n in cluster.nodes().iter().filter(|n| n.id != other) {
         loop {
@@ -296,7 +306,12 @@ fn node_remove_and_add_sent_to_a_follower_are_committed_by_the_leader() -> anyho
             if s.voters == rest {
                 break;
             }
-            ensure!(start.elapsed() < PROPAGATION, "{}: voters {:?}", n.name, s.voters);
+            ensure!(
+                start.elapsed() < PROPAGATION,
+                "{}: voters {:?}",
+                n.name,
+                s.voters
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -311,7 +326,10 @@ fn node_remove_and_add_sent_to_a_follower_are_committed_by_the_leader() -> anyho
         "the removed node {other} got connections: {:?}",
         tally.by_node
     );
-    ensure!(!cluster.status(&other_name)?.member, "node {other} still a member");
+    ensure!(
+        !cluster.status(&other_name)?.member,
+        "node {other} still a member"
+    );
 
     let done = cluster.ctl(f, &["node", "add", &other.to_string(), &address])?;
     ensure!(done.contains("added"), "{done}");

@@ -373,7 +373,10 @@ fn policy_set_is_cluster_wide_and_survives_failover_and_restart() -> anyhow::Res
         "{:?}",
         refused.expect_err("a follower accepted an unknown policy")
     );
-    ensure!(err.contains("unknown policy"), "the refusal says no reason: {err}");
+    ensure!(
+        err.contains("unknown policy"),
+        "the refusal says no reason: {err}"
+    );
     wait_all(&cluster, &all, "policy unchanged after the refusal", |s| {
         s.policy == "round-robin"
     })?;

@@ -346,5 +346,7 @@ pub enum Reply {
         done: String,
     },
     /// `cluster-status`: every member, in id order.
-    Cluster { cluster: Vec<NodeAnswer> },
+    Cluster {
+        cluster: Vec<NodeAnswer>,
+    },
 }

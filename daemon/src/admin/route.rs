@@ -289,7 +289,10 @@ mod tests {
         for req in &bad {
             for origin in [Origin::Socket, Origin::Peer(1)] {
                 assert!(
-                    matches!(route(req, origin, &f), Route::Refuse(Refusal::BadRequest(_))),
+                    matches!(
+                        route(req, origin, &f),
+                        Route::Refuse(Refusal::BadRequest(_))
+                    ),
                     "{req:?} from {origin:?}"
                 );
             }
@@ -297,7 +300,10 @@ mod tests {
         let Route::Refuse(e) = route(&bad[0], Origin::Socket, &f) else {
             panic!("refused")
         };
-        assert_eq!(e.to_string(), format!("weight 1001 is outside 0..={MAX_WEIGHT}"));
+        assert_eq!(
+            e.to_string(),
+            format!("weight 1001 is outside 0..={MAX_WEIGHT}")
+        );
         // The edge itself passes.
         assert_eq!(
             route(&weight(3, MAX_WEIGHT), Origin::Socket, &f),

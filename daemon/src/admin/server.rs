@@ -268,7 +268,10 @@ pub async fn serve_peer(s: &Shared, from: u32, line: &str) -> Reply {
         // `route` never forwards a request from the network; should it, refuse all the same.
         Route::Forward(to) => refuse(
             &c.not_target,
-            format!("node {} is not the node that must act (node {to} is)", s.config.node_id),
+            format!(
+                "node {} is not the node that must act (node {to} is)",
+                s.config.node_id
+            ),
         ),
     }
 }
@@ -281,9 +284,7 @@ async fn local(s: &Shared, req: Request) -> Reply {
         Request::PolicySet { policy } if s.raft_requests.is_some() => {
             cluster_policy(s, &policy).await
         }
-        req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. }) => {
-            member_change(s, req).await
-        }
+        req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. }) => member_change(s, req).await,
         change => apply(s, &change),
     };
     match result {

@@ -379,7 +379,9 @@ impl Bus {
             }),
             Some(Body::SynRecvQuery(q)) => r.syn_recv_queries.try_send((from, q.nonce)).is_ok(),
             Some(Body::SynRecvAnswer(a)) => r.syn_recv_answers.try_send((env.from, a)).is_ok(),
-            Some(Body::ControlRequest(q)) => r.control_requests.try_send((env.from, from, q)).is_ok(),
+            Some(Body::ControlRequest(q)) => {
+                r.control_requests.try_send((env.from, from, q)).is_ok()
+            }
             Some(Body::ControlAnswer(a)) => r.control_answers.try_send((env.from, a)).is_ok(),
             // An authenticated envelope without a body (or of a kind this daemon does not
             // know): nothing to do, but the sender is a member.
@@ -722,7 +724,10 @@ mod tests {
             verdict(&mut b, stranger, &from_stranger),
             Err(DropReason::UnknownSender)
         );
-        assert!(requests.try_recv().is_err(), "no refused request was routed");
+        assert!(
+            requests.try_recv().is_err(),
+            "no refused request was routed"
+        );
         let a = ControlAnswer {
             nonce: 5,
             reply: r#"{"done":"ok"}"#.into(),

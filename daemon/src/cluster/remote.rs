@@ -392,7 +392,11 @@ mod tests {
         assert_eq!(p.insert(2, now, 3), Err(3), "full");
         assert!(p.expire(now).is_empty(), "nothing due yet");
         assert_eq!(p.expire(now + Duration::from_millis(10)), vec![(2, 1)]);
-        assert_eq!(p.complete(2, first), None, "an answer after the timeout is stray");
+        assert_eq!(
+            p.complete(2, first),
+            None,
+            "an answer after the timeout is stray"
+        );
         assert_eq!(p.len(), 1);
         assert!(p.insert(2, now, 4).is_ok(), "room again");
     }
