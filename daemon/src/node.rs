@@ -109,6 +109,19 @@ pub enum NodeError {
     Shutdown(Vec<String>),
 }
 
+/// Control requests from other nodes: (sender id, its address, request), bus → cluster
+/// control task.
+type RemoteRequestTx = tokio::sync::mpsc::Sender<(
+    u32,
+    std::net::SocketAddr,
+    tdsc_proto::control::ControlRequest,
+)>;
+type RemoteRequestRx = tokio::sync::mpsc::Receiver<(
+    u32,
+    std::net::SocketAddr,
+    tdsc_proto::control::ControlRequest,
+)>;
+
 /// What the control socket and the tasks share.
 #[derive(Debug)]
 pub struct Shared {
@@ -140,6 +153,8 @@ pub struct Shared {
     pub control: crate::admin::server::ControlCounters,
     /// The metrics server's own counts; its accept loop and connections write them.
     pub metrics_http: crate::metrics::server::HttpCounters,
+    /// The cluster control task: control sessions hand it requests for other nodes.
+    pub remote: crate::cluster::remote::RemoteHandle,
 }
 
 impl Shared {
@@ -381,6 +396,15 @@ struct Wiring {
     /// Answers to this node's SYN-RECV queries, bus → takeover.
     answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::SynRecvAnswer)>,
     answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::SynRecvAnswer)>,
+    /// Control requests for other nodes, control sessions → cluster control task.
+    remote_asks: tokio::sync::mpsc::Sender<crate::cluster::remote::Ask>,
+    remote_asks_rx: tokio::sync::mpsc::Receiver<crate::cluster::remote::Ask>,
+    /// Control requests from other nodes, bus → cluster control task.
+    remote_requests: RemoteRequestTx,
+    remote_requests_rx: RemoteRequestRx,
+    /// Answers to this node's control requests, bus → cluster control task.
+    remote_answers: tokio::sync::mpsc::Sender<(u32, tdsc_proto::control::ControlAnswer)>,
+    remote_answers_rx: tokio::sync::mpsc::Receiver<(u32, tdsc_proto::control::ControlAnswer)>,
     /// Progress of the queue thread (it writes) and of the Raft task (it writes); the
     /// watchdog feeder reads both.
     queue_beat: Arc<Heartbeat>,
@@ -414,6 +438,10 @@ impl Wiring {
             tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
         let (answers, answers_rx) =
             tokio::sync::mpsc::channel(crate::cluster::takeover::QUERY_CHANNEL_CAPACITY);
+        let remote_capacity = crate::cluster::remote::CHANNEL_CAPACITY;
+        let (remote_asks, remote_asks_rx) = tokio::sync::mpsc::channel(remote_capacity);
+        let (remote_requests, remote_requests_rx) = tokio::sync::mpsc::channel(remote_capacity);
+        let (remote_answers, remote_answers_rx) = tokio::sync::mpsc::channel(remote_capacity);
         Wiring {
             view,
             counters: Arc::new(Counters::default()),
@@ -442,6 +470,12 @@ impl Wiring {
             queries_rx,
             answers,
             answers_rx,
+            remote_asks,
+            remote_asks_rx,
+            remote_requests,
+            remote_requests_rx,
+            remote_answers,
+            remote_answers_rx,
             queue_beat: Arc::new(Heartbeat::default()),
             raft_beat: Arc::new(Heartbeat::default()),
             disk_beat: Arc::new(Heartbeat::default()),
@@ -468,6 +502,9 @@ struct Owners {
     /// The `/metrics` server (`[metrics] listen`), when configured. Beside the control
     /// socket: a scrape reads the same state, and ends within its timeouts.
     metrics: Option<TaskHandle>,
+    /// Carries control requests to other nodes and serves theirs (`crate::cluster::remote`).
+    /// Right after the control socket, whose sessions wait on it.
+    remote: TaskHandle,
     /// Applies committed settings (the policy) through `Shared::set_policy`.
     settings: TaskHandle,
     /// The cluster socket's receive loop ([`Bus`]).
@@ -796,6 +833,8 @@ impl<'a> Node<'a> {
                     raft_requests: raft.then(|| w.raft_requests.clone()),
                     syn_recv_queries: w.queries,
                     syn_recv_answers: w.answers,
+                    control_requests: w.remote_requests,
+                    control_answers: w.remote_answers,
                 },
                 windows: HashMap::new(),
             };
@@ -837,7 +876,23 @@ impl<'a> Node<'a> {
             cluster_socket,
             control: crate::admin::server::ControlCounters::default(),
             metrics_http: crate::metrics::server::HttpCounters::default(),
+            remote: crate::cluster::remote::RemoteHandle {
+                asks: w.remote_asks,
+                counters: Arc::default(),
+            },
         });
+        let remote = {
+            let shared = shared.clone();
+            let sock = shared.cluster_socket.clone();
+            let links = crate::cluster::remote::RemoteLinks {
+                asks: w.remote_asks_rx,
+                requests: w.remote_requests_rx,
+                answers: w.remote_answers_rx,
+            };
+            TaskHandle::spawn("cluster-control", &sup, move |s| {
+                crate::cluster::remote::run(sock, shared, links, s)
+            })
+        };
         let control = {
             let shared = shared.clone();
             TaskHandle::spawn("control", &sup, move |s| {
@@ -887,6 +942,7 @@ impl<'a> Node<'a> {
                 watchdog,
                 control,
                 metrics,
+                remote,
                 settings,
                 bus,
                 reporter,
@@ -1115,6 +1171,7 @@ impl<'a> Node<'a> {
             watchdog,
             control,
             metrics,
+            remote,
             settings,
             bus,
             reporter,
@@ -1133,6 +1190,7 @@ impl<'a> Node<'a> {
         let joined = [
             control.stop(STOP_WAIT).await,
             metrics_joined,
+            remote.stop(STOP_WAIT).await,
             settings.stop(STOP_WAIT).await,
             bus.stop(STOP_WAIT).await,
             reporter.stop(STOP_WAIT).await,

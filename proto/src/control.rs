@@ -16,7 +16,20 @@
 //!     Removed removed = 12;     // "you are no longer a member" (see below)
 //!     SynRecvQuery syn_recv_query = 13;   // a new master asks for SYN-RECV sockets
 //!     SynRecvAnswer syn_recv_answer = 14; // a member's answer
+//!     ControlRequest control_request = 15; // a control-socket request carried to its target
+//!     ControlAnswer control_answer = 16;   // the target's reply
 //!   }
+//! }
+//! // A `tdscctl` request that a node's control socket took but another node must carry out
+//! // (the Raft leader, or the node a weight or drain is for). Older daemons do not know these
+//! // bodies and drop them (`undecodable`); the asking node then answers with a timeout.
+//! message ControlRequest {
+//!   uint64 nonce = 1;    // echoed in the answer
+//!   string request = 2;  // one control-socket request line (JSON), at most 4096 bytes
+//! }
+//! message ControlAnswer {
+//!   uint64 nonce = 1;    // the request's nonce
+//!   string reply = 2;    // one control-socket reply line (JSON), at most 60 KiB
 //! }
 //! message SynRecvQuery { uint64 nonce = 1; }
 //! message SynRecvAnswer {
@@ -70,7 +83,7 @@ pub struct Envelope {
     pub from: u32,
     #[prost(uint64, tag = "2")]
     pub term: u64,
-    #[prost(oneof = "Body", tags = "10, 11, 12, 13, 14")]
+    #[prost(oneof = "Body", tags = "10, 11, 12, 13, 14, 15, 16")]
     pub body: Option<Body>,
 }
 
@@ -86,7 +99,40 @@ pub enum Body {
     SynRecvQuery(SynRecvQuery),
     #[prost(message, tag = "14")]
     SynRecvAnswer(SynRecvAnswer),
+    #[prost(message, tag = "15")]
+    ControlRequest(ControlRequest),
+    #[prost(message, tag = "16")]
+    ControlAnswer(ControlAnswer),
 }
+
+/// A control-socket request carried over the cluster channel to the node that must act on
+/// it (see the module docs). The receiver checks it exactly as a request from its own socket.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ControlRequest {
+    /// Echoed in the answer, so that the asking node matches answer and request.
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+    /// One control-socket request line (JSON), at most [`MAX_CONTROL_REQUEST`] bytes.
+    #[prost(string, tag = "2")]
+    pub request: String,
+}
+
+/// The target's answer to a [`ControlRequest`].
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ControlAnswer {
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+    /// One control-socket reply line (JSON), at most [`MAX_CONTROL_ANSWER`] bytes.
+    #[prost(string, tag = "2")]
+    pub reply: String,
+}
+
+/// The longest request line a [`ControlRequest`] may carry: the control socket's own limit.
+pub const MAX_CONTROL_REQUEST: usize = 4096;
+
+/// The longest reply line a [`ControlAnswer`] may carry: a status of 64 nodes is about
+/// 20 kB, and the envelope must stay inside one datagram ([`MAX_DATAGRAM`]).
+pub const MAX_CONTROL_ANSWER: usize = 60 * 1024;
 
 /// Tells a node that the sender's membership no longer has it (see the module docs).
 #[derive(Clone, PartialEq, Eq, prost::Message)]
@@ -371,6 +417,30 @@ mod tests {
             })),
         };
         assert_eq!(Envelope::from_bytes(&a.to_bytes()).unwrap(), a);
+    }
+
+    #[test]
+    fn control_request_and_answer_round_trip() {
+        let q = Envelope {
+            from: 2,
+            term: 4,
+            body: Some(Body::ControlRequest(ControlRequest {
+                nonce: u64::MAX,
+                request: r#"{"cmd":"drain","node":3}"#.into(),
+            })),
+        };
+        assert_eq!(Envelope::from_bytes(&q.to_bytes()).unwrap(), q);
+        let a = Envelope {
+            from: 3,
+            term: 4,
+            body: Some(Body::ControlAnswer(ControlAnswer {
+                nonce: u64::MAX,
+                reply: "x".repeat(MAX_CONTROL_ANSWER),
+            })),
+        };
+        let bytes = a.to_bytes();
+        assert!(bytes.len() < MAX_DATAGRAM - 64, "{} bytes", bytes.len());
+        assert_eq!(Envelope::from_bytes(&bytes).unwrap(), a);
     }
 
     /// A full batch of IPv6 records stays far below a datagram, so a Raft message carrying

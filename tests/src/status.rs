@@ -117,6 +117,20 @@ pub struct Counters {
     pub control: ControlRefused,
     /// The master's NFQUEUE reader.
     pub queue: QueueStats,
+    /// Control requests over the cluster channel.
+    pub remote_control: RemoteControl,
+}
+
+/// `counters.remote_control` of `tdscctl status --json` (the counts the lab reads).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RemoteControl {
+    pub forwarded: u64,
+    pub timeouts: u64,
+    pub served: u64,
+    pub failed: u64,
+    pub bad_request: u64,
+    pub not_target: u64,
 }
 
 /// `counters.queue` of `tdscctl status --json` (its `io` name is left out: the counts tell

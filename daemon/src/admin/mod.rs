@@ -2,4 +2,5 @@
 //! control protocol it speaks ([`protocol`]), of which `tdscctl` is a thin client.
 
 pub mod protocol;
+pub mod route;
 pub mod server;

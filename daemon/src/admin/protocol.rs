@@ -7,19 +7,24 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    /// Switch this node's dispatch policy (takes effect on its next SYN if it is master; a
-    /// member keeps it for when it becomes master). Records of dispatched SYNs survive the
-    /// switch, so retransmissions still go where their first copy went.
+    /// Every member's status, asked over the cluster channel by the node whose socket took
+    /// it; a node that does not answer is listed with the reason.
+    ClusterStatus,
+    /// Switch the cluster's dispatch policy: under Raft the leader proposes it and every node
+    /// switches as it applies it; under a static election the master switches. Records of
+    /// dispatched SYNs survive the switch, so retransmissions still go where their first copy
+    /// went.
     PolicySet {
         policy: String,
     },
-    /// Set this node's weight. `node` must be the receiving node's id: a node announces its
-    /// own weight and drain flag in its reports, so whichever node is master learns them.
+    /// Set node `node`'s weight. Any node takes it: it is carried to node `node`, which
+    /// announces its own weight and drain flag in its reports, so whichever node is master
+    /// learns them (`crate::admin::route`).
     Weight {
         node: u32,
         weight: u32,
     },
-    /// Stop new connections to this node; existing ones run on (see [`Request::Weight`]).
+    /// Stop new connections to `node`; existing ones run on (see [`Request::Weight`]).
     Drain {
         node: u32,
     },
@@ -28,18 +33,30 @@ pub enum Request {
         node: u32,
     },
     /// Add node `id` (cluster-network `address`, optional `weight`, default 1) to the cluster
-    /// through Raft. Only the Raft leader serves it; any other node answers with an error
-    /// naming the leader (id and address). The reply comes once the change has committed.
+    /// through Raft. Any node takes it and carries it to the Raft leader. The reply comes
+    /// once the change has committed.
     NodeAdd {
         id: u32,
         address: String,
         #[serde(default)]
         weight: Option<u32>,
     },
-    /// Remove node `id` from the cluster through Raft (leader only, as [`Request::NodeAdd`]).
+    /// Remove node `id` from the cluster through Raft (carried to the leader, as
+    /// [`Request::NodeAdd`]).
     NodeRemove {
         id: u32,
     },
+}
+
+/// One member's entry in a cluster status: its status, or why it is missing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeAnswer {
+    pub id: u32,
+    pub address: String,
+    /// Its status, when it answered.
+    pub status: Option<Box<Status>>,
+    /// Why it is missing (no answer within the timeout, or its error).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -131,6 +148,37 @@ pub struct Counters {
     /// The master's queue I/O.
     #[serde(default)]
     pub queue: QueueStats,
+    /// Control requests carried over the cluster channel, both ways.
+    #[serde(default)]
+    pub remote_control: RemoteControl,
+}
+
+/// Control requests over the cluster channel (`crate::cluster::remote`): those this node
+/// forwarded, and those it received, with the refusals of the latter by reason.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RemoteControl {
+    /// Requests this node's socket took and forwarded to the node that must act.
+    pub forwarded: u64,
+    /// Forwarded requests that got no answer within the timeout.
+    pub timeouts: u64,
+    /// Forwards refused here because too many were in flight.
+    pub forward_busy: u64,
+    /// Answers with no request of this node in flight (late, or not from the node asked).
+    pub stray_answers: u64,
+    /// Requests from other nodes carried out here (successfully or with the change's own
+    /// error, which is counted under `failed` too).
+    pub served: u64,
+    /// Requests from other nodes that did not parse or whose arguments are wrong.
+    pub bad_request: u64,
+    /// Requests from a node that is not a current member (the bus refuses most before).
+    pub not_member: u64,
+    /// Requests this node is not the one to carry out (leadership moved; never re-forwarded).
+    pub not_target: u64,
+    /// Requests from other nodes refused because too many were being served.
+    pub busy: u64,
+    /// Requests from other nodes carried out with an error (the change was refused).
+    pub failed: u64,
 }
 
 /// The master thread's NFQUEUE I/O (`crate::datapath::queue`). The kernel's own drop counts
@@ -320,5 +368,9 @@ pub enum Reply {
     /// A change was applied; the text says what.
     Done {
         done: String,
+    },
+    /// `cluster-status`: every member, in id order.
+    Cluster {
+        cluster: Vec<NodeAnswer>,
     },
 }

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::admin::protocol::{ClusterDropped, NodeStatus, Rejected, Reply, Request, Status};
+use crate::admin::protocol::{
+    ClusterDropped, NodeAnswer, NodeStatus, Rejected, RemoteControl, Reply, Request, Status,
+};
+use crate::admin::route::{parse_policy, route, Facts, Origin, Refusal, Route};
 use crate::cluster::raft::{MemberRequest, RaftRequest, SettingRequest};
-use crate::config::{PolicyName, MAX_WEIGHT};
+use crate::cluster::remote::{AskError, FORWARD_TIMEOUT, STATUS_TIMEOUT};
+use crate::config::MAX_WEIGHT;
 use crate::node::Shared;
 use crate::shutdown::Shutdown;
 
@@ -181,23 +185,7 @@ async fn session(
             }
         };
         let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Status) => Reply::Status(Box::new(status(shared))),
-            Ok(Request::PolicySet { policy }) if shared.raft_requests.is_some() => {
-                match cluster_policy(shared, &policy).await {
-                    Ok(done) => Reply::Done { done },
-                    Err(error) => Reply::Error { error },
-                }
-            }
-            Ok(req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. })) => {
-                match member_change(shared, req).await {
-                    Ok(done) => Reply::Done { done },
-                    Err(error) => Reply::Error { error },
-                }
-            }
-            Ok(change) => match apply(shared, &change) {
-                Ok(done) => Reply::Done { done },
-                Err(error) => Reply::Error { error },
-            },
+            Ok(req) => execute(shared, req).await,
             Err(e) => Reply::Error {
                 error: format!("bad request: {e}"),
             },
@@ -218,15 +206,184 @@ fn error_line(error: &str) -> Vec<u8> {
     out
 }
 
-/// Parses a policy name, or says which names there are.
-fn parse_policy(policy: &str) -> Result<PolicyName, String> {
-    PolicyName::parse(policy).ok_or_else(|| {
-        let names: Vec<_> = PolicyName::ALL.iter().map(|(n, _)| *n).collect();
-        format!(
-            "unknown policy {policy:?}; expected one of {}",
-            names.join(", ")
-        )
-    })
+/// What the routing core needs to know, read now.
+fn facts(s: &Shared) -> Facts {
+    Facts {
+        self_id: s.config.node_id,
+        raft: s.raft_requests.is_some(),
+        master: s.leadership.borrow().master_id,
+        members: s.members.borrow().ids(),
+    }
+}
+
+/// A request from this node's socket: carried out here, or carried to the node that must
+/// act and its answer relayed (`crate::admin::route`).
+async fn execute(s: &Shared, req: Request) -> Reply {
+    match route(&req, Origin::Socket, &facts(s)) {
+        Route::Local => local(s, req).await,
+        Route::Forward(to) => forward(s, to, &req).await,
+        Route::Refuse(r) => Reply::Error {
+            error: r.to_string(),
+        },
+    }
+}
+
+/// A request another node carried here over the cluster channel (`crate::cluster::remote`):
+/// checked as strictly as one from the socket, carried out only if this node must act on it
+/// (never forwarded again), and counted by outcome.
+pub async fn serve_peer(s: &Shared, from: u32, line: &str) -> Reply {
+    let c = &s.remote.counters;
+    let refuse = |counter: &AtomicU64, error: String| {
+        counter.fetch_add(1, Relaxed);
+        tracing::warn!(node = from, %error, "control request from another node refused");
+        Reply::Error { error }
+    };
+    if line.len() > MAX_REQUEST_BYTES {
+        return refuse(
+            &c.bad_request,
+            format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+        );
+    }
+    let req = match serde_json::from_str::<Request>(line) {
+        Ok(r) => r,
+        Err(e) => return refuse(&c.bad_request, format!("bad request: {e}")),
+    };
+    match route(&req, Origin::Peer(from), &facts(s)) {
+        Route::Local => {
+            c.served.fetch_add(1, Relaxed);
+            let reply = local(s, req).await;
+            if matches!(reply, Reply::Error { .. }) {
+                c.failed.fetch_add(1, Relaxed);
+            }
+            reply
+        }
+        Route::Refuse(r) => {
+            let counter = match r {
+                Refusal::BadRequest(_) | Refusal::UnknownNode { .. } => &c.bad_request,
+                Refusal::NotMember(_) => &c.not_member,
+                Refusal::NotTarget { .. } | Refusal::NoLeader => &c.not_target,
+            };
+            refuse(counter, r.to_string())
+        }
+        // `route` never forwards a request from the network; should it, refuse all the same.
+        Route::Forward(to) => refuse(
+            &c.not_target,
+            format!(
+                "node {} is not the node that must act (node {to} is)",
+                s.config.node_id
+            ),
+        ),
+    }
+}
+
+/// Carries out a request that this node must act on.
+async fn local(s: &Shared, req: Request) -> Reply {
+    let result = match req {
+        Request::Status => return Reply::Status(Box::new(status(s))),
+        Request::ClusterStatus => return cluster_status(s).await,
+        Request::PolicySet { policy } if s.raft_requests.is_some() => {
+            cluster_policy(s, &policy).await
+        }
+        req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. }) => member_change(s, req).await,
+        change => apply(s, &change),
+    };
+    match result {
+        Ok(done) => Reply::Done { done },
+        Err(error) => Reply::Error { error },
+    }
+}
+
+/// The cluster address of member `id`.
+fn member_address(s: &Shared, id: u32) -> Option<std::net::SocketAddr> {
+    let members = s.members.borrow();
+    let m = members.get(id)?;
+    Some(std::net::SocketAddr::new(m.address, s.config.control_port))
+}
+
+/// Carries `req` to node `to` and relays its answer; the target's refusal is named as such.
+async fn forward(s: &Shared, to: u32, req: &Request) -> Reply {
+    let Some(address) = member_address(s, to) else {
+        return Reply::Error {
+            error: format!("node {to} is not a member of the cluster"),
+        };
+    };
+    let line = match serde_json::to_string(req) {
+        Ok(l) => l,
+        Err(e) => {
+            return Reply::Error {
+                error: e.to_string(),
+            }
+        }
+    };
+    let answer = s.remote.ask(to, address, line, FORWARD_TIMEOUT).await;
+    match answer.map(|l| serde_json::from_str::<Reply>(&l)) {
+        Ok(Ok(Reply::Error { error })) => Reply::Error {
+            error: format!("node {to} refused: {error}"),
+        },
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => Reply::Error {
+            error: format!("node {to} sent an unreadable answer: {e}"),
+        },
+        Err(e) => Reply::Error {
+            error: e.to_string(),
+        },
+    }
+}
+
+/// `status --cluster`: every member's status, asked of all at once; one that does not answer
+/// within [`STATUS_TIMEOUT`] is listed with the reason.
+async fn cluster_status(s: &Shared) -> Reply {
+    let mut ids = s.members.borrow().ids();
+    if !ids.contains(&s.config.node_id) {
+        ids.push(s.config.node_id);
+    }
+    ids.sort_unstable();
+    let line = serde_json::to_string(&Request::Status).unwrap_or_default();
+    // Every query is sent before any answer is awaited.
+    let asked: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            if id == s.config.node_id {
+                return (id, s.view.own().address().to_string(), None);
+            }
+            let (address, rx) = match member_address(s, id) {
+                Some(a) => (
+                    a.ip().to_string(),
+                    s.remote.start(id, a, line.clone(), STATUS_TIMEOUT),
+                ),
+                None => (String::new(), Err(AskError::Stopped)),
+            };
+            (id, address, Some(rx))
+        })
+        .collect();
+    let mut cluster = Vec::with_capacity(asked.len());
+    for (id, address, rx) in asked {
+        let answer = match rx {
+            None => Ok(Box::new(status(s))),
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(rx)) => match rx.await {
+                Err(_) => Err(AskError::Stopped.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(l)) => match serde_json::from_str::<Reply>(&l) {
+                    Ok(Reply::Status(st)) => Ok(st),
+                    Ok(Reply::Error { error }) => Err(error),
+                    Ok(_) => Err("not a status".to_owned()),
+                    Err(e) => Err(format!("unreadable answer: {e}")),
+                },
+            },
+        };
+        let (status, error) = match answer {
+            Ok(st) => (Some(st), None),
+            Err(e) => (None, Some(e)),
+        };
+        cluster.push(NodeAnswer {
+            id,
+            address,
+            status,
+            error,
+        });
+    }
+    Reply::Cluster { cluster }
 }
 
 /// `policy set` under Raft: the leader proposes it as a cluster-wide setting and answers once
@@ -286,17 +443,19 @@ fn apply(s: &Shared, req: &Request) -> Result<String, String> {
         if node == own.id() {
             Ok(())
         } else {
+            // `route` sends such a request to node `node`; this is the last line of defence.
             Err(format!(
-                "this is node {}; a node announces its own weight and drain state in its \
-                 reports, so send the request for node {node} to node {node}'s control socket",
+                "this is node {}, not node {node}: a node sets only its own weight and drain \
+                 state",
                 own.id()
             ))
         }
     };
     match req {
-        Request::Status | Request::NodeAdd { .. } | Request::NodeRemove { .. } => {
-            Err("not a local change".into())
-        }
+        Request::Status
+        | Request::ClusterStatus
+        | Request::NodeAdd { .. }
+        | Request::NodeRemove { .. } => Err("not a local change".into()),
         Request::PolicySet { policy } => {
             let name = parse_policy(policy)?;
             s.set_policy(name)?;
@@ -417,6 +576,7 @@ pub fn status(s: &Shared) -> Status {
                 over_cap: s.control.over_cap.load(Relaxed),
             },
             drops: drops(s),
+            remote_control: remote_control(&s.remote.counters),
             queue: crate::admin::protocol::QueueStats {
                 io: s.config.queue_io.as_str().to_owned(),
                 rcvbuf: c.queue_rcvbuf,
@@ -550,6 +710,22 @@ fn records_status(s: &Shared) -> crate::admin::protocol::RecordsStatus {
         discarded_not_leader: r.discarded_not_leader.load(Relaxed),
         queries_answered: r.queries_answered.load(Relaxed),
         last_takeover: r.last_takeover.lock().ok().and_then(|t| *t),
+    }
+}
+
+/// A snapshot of the cluster control counters.
+fn remote_control(c: &crate::cluster::remote::RemoteCounters) -> RemoteControl {
+    RemoteControl {
+        forwarded: c.forwarded.load(Relaxed),
+        timeouts: c.timeouts.load(Relaxed),
+        forward_busy: c.forward_busy.load(Relaxed),
+        stray_answers: c.stray_answers.load(Relaxed),
+        served: c.served.load(Relaxed),
+        bad_request: c.bad_request.load(Relaxed),
+        not_member: c.not_member.load(Relaxed),
+        not_target: c.not_target.load(Relaxed),
+        busy: c.busy.load(Relaxed),
+        failed: c.failed.load(Relaxed),
     }
 }
 

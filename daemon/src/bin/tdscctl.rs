@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tdscd::admin::protocol::{Reply, Request, Status};
+use tdscd::admin::protocol::{NodeAnswer, Reply, Request, Status};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Control a tcp-dsc node daemon")]
@@ -26,22 +26,25 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Every member's status, asked over the cluster network by the node behind the
+        /// socket; a node that does not answer within 2 s is listed as such.
+        #[arg(long)]
+        cluster: bool,
     },
-    /// The dispatch policy of the node behind the socket (send it to the master).
+    /// The cluster's dispatch policy (any node's socket: carried to the Raft leader).
     Policy {
         #[command(subcommand)]
         action: PolicyAction,
     },
-    /// Set NODE's weight (0: no new connections). Send it to NODE's own socket: each node
-    /// announces its weight in its reports to the master.
+    /// Set NODE's weight (0: no new connections). Any node's socket: the request is carried
+    /// to NODE, which announces its weight in its reports to the master.
     Weight { node: u32, weight: u32 },
-    /// Stop new connections to NODE while its existing ones finish (NODE's own socket).
+    /// Stop new connections to NODE while its existing ones finish (any node's socket).
     Drain { node: u32 },
-    /// Let NODE take new connections again (NODE's own socket).
+    /// Let NODE take new connections again (any node's socket).
     Undrain { node: u32 },
-    /// Cluster membership, replicated through Raft: send to the Raft leader's socket. Any other
-    /// node refuses and names the leader (id and cluster address); nothing is forwarded. The
-    /// answer comes once the change has committed.
+    /// Cluster membership, replicated through Raft: any node's socket; the request is carried
+    /// to the Raft leader. The answer comes once the change has committed.
     Node {
         #[command(subcommand)]
         action: NodeAction,
@@ -92,8 +95,9 @@ fn call(socket: &PathBuf, req: &Request) -> anyhow::Result<Reply> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to {}", socket.display()))?;
     // Membership changes answer after commit (a few ticks; at most ~5 s before the daemon
-    // gives up), so wait a little longer than that.
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // gives up), and a forwarded request at most after the daemon's forward timeout (8 s),
+    // so wait a little longer than that.
+    s.set_read_timeout(Some(Duration::from_secs(12)))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     s.write_all(&line)?;
@@ -111,7 +115,25 @@ fn change(socket: &PathBuf, req: &Request) -> anyhow::Result<()> {
             Ok(())
         }
         Reply::Error { error } => bail!("daemon: {error}"),
-        Reply::Status(_) => bail!("unexpected status reply"),
+        Reply::Status(_) | Reply::Cluster { .. } => bail!("unexpected status reply"),
+    }
+}
+
+/// `status --cluster`: one block per member, or the reason it is missing.
+fn print_cluster(cluster: &[NodeAnswer]) {
+    for (i, n) in cluster.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        match (&n.status, &n.error) {
+            (Some(s), _) => print_table(s),
+            (None, e) => println!(
+                "node {} ({}): NO ANSWER: {}",
+                n.id,
+                n.address,
+                e.as_deref().unwrap_or("no reason given")
+            ),
+        }
     }
 }
 
@@ -268,17 +290,23 @@ fn print_table(s: &Status) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::Status { json } => match call(&args.socket, &Request::Status)? {
-            Reply::Status(s) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&s)?);
-                } else {
-                    print_table(&s);
+        Command::Status { json, cluster } => {
+            let req = if cluster {
+                Request::ClusterStatus
+            } else {
+                Request::Status
+            };
+            match call(&args.socket, &req)? {
+                Reply::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Reply::Status(s) => print_table(&s),
+                Reply::Cluster { cluster } if json => {
+                    println!("{}", serde_json::to_string_pretty(&cluster)?);
                 }
+                Reply::Cluster { cluster } => print_cluster(&cluster),
+                Reply::Error { error } => bail!("daemon: {error}"),
+                Reply::Done { done } => bail!("unexpected reply: {done}"),
             }
-            Reply::Error { error } => bail!("daemon: {error}"),
-            Reply::Done { done } => bail!("unexpected reply: {done}"),
-        },
+        }
         Command::Policy {
             action: PolicyAction::Set { name },
         } => change(&args.socket, &Request::PolicySet { policy: name })?,

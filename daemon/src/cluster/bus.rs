@@ -1,4 +1,4 @@
-//! The cluster socket (UDP, `control_port`) and its receive loop: one socket carries five
+//! The cluster socket (UDP, `control_port`) and its receive loop: one socket carries seven
 //! kinds of message between nodes, and this loop is the one place that reads it.
 //!
 //! # Sealed, both ways, in one place
@@ -36,6 +36,7 @@
 //! | `Removed` | the Raft task (membership) | its request channel |
 //! | `SynRecvQuery` | the answering task (`crate::cluster::takeover`) | its channel |
 //! | `SynRecvAnswer` | the takeover, in the role shell | its channel |
+//! | `ControlRequest`, `ControlAnswer` | the cluster control task (`crate::cluster::remote`) | its channels |
 //!
 //! Channels are bounded and never waited on: a full or closed one drops the message and
 //! counts it rejected, as a lossy network would (Raft retransmits, a query is re-sent at the
@@ -53,7 +54,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tdsc_proto::control::{Body, Envelope, Removed, SynRecvAnswer, MAX_DATAGRAM};
+use tdsc_proto::control::{
+    Body, ControlAnswer, ControlRequest, Envelope, Removed, SynRecvAnswer, MAX_DATAGRAM,
+};
 use tdsc_proto::seal::{Keyring, Reject, ReplayWindow, SendCounter, OVERHEAD};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -253,6 +256,10 @@ pub struct Routes {
     pub syn_recv_queries: mpsc::Sender<(SocketAddr, u64)>,
     /// `Body::SynRecvAnswer`: (member id, answer) to the takeover.
     pub syn_recv_answers: mpsc::Sender<(u32, SynRecvAnswer)>,
+    /// `Body::ControlRequest`: (member id, its address, request) to the cluster control task.
+    pub control_requests: mpsc::Sender<(u32, SocketAddr, ControlRequest)>,
+    /// `Body::ControlAnswer`: (member id, answer) to the cluster control task.
+    pub control_answers: mpsc::Sender<(u32, ControlAnswer)>,
 }
 
 /// The bus's rate limit of drop log lines: per reason, when it last logged and how many it
@@ -372,6 +379,10 @@ impl Bus {
             }),
             Some(Body::SynRecvQuery(q)) => r.syn_recv_queries.try_send((from, q.nonce)).is_ok(),
             Some(Body::SynRecvAnswer(a)) => r.syn_recv_answers.try_send((env.from, a)).is_ok(),
+            Some(Body::ControlRequest(q)) => {
+                r.control_requests.try_send((env.from, from, q)).is_ok()
+            }
+            Some(Body::ControlAnswer(a)) => r.control_answers.try_send((env.from, a)).is_ok(),
             // An authenticated envelope without a body (or of a kind this daemon does not
             // know): nothing to do, but the sender is a member.
             None => true,
@@ -475,6 +486,8 @@ mod tests {
     type Channels = (
         mpsc::Receiver<(SocketAddr, u64)>,
         mpsc::Receiver<(u32, SynRecvAnswer)>,
+        mpsc::Receiver<(u32, SocketAddr, ControlRequest)>,
+        mpsc::Receiver<(u32, ControlAnswer)>,
     );
 
     /// A datagram fixture: what it is, where it came from, its bytes, the bus's verdict.
@@ -491,6 +504,8 @@ mod tests {
         let nodes = crate::config::test_nodes(3);
         let (qtx, qrx) = mpsc::channel(4);
         let (atx, arx) = mpsc::channel(4);
+        let (crtx, crrx) = mpsc::channel(4);
+        let (catx, carx) = mpsc::channel(4);
         let b = Bus {
             node_id: 1,
             port: PORT,
@@ -505,10 +520,12 @@ mod tests {
                 raft_requests: None,
                 syn_recv_queries: qtx,
                 syn_recv_answers: atx,
+                control_requests: crtx,
+                control_answers: catx,
             },
             windows: HashMap::new(),
         };
-        (b, (qrx, arx))
+        (b, (qrx, arx, crrx, carx))
     }
 
     fn env(from: u32, body: Body) -> Vec<u8> {
@@ -677,6 +694,49 @@ mod tests {
         assert_eq!(b.counters.received.load(Relaxed), 2);
     }
 
+    /// Control requests and answers from a member are routed with the sender (and, for a
+    /// request, the address to answer); the same request sealed by a stranger, from another
+    /// member's address, or replayed never reaches the control task.
+    #[test]
+    fn control_requests_and_answers_reach_the_control_task_only_from_members() {
+        let (mut b, (_, _, mut requests, mut answers)) = bus();
+        let ring = cluster_ring();
+        let q = ControlRequest {
+            nonce: 5,
+            request: r#"{"cmd":"drain","node":1}"#.into(),
+        };
+        let wire = sealed(&ring, 2, 10, &env(2, Body::ControlRequest(q.clone())));
+        assert_eq!(verdict(&mut b, addr(2, PORT), &wire), Ok(()));
+        assert_eq!(requests.try_recv().unwrap(), (2, addr(2, PORT), q.clone()));
+        assert_eq!(
+            verdict(&mut b, addr(2, PORT), &wire),
+            Err(DropReason::Replay)
+        );
+        let forger = Keyring::new(&[(1, [9; KEY_LEN])], None).unwrap();
+        let forged = sealed(&forger, 2, 11, &env(2, Body::ControlRequest(q.clone())));
+        assert_eq!(
+            verdict(&mut b, addr(2, PORT), &forged),
+            Err(DropReason::BadTag)
+        );
+        let stranger = SocketAddr::new("198.51.100.99".parse().unwrap(), PORT);
+        let from_stranger = sealed(&ring, 2, 12, &env(2, Body::ControlRequest(q)));
+        assert_eq!(
+            verdict(&mut b, stranger, &from_stranger),
+            Err(DropReason::UnknownSender)
+        );
+        assert!(
+            requests.try_recv().is_err(),
+            "no refused request was routed"
+        );
+        let a = ControlAnswer {
+            nonce: 5,
+            reply: r#"{"done":"ok"}"#.into(),
+        };
+        let wire = sealed(&ring, 3, 10, &env(3, Body::ControlAnswer(a.clone())));
+        assert_eq!(verdict(&mut b, addr(3, PORT), &wire), Ok(()));
+        assert_eq!(answers.try_recv().unwrap(), (3, a));
+    }
+
     /// A forged datagram is refused before it can touch a sender's replay window: it cannot
     /// slide the window forward and lock the genuine sender out.
     #[test]
@@ -736,7 +796,7 @@ mod tests {
     /// SYN-RECV queries and answers pass the same checks as reports and reach their owners.
     #[test]
     fn syn_recv_queries_and_answers_are_routed() {
-        let (mut b, (mut queries, mut answers)) = bus();
+        let (mut b, (mut queries, mut answers, _, _)) = bus();
         let ring = cluster_ring();
         let query = env(2, Body::SynRecvQuery(SynRecvQuery { nonce: 5 }));
         assert_eq!(

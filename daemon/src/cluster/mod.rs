@@ -6,7 +6,8 @@
 //! opens the seal of every datagram (the cluster key, [`keyfile`]), checks its sender and replay
 //! window, and routes each message to its owner. What the threads share
 //! without locks is the cluster [`view`], the [`role`] cell and the [`counters`]. The cluster
-//! key file is read and checked by [`keyfile`].
+//! key file is read and checked by [`keyfile`]. Control requests that another node must carry
+//! out travel over the same socket ([`remote`]).
 
 pub mod bus;
 pub mod counters;
@@ -14,6 +15,7 @@ pub mod keyfile;
 pub mod membership;
 pub mod raft;
 pub mod raft_disk;
+pub mod remote;
 pub mod report;
 pub mod role;
 pub mod takeover;
