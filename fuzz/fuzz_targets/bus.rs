@@ -30,6 +30,8 @@ fuzz_target!(|input: &[u8]| {
     let (req_tx, mut req_rx) = mpsc::channel(4);
     let (query_tx, mut query_rx) = mpsc::channel(4);
     let (answer_tx, mut answer_rx) = mpsc::channel(4);
+    let (control_tx, mut control_rx) = mpsc::channel(4);
+    let (control_answer_tx, mut control_answer_rx) = mpsc::channel(4);
     let mut bus = Bus {
         node_id: SELF_ID,
         port: PORT,
@@ -44,6 +46,8 @@ fuzz_target!(|input: &[u8]| {
             raft_requests: Some(req_tx),
             syn_recv_queries: query_tx,
             syn_recv_answers: answer_tx,
+            control_requests: control_tx,
+            control_answers: control_answer_tx,
         },
         windows: HashMap::new(),
     };
@@ -70,6 +74,8 @@ fuzz_target!(|input: &[u8]| {
         while req_rx.try_recv().is_ok() {}
         while query_rx.try_recv().is_ok() {}
         while answer_rx.try_recv().is_ok() {}
+        while control_rx.try_recv().is_ok() {}
+        while control_answer_rx.try_recv().is_ok() {}
     }
 });
 
