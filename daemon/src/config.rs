@@ -80,6 +80,7 @@ struct RawCluster {
     queue_num: Option<u16>,
     control_port: Option<u16>,
     key_file: Option<PathBuf>,
+    tcp_fastopen_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -166,6 +167,26 @@ pub enum L2Mode {
     /// No masking: the operator makes the switch deliver every frame to every node (port
     /// mirroring, a hub, a static multicast MAC entry, …).
     SharedMac,
+}
+
+/// Where the node's TCP Fast Open server key comes from (`[cluster] tcp_fastopen_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FastOpenKeySource {
+    /// Derived from the cluster key and set at start (`"cluster"`, the default), so a cookie
+    /// one node issued is valid on every node.
+    #[default]
+    Cluster,
+    /// Left as the host has it (`"keep"`): the operator shares a key by other means.
+    Keep,
+}
+
+impl FastOpenKeySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FastOpenKeySource::Cluster => "cluster",
+            FastOpenKeySource::Keep => "keep",
+        }
+    }
 }
 
 /// How the master's queue thread talks to NFQUEUE (`[threads] queue_io`).
@@ -289,6 +310,8 @@ pub struct Config {
     /// `[cluster] key_file`: the cluster keyring every cluster datagram is sealed with
     /// (default [`crate::cluster::keyfile::DEFAULT_KEY_FILE`]); read and checked at start.
     pub key_file: PathBuf,
+    /// `[cluster] tcp_fastopen_key`: `"cluster"` (default) or `"keep"`.
+    pub tcp_fastopen_key: FastOpenKeySource,
     pub policy: PolicyName,
     pub syn_record_window: Duration,
     pub syn_record_capacity: usize,
@@ -507,6 +530,16 @@ impl Config {
             ));
         }
         let affinity = affinity_settings(&raw.scheduler)?;
+        let tcp_fastopen_key = match c.tcp_fastopen_key.as_deref().unwrap_or("cluster") {
+            "cluster" => FastOpenKeySource::Cluster,
+            "keep" => FastOpenKeySource::Keep,
+            other => {
+                return Err(invalid(
+                    "cluster.tcp_fastopen_key",
+                    format!("unknown source {other:?}; expected \"cluster\" or \"keep\""),
+                ))
+            }
+        };
         let replicate_records = raw.scheduler.replicate_records.unwrap_or(true);
         let reconcile_syn_recv = raw.scheduler.reconcile_syn_recv.unwrap_or(true);
 
@@ -711,6 +744,7 @@ impl Config {
             key_file: c
                 .key_file
                 .unwrap_or_else(|| PathBuf::from(crate::cluster::keyfile::DEFAULT_KEY_FILE)),
+            tcp_fastopen_key,
             policy,
             syn_record_window: Duration::from_millis(window_ms),
             syn_record_capacity: capacity,
@@ -1158,6 +1192,32 @@ address = "198.51.100.12"
             assert!(
                 msg.contains(key),
                 "error for {to:?} does not name {key}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn tcp_fastopen_key_defaults_to_the_cluster_key_and_refuses_unknown_sources() {
+        assert_eq!(
+            Config::parse(GOOD).unwrap().tcp_fastopen_key,
+            FastOpenKeySource::Cluster
+        );
+        let with = |v: &str| {
+            GOOD.replacen(
+                "vip = \"192.0.2.1\"",
+                &format!("vip = \"192.0.2.1\"\ntcp_fastopen_key = {v}"),
+                1,
+            )
+        };
+        assert_eq!(
+            Config::parse(&with("\"keep\"")).unwrap().tcp_fastopen_key,
+            FastOpenKeySource::Keep
+        );
+        for bad in ["\"adbc6319-c5376d03-0893bf1b-f7d234ae\"", "\"\"", "1"] {
+            let msg = Config::parse(&with(bad)).unwrap_err().to_string();
+            assert!(
+                msg.contains("cluster.tcp_fastopen_key") || msg.contains("tcp_fastopen_key"),
+                "{bad}: {msg}"
             );
         }
     }

@@ -290,6 +290,20 @@ pub async fn run(cfg: Config) -> Result<(), NodeError> {
             return Err(e.into());
         }
     };
+    if cfg.tcp_fastopen_key == crate::config::FastOpenKeySource::Cluster {
+        let keys = keyring.tcp_fastopen_keys();
+        if let Err(e) = crate::host::setup::set_tcp_fastopen_keys(&keys) {
+            drop(shell);
+            let _ = host.undo();
+            let _ = fw.remove();
+            return Err(e.into());
+        }
+        tracing::info!(
+            key = keys.primary_id,
+            backup = ?keys.backup_id(),
+            "TCP Fast Open key set from the cluster key: a cookie from any node is valid on all"
+        );
+    }
     let result = serve(cfg, keyring, epoch, shell, role, election).await;
 
     // Undo in reverse: VIP (and MAC, sysctls) first, then the ruleset.

@@ -231,12 +231,74 @@ fn parse_hex_key(s: &str) -> Option<[u8; KEY_LEN]> {
     Some(key)
 }
 
+/// The TCP Fast Open server keys a node installs (`net.ipv4.tcp_fastopen_key`): the kernel
+/// issues cookies with the primary and accepts cookies of the primary or the backup.
+/// Secret, as the cluster key; `Debug` shows only the key ids they come from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FastOpenKeys {
+    /// The cluster key id the primary is derived from (the key this node seals with).
+    pub primary_id: u8,
+    primary: [u8; TCP_FASTOPEN_KEY_LEN],
+    /// The cluster key id and derived key of the backup, when the keyring holds another key.
+    backup: Option<(u8, [u8; TCP_FASTOPEN_KEY_LEN])>,
+}
+
+impl FastOpenKeys {
+    /// The cluster key id the backup is derived from, if any.
+    pub fn backup_id(&self) -> Option<u8> {
+        self.backup.map(|(id, _)| id)
+    }
+
+    /// The primary key alone.
+    pub fn primary(&self) -> [u8; TCP_FASTOPEN_KEY_LEN] {
+        self.primary
+    }
+
+    /// The text `net.ipv4.tcp_fastopen_key` takes and shows: the primary, then a comma and the
+    /// backup if there is one.
+    pub fn sysctl_text(&self) -> String {
+        let mut text = format_fastopen_key(&self.primary);
+        if let Some((_, b)) = &self.backup {
+            text.push(',');
+            text.push_str(&format_fastopen_key(b));
+        }
+        text
+    }
+}
+
+impl std::fmt::Debug for FastOpenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastOpenKeys")
+            .field("primary_id", &self.primary_id)
+            .field("backup_id", &self.backup_id())
+            .finish()
+    }
+}
+
 impl Keyring {
     /// The TCP Fast Open server key every node holding this keyring derives alike (from the
-    /// key this node seals with, so during a rotation a node that has switched `send` issues
-    /// cookies the others do not accept until they switch too). Secret, as the cluster key.
+    /// key this node seals with). Secret, as the cluster key.
     pub fn tcp_fastopen_key(&self) -> [u8; TCP_FASTOPEN_KEY_LEN] {
         self.entries[self.send].fastopen
+    }
+
+    /// The TCP Fast Open keys to install: the primary from the key this node seals with, the
+    /// backup from the keyring's other key with the highest id. During a rotation (both keys
+    /// in every node's file, `send` switched node by node) a node that has switched and one
+    /// that has not each accept the other's cookies: one's primary is the other's backup.
+    pub fn tcp_fastopen_keys(&self) -> FastOpenKeys {
+        let backup = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.send)
+            .max_by_key(|(_, e)| e.id)
+            .map(|(_, e)| (e.id, e.fastopen));
+        FastOpenKeys {
+            primary_id: self.send_id(),
+            primary: self.tcp_fastopen_key(),
+            backup,
+        }
     }
 
     /// Builds a keyring from raw keys. `send` names the sealing key; with one key it may be
@@ -548,6 +610,27 @@ mod tests {
             0x01, 0x02, 0x03, 0x04, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
         ]);
         assert_eq!(text, "01020304-a0000000-00000000-ffffffff");
+    }
+
+    #[test]
+    fn fastopen_keys_pair_the_send_key_with_the_other_key_so_a_rotation_keeps_cookies_valid() {
+        let one = ring(&[(1, K1)], None).tcp_fastopen_keys();
+        assert_eq!((one.primary_id, one.backup_id()), (1, None));
+        assert_eq!(one.sysctl_text(), "adbc6319-c5376d03-0893bf1b-f7d234ae");
+        let old = ring(&[(1, K1), (2, K2)], Some(1)).tcp_fastopen_keys();
+        let new = ring(&[(1, K1), (2, K2)], Some(2)).tcp_fastopen_keys();
+        assert_eq!((old.primary_id, old.backup_id()), (1, Some(2)));
+        assert_eq!((new.primary_id, new.backup_id()), (2, Some(1)));
+        // Each accepts what the other issues.
+        let (o, n) = (old.sysctl_text(), new.sysctl_text());
+        let (o1, o2) = o.split_once(',').unwrap();
+        let (n1, n2) = n.split_once(',').unwrap();
+        assert_eq!((o1, o2), (n2, n1));
+        assert_eq!(o1, "adbc6319-c5376d03-0893bf1b-f7d234ae");
+        // Of several other keys, the highest id is the backup.
+        let three = ring(&[(3, [3; KEY_LEN]), (1, K1), (2, K2)], Some(1)).tcp_fastopen_keys();
+        assert_eq!(three.backup_id(), Some(3));
+        assert!(!format!("{three:?}").contains("adbc"), "Debug shows no key");
     }
 
     #[test]

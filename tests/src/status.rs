@@ -46,6 +46,16 @@ pub struct Affinity {
 pub struct ClusterKey {
     pub ids: Vec<u8>,
     pub send: u8,
+    /// The cluster key ids the TCP Fast Open keys come from; `None` with `"keep"`.
+    pub tcp_fastopen: Option<FastOpen>,
+}
+
+/// `cluster_key.tcp_fastopen` of `tdscctl status --json`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct FastOpen {
+    pub primary: u8,
+    pub backup: Option<u8>,
 }
 
 /// Replicated SYN-forward records as one node sees them.

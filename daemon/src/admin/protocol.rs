@@ -332,6 +332,19 @@ pub struct AffinityStatus {
 pub struct ClusterKeyStatus {
     pub ids: Vec<u8>,
     pub send: u8,
+    /// The TCP Fast Open server keys this node set from the cluster key (`[cluster]
+    /// tcp_fastopen_key = "cluster"`); `None` with `"keep"`.
+    #[serde(default)]
+    pub tcp_fastopen: Option<FastOpenStatus>,
+}
+
+/// Which cluster keys the node's TCP Fast Open keys are derived from (never the keys).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FastOpenStatus {
+    /// Cookies are issued with the key derived from this cluster key id.
+    pub primary: u8,
+    /// And accepted with the key derived from this one too.
+    pub backup: Option<u8>,
 }
 
 /// Replication of the SYN-forward records, as this node sees it.

@@ -591,9 +591,19 @@ pub fn status(s: &Shared) -> Status {
         records: records_status(s),
         cluster_key: {
             let ring = s.cluster_socket.keyring();
+            let tcp_fastopen = (s.config.tcp_fastopen_key
+                == crate::config::FastOpenKeySource::Cluster)
+                .then(|| {
+                    let k = ring.tcp_fastopen_keys();
+                    crate::admin::protocol::FastOpenStatus {
+                        primary: k.primary_id,
+                        backup: k.backup_id(),
+                    }
+                });
             crate::admin::protocol::ClusterKeyStatus {
                 ids: ring.ids(),
                 send: ring.send_id(),
+                tcp_fastopen,
             }
         },
         affinity: affinity_status(s, &c),

@@ -197,8 +197,15 @@ fn print_table(s: &Status) {
         r.stale_term,
         r.ruleset_foreign
     );
+    let fastopen = match s.cluster_key.tcp_fastopen {
+        Some(f) => match f.backup {
+            Some(b) => format!("from key {} (and key {b}'s accepted)", f.primary),
+            None => format!("from key {}", f.primary),
+        },
+        None => "left as the host has it".to_owned(),
+    };
     println!(
-        "cluster key: ids {:?}, sealing with {}",
+        "cluster key: ids {:?}, sealing with {}; TCP Fast Open key {fastopen}",
         s.cluster_key.ids, s.cluster_key.send
     );
     let k = &c.cluster_dropped;

@@ -52,6 +52,12 @@ pub enum HostError {
     },
     #[error("netlink")]
     Netlink(#[source] io::Error),
+    /// The kernel shows another TCP Fast Open key than the one written (the text is secret,
+    /// so neither is shown).
+    #[error(
+        "net.ipv4.tcp_fastopen_key does not read back as written (a kernel without backup keys?)"
+    )]
+    FastOpenKeyReadBack,
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{} errors while undoing host setup: {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
@@ -190,6 +196,22 @@ fn read_sysctl(key: &str) -> Result<String, HostError> {
 fn write_sysctl(key: &str, value: &str) -> Result<(), HostError> {
     let path = PathBuf::from(SYSCTL_ROOT).join(key);
     std::fs::write(&path, value).map_err(|source| HostError::Sysctl { path, source })
+}
+
+/// The sysctl of the TCP Fast Open server key (per network namespace).
+const TCP_FASTOPEN_KEY: &str = "net/ipv4/tcp_fastopen_key";
+
+/// Sets this network namespace's TCP Fast Open server keys (`[cluster] tcp_fastopen_key =
+/// "cluster"`) and checks that the kernel took them. Not recorded in the host state file and
+/// not put back at exit: the key the kernel had is a secret this daemon does not store, and the
+/// cluster's key staying in place keeps the clients' cookies valid across a restart.
+pub fn set_tcp_fastopen_keys(keys: &tdsc_proto::seal::FastOpenKeys) -> Result<(), HostError> {
+    let text = keys.sysctl_text();
+    write_sysctl(TCP_FASTOPEN_KEY, &text)?;
+    if read_sysctl(TCP_FASTOPEN_KEY)? != text {
+        return Err(HostError::FastOpenKeyReadBack);
+    }
+    Ok(())
 }
 
 /// The addresses of every interface, by ifindex, from one RTM_GETADDR dump.
