@@ -124,6 +124,8 @@ struct RawControl {
 struct RawHealth {
     report_interval_ms: Option<u64>,
     dead_after_ms: Option<u64>,
+    #[serde(default)]
+    check: Vec<crate::health::spec::RawCheck>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -336,6 +338,8 @@ pub struct Config {
     pub host_state: PathBuf,
     pub report_interval: Duration,
     pub dead_after: Duration,
+    /// `[[health.check]]`: the checks of this node's application (none: always healthy).
+    pub health_checks: Vec<crate::health::spec::CheckSpec>,
     /// `[threads] data_path_cpu`: the CPU the queue and forward-receive threads are pinned to
     /// (see [`crate::datapath::affinity`]); `None` leaves them to the scheduler.
     pub data_path_cpu: Option<usize>,
@@ -690,6 +694,8 @@ impl Config {
             ));
         }
 
+        let health_checks = crate::health::spec::validate(&raw.health.check)?;
+
         let data_path_cpu = match raw.threads.data_path_cpu {
             None => None,
             Some(cpu) => Some(
@@ -765,6 +771,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(crate::host::state::DEFAULT_STATE_FILE)),
             report_interval: Duration::from_millis(report_ms),
             dead_after: Duration::from_millis(dead_ms),
+            health_checks,
             data_path_cpu,
             queue_io,
             drain_timeout: Duration::from_millis(drain_ms),

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod datapath;
+pub mod health;
 pub mod host;
 pub mod metrics;
 pub mod node;

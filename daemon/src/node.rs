@@ -155,6 +155,8 @@ pub struct Shared {
     pub metrics_http: crate::metrics::server::HttpCounters,
     /// The cluster control task: control sessions hand it requests for other nodes.
     pub remote: crate::cluster::remote::RemoteHandle,
+    /// This node's application health, as its health task last published it.
+    pub health: watch::Receiver<crate::health::task::HealthSnapshot>,
 }
 
 impl Shared {
@@ -525,6 +527,8 @@ struct Owners {
     bus: TaskHandle,
     /// Report sender and dead-node sweep ([`Reporter`]).
     reporter: TaskHandle,
+    /// The application health checks (`crate::health::task`); idle without checks.
+    health: TaskHandle,
     /// Answers SYN-RECV queries (`crate::cluster::takeover::answer_queries`).
     answers: TaskHandle,
     /// The master path: NFQUEUE receive and dispatch. Its `recv` has no timeout, so it is
@@ -816,8 +820,24 @@ impl<'a> Node<'a> {
                 commands: w.master_commands.clone(),
             },
         );
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let (health_tx, health_rx) = watch::channel(crate::health::task::HealthSnapshot::initial(
+            &cfg.health_checks,
+        ));
+        let health = {
+            let h = crate::health::task::HealthTask {
+                specs: cfg.health_checks.clone(),
+                view: w.view.clone(),
+                poke: poke.clone(),
+                publish: health_tx,
+            };
+            // Before the first report: a node with checks is unhealthy until they pass.
+            h.hold();
+            TaskHandle::spawn("health", &sup, move |s| h.run(s))
+        };
         let reporter = {
             let r = Reporter {
+                poke,
                 node_id: cfg.node_id,
                 vip: cfg.vip,
                 port: cfg.control_port,
@@ -890,6 +910,7 @@ impl<'a> Node<'a> {
             cluster_socket,
             control: crate::admin::server::ControlCounters::default(),
             metrics_http: crate::metrics::server::HttpCounters::default(),
+            health: health_rx,
             remote: crate::cluster::remote::RemoteHandle {
                 asks: w.remote_asks,
                 counters: Arc::default(),
@@ -960,6 +981,7 @@ impl<'a> Node<'a> {
                 settings,
                 bus,
                 reporter,
+                health,
                 answers,
                 master,
                 member,
@@ -1189,6 +1211,7 @@ impl<'a> Node<'a> {
             settings,
             bus,
             reporter,
+            health,
             answers,
             master,
             member,
@@ -1208,6 +1231,7 @@ impl<'a> Node<'a> {
             settings.stop(STOP_WAIT).await,
             bus.stop(STOP_WAIT).await,
             reporter.stop(STOP_WAIT).await,
+            health.stop(STOP_WAIT).await,
             answers.stop(STOP_WAIT).await,
             master.stop(STOP_WAIT).await,
             member.stop(STOP_WAIT).await,

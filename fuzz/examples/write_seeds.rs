@@ -144,6 +144,7 @@ fn bus() -> Vec<Vec<u8>> {
         draining: false,
         load: 1500,
         weight: Some(2),
+        unhealthy: false,
     }));
     let mut a = Vec::new();
     push_frame(&mut a, 1, 1, &sealed(100, &report));

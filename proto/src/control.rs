@@ -62,6 +62,7 @@
 //!   bool draining = 4;          // the node asks for no new connections
 //!   uint32 load = 5;            // the node's load figure, milli-units (least-load policy)
 //!   optional uint32 weight = 6; // the node's weight; absent from older senders
+//!   bool unhealthy = 7;         // a health check of the node's application fails
 //! }
 //! // Not a datagram: the context of a Raft ConfChange that adds a node, replicated in the
 //! // Raft log and persisted with the Raft state.
@@ -259,6 +260,10 @@ pub struct NodeReport {
     pub load: u32,
     #[prost(uint32, optional, tag = "6")]
     pub weight: Option<u32>,
+    /// A `[[health.check]]` of the node's application fails: it takes no new connections.
+    /// Absent (false) from older senders and from nodes without checks.
+    #[prost(bool, tag = "7")]
+    pub unhealthy: bool,
 }
 
 /// The context of a Raft conf change that adds a node: who it is and where it listens.
@@ -350,6 +355,7 @@ mod tests {
             draining: true,
             load: 2500,
             weight: Some(0),
+            unhealthy: true,
         };
         let env = Envelope::report(2, 5, r);
         let back = Envelope::from_bytes(&env.to_bytes()).unwrap();

@@ -106,6 +106,9 @@ all:
         tcp_dsc_cluster_mac: "02:bf:c0:00:02:01"
         tcp_dsc_election_master: 1
         tcp_dsc_health: { report_interval_ms: 200, dead_after_ms: 1000 }
+        tcp_dsc_health_checks:
+          - { kind: http, port: 80, path: /healthz, interval_ms: 1000, fall: 2 }
+          - { kind: command, name: nginx-unit, command: [/usr/bin/systemctl, is-active, --quiet, nginx] }
         tcp_dsc_shutdown: { drain_timeout_ms: 20000 }
         tcp_dsc_flood: { syn_prefix_rate: 1000, prefix_v4: 25 }
         tcp_dsc_scheduler_extra: { affinity: client-address, affinity_timeout_ms: 60000 }
@@ -140,6 +143,11 @@ for n in 1 2 3; do
     f="$1/etc/tdsc/tdsc.toml"
     sed -n "/^\[scheduler\]/,/^\[/p" "$f" | grep -qx "affinity = \"client-address\"" &&
     grep -qx "affinity_timeout_ms = 60000" "$f"' _ "$r"
+  check "node$n: two [[health.check]] tables after [health], argv as a TOML array" bash -c '
+    f="$1/etc/tdsc/tdsc.toml"
+    [ "$(grep -c "^\[\[health\.check\]\]" "$f")" = 2 ] && grep -qx "path = \"/healthz\"" "$f" &&
+    grep -qx "command = \[\"/usr/bin/systemctl\", \"is-active\", \"--quiet\", \"nginx\"\]" "$f" &&
+    grep -qx "name = \"nginx-unit\"" "$f"' _ "$r"
   check "node$n: [metrics] listens on its cluster address" bash -c '
     f="$1/etc/tdsc/tdsc.toml"
     grep -qx "\[metrics\]" "$f" && grep -qx "listen = \"198.51.100.1$2:9464\"" "$f"' _ "$r" "$n"

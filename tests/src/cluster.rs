@@ -108,6 +108,8 @@ pub struct ClusterOptions {
     pub threads_extra: Vec<(String, toml::Value)>,
     /// Extra `[flood]` keys for every node's config (e.g. `syn_prefix_rate = 1000`).
     pub flood_extra: Vec<(String, toml::Value)>,
+    /// Extra `[health]` keys for every node's config (e.g. `check = [{ kind = "tcp", .. }]`).
+    pub health_extra: Vec<(String, toml::Value)>,
     /// Serve `/metrics` on each node's cluster address at this port (`[metrics] listen`).
     pub metrics_port: Option<u16>,
     /// Per-flow CPU steering (RPS) on the client side's veths, so that each connection's
@@ -133,6 +135,7 @@ impl Default for ClusterOptions {
             scheduler_extra: Vec::new(),
             threads_extra: Vec::new(),
             flood_extra: Vec::new(),
+            health_extra: Vec::new(),
             metrics_port: None,
             steer_flows: true,
         }
@@ -263,6 +266,8 @@ pub struct Cluster {
     key_file: PathBuf,
     daemons: bool,
     rust_log: String,
+    /// Each HTTP server's arguments, by node name, to start it again.
+    httpd_args: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Cluster {
@@ -327,6 +332,7 @@ impl Cluster {
             add_keys(&config, "scheduler", &opts.scheduler_extra)?;
             add_keys(&config, "threads", &opts.threads_extra)?;
             add_keys(&config, "flood", &opts.flood_extra)?;
+            add_keys(&config, "health", &opts.health_extra)?;
             let cluster_addr = node
                 .ipv4_addresses()
                 .iter()
@@ -381,6 +387,7 @@ impl Cluster {
             key_file,
             daemons: opts.daemons,
             rust_log: opts.rust_log.clone(),
+            httpd_args: Default::default(),
         };
 
         // HTTP servers: on every cluster node (listening on the wildcard address, so it does
@@ -410,6 +417,7 @@ impl Cluster {
             cluster
                 .lab
                 .spawn(name, &format!("httpd-{name}"), &httpd, &args, &[])?;
+            cluster.httpd_args.insert(name.clone(), args);
         }
         for (name, _, _) in &servers {
             cluster.wait_httpd(name, opts.ready_timeout)?;
@@ -441,6 +449,27 @@ impl Cluster {
             &args,
             &[("RUST_LOG", log.as_str())],
         )?)
+    }
+
+    /// Kills a node's HTTP server with SIGKILL: the application dies, the daemon runs on.
+    pub fn kill_httpd(&mut self, node: &str) -> Result<(), ClusterError> {
+        Ok(self.lab.kill(&format!("httpd-{node}"))?)
+    }
+
+    /// Starts a node's HTTP server again (after [`Cluster::kill_httpd`]), with the arguments
+    /// it first had, and waits until it accepts connections.
+    pub fn restart_httpd(&mut self, node: &str, timeout: Duration) -> Result<(), ClusterError> {
+        let httpd = self.bins.path("tdsc-lab-httpd")?;
+        let args = self
+            .httpd_args
+            .get(node)
+            .cloned()
+            .ok_or_else(|| ClusterError::NoSuchNode {
+                node: node.to_owned(),
+            })?;
+        self.lab
+            .spawn(node, &format!("httpd-{node}"), &httpd, &args, &[])?;
+        self.wait_httpd(node, timeout)
     }
 
     /// Kills a node's tdscd with SIGKILL, as a crash would: it removes nothing it installed.

@@ -28,6 +28,29 @@ pub struct Status {
     pub cluster_key: ClusterKey,
     /// Client affinity; `None` when off.
     pub affinity: Option<Affinity>,
+    /// This node's application health checks.
+    pub health: Option<Health>,
+}
+
+/// `health` of `tdscctl status --json`: this node's own checks.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Health {
+    pub healthy: bool,
+    pub checks: Vec<HealthCheck>,
+}
+
+/// One check in [`Health`].
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct HealthCheck {
+    pub name: String,
+    /// None before its first probe.
+    pub passing: Option<bool>,
+    pub last_failure: Option<String>,
+    pub probes: u64,
+    pub failures: u64,
+    pub downs: u64,
 }
 
 /// `affinity` of `tdscctl status --json`.
@@ -95,6 +118,8 @@ pub struct NodeStatus {
     pub is_self: bool,
     pub connections: u64,
     pub draining: bool,
+    /// Every health check of the node passes, as it reported.
+    pub healthy: bool,
     pub weight: u32,
     /// Load figure in milli-units.
     pub load: u32,

@@ -44,6 +44,7 @@ fn forged_report(from: u32, term: u64) -> Vec<u8> {
             draining: true,
             load: u32::MAX,
             weight: Some(0),
+            unhealthy: true,
         },
     )
     .to_bytes()

@@ -240,6 +240,7 @@ fn forged_and_replayed_cluster_datagrams_are_dropped_and_change_nothing() -> any
                             draining,
                             load: 0,
                             weight: Some(weight),
+                            unhealthy: true,
                         },
                     );
                     forged.push((f_addr, to, rep.to_bytes()));

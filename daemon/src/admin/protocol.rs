@@ -59,12 +59,20 @@ pub struct NodeAnswer {
     pub error: Option<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeStatus {
     pub id: u32,
     pub address: String,
     pub alive: bool,
     pub draining: bool,
+    /// Every health check of the node's application passes, as it last reported (true for
+    /// a node without checks).
+    #[serde(default = "yes")]
+    pub healthy: bool,
     /// Relative share of new connections (0: none).
     #[serde(default)]
     pub weight: u32,
@@ -310,6 +318,10 @@ pub struct Status {
     /// Client affinity (`[scheduler] affinity`); `None` when off.
     #[serde(default)]
     pub affinity: Option<AffinityStatus>,
+    /// This node's application health checks (`[[health.check]]`); `None` from older
+    /// daemons.
+    #[serde(default)]
+    pub health: Option<crate::health::task::HealthSnapshot>,
 }
 
 /// Client affinity's settings and figures.

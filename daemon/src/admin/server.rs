@@ -529,6 +529,7 @@ pub fn status(s: &Shared) -> Status {
                     voter: n.is_present() && n.voter.load(Relaxed),
                     alive: is_self || n.alive.load(Relaxed),
                     draining: n.draining.load(Relaxed),
+                    healthy: !n.unhealthy.load(Relaxed),
                     weight: n.weight.load(Relaxed),
                     load: n.load.load(Relaxed),
                     connections: n.established.load(Relaxed),
@@ -607,6 +608,7 @@ pub fn status(s: &Shared) -> Status {
             }
         },
         affinity: affinity_status(s, &c),
+        health: Some(s.health.borrow().clone()),
     }
 }
 

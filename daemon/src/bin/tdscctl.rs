@@ -160,7 +160,7 @@ fn print_table(s: &Status) {
     );
     for n in &s.nodes {
         println!(
-            "{:>4}  {:<16} {:<6} {:<6} {:>11} {:>8} {:>6} {:>8.3}{}{}",
+            "{:>4}  {:<16} {:<6} {:<6} {:>11} {:>8} {:>6} {:>8.3}{}{}{}",
             n.id,
             n.address,
             if n.voter { "yes" } else { "no" },
@@ -170,7 +170,8 @@ fn print_table(s: &Status) {
             n.weight,
             f64::from(n.load) / 1000.0,
             if n.is_self { "  (self)" } else { "" },
-            if n.draining { "  draining" } else { "" }
+            if n.draining { "  draining" } else { "" },
+            if n.healthy { "" } else { "  UNHEALTHY" }
         );
     }
     let c = &s.counters;
@@ -278,6 +279,38 @@ fn print_table(s: &Status) {
             a.evicted_live
         ),
         None => println!("affinity: none"),
+    }
+    match &s.health {
+        Some(h) if !h.checks.is_empty() => {
+            println!(
+                "health: {}",
+                if h.healthy {
+                    "every check passes"
+                } else {
+                    "FAILING: no new connections for this node"
+                }
+            );
+            for k in &h.checks {
+                println!(
+                    "  {:<16} {:<8} {}  probes {}  failures {}  downs {}{}",
+                    k.name,
+                    match k.passing {
+                        None => "pending",
+                        Some(true) => "passing",
+                        Some(false) => "FAILING",
+                    },
+                    k.probe,
+                    k.probes,
+                    k.failures,
+                    k.downs,
+                    k.last_failure
+                        .as_ref()
+                        .map(|r| format!("  last failure: {r}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        _ => println!("health: no checks"),
     }
     if let Some(t) = &rec.last_takeover {
         println!(

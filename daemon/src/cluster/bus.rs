@@ -545,6 +545,7 @@ mod tests {
             draining: false,
             load: 0,
             weight: None,
+            unhealthy: false,
         })
     }
 

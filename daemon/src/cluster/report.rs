@@ -33,6 +33,7 @@ pub fn accept(slot: &NodeSlot, r: &NodeReport, now_ms: u64) {
     slot.established.store(r.established, Relaxed);
     slot.syn_recv.store(r.syn_recv, Relaxed);
     slot.draining.store(r.draining, Relaxed);
+    slot.unhealthy.store(r.unhealthy, Relaxed);
     slot.load.store(r.load, Relaxed);
     if let Some(w) = r.weight {
         slot.weight.store(w, Relaxed);
@@ -61,6 +62,9 @@ pub struct Reporter {
     pub counters: Arc<ReportCounters>,
     /// The clock of `last_seen_ms` (the bus stamps arrivals on the same one).
     pub epoch: Instant,
+    /// Woken by the health task when this node's health changes: the report goes out at
+    /// once instead of at the next tick.
+    pub poke: Arc<tokio::sync::Notify>,
 }
 
 impl Reporter {
@@ -109,6 +113,7 @@ impl Reporter {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                () = self.poke.notified() => {}
                 () = shutdown.requested() => return,
             }
             let counts = diag
@@ -130,6 +135,7 @@ impl Reporter {
                     draining: own.draining.load(Relaxed),
                     load: own.load.load(Relaxed),
                     weight: Some(own.weight.load(Relaxed)),
+                    unhealthy: own.unhealthy.load(Relaxed),
                 },
             );
             let bytes = env.to_bytes();

@@ -36,6 +36,9 @@ pub struct NodeSlot {
     /// The node announced, in its reports, that it takes no new connections (`tdscctl drain`
     /// on that node). This node's own slot is the source of truth for its own reports.
     pub draining: AtomicBool,
+    /// A health check of the node's application fails (`[[health.check]]`), as the node
+    /// announced in its reports; this node's own slot is written by its health task.
+    pub unhealthy: AtomicBool,
     /// Relative share of new connections, announced by the node in its reports; starts at the
     /// configured `[[nodes]] weight`. 0 = no new connections.
     pub weight: AtomicU32,

@@ -146,6 +146,7 @@ impl Dispatcher {
                 id: slot.id(),
                 alive: slot.is_present() && (i == view.self_index || slot.alive.load(Relaxed)),
                 draining: slot.draining.load(Relaxed),
+                unhealthy: slot.unhealthy.load(Relaxed),
                 weight: slot.weight.load(Relaxed),
                 connections: reported.saturating_add(inflight),
                 load: slot
@@ -514,6 +515,18 @@ mod tests {
         for i in 0..10 {
             assert_eq!(d.decide(&syn(i, 0), &v, 0).decision, Decision::Local);
         }
+        // An unhealthy master (its own slot, index 1) takes none itself: the healthy peer
+        // gets them.
+        v.nodes[2].draining.store(false, Relaxed);
+        v.nodes[1].unhealthy.store(true, Relaxed);
+        for i in 10..20 {
+            assert_eq!(
+                d.decide(&syn(i, 0), &v, 0).decision,
+                Decision::Forward { index: 2 }
+            );
+        }
+        v.nodes[1].unhealthy.store(false, Relaxed);
+        v.nodes[2].draining.store(true, Relaxed);
         // Even with every peer dead the master counts itself alive.
         v.nodes[2].draining.store(false, Relaxed);
         v.nodes[2].alive.store(false, Relaxed);

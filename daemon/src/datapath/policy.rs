@@ -44,6 +44,8 @@ pub struct Candidate {
     pub alive: bool,
     /// The operator asked for no new connections.
     pub draining: bool,
+    /// A health check of the node's application fails.
+    pub unhealthy: bool,
     /// Relative share of new connections; 0 takes none (like draining).
     pub weight: u32,
     /// Connections the node last reported plus those dispatched to it since that report.
@@ -57,7 +59,7 @@ pub struct Candidate {
 
 impl Candidate {
     pub fn eligible(&self) -> bool {
-        self.alive && !self.draining && self.weight > 0
+        self.alive && !self.draining && !self.unhealthy && self.weight > 0
     }
 }
 
@@ -371,6 +373,7 @@ mod tests {
                 id,
                 alive: true,
                 draining: false,
+                unhealthy: false,
                 weight: 1,
                 connections: 0,
                 load: 0,
@@ -477,25 +480,26 @@ mod tests {
         FlowKey { isn, ..key(40000) }
     }
 
-    /// Every policy, including weight 0, dead and draining nodes: only eligible picks, and
-    /// `None` when nobody is eligible.
+    /// Every policy, including weight 0, dead, draining and unhealthy nodes: only eligible
+    /// picks, and `None` when nobody is eligible.
     #[test]
-    fn no_policy_picks_a_dead_draining_or_zero_weight_node() {
+    fn no_policy_picks_a_dead_draining_unhealthy_or_zero_weight_node() {
         for (_, name) in PolicyName::ALL {
             let mut p = build(name);
-            let mut ns = nodes(4);
+            let mut ns = nodes(5);
             ns[0].alive = false;
             ns[1].draining = true;
             ns[2].weight = 0;
+            ns[3].unhealthy = true;
             for i in 0..200u16 {
                 assert_eq!(
                     p.pick(&key_isn(u32::from(i) * 7919), &ns),
-                    Some(3),
+                    Some(4),
                     "{name:?}"
                 );
-                assert_eq!(p.pick(&key(i), &ns), Some(3), "{name:?}");
+                assert_eq!(p.pick(&key(i), &ns), Some(4), "{name:?}");
             }
-            ns[3].alive = false;
+            ns[4].alive = false;
             assert_eq!(p.pick(&key(1), &ns), None, "{name:?}");
         }
     }

@@ -304,6 +304,68 @@ impl prometheus_client::collector::Collector for Collect {
                 ("over_cap", c.control.over_cap),
             ],
         )?;
+        let rc = &c.remote_control;
+        counter_by(
+            &mut enc,
+            "tdsc_remote_control",
+            "Control requests over the cluster channel: forwarded from here or served here, by event.",
+            "event",
+            &[
+                ("forwarded", rc.forwarded),
+                ("timeouts", rc.timeouts),
+                ("forward_busy", rc.forward_busy),
+                ("stray_answers", rc.stray_answers),
+                ("served", rc.served),
+                ("bad_request", rc.bad_request),
+                ("not_member", rc.not_member),
+                ("not_target", rc.not_target),
+                ("busy", rc.busy),
+                ("failed", rc.failed),
+            ],
+        )?;
+        if let Some(h) = s.health.as_ref().filter(|h| !h.checks.is_empty()) {
+            let per_check = |f: &dyn Fn(&crate::health::task::CheckSnapshot) -> u64| {
+                h.checks
+                    .iter()
+                    .map(|k| (k.name.as_str(), f(k)))
+                    .collect::<Vec<_>>()
+            };
+            counter_by(
+                &mut enc,
+                "tdsc_health_check_probes",
+                "Probes of this node's application, by check.",
+                "check",
+                &per_check(&|k| k.probes),
+            )?;
+            counter_by(
+                &mut enc,
+                "tdsc_health_check_failures",
+                "Failed probes of this node's application, by check.",
+                "check",
+                &per_check(&|k| k.failures),
+            )?;
+            counter_by(
+                &mut enc,
+                "tdsc_health_check_downs",
+                "Times a check turned from passing to failing, by check.",
+                "check",
+                &per_check(&|k| k.downs),
+            )?;
+            gauge_family(
+                &mut enc,
+                "tdsc_health_check_passing",
+                "1 while the check passes (0 also before its first probe).",
+                &h.checks
+                    .iter()
+                    .map(|k| {
+                        (
+                            vec![("check", k.name.clone())],
+                            f64::from(u8::from(k.passing == Some(true))),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )?;
+        }
 
         counter(
             &mut enc,
@@ -447,6 +509,12 @@ impl prometheus_client::collector::Collector for Collect {
             "tdsc_node_draining",
             "1 while the node is drained.",
             &per_node(&|n| f64::from(u8::from(n.draining))),
+        )?;
+        gauge_family(
+            &mut enc,
+            "tdsc_node_healthy",
+            "1 while every health check of the node's application passes, as it reported.",
+            &per_node(&|n| f64::from(u8::from(n.healthy))),
         )?;
         gauge_family(
             &mut enc,
@@ -616,6 +684,7 @@ mod tests {
             address: format!("198.51.100.{id}"),
             alive,
             draining: id == 3,
+            healthy: id != 2,
             weight: id,
             load: 1500,
             connections,
@@ -659,6 +728,18 @@ mod tests {
                 records: Default::default(),
                 cluster_key: Default::default(),
                 affinity: None,
+                health: Some(crate::health::task::HealthSnapshot {
+                    healthy: false,
+                    checks: vec![crate::health::task::CheckSnapshot {
+                        name: "http:80".into(),
+                        probe: "http 127.0.0.1:80/".into(),
+                        passing: Some(false),
+                        last_failure: Some("refused".into()),
+                        probes: 12,
+                        failures: 4,
+                        downs: 1,
+                    }],
+                }),
             },
             lease_remaining_ms: 1500,
             queue_batch_sizes: batches.snapshot(&[1, 2]),
@@ -691,6 +772,12 @@ mod tests {
         has(&t, "tdsc_node_alive{node=\"3\"} 0.0");
         has(&t, "tdsc_node_connections{node=\"2\"} 6.0");
         has(&t, "tdsc_node_draining{node=\"3\"} 1.0");
+        has(&t, "tdsc_node_healthy{node=\"2\"} 0.0");
+        has(&t, "tdsc_node_healthy{node=\"1\"} 1.0");
+        has(&t, "tdsc_health_check_probes_total{check=\"http:80\"} 12");
+        has(&t, "tdsc_health_check_failures_total{check=\"http:80\"} 4");
+        has(&t, "tdsc_health_check_passing{check=\"http:80\"} 0.0");
+        has(&t, "tdsc_remote_control_total{event=\"forwarded\"} 0");
         has(&t, "tdsc_node_load{node=\"1\"} 1.5");
         has(&t, "tdsc_node_last_report_age_seconds{node=\"2\"} 0.25");
         has(
