@@ -65,6 +65,7 @@ use crate::datapath::dispatch::Dispatcher;
 use crate::datapath::queue::{MasterCommand, MasterLinks, MasterPath};
 use crate::datapath::receive::{MemberLinks, MemberPath};
 use crate::datapath::records::{Dispatched, SynRecords};
+use crate::datapath::sticky::AffinitySettings;
 use crate::host::setup::HostSetup;
 use crate::shutdown::{Exits, Shutdown, Supervisor, TaskHandle, ThreadHandle, STOP_WAIT};
 use crate::watchdog::Heartbeat;
@@ -157,6 +158,8 @@ pub struct Shared {
     pub remote: crate::cluster::remote::RemoteHandle,
     /// This node's application health, as its health task last published it.
     pub health: watch::Receiver<crate::health::task::HealthSnapshot>,
+    /// `tdscctl health set` goes to the health task here.
+    pub health_commands: tokio::sync::mpsc::Sender<crate::health::task::HealthCommand>,
 }
 
 impl Shared {
@@ -181,6 +184,36 @@ impl Shared {
             .unwrap_or(0);
         self.policy.store(index, Relaxed);
         Ok(())
+    }
+
+    /// The client-affinity settings in force (`None`: off). The replica holds them: it is
+    /// switched together with the master thread's table.
+    pub fn affinity(&self) -> Option<AffinitySettings> {
+        let r = self.replica.lock().ok()?;
+        r.affinity.as_ref().map(|a| *a.settings())
+    }
+
+    /// Switches client affinity on this node: its replica now, the master thread's table
+    /// before its next SYN. Each keeps its live entries.
+    pub fn set_affinity(&self, settings: Option<AffinitySettings>) -> Result<(), String> {
+        let now_ms = self.role.now_ms();
+        self.replica
+            .lock()
+            .map_err(|_| "replica lock poisoned".to_owned())?
+            .set_affinity(settings.as_ref(), now_ms);
+        let tx = self
+            .master_commands
+            .lock()
+            .map_err(|_| "master command channel poisoned".to_owned())?;
+        tx.send(MasterCommand::SetAffinity { settings, now_ms })
+            .map_err(|_| "the master thread has stopped".to_owned())
+    }
+
+    /// The table size affinity gets on this node (`[scheduler] affinity_capacity`).
+    pub fn affinity_capacity(&self) -> usize {
+        self.config
+            .affinity
+            .map_or(crate::config::DEFAULT_AFFINITY_CAPACITY, |a| a.capacity)
     }
 
     pub fn firewall_counter(&self) -> Option<u64> {
@@ -824,12 +857,15 @@ impl<'a> Node<'a> {
         let (health_tx, health_rx) = watch::channel(crate::health::task::HealthSnapshot::initial(
             &cfg.health_checks,
         ));
+        let (health_commands, health_commands_rx) =
+            tokio::sync::mpsc::channel(crate::health::task::COMMAND_CAPACITY);
         let health = {
             let h = crate::health::task::HealthTask {
                 specs: cfg.health_checks.clone(),
                 view: w.view.clone(),
                 poke: poke.clone(),
                 publish: health_tx,
+                commands: health_commands_rx,
             };
             // Before the first report: a node with checks is unhealthy until they pass.
             h.hold();
@@ -911,6 +947,7 @@ impl<'a> Node<'a> {
             control: crate::admin::server::ControlCounters::default(),
             metrics_http: crate::metrics::server::HttpCounters::default(),
             health: health_rx,
+            health_commands,
             remote: crate::cluster::remote::RemoteHandle {
                 asks: w.remote_asks,
                 counters: Arc::default(),
@@ -1250,9 +1287,10 @@ impl<'a> Node<'a> {
     }
 }
 
-/// Applies the cluster-wide settings committed through Raft: today the scheduling policy
-/// (`tdscctl policy set`), which then overrides `[scheduler] policy` on every node, a new
-/// master and a restarted node included. Runs until `shutdown`.
+/// Applies the cluster-wide settings committed through Raft: the scheduling policy
+/// (`tdscctl policy set`) and client affinity (`tdscctl affinity set`), which then override
+/// `[scheduler]` on every node, a new master and a restarted node included. Runs until
+/// `shutdown`.
 async fn follow_settings(
     mut settings: watch::Receiver<Settings>,
     shared: Arc<Shared>,
@@ -1272,6 +1310,23 @@ async fn follow_settings(
                 Some(_) => {}
                 None => {
                     tracing::error!(value = ?String::from_utf8_lossy(&raw), "committed policy unknown to this daemon; keeping the current one")
+                }
+            }
+        }
+        let affinity = settings
+            .borrow()
+            .get(crate::datapath::sticky::AFFINITY_SETTING)
+            .cloned();
+        if let Some(raw) = affinity {
+            let text = String::from_utf8_lossy(&raw);
+            match AffinitySettings::decode(&text, shared.affinity_capacity()) {
+                Ok(a) if a != shared.affinity() => match shared.set_affinity(a) {
+                    Ok(()) => tracing::info!(affinity = %text, "cluster affinity applied"),
+                    Err(e) => tracing::error!(error = %e, "cluster affinity not applied"),
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "committed affinity unreadable; keeping the current one");
                 }
             }
         }

@@ -51,6 +51,10 @@ pub struct HealthCheck {
     pub probes: u64,
     pub failures: u64,
     pub downs: u64,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 /// `affinity` of `tdscctl status --json`.
@@ -58,6 +62,8 @@ pub struct HealthCheck {
 #[serde(default)]
 pub struct Affinity {
     pub timeout_ms: u64,
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
     pub replica_live: u64,
     pub hits: u64,
     pub evicted_live: u64,

@@ -268,6 +268,176 @@ fn weight_drain_and_policy_sent_to_a_follower_take_effect_cluster_wide() -> anyh
     teardown(cluster)
 }
 
+/// Through one follower's socket: `affinity set` (committed by the leader, applied by every
+/// node, and obeyed: with a /24 both clients' 90 connections go to one node; back to `none`
+/// they spread over all three), `health set` of the other follower's checks (seen in its
+/// status), and bad settings refused with their reason and nothing changed.
+#[test]
+fn affinity_and_health_settings_sent_to_a_follower_take_effect_cluster_wide() -> anyhow::Result<()>
+{
+    let Some(_lock) =
+        exclusive_lab("affinity_and_health_settings_sent_to_a_follower_take_effect_cluster_wide")
+    else {
+        return Ok(());
+    };
+    let mut check = toml::Table::new();
+    check.insert("name".into(), "web".into());
+    check.insert("kind".into(), "tcp".into());
+    check.insert("port".into(), 80.into());
+    let cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-cs")),
+        policy: Some("round-robin".to_owned()),
+        raft: true,
+        health_extra: vec![(
+            "check".to_owned(),
+            toml::Value::Array(vec![toml::Value::Table(check)]),
+        )],
+        ..ClusterOptions::default()
+    })
+    .context("start the raft cluster")?;
+    wait_all(&cluster, "three voters, all healthy", |s| {
+        s.voters == [1, 2, 3] && s.health.as_ref().is_some_and(|h| h.healthy)
+    })?;
+    let Roles {
+        leader,
+        follower,
+        other: (other_name, other),
+    } = roles(&cluster)?;
+    let f = follower.as_str();
+    let o = other.to_string();
+    let clients = cluster.client_namespaces();
+    let vip = SocketAddr::V4(cluster.vip());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // affinity set through the follower: committed, applied everywhere, obeyed.
+    let done = cluster.ctl(
+        f,
+        &[
+            "affinity",
+            "set",
+            "client-address",
+            "--timeout-ms",
+            "60000",
+            "--prefix-v4",
+            "24",
+        ],
+    )?;
+    ensure!(
+        done.contains("client-address timeout_ms=60000 prefix_v4=24"),
+        "{done}"
+    );
+    wait_all(&cluster, "every node applies the affinity", |s| {
+        s.affinity
+            .is_some_and(|a| a.timeout_ms == 60_000 && a.prefix_v4 == 24 && a.prefix_v6 == 128)
+    })?;
+    let tally = load::run(&clients, vip, 45, &stop)?;
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    assert_eq!(
+        tally.by_node.len(),
+        1,
+        "both clients share a /24, so one node should take all: {:?}",
+        tally.by_node
+    );
+    // A change of the timeout alone keeps the prefix.
+    cluster.ctl(
+        f,
+        &["affinity", "set", "client-address", "--timeout-ms", "30000"],
+    )?;
+    wait_all(&cluster, "every node applies the new timeout", |s| {
+        s.affinity
+            .is_some_and(|a| a.timeout_ms == 30_000 && a.prefix_v4 == 24)
+    })?;
+    let done = cluster.ctl(f, &["affinity", "set", "none"])?;
+    ensure!(done.contains("affinity none"), "{done}");
+    wait_all(&cluster, "every node turns affinity off", |s| {
+        s.affinity.is_none()
+    })?;
+    let tally = load::run(&clients, vip, 45, &stop)?;
+    assert_eq!(tally.failures, 0, "{:?}", tally.sample_errors);
+    assert_eq!(
+        tally.by_node.len(),
+        3,
+        "round robin again: {:?}",
+        tally.by_node
+    );
+
+    // health set of the other follower's checks through this one.
+    let done = cluster.ctl(
+        f,
+        &[
+            "health",
+            "set",
+            &o,
+            "--interval-ms",
+            "300",
+            "--timeout-ms",
+            "100",
+            "--fall",
+            "2",
+        ],
+    )?;
+    ensure!(
+        done.contains(&format!(
+            "node {other}: check web every 300 ms, timeout 100 ms, rise 2, fall 2"
+        )),
+        "{done}"
+    );
+    let web = |s: &Status| {
+        s.health
+            .as_ref()
+            .and_then(|h| h.checks.iter().find(|c| c.name == "web").cloned())
+    };
+    let c = web(&cluster.status(&other_name)?).context("no check web")?;
+    ensure!(
+        (c.interval_ms, c.timeout_ms, c.rise, c.fall) == (300, 100, 2, 2),
+        "{c:?}"
+    );
+    let untouched = web(&cluster.status(f)?).context("no check web")?;
+    ensure!(
+        untouched.interval_ms == 2000,
+        "the follower's own check changed: {untouched:?}"
+    );
+
+    // Bad settings: refused with the reason, nothing changed.
+    let bad: [(&[&str], &str); 6] = [
+        (&["affinity", "set", "sticky"], "unknown affinity"),
+        (
+            &["affinity", "set", "none", "--timeout-ms", "5"],
+            "client-address\" only",
+        ),
+        (
+            &["affinity", "set", "client-address", "--prefix-v4", "33"],
+            "outside 1..=32",
+        ),
+        (
+            &["health", "set", &o, "--interval-ms", "5"],
+            "outside 10..=",
+        ),
+        (
+            &["health", "set", &o, "--check", "db", "--fall", "3"],
+            "no health check named \"db\"",
+        ),
+        (
+            &["health", "set", &o, "--interval-ms", "50"],
+            "would exceed its interval",
+        ),
+    ];
+    for (args, want) in bad {
+        let err = refused(&cluster, f, args)?;
+        ensure!(err.contains(want), "{args:?}: {err}");
+    }
+    let c = web(&cluster.status(&other_name)?).context("no check web")?;
+    ensure!(
+        (c.interval_ms, c.fall) == (300, 2),
+        "changed by a refused request: {c:?}"
+    );
+    ensure!(
+        cluster.status(&leader.0)?.affinity.is_none(),
+        "affinity changed"
+    );
+    teardown(cluster)
+}
+
 /// `node remove` and `node add` of the other follower through one follower's socket: the
 /// leader commits each, every node shows the new voters, the removed node takes no new
 /// connection, and the re-added one is a voter and member again.

@@ -17,6 +17,35 @@ pub enum Request {
     PolicySet {
         policy: String,
     },
+    /// Client affinity for the cluster (`affinity`: `none` or `client-address`; the keys not
+    /// given keep their current values, or their defaults when affinity was off). Carried to
+    /// the Raft leader, which commits it; every node applies it (under a static election:
+    /// the master). Live entries are kept.
+    AffinitySet {
+        affinity: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        #[serde(default)]
+        prefix_v4: Option<u8>,
+        #[serde(default)]
+        prefix_v6: Option<u8>,
+    },
+    /// Change the timing of node `node`'s health checks (`check`: one by name; none: all of
+    /// them). Carried to node `node`; lasts until its daemon restarts (the configuration is
+    /// the lasting place).
+    HealthSet {
+        node: u32,
+        #[serde(default)]
+        check: Option<String>,
+        #[serde(default)]
+        interval_ms: Option<u64>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        #[serde(default)]
+        rise: Option<u32>,
+        #[serde(default)]
+        fall: Option<u32>,
+    },
     /// Set node `node`'s weight. Any node takes it: it is carried to node `node`, which
     /// announces its own weight and drain flag in its reports, so whichever node is master
     /// learns them (`crate::admin::route`).

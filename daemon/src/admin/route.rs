@@ -20,6 +20,8 @@
 
 use crate::admin::protocol::Request;
 use crate::config::{PolicyName, MAX_WEIGHT};
+use crate::datapath::sticky::AffinityChange;
+use crate::health::spec::TimingChange;
 
 /// Where a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,8 @@ pub fn validate(req: &Request) -> Result<(), String> {
     match req {
         Request::Status | Request::ClusterStatus | Request::NodeRemove { .. } => Ok(()),
         Request::PolicySet { policy } => parse_policy(policy).map(|_| ()),
+        Request::AffinitySet { .. } => affinity_change(req).map(|_| ()),
+        Request::HealthSet { .. } => health_change(req).map(|_| ()),
         Request::Weight { weight, .. } if *weight > MAX_WEIGHT => {
             Err(format!("weight {weight} is outside 0..={MAX_WEIGHT}"))
         }
@@ -107,6 +111,50 @@ pub fn validate(req: &Request) -> Result<(), String> {
     }
 }
 
+/// The affinity change an `AffinitySet` asks for, checked.
+pub fn affinity_change(req: &Request) -> Result<AffinityChange, String> {
+    let Request::AffinitySet {
+        affinity,
+        timeout_ms,
+        prefix_v4,
+        prefix_v6,
+    } = req
+    else {
+        return Err("not an affinity request".into());
+    };
+    let change = AffinityChange {
+        on: AffinityChange::mode(affinity)?,
+        timeout_ms: *timeout_ms,
+        prefix_v4: *prefix_v4,
+        prefix_v6: *prefix_v6,
+    };
+    change.validate()?;
+    Ok(change)
+}
+
+/// The check (None: all) and timing change a `HealthSet` asks for, checked.
+pub fn health_change(req: &Request) -> Result<(Option<String>, TimingChange), String> {
+    let Request::HealthSet {
+        check,
+        interval_ms,
+        timeout_ms,
+        rise,
+        fall,
+        ..
+    } = req
+    else {
+        return Err("not a health request".into());
+    };
+    let change = TimingChange {
+        interval_ms: *interval_ms,
+        timeout_ms: *timeout_ms,
+        rise: *rise,
+        fall: *fall,
+    };
+    change.validate()?;
+    Ok((check.clone(), change))
+}
+
 /// Parses a policy name, or says which names there are.
 pub fn parse_policy(policy: &str) -> Result<PolicyName, String> {
     PolicyName::parse(policy).ok_or_else(|| {
@@ -123,7 +171,10 @@ fn target(req: &Request, f: &Facts) -> Result<Option<u32>, Refusal> {
     let leader = || f.master.map(Some).ok_or(Refusal::NoLeader);
     match req {
         Request::Status | Request::ClusterStatus => Ok(None),
-        Request::Weight { node, .. } | Request::Drain { node } | Request::Undrain { node } => {
+        Request::Weight { node, .. }
+        | Request::Drain { node }
+        | Request::Undrain { node }
+        | Request::HealthSet { node, .. } => {
             if f.members.contains(node) {
                 Ok(Some(*node))
             } else {
@@ -133,7 +184,7 @@ fn target(req: &Request, f: &Facts) -> Result<Option<u32>, Refusal> {
                 })
             }
         }
-        Request::PolicySet { .. } => leader(),
+        Request::PolicySet { .. } | Request::AffinitySet { .. } => leader(),
         // Under a static election the node asked refuses them itself (no Raft).
         Request::NodeAdd { .. } | Request::NodeRemove { .. } if !f.raft => Ok(None),
         Request::NodeAdd { .. } | Request::NodeRemove { .. } => leader(),
@@ -187,6 +238,26 @@ mod tests {
         Request::Weight { node, weight }
     }
 
+    fn affinity(mode: &str, timeout_ms: Option<u64>, prefix_v4: Option<u8>) -> Request {
+        Request::AffinitySet {
+            affinity: mode.into(),
+            timeout_ms,
+            prefix_v4,
+            prefix_v6: None,
+        }
+    }
+
+    fn health(node: u32, interval_ms: Option<u64>, fall: Option<u32>) -> Request {
+        Request::HealthSet {
+            node,
+            check: None,
+            interval_ms,
+            timeout_ms: None,
+            rise: None,
+            fall,
+        }
+    }
+
     fn add(id: u32, address: &str, weight: Option<u32>) -> Request {
         Request::NodeAdd {
             id,
@@ -196,8 +267,16 @@ mod tests {
     }
 
     #[test]
-    fn weight_and_drain_go_to_the_node_they_name() {
+    fn weight_drain_and_health_go_to_the_node_they_name() {
         let f = facts(2, Some(1));
+        assert_eq!(
+            route(&health(3, Some(100), None), Origin::Socket, &f),
+            Route::Forward(3)
+        );
+        assert_eq!(
+            route(&health(2, None, Some(2)), Origin::Socket, &f),
+            Route::Local
+        );
         assert_eq!(route(&weight(2, 5), Origin::Socket, &f), Route::Local);
         assert_eq!(route(&weight(3, 5), Origin::Socket, &f), Route::Forward(3));
         assert_eq!(
@@ -230,8 +309,11 @@ mod tests {
             route(&add(4, "198.51.100.14", None), Origin::Socket, &f),
             Route::Forward(3)
         );
+        let sticky = affinity("client-address", Some(60_000), None);
+        assert_eq!(route(&sticky, Origin::Socket, &f), Route::Forward(3));
         let leader = facts(3, Some(3));
         assert_eq!(route(&policy, Origin::Socket, &leader), Route::Local);
+        assert_eq!(route(&sticky, Origin::Socket, &leader), Route::Local);
         assert_eq!(
             route(&Request::NodeRemove { id: 1 }, Origin::Socket, &leader),
             Route::Local
@@ -252,6 +334,10 @@ mod tests {
             policy: "round-robin".into(),
         };
         assert_eq!(route(&policy, Origin::Socket, &f), Route::Forward(1));
+        assert_eq!(
+            route(&affinity("none", None, None), Origin::Socket, &f),
+            Route::Forward(1)
+        );
         // Refused by the node asked (membership needs Raft), not forwarded.
         assert_eq!(
             route(&Request::NodeRemove { id: 3 }, Origin::Socket, &f),
@@ -285,6 +371,13 @@ mod tests {
             add(0, "198.51.100.14", None),
             add(4, "198.51.100.400", None),
             add(4, "198.51.100.14", Some(MAX_WEIGHT + 1)),
+            affinity("sticky", None, None),
+            affinity("none", Some(1000), None),
+            affinity("client-address", Some(0), None),
+            affinity("client-address", None, Some(33)),
+            health(3, None, None),
+            health(3, Some(5), None),
+            health(3, None, Some(0)),
         ];
         for req in &bad {
             for origin in [Origin::Socket, Origin::Peer(1)] {

@@ -284,6 +284,10 @@ async fn local(s: &Shared, req: Request) -> Reply {
         Request::PolicySet { policy } if s.raft_requests.is_some() => {
             cluster_policy(s, &policy).await
         }
+        req @ Request::AffinitySet { .. } if s.raft_requests.is_some() => {
+            cluster_affinity(s, &req).await
+        }
+        req @ Request::HealthSet { .. } => health_set(s, &req).await,
         req @ (Request::NodeAdd { .. } | Request::NodeRemove { .. }) => member_change(s, req).await,
         change => apply(s, &change),
     };
@@ -404,6 +408,60 @@ async fn cluster_policy(s: &Shared, policy: &str) -> Result<String, String> {
         .map_err(|_| "the Raft task stopped before answering".to_owned())?
 }
 
+/// The affinity settings `req` asks for, resolved against this node's current ones.
+fn resolve_affinity(
+    s: &Shared,
+    req: &Request,
+) -> Result<Option<crate::datapath::sticky::AffinitySettings>, String> {
+    crate::admin::route::affinity_change(req)?.resolve(s.affinity().as_ref(), s.affinity_capacity())
+}
+
+/// Resolves `affinity set` here (the leader) and has the Raft task commit it; every node
+/// applies it from the committed settings.
+async fn cluster_affinity(s: &Shared, req: &Request) -> Result<String, String> {
+    let settings = resolve_affinity(s, req)?;
+    let text = crate::datapath::sticky::AffinitySettings::encode(settings.as_ref());
+    let tx = s
+        .raft_requests
+        .as_ref()
+        .ok_or("cluster-wide settings need [election] mode = \"raft\"")?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    tx.try_send(RaftRequest::Setting(SettingRequest::Affinity {
+        text,
+        reply,
+    }))
+    .map_err(|_| "the Raft task is busy or stopped; retry".to_owned())?;
+    rx.await
+        .map_err(|_| "the Raft task stopped before answering".to_owned())?
+}
+
+/// Hands `health set` to this node's health task and waits for its answer.
+async fn health_set(s: &Shared, req: &Request) -> Result<String, String> {
+    let Request::HealthSet { node, .. } = req else {
+        return Err("not a health request".into());
+    };
+    let own = s.config.node_id;
+    if *node != own {
+        // `route` sends such a request to node `node`; this is the last line of defence.
+        return Err(format!(
+            "this is node {own}, not node {node}: a node retimes only its own checks"
+        ));
+    }
+    let (check, change) = crate::admin::route::health_change(req)?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    s.health_commands
+        .try_send(crate::health::task::HealthCommand {
+            check,
+            change,
+            reply,
+        })
+        .map_err(|_| "the health task is busy or stopped; retry".to_owned())?;
+    let done = rx
+        .await
+        .map_err(|_| "the health task stopped before answering".to_owned())??;
+    Ok(format!("node {own}: {done}"))
+}
+
 /// Hands `node add|remove` to the Raft task and waits for its answer (after commit).
 async fn member_change(s: &Shared, req: Request) -> Result<String, String> {
     let tx = s.raft_requests.as_ref().ok_or(
@@ -455,7 +513,18 @@ fn apply(s: &Shared, req: &Request) -> Result<String, String> {
         Request::Status
         | Request::ClusterStatus
         | Request::NodeAdd { .. }
-        | Request::NodeRemove { .. } => Err("not a local change".into()),
+        | Request::NodeRemove { .. }
+        | Request::HealthSet { .. } => Err("not a local change".into()),
+        Request::AffinitySet { .. } => {
+            // Under a static election: the master switches alone (no replication).
+            let settings = resolve_affinity(s, req)?;
+            s.set_affinity(settings)?;
+            Ok(format!(
+                "node {}: affinity {}",
+                own.id(),
+                crate::datapath::sticky::AffinitySettings::encode(settings.as_ref())
+            ))
+        }
         Request::PolicySet { policy } => {
             let name = parse_policy(policy)?;
             s.set_policy(name)?;
@@ -616,7 +685,7 @@ fn affinity_status(
     s: &Shared,
     c: &crate::cluster::counters::CountersSnapshot,
 ) -> Option<crate::admin::protocol::AffinityStatus> {
-    let a = s.config.affinity?;
+    let a = s.affinity()?;
     let now = s.role.now_ms();
     Some(crate::admin::protocol::AffinityStatus {
         timeout_ms: u64::try_from(a.timeout.as_millis()).unwrap_or(u64::MAX),

@@ -36,6 +36,18 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// The cluster's client affinity (any node's socket: carried to the Raft leader, which
+    /// commits it; every node applies it, keeping live entries).
+    Affinity {
+        #[command(subcommand)]
+        action: AffinityAction,
+    },
+    /// Retime NODE's application health checks (any node's socket: carried to NODE). Lasts
+    /// until NODE's daemon restarts; the configuration is the lasting place.
+    Health {
+        #[command(subcommand)]
+        action: HealthAction,
+    },
     /// Set NODE's weight (0: no new connections). Any node's socket: the request is carried
     /// to NODE, which announces its weight in its reports to the master.
     Weight { node: u32, weight: u32 },
@@ -89,6 +101,43 @@ enum PolicyAction {
     /// Switch to NAME (round-robin, weighted-round-robin, least-connections, least-load,
     /// power-of-two, static-hash, isn-hash). Established connections are not touched.
     Set { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AffinityAction {
+    /// Switch to MODE (`none` or `client-address`). What is not given keeps its current
+    /// value (or its default, when affinity was off).
+    Set {
+        mode: String,
+        /// How long an entry lives after its client's last new connection (1..=86400000).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// The prefix IPv4 clients are grouped by (1..=32).
+        #[arg(long)]
+        prefix_v4: Option<u8>,
+        /// The prefix IPv6 clients are grouped by (1..=128).
+        #[arg(long)]
+        prefix_v6: Option<u8>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HealthAction {
+    /// Change the timing of NODE's checks (all of them, or `--check NAME`).
+    Set {
+        node: u32,
+        /// One check by its name (see `status`); default: every check of the node.
+        #[arg(long)]
+        check: Option<String>,
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(long)]
+        rise: Option<u32>,
+        #[arg(long)]
+        fall: Option<u32>,
+    },
 }
 
 fn call(socket: &PathBuf, req: &Request) -> anyhow::Result<Reply> {
@@ -292,7 +341,7 @@ fn print_table(s: &Status) {
             );
             for k in &h.checks {
                 println!(
-                    "  {:<16} {:<8} {}  probes {}  failures {}  downs {}{}",
+                    "  {:<16} {:<8} {}  every {} ms, timeout {} ms, rise {}, fall {}  probes {}  failures {}  downs {}{}",
                     k.name,
                     match k.passing {
                         None => "pending",
@@ -300,6 +349,10 @@ fn print_table(s: &Status) {
                         Some(false) => "FAILING",
                     },
                     k.probe,
+                    k.interval_ms,
+                    k.timeout_ms,
+                    k.rise,
+                    k.fall,
                     k.probes,
                     k.failures,
                     k.downs,
@@ -350,6 +403,44 @@ fn main() -> anyhow::Result<()> {
         Command::Policy {
             action: PolicyAction::Set { name },
         } => change(&args.socket, &Request::PolicySet { policy: name })?,
+        Command::Affinity {
+            action:
+                AffinityAction::Set {
+                    mode,
+                    timeout_ms,
+                    prefix_v4,
+                    prefix_v6,
+                },
+        } => change(
+            &args.socket,
+            &Request::AffinitySet {
+                affinity: mode,
+                timeout_ms,
+                prefix_v4,
+                prefix_v6,
+            },
+        )?,
+        Command::Health {
+            action:
+                HealthAction::Set {
+                    node,
+                    check,
+                    interval_ms,
+                    timeout_ms,
+                    rise,
+                    fall,
+                },
+        } => change(
+            &args.socket,
+            &Request::HealthSet {
+                node,
+                check,
+                interval_ms,
+                timeout_ms,
+                rise,
+                fall,
+            },
+        )?,
         Command::Weight { node, weight } => {
             change(&args.socket, &Request::Weight { node, weight })?;
         }

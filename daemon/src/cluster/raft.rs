@@ -88,6 +88,12 @@ pub enum SettingRequest {
         policy: PolicyName,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// `tdscctl affinity set` under Raft: the settings in their committed text form
+    /// (`crate::datapath::sticky::AFFINITY_SETTING`), resolved by the node asked.
+    Affinity {
+        text: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// Requests waiting for the Raft task; one change runs at a time, so a few are plenty.
@@ -723,6 +729,9 @@ impl RaftTask {
             RaftRequest::Setting(SettingRequest::Policy { policy, reply }) => {
                 (reply, self.propose_policy(policy), PendingKind::Setting)
             }
+            RaftRequest::Setting(SettingRequest::Affinity { text, reply }) => {
+                (reply, self.propose_affinity(text), PendingKind::Setting)
+            }
         };
         match result {
             Ok((index, what)) => {
@@ -764,6 +773,15 @@ impl RaftTask {
             .propose_setting(POLICY_SETTING, policy.as_str().as_bytes())
             .map_err(|e| self.describe(e))?;
         Ok((index, format!("policy {} for the cluster", policy.as_str())))
+    }
+
+    fn propose_affinity(&mut self, text: String) -> Result<(u64, String), String> {
+        self.check_can_propose()?;
+        let index = self
+            .core
+            .propose_setting(crate::datapath::sticky::AFFINITY_SETTING, text.as_bytes())
+            .map_err(|e| self.describe(e))?;
+        Ok((index, format!("affinity {text} for the cluster")))
     }
 
     fn propose_add(

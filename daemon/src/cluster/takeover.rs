@@ -131,6 +131,11 @@ impl Replica {
         }
     }
 
+    /// Switches the affinity replica to `settings`, keeping its live entries.
+    pub fn set_affinity(&mut self, settings: Option<&AffinitySettings>, now_ms: u64) {
+        self.affinity = Affinity::replace(self.affinity.take(), settings, now_ms);
+    }
+
     /// Applies one committed entry's data; returns (records applied, records naming an
     /// unknown node). Entries of other kinds, or undecodable, apply nothing.
     pub fn apply(&mut self, data: &[u8], view: &ClusterView, now_ms: u64) -> (u64, u64) {

@@ -22,7 +22,7 @@ use crate::cluster::view::{ClusterView, MAX_NODES};
 use crate::datapath::classify::Syn;
 use crate::datapath::policy::{Candidate, FlowKey, Policy, LOAD_PER_INFLIGHT};
 use crate::datapath::records::{Dispatched, Lookup, RecordEntry, SynRecords};
-use crate::datapath::sticky::Affinity;
+use crate::datapath::sticky::{Affinity, AffinitySettings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -98,6 +98,12 @@ impl Dispatcher {
         for e in entries {
             self.records.adopt(e);
         }
+    }
+
+    /// Switches client affinity to `settings` (`None`: off), keeping the live entries
+    /// (`Affinity::replace`). Allocates: a settings change, not a SYN.
+    pub fn set_affinity(&mut self, settings: Option<&AffinitySettings>, now_ms: u64) {
+        self.affinity = Affinity::replace(self.affinity.take(), settings, now_ms);
     }
 
     /// Takes over a replica's client-affinity entries (a new master). Ignored with affinity

@@ -44,6 +44,11 @@ use crate::watchdog::Heartbeat;
 #[derive(Debug)]
 pub enum MasterCommand {
     SetPolicy(Box<dyn Policy>),
+    /// New client-affinity settings (`None`: off), applied at `now_ms` on the lease clock.
+    SetAffinity {
+        settings: Option<crate::datapath::sticky::AffinitySettings>,
+        now_ms: u64,
+    },
     /// Records a new master takes over (replica + SYN-RECV reconciliation) and the replica's
     /// client-affinity entries, sent before the master ruleset goes in, so they are processed
     /// before the first queued SYN.
@@ -306,6 +311,14 @@ impl Path {
                 MasterCommand::SetPolicy(p) => {
                     tracing::info!(policy = p.name().as_str(), "policy switched");
                     self.core.set_policy(p);
+                }
+                MasterCommand::SetAffinity { settings, now_ms } => {
+                    self.core.set_affinity(settings.as_ref(), now_ms);
+                    tracing::info!(
+                        affinity =
+                            crate::datapath::sticky::AffinitySettings::encode(settings.as_ref()),
+                        "affinity switched"
+                    );
                 }
                 MasterCommand::Adopt { records, affinity } => {
                     self.core.adopt(&records);

@@ -229,6 +229,15 @@ impl SynPath {
         self.dispatcher.adopt(entries);
     }
 
+    /// Switches client affinity (`tdscctl affinity set`), keeping live entries.
+    pub fn set_affinity(
+        &mut self,
+        settings: Option<&crate::datapath::sticky::AffinitySettings>,
+        now_ms: u64,
+    ) {
+        self.dispatcher.set_affinity(settings, now_ms);
+    }
+
     /// Takes over client-affinity entries (a new master).
     pub fn adopt_affinity(&mut self, entries: &[RecordEntry]) {
         self.dispatcher.adopt_affinity(entries);

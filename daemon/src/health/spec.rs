@@ -88,6 +88,67 @@ impl CheckSpec {
     }
 }
 
+/// A change of a running check's timing (`tdscctl health set`); what is not given stays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimingChange {
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+impl TimingChange {
+    /// The checks that need no check: something is changed, each value in its key's range.
+    pub fn validate(&self) -> Result<(), String> {
+        if *self == TimingChange::default() {
+            return Err("nothing to change: give interval_ms, timeout_ms, rise or fall".into());
+        }
+        let within = |key: &str, v: Option<u64>, lo: i64, hi: i64| match v {
+            Some(v) if !(lo..=hi).contains(&i64::try_from(v).unwrap_or(i64::MAX)) => {
+                Err(format!("{key} {v} is outside {lo}..={hi}"))
+            }
+            _ => Ok(()),
+        };
+        within(
+            "interval_ms",
+            self.interval_ms,
+            MIN_INTERVAL_MS,
+            MAX_INTERVAL_MS,
+        )?;
+        within("timeout_ms", self.timeout_ms, 1, MAX_INTERVAL_MS)?;
+        within("rise", self.rise.map(u64::from), 1, MAX_RUN)?;
+        within("fall", self.fall.map(u64::from), 1, MAX_RUN)?;
+        Ok(())
+    }
+
+    /// `spec` with the change; refused if the timeout would exceed the interval.
+    pub fn apply(&self, spec: &CheckSpec) -> Result<CheckSpec, String> {
+        self.validate()?;
+        let mut s = spec.clone();
+        if let Some(v) = self.interval_ms {
+            s.interval = Duration::from_millis(v);
+        }
+        if let Some(v) = self.timeout_ms {
+            s.timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = self.rise {
+            s.rise = v;
+        }
+        if let Some(v) = self.fall {
+            s.fall = v;
+        }
+        if s.timeout > s.interval {
+            return Err(format!(
+                "check {:?}: timeout {} ms would exceed its interval {} ms",
+                s.name,
+                s.timeout.as_millis(),
+                s.interval.as_millis()
+            ));
+        }
+        Ok(s)
+    }
+}
+
 fn bad(i: usize, key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: format!("health.check[{i}].{key}"),
@@ -324,6 +385,72 @@ mod tests {
 
     fn err(text: &str) -> String {
         check(text).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn a_timing_change_keeps_what_it_does_not_name_and_refuses_what_cannot_be() {
+        let c = check("[[check]]\nkind = \"tcp\"\nport = 80\n").unwrap();
+        let faster = TimingChange {
+            interval_ms: Some(100),
+            timeout_ms: Some(50),
+            ..TimingChange::default()
+        };
+        let s = faster.apply(&c[0]).unwrap();
+        assert_eq!(
+            (s.interval, s.timeout, s.rise, s.fall),
+            (Duration::from_millis(100), Duration::from_millis(50), 2, 3)
+        );
+        let e = TimingChange {
+            interval_ms: Some(100),
+            ..TimingChange::default()
+        }
+        .apply(&c[0])
+        .unwrap_err();
+        assert!(
+            e.contains("timeout 1000 ms would exceed its interval 100 ms"),
+            "{e}"
+        );
+        for (bad, says) in [
+            (TimingChange::default(), "nothing to change"),
+            (
+                TimingChange {
+                    interval_ms: Some(9),
+                    ..faster
+                },
+                "interval_ms 9 is outside 10..=",
+            ),
+            (
+                TimingChange {
+                    timeout_ms: Some(0),
+                    ..faster
+                },
+                "timeout_ms 0 is outside 1..=",
+            ),
+            (
+                TimingChange {
+                    rise: Some(0),
+                    ..faster
+                },
+                "rise 0 is outside 1..=100",
+            ),
+            (
+                TimingChange {
+                    fall: Some(101),
+                    ..faster
+                },
+                "fall 101 is outside 1..=100",
+            ),
+            (
+                TimingChange {
+                    interval_ms: Some(u64::MAX),
+                    ..faster
+                },
+                "is outside 10..=3600000",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl CheckState {
         }
     }
 
+    /// New run lengths (`tdscctl health set`); the verdict and the current run stay, and a
+    /// run already as long as the new length decides with the next result.
+    pub fn set_runs(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
+    }
+
     pub fn verdict(&self) -> Verdict {
         self.verdict
     }
@@ -147,6 +154,17 @@ mod tests {
         assert_eq!(c.record(fail()), Change::Down);
         assert_eq!(c.record(Ok(())), Change::Up);
         assert_eq!(c.record(fail()), Change::Down);
+    }
+
+    #[test]
+    fn shorter_runs_apply_from_the_next_result() {
+        let mut c = CheckState::new(2, 5);
+        c.record(Ok(()));
+        c.record(fail());
+        c.record(fail());
+        c.set_runs(2, 2);
+        assert!(c.passing(), "a change of fall alone decides nothing");
+        assert_eq!(c.record(fail()), Change::Down, "third failure, fall now 2");
     }
 
     #[test]

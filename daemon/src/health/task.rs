@@ -12,13 +12,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::cluster::view::ClusterView;
 use crate::health::probe;
-use crate::health::spec::{CheckSpec, Probe};
+use crate::health::spec::{CheckSpec, Probe, TimingChange};
 use crate::health::state::{node_healthy, Change, CheckState, Verdict};
 use crate::shutdown::Shutdown;
 
@@ -35,7 +35,54 @@ pub struct CheckSnapshot {
     pub failures: u64,
     /// Times the check turned from passing to failing.
     pub downs: u64,
+    /// Its timing as it runs now (the configuration's, or a `tdscctl health set`'s).
+    #[serde(default)]
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub rise: u32,
+    #[serde(default)]
+    pub fall: u32,
 }
+
+impl CheckSnapshot {
+    fn new(spec: &CheckSpec, state: Option<&CheckState>, downs: u64) -> Self {
+        CheckSnapshot {
+            name: spec.name.clone(),
+            probe: describe(&spec.probe),
+            passing: match state.map(CheckState::verdict) {
+                None | Some(Verdict::Unknown) => None,
+                Some(v) => Some(v == Verdict::Passing),
+            },
+            last_failure: state.and_then(|s| s.last_failure.clone()),
+            probes: state.map_or(0, |s| s.probes),
+            failures: state.map_or(0, |s| s.failures),
+            downs,
+            interval_ms: millis(spec.interval),
+            timeout_ms: millis(spec.timeout),
+            rise: spec.rise,
+            fall: spec.fall,
+        }
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A change of the running checks' timing (`tdscctl health set`), answered with what now
+/// runs or why nothing changed.
+#[derive(Debug)]
+pub struct HealthCommand {
+    /// One check by name; `None`: every check.
+    pub check: Option<String>,
+    pub change: TimingChange,
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+/// Commands waiting for the health task; one operator types them.
+pub const COMMAND_CAPACITY: usize = 4;
 
 /// This node's health as its health task last published it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,15 +99,7 @@ impl HealthSnapshot {
             healthy: specs.is_empty(),
             checks: specs
                 .iter()
-                .map(|s| CheckSnapshot {
-                    name: s.name.clone(),
-                    probe: describe(&s.probe),
-                    passing: None,
-                    last_failure: None,
-                    probes: 0,
-                    failures: 0,
-                    downs: 0,
-                })
+                .map(|s| CheckSnapshot::new(s, None, 0))
                 .collect(),
         }
     }
@@ -82,6 +121,48 @@ pub struct HealthTask {
     /// Wakes the report task.
     pub poke: Arc<Notify>,
     pub publish: watch::Sender<HealthSnapshot>,
+    /// `tdscctl health set` from the control socket.
+    pub commands: mpsc::Receiver<HealthCommand>,
+}
+
+/// The new specs for `cmd`, all or nothing: the indices changed and their new specs.
+fn retime(
+    specs: &[Arc<CheckSpec>],
+    check: Option<&str>,
+    change: &TimingChange,
+) -> Result<Vec<(usize, CheckSpec)>, String> {
+    if specs.is_empty() {
+        return Err("this node has no health checks ([[health.check]])".into());
+    }
+    let chosen: Vec<usize> = match check {
+        None => (0..specs.len()).collect(),
+        Some(name) => {
+            let i = specs.iter().position(|s| s.name == name).ok_or_else(|| {
+                let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "no health check named {name:?} (checks: {})",
+                    names.join(", ")
+                )
+            })?;
+            vec![i]
+        }
+    };
+    chosen
+        .into_iter()
+        .map(|i| change.apply(&specs[i]).map(|s| (i, s)))
+        .collect()
+}
+
+fn describe_timing(s: &CheckSpec) -> String {
+    format!(
+        "check {} every {} ms, timeout {} ms, rise {}, fall {} (detection window {} ms)",
+        s.name,
+        s.interval.as_millis(),
+        s.timeout.as_millis(),
+        s.rise,
+        s.fall,
+        s.detection_window().as_millis()
+    )
 }
 
 impl HealthTask {
@@ -95,13 +176,21 @@ impl HealthTask {
 
     /// Runs the checks until `shutdown` (without checks: only waits for it); the first probe
     /// of each runs at once.
-    pub async fn run(self, mut shutdown: Shutdown) {
-        if self.specs.is_empty() {
-            // The supervisor treats a task that ends on its own as a failure.
-            shutdown.requested().await;
-            return;
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut specs: Vec<Arc<CheckSpec>> = self.specs.iter().cloned().map(Arc::new).collect();
+        if specs.is_empty() {
+            // Without checks: refuse commands until the stop (the supervisor treats a task
+            // that ends on its own as a failure).
+            loop {
+                tokio::select! {
+                    Some(cmd) = self.commands.recv() => {
+                        let answer = retime(&specs, cmd.check.as_deref(), &cmd.change);
+                        let _ = cmd.reply.send(answer.map(|_| String::new()));
+                    }
+                    () = shutdown.requested() => return,
+                }
+            }
         }
-        let specs: Vec<Arc<CheckSpec>> = self.specs.iter().cloned().map(Arc::new).collect();
         let mut states: Vec<CheckState> = specs
             .iter()
             .map(|s| CheckState::new(s.rise, s.fall))
@@ -136,6 +225,24 @@ impl HealthTask {
                 }
             };
             tokio::select! {
+                Some(cmd) = self.commands.recv() => {
+                    let answer = retime(&specs, cmd.check.as_deref(), &cmd.change).map(|changed| {
+                        let now = Instant::now();
+                        let mut lines = Vec::with_capacity(changed.len());
+                        for (i, spec) in changed {
+                            states[i].set_runs(spec.rise, spec.fall);
+                            due[i] = due[i].min(now + spec.interval);
+                            lines.push(describe_timing(&spec));
+                            tracing::info!(timing = %lines[lines.len() - 1], "health check retimed");
+                            specs[i] = Arc::new(spec);
+                        }
+                        lines.join("; ")
+                    });
+                    if answer.is_ok() {
+                        self.publish.send_replace(snapshot(healthy, &specs, &states, &downs));
+                    }
+                    let _ = cmd.reply.send(answer);
+                }
                 Some(done) = probes.join_next_with_id(), if !probes.is_empty() => {
                     let (id, result) = match done {
                         Ok((id, r)) => (id, r),
@@ -167,26 +274,7 @@ impl HealthTask {
                             tracing::warn!("a health check fails: no new connections for this node");
                         }
                     }
-                    self.publish.send_replace(HealthSnapshot {
-                        healthy,
-                        checks: specs
-                            .iter()
-                            .zip(&states)
-                            .zip(&downs)
-                            .map(|((s, st), &downs)| CheckSnapshot {
-                                name: s.name.clone(),
-                                probe: describe(&s.probe),
-                                passing: match st.verdict() {
-                                    Verdict::Unknown => None,
-                                    v => Some(v == Verdict::Passing),
-                                },
-                                last_failure: st.last_failure.clone(),
-                                probes: st.probes,
-                                failures: st.failures,
-                                downs,
-                            })
-                            .collect(),
-                    });
+                    self.publish.send_replace(snapshot(healthy, &specs, &states, &downs));
                 }
                 () = sleep => {}
                 () = shutdown.requested() => {
@@ -195,5 +283,78 @@ impl HealthTask {
                 }
             }
         }
+    }
+}
+
+fn snapshot(
+    healthy: bool,
+    specs: &[Arc<CheckSpec>],
+    states: &[CheckState],
+    downs: &[u64],
+) -> HealthSnapshot {
+    HealthSnapshot {
+        healthy,
+        checks: specs
+            .iter()
+            .zip(states)
+            .zip(downs)
+            .map(|((s, st), &downs)| CheckSnapshot::new(s, Some(st), downs))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spec(name: &str) -> Arc<CheckSpec> {
+        Arc::new(CheckSpec {
+            name: name.to_owned(),
+            probe: Probe::Tcp {
+                target: "127.0.0.1:80".parse().unwrap(),
+            },
+            interval: Duration::from_millis(2000),
+            timeout: Duration::from_millis(1000),
+            rise: 2,
+            fall: 3,
+        })
+    }
+
+    #[test]
+    fn a_retiming_names_its_checks_and_is_all_or_nothing() {
+        let specs = [spec("web"), spec("db")];
+        let fall = TimingChange {
+            fall: Some(2),
+            ..TimingChange::default()
+        };
+        let all = retime(&specs, None, &fall).unwrap();
+        assert_eq!(all.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1]);
+        assert!(all.iter().all(|(_, s)| s.fall == 2 && s.rise == 2));
+        let one = retime(&specs, Some("db"), &fall).unwrap();
+        assert_eq!((one.len(), one[0].0), (1, 1));
+        let e = retime(&specs, Some("cache"), &fall).unwrap_err();
+        assert!(
+            e.contains("no health check named \"cache\" (checks: web, db)"),
+            "{e}"
+        );
+        let short = TimingChange {
+            interval_ms: Some(500),
+            ..TimingChange::default()
+        };
+        let e = retime(&specs, None, &short).unwrap_err();
+        assert!(e.contains("would exceed its interval"), "{e}");
+        let e = retime(&[], None, &fall).unwrap_err();
+        assert!(e.contains("no health checks"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_shows_the_timing_that_runs() {
+        let s = CheckSnapshot::new(&spec("web"), None, 0);
+        assert_eq!(
+            (s.interval_ms, s.timeout_ms, s.rise, s.fall, s.passing),
+            (2000, 1000, 2, 3, None)
+        );
+        assert!(describe_timing(&spec("web")).contains("detection window 7000 ms"));
     }
 }
