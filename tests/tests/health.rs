@@ -7,7 +7,9 @@
 //! detection window is `fall × interval + timeout` = 250 ms: requests may fail only from
 //! the kill until that window (plus one report's delivery) has passed, and none after. The
 //! second test runs the same without a check: requests keep failing, which is why the
-//! feature exists and how the first test would fail without it.
+//! feature exists and how the first test would fail without it. The third fails only the
+//! check (a health endpoint on port 81) while the service runs: established connections
+//! carry on and new ones go elsewhere.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,4 +214,157 @@ fn without_a_health_check_a_dead_application_keeps_getting_connections() -> anyh
     );
     cluster.teardown()?;
     Ok(())
+}
+
+/// A TCP listener on 127.0.0.1:81 in namespace `ns`, standing for an application's health
+/// endpoint (its service on port 80 is not touched), until `stop`.
+fn health_endpoint(
+    ns: &str,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<std::io::Result<()>, netns::NetnsError>> {
+    let stop = Arc::clone(stop);
+    netns::spawn_in(ns, move || {
+        let l = std::net::TcpListener::bind("127.0.0.1:81")?;
+        l.set_nonblocking(true)?;
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A node whose check fails while its service still runs: its established connections carry
+/// on (echo streams opened before stream on, none broken), it gets none of 90 new
+/// connections, and none of them fails; once the check passes again it takes its share.
+/// (With `eligible()` ignoring the verdict it would get a third of them.)
+#[test]
+fn an_unhealthy_node_keeps_its_established_connections_and_gets_no_new_ones() -> anyhow::Result<()>
+{
+    let Some(_lock) =
+        exclusive_lab("an_unhealthy_node_keeps_its_established_connections_and_gets_no_new_ones")
+    else {
+        return Ok(());
+    };
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), "tcp".into());
+    t.insert("port".into(), 81.into());
+    t.insert("interval_ms".into(), 100.into());
+    t.insert("timeout_ms".into(), 50.into());
+    t.insert("fall".into(), 2.into());
+    let mut cluster = Cluster::start(&ClusterOptions {
+        lab_name: Some(unique_lab_name("tdsc-hkeep")),
+        policy: Some("round-robin".to_owned()),
+        health_extra: vec![(
+            "check".to_owned(),
+            toml::Value::Array(vec![toml::Value::Table(t)]),
+        )],
+        ..ClusterOptions::default()
+    })?;
+    let result = keeps_established(&mut cluster);
+    cluster.teardown()?;
+    result
+}
+
+fn keeps_established(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let master = cluster.master()?.name.clone();
+    let victim = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.name != master)
+        .context("no member")?
+        .clone();
+    let mut endpoints = Vec::new();
+    let mut victim_stop = Arc::new(AtomicBool::new(false));
+    let all_stop = Arc::new(AtomicBool::new(false));
+    for n in cluster.nodes() {
+        let stop = if n.name == victim.name {
+            &victim_stop
+        } else {
+            &all_stop
+        };
+        endpoints.push(health_endpoint(&cluster.netns(&n.name), stop));
+    }
+    let outcome = (|| {
+        cluster.wait_master_status("every node healthy", PROPAGATION, |s| {
+            s.nodes.len() == 3 && s.nodes.iter().all(|n| n.healthy && n.alive)
+        })?;
+        let vip = SocketAddr::V4(cluster.vip());
+        let clients = cluster.client_namespaces();
+        let streams_stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let streams = tdsc_lab::streams::stream_from(
+            &clients[0],
+            vip,
+            6,
+            Arc::clone(&streams_stop),
+            Arc::clone(&progress),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+
+        // The victim's health endpoint goes; its service stays.
+        victim_stop.store(true, Ordering::Relaxed);
+        cluster.wait_master_status("the master to see the member unhealthy", PROPAGATION, |s| {
+            s.nodes.iter().any(|n| n.id == victim.id && !n.healthy)
+        })?;
+        let before = progress.load(Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = tdsc_lab::load::run(&clients, vip, 45, &stop)?;
+        ensure!(tally.failures == 0, "{:?}", tally.sample_errors);
+        ensure!(
+            tally.by_node.get(&victim.id).copied().unwrap_or(0) == 0,
+            "the unhealthy node {} got new connections: {:?}",
+            victim.id,
+            tally.by_node
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        ensure!(
+            progress.load(Ordering::Relaxed) > before,
+            "the streams stopped moving"
+        );
+        streams_stop.store(true, Ordering::Relaxed);
+        let results = streams
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream thread panicked"))???;
+        let on_victim: Vec<_> = results.iter().filter(|r| r.node == victim.id).collect();
+        ensure!(
+            !on_victim.is_empty(),
+            "no stream landed on node {}: {results:?}",
+            victim.id
+        );
+        ensure!(
+            results.iter().all(|r| r.error.is_none() && r.rounds > 0),
+            "an established connection broke: {results:?}"
+        );
+
+        // Back: the node takes its share again.
+        victim_stop = Arc::new(AtomicBool::new(false));
+        endpoints.push(health_endpoint(&cluster.netns(&victim.name), &victim_stop));
+        cluster.wait_master_status("the member healthy again", PROPAGATION, |s| {
+            s.nodes.iter().any(|n| n.id == victim.id && n.healthy)
+        })?;
+        let tally = tdsc_lab::load::run(&clients, vip, 45, &stop)?;
+        ensure!(tally.failures == 0, "{:?}", tally.sample_errors);
+        let back = tally.by_node.get(&victim.id).copied().unwrap_or(0);
+        ensure!(
+            (25..=35).contains(&back),
+            "node {} took {back} of 90 once healthy: {:?}",
+            victim.id,
+            tally.by_node
+        );
+        cluster.check_daemons()?;
+        Ok(())
+    })();
+    victim_stop.store(true, Ordering::Relaxed);
+    all_stop.store(true, Ordering::Relaxed);
+    for e in endpoints {
+        e.join()
+            .map_err(|_| anyhow::anyhow!("endpoint thread panicked"))???;
+    }
+    outcome
 }
