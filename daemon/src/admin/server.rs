@@ -441,12 +441,7 @@ async fn health_set(s: &Shared, req: &Request) -> Result<String, String> {
         return Err("not a health request".into());
     };
     let own = s.config.node_id;
-    if *node != own {
-        // `route` sends such a request to node `node`; this is the last line of defence.
-        return Err(format!(
-            "this is node {own}, not node {node}: a node retimes only its own checks"
-        ));
-    }
+    only_self(own, *node, "retimes only its own checks")?;
     let (check, change) = crate::admin::route::health_change(req)?;
     let (reply, rx) = tokio::sync::oneshot::channel();
     s.health_commands
@@ -494,21 +489,24 @@ async fn member_change(s: &Shared, req: Request) -> Result<String, String> {
         .map_err(|_| "the Raft task stopped before answering".to_owned())?
 }
 
+/// Refuses a request for node `node` that reached node `own`: `route` sends such a request
+/// to node `node`, so this is the last line of defence. `what` says what a node does only
+/// for itself.
+fn only_self(own: u32, node: u32, what: &str) -> Result<(), String> {
+    if node == own {
+        Ok(())
+    } else {
+        Err(format!(
+            "this is node {own}, not node {node}: a node {what}"
+        ))
+    }
+}
+
 /// Applies a change request; the text says what happened, the error why not.
 fn apply(s: &Shared, req: &Request) -> Result<String, String> {
     let own = &s.view.nodes[s.view.self_index];
-    let check_self = |node: u32| {
-        if node == own.id() {
-            Ok(())
-        } else {
-            // `route` sends such a request to node `node`; this is the last line of defence.
-            Err(format!(
-                "this is node {}, not node {node}: a node sets only its own weight and drain \
-                 state",
-                own.id()
-            ))
-        }
-    };
+    let check_self =
+        |node: u32| only_self(own.id(), node, "sets only its own weight and drain state");
     match req {
         Request::Status
         | Request::ClusterStatus

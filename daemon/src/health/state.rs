@@ -90,22 +90,19 @@ impl CheckState {
                 self.against = 0;
                 Change::None
             }
-            (Verdict::Passing, false) => {
-                self.against += 1;
-                if self.against >= self.fall {
-                    self.verdict = Verdict::Failing;
-                    self.against = 0;
-                    Change::Down
+            // A result against the verdict: `fall` failures or `rise` successes in a row
+            // turn it.
+            (Verdict::Passing, false) | (Verdict::Failing, true) => {
+                let (run, next, change) = if ok {
+                    (self.rise, Verdict::Passing, Change::Up)
                 } else {
-                    Change::None
-                }
-            }
-            (Verdict::Failing, true) => {
+                    (self.fall, Verdict::Failing, Change::Down)
+                };
                 self.against += 1;
-                if self.against >= self.rise {
-                    self.verdict = Verdict::Passing;
+                if self.against >= run {
+                    self.verdict = next;
                     self.against = 0;
-                    Change::Up
+                    change
                 } else {
                     Change::None
                 }
